@@ -7,9 +7,11 @@ extensions = [
     Extension(
         "engine._ledger",
         ["engine/_ledger.pyx"],
-        include_dirs=[numpy.get_include()],
+        language="c++",
+        include_dirs=[numpy.get_include(), "engine"],
+        depends=["engine/ledger_core.h", "engine/_ledger.pxd"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-strict-aliasing"],
+        extra_compile_args=["-O3", "-std=c++17", "-fno-strict-aliasing"],
     ),
 ]
 

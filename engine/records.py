@@ -78,7 +78,6 @@ class Code(IntEnum):
     INVALID_LIMITS = 22            # lower_limit > upper_limit, or current balance outside new limits
     INVALID_CURRENCY = 23          # empty, non-ASCII or too long asset code
     INVALID_ID = 24                # an id that must be non-zero is zero
-    COMPENSATION_EXPIRED = 25      # the original's details left the retention window
 
 
 SUCCESS_CODES = frozenset({Code.OK, Code.NULL_COMPENSATED})

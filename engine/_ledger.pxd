@@ -1,0 +1,117 @@
+# cython: language_level=3
+# C-level interface of the embedded ledger, for other Cython/C++ extensions:
+#
+#     from engine._ledger cimport Ledger, OpRec, ResRec
+#     cdef Ledger led = ledger_object
+#     led.apply_records(ops_ptr, n, results_ptr, timestamp)   # no Python objects per operation
+#
+# Build the extension as C++ with the `engine` package directory on the include path (ledger_core.h).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libcpp.vector cimport vector
+from libcpp.string cimport string
+
+cdef extern from "ledger_core.h" namespace "zw" nogil:
+    cdef packed struct OpRec:
+        unsigned char dedup_id[16]
+        unsigned char account_id[16]
+        unsigned char other_id[16]
+        unsigned char amount[16]
+        unsigned char expected_a[16]
+        unsigned char expected_b[16]
+        char currency[8]
+        uint8_t kind
+        uint8_t flags
+        uint16_t group_size
+        uint32_t reserved
+
+    cdef packed struct ResRec:
+        unsigned char dedup_id[16]
+        uint64_t seq_num
+        uint16_t code
+        uint8_t flags
+        uint8_t kind
+        uint32_t reserved
+
+    cdef packed struct EvRec:
+        uint64_t seq_num
+        uint64_t timestamp
+        unsigned char dedup_id[16]
+        unsigned char account_id[16]
+        unsigned char other_id[16]
+        unsigned char amount[16]
+        unsigned char available[16]
+        uint64_t version
+        char currency[8]
+        uint8_t kind
+        uint8_t state
+        uint16_t part
+        uint16_t parts
+        uint16_t reserved
+        uint64_t reserved2
+
+    cdef cppclass AccountView "zw::Core::AccountView":
+        unsigned char id[16]
+        unsigned char available[16]
+        unsigned char lower[16]
+        unsigned char upper[16]
+        unsigned char reserved[16]
+        unsigned char pending_in[16]
+        unsigned char pending_out[16]
+        uint64_t version
+        char currency[9]
+        uint8_t state
+        uint8_t flags
+        uint32_t open_items
+
+    cdef cppclass KV "zw::Core::KV":
+        unsigned char key[16]
+        unsigned char a[16]
+        unsigned char b[16]
+
+    cdef cppclass Core:
+        Core(uint64_t dedup_retention, uint64_t event_retention) except +
+        uint32_t acc_count
+        uint32_t acc_capacity
+        uint64_t last_seq
+        uint64_t dedup_retention
+        uint64_t event_retention
+        int64_t validate(const OpRec* ops, uint64_t n, const char** why)
+        void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) except +
+        void attach(void* accounts, uint32_t capacity, uint32_t* slots, uint64_t nslots)
+        void reservations_of(const unsigned char* id, vector[KV]& out) except +
+        void pending_of(const unsigned char* id, vector[KV]& out) except +
+        void totals(const char* currency8, KV* avail_reserved, KV* pending)
+        string serialize() except +
+        const char* deserialize(const char* p, const char* end) except +
+        bint view(const unsigned char* id, AccountView* v)
+        int64_t find_bytes(const unsigned char* id)
+        uint64_t event_count(uint64_t first, uint64_t last)
+        void copy_events(uint64_t first, uint64_t last, EvRec* out)
+        uint64_t dedup_size()
+
+
+cdef class Ledger:
+    cdef Core* core
+    cdef object _accounts          # numpy uint8 buffer holding the Account structs (96 bytes each)
+    cdef object _slots             # numpy uint32 open-addressing table: account index + 1
+    cdef object _opbuf             # scratch op records for the per-call API
+    cdef object _resbuf            # scratch result records for the per-call API
+    cdef OpRec* _ops
+    cdef ResRec* _res
+    cdef readonly uint64_t dedup_retention
+    cdef readonly uint64_t event_retention
+
+    cdef int _reserve_accounts(self, uint64_t extra) except -1
+    cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1
+    # Validate, make room, apply: the C-level entry point for embedders. Raises ValueError on a malformed
+    # batch (nothing applied). Runs without the GIL-free guarantee: the ledger is single-threaded.
+    cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1
+    cdef object _call(self, uint64_t n, uint64_t timestamp)
+    cdef _grow(self, uint64_t capacity)
+    cdef uintptr_t _account_ptr(self)
+    cdef OpRec* _op(self, uint64_t i, object dedup_id, uint8_t kind) except NULL
+    cdef uint64_t _ts(self, object timestamp) except? 0
+    cdef object _account_op(self, uint8_t kind, object dedup_id, object account_id, object timestamp)
+    cdef uint64_t _group(self, uint8_t kind, object dedup_id, object specs, object preconditions) except 0
+    cdef object _txn_op(self, uint8_t kind, object dedup_id, object txn_id, object timestamp)
+    cdef object _lookup(self, const unsigned char* key)

@@ -1,0 +1,624 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: language = c++
+"""The embedded ledger: one shard's accounts and operations, single-threaded, exactly-once.
+
+The state machine itself is the C++ core in ``ledger_core.h`` (no I/O, no clock). This module owns the
+numpy memory the accounts live in, validates input, converts Python values to fixed-size records and
+back, and exposes the per-call API. Every per-call method builds op records and goes through the same
+``apply_records`` entry point as ``apply_batch``: there is one implementation of every operation.
+"""
+import hashlib
+import struct
+import uuid
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
+from libc.string cimport memcpy, memset
+from libcpp.vector cimport vector
+from libcpp.string cimport string
+
+from engine import records as _records
+from engine.records import (Code, Kind, State, OpFlag, ResultFlag, OP_DTYPE, RESULT_DTYPE, EVENT_DTYPE,
+                            BATCH_SIZE_MAX, GROUP_SPECS_MAX, U128_MAX, I128_MAX, I128_MIN)
+
+cnp.import_array()
+
+__all__ = ["Ledger", "Result", "Code", "Kind", "State", "UNCHANGED",
+           "DEDUP_RETENTION_DEFAULT", "EVENT_RETENTION_DEFAULT"]
+
+DEDUP_RETENTION_DEFAULT = 1 << 20      # dedup ids remembered (FIFO); also finished TCC txns remembered
+EVENT_RETENTION_DEFAULT = 1 << 20      # event records kept in memory (ring)
+DEDUP_RETENTION_MIN = 16
+EVENT_RETENTION_MIN = 4096             # must hold the largest single event (1 + GROUP_SPECS_MAX parts)
+ACCOUNT_RECORD_BYTES = 96
+ACCOUNT_CAPACITY_MAX = (1 << 31) - 1
+_SNAPSHOT_MAGIC = b"ZWLSNAP1"
+
+_CODES = tuple(sorted(Code, key=int))
+_CODE_BY_VALUE = {int(c): c for c in Code}
+_STATES = {int(s): s for s in State}
+_KINDS = {int(k): k for k in Kind}
+_U64_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+class _Unchanged:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
+
+# --- layout cross-check: the C structs must match the numpy dtypes byte for byte --------------------
+cdef OpRec _op_probe
+cdef EvRec _ev_probe
+cdef ResRec _res_probe
+
+
+def _check_layouts():
+    cdef char* base = <char*>&_op_probe
+    assert sizeof(OpRec) == OP_DTYPE.itemsize, "OpRec size"
+    assert sizeof(ResRec) == RESULT_DTYPE.itemsize, "ResRec size"
+    assert sizeof(EvRec) == EVENT_DTYPE.itemsize, "EvRec size"
+    offs = {
+        "dedup_id": <char*>&_op_probe.dedup_id[0] - base, "account_id": <char*>&_op_probe.account_id[0] - base,
+        "other_id": <char*>&_op_probe.other_id[0] - base, "amount": <char*>&_op_probe.amount[0] - base,
+        "expected_a": <char*>&_op_probe.expected_a[0] - base, "expected_b": <char*>&_op_probe.expected_b[0] - base,
+        "currency": <char*>&_op_probe.currency[0] - base, "kind": <char*>&_op_probe.kind - base,
+        "flags": <char*>&_op_probe.flags - base, "group_size": <char*>&_op_probe.group_size - base,
+        "reserved": <char*>&_op_probe.reserved - base,
+    }
+    for name, off in offs.items():
+        assert OP_DTYPE.fields[name][1] == off, f"OpRec.{name} offset"
+    base = <char*>&_res_probe
+    assert RESULT_DTYPE.fields["seq_num"][1] == <char*>&_res_probe.seq_num - base
+    assert RESULT_DTYPE.fields["code"][1] == <char*>&_res_probe.code - base
+    assert RESULT_DTYPE.fields["flags"][1] == <char*>&_res_probe.flags - base
+    base = <char*>&_ev_probe
+    assert EVENT_DTYPE.fields["available"][1] == <char*>&_ev_probe.available[0] - base
+    assert EVENT_DTYPE.fields["version"][1] == <char*>&_ev_probe.version - base
+    assert EVENT_DTYPE.fields["parts"][1] == <char*>&_ev_probe.parts - base
+    assert EVENT_DTYPE.fields["reserved2"][1] == <char*>&_ev_probe.reserved2 - base
+
+
+_check_layouts()
+
+
+# --- value conversion (the only place Python ints become 128-bit record fields and back) ------------
+cdef inline object _as_int(object v, str what):
+    if type(v) is int:
+        return v
+    if isinstance(v, uuid.UUID):
+        return v.int
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int or uuid.UUID, not {type(v).__name__}")
+    return v.__index__()
+
+
+cdef int _put_u128(unsigned char* dst, object v, str what) except -1:
+    cdef uint64_t lo
+    v = _as_int(v, what)
+    if v < 0 or v > U128_MAX:
+        raise ValueError(f"{what}={v} is outside the unsigned 128-bit range [0, 2**128)")
+    if v <= _U64_MASK:
+        lo = <uint64_t>v
+        memcpy(dst, &lo, 8)
+        memset(dst + 8, 0, 8)
+    else:
+        raw = v.to_bytes(16, "little")
+        memcpy(dst, <char*>raw, 16)
+    return 0
+
+
+cdef int _put_i128(unsigned char* dst, object v, str what) except -1:
+    cdef int64_t small
+    if type(v) is not int:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{what} must be an int, not {type(v).__name__}")
+        v = v.__index__()
+    if -0x8000000000000000 <= v <= 0x7FFFFFFFFFFFFFFF:
+        small = <int64_t>v
+        memcpy(dst, &small, 8)
+        memset(dst + 8, 0xFF if small < 0 else 0, 8)
+        return 0
+    if v < I128_MIN or v > I128_MAX:
+        raise ValueError(f"{what}={v} is outside the signed 128-bit range")
+    raw = v.to_bytes(16, "little", signed=True)
+    memcpy(dst, <char*>raw, 16)
+    return 0
+
+
+cdef inline object _get_u128(const unsigned char* p):
+    cdef uint64_t lo, hi
+    memcpy(&lo, p, 8)
+    memcpy(&hi, p + 8, 8)
+    if hi == 0:
+        return lo
+    return (<object>hi << 64) | lo
+
+
+cdef inline object _get_i128(const unsigned char* p):
+    cdef int64_t lo_s
+    cdef uint64_t hi
+    memcpy(&hi, p + 8, 8)
+    memcpy(&lo_s, p, 8)
+    if (hi == 0 and lo_s >= 0) or (hi == _U64_MASK and lo_s < 0):
+        return lo_s
+    return int.from_bytes((<char*>p)[:16], "little", signed=True)
+
+
+_currency_cache = {}
+
+
+cdef int _put_currency(char* dst, object currency) except -1:
+    cdef bytes raw = _currency(currency)
+    memcpy(dst, <char*>raw, 8)
+    return 0
+
+
+cdef bytes _currency(object currency):
+    cdef bytes raw = _currency_cache.get(currency)
+    if raw is None:
+        if not isinstance(currency, (str, bytes)):
+            raise TypeError(f"currency must be a str, not {type(currency).__name__}")
+        raw = _records.encode_currency(currency).ljust(8, b"\0")
+        if len(_currency_cache) < 4096:
+            _currency_cache[currency] = raw
+    return raw
+
+
+cdef class Result:
+    """The outcome of one command: ``code`` (a Code), ``duplicate`` (True when this dedup_id was applied
+    before and this is the original outcome, nothing re-applied), ``seq_num`` (its event, 0 if none)."""
+    cdef readonly object code
+    cdef readonly bint duplicate
+    cdef readonly uint64_t seq_num
+    cdef readonly object dedup_id
+    cdef readonly object kind
+    cdef Ledger _ledger
+
+    def __repr__(self):
+        return (f"Result(code={self.code.name}, duplicate={self.duplicate}, seq_num={self.seq_num}, "
+                f"dedup_id={self.dedup_id})")
+
+    @property
+    def ok(self):
+        return self.code == Code.OK or self.code == Code.NULL_COMPENSATED
+
+    @property
+    def accounts(self):
+        """The accounts this command changed, as they were right after it (from its event):
+        ``{account_id: {"account_id", "currency", "state", "available", "version"}}``. Empty for a
+        rejection; raises ValueError if the event has left the event retention window."""
+        if self.seq_num == 0:
+            return {}
+        evs = self._ledger.events(self.seq_num, self.seq_num)
+        out = {}
+        for k in range(len(evs)):
+            aid = _records.get_u128(evs["account_id"][k])[0]
+            if aid == 0:
+                continue
+            out[aid] = {"account_id": aid, "currency": bytes(evs["currency"][k]).decode("ascii"),
+                        "state": _STATES[int(evs["state"][k])],
+                        "available": _records.get_i128(evs["available"][k])[0],
+                        "version": int(evs["version"][k])}
+        return out
+
+
+cdef class Ledger:
+    """One shard's ledger, in memory. Single-threaded: do not call it from two threads at once."""
+
+    def __cinit__(self, *, dedup_retention=DEDUP_RETENTION_DEFAULT, event_retention=EVENT_RETENTION_DEFAULT,
+                  initial_capacity=1024):
+        if int(dedup_retention) < DEDUP_RETENTION_MIN:
+            raise ValueError(f"dedup_retention must be >= {DEDUP_RETENTION_MIN}")
+        if int(event_retention) < EVENT_RETENTION_MIN:
+            raise ValueError(f"event_retention must be >= {EVENT_RETENTION_MIN}")
+        if not 1 <= int(initial_capacity) <= ACCOUNT_CAPACITY_MAX:
+            raise ValueError("initial_capacity out of range")
+        self.dedup_retention = dedup_retention
+        self.event_retention = event_retention
+        self.core = new Core(self.dedup_retention, self.event_retention)
+        self._opbuf = np.zeros(BATCH_SIZE_MAX, dtype=OP_DTYPE)
+        self._resbuf = np.zeros(BATCH_SIZE_MAX, dtype=RESULT_DTYPE)
+        self._ops = <OpRec*><uintptr_t>self._opbuf.ctypes.data
+        self._res = <ResRec*><uintptr_t>self._resbuf.ctypes.data
+        self._accounts = None
+        self._grow(int(initial_capacity))
+
+    def __dealloc__(self):
+        del self.core
+
+    # ------------------------------------------------------------------------------------ storage
+    cdef _grow(self, uint64_t capacity):
+        cdef uint64_t nslots = 16
+        while nslots < 2 * capacity:
+            nslots <<= 1
+        buf = np.zeros(capacity * ACCOUNT_RECORD_BYTES + 64, dtype=np.uint8)
+        cdef uintptr_t base = <uintptr_t>buf.ctypes.data
+        cdef uintptr_t aligned = (base + 63) & ~(<uintptr_t>63)
+        if self._accounts is not None and self.core.acc_count:
+            memcpy(<void*>aligned, <void*>self._account_ptr(), self.core.acc_count * ACCOUNT_RECORD_BYTES)
+        slots = np.zeros(nslots, dtype=np.uint32)
+        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint32_t*><uintptr_t>slots.ctypes.data, nslots)
+        self._accounts = buf
+        self._slots = slots
+
+    cdef uintptr_t _account_ptr(self):
+        cdef uintptr_t base = <uintptr_t>self._accounts.ctypes.data
+        return (base + 63) & ~(<uintptr_t>63)
+
+    cdef int _reserve_accounts(self, uint64_t extra) except -1:
+        cdef uint64_t need = self.core.acc_count + extra
+        cdef uint64_t cap = self.core.acc_capacity
+        if need <= cap:
+            return 0
+        if need > ACCOUNT_CAPACITY_MAX:
+            raise ValueError(f"account capacity limit ({ACCOUNT_CAPACITY_MAX}) reached")
+        while cap < need:
+            cap = min(cap * 2, ACCOUNT_CAPACITY_MAX)
+        self._grow(cap)
+        return 0
+
+    cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1:
+        cdef const char* why = NULL
+        cdef int64_t bad = self.core.validate(ops, n, &why)
+        if bad >= 0:
+            raise ValueError(f"malformed batch at record {bad}: {why.decode()}; nothing was applied")
+        return 0
+
+    cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1:
+        cdef uint64_t i, creates = 0
+        self._check_batch(ops, n)
+        for i in range(n):
+            if ops[i].kind == 1:  # CREATE_ACCOUNT: each adds at most one account
+                creates += 1
+        self._reserve_accounts(creates)
+        self.core.apply(ops, n, out, timestamp)
+        return 0
+
+    # ------------------------------------------------------------------------------ the hot path
+    def apply_batch(self, ops, timestamp=0):
+        """Apply a batch of op records (numpy array of ``OP_DTYPE``, at most ``BATCH_SIZE_MAX``).
+        Returns one ``RESULT_DTYPE`` record per op record. A malformed batch raises ValueError/TypeError
+        and applies nothing."""
+        if not isinstance(ops, np.ndarray):
+            raise TypeError(f"ops must be a numpy array of OP_DTYPE, not {type(ops).__name__}")
+        if ops.dtype != OP_DTYPE:
+            raise TypeError(f"ops has dtype {ops.dtype}, expected engine.records.OP_DTYPE")
+        if ops.ndim != 1 or not ops.flags.c_contiguous:
+            raise ValueError("ops must be a one-dimensional C-contiguous array")
+        cdef uint64_t n = ops.shape[0]
+        if n > BATCH_SIZE_MAX:
+            raise ValueError(f"batch of {n} records exceeds BATCH_SIZE_MAX={BATCH_SIZE_MAX}; nothing was applied")
+        ts = _as_int(timestamp, "timestamp")
+        if not 0 <= ts <= _U64_MASK:
+            raise ValueError("timestamp must fit in an unsigned 64-bit integer")
+        results = np.zeros(n, dtype=RESULT_DTYPE)
+        if n:
+            self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
+                               <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)
+        return results
+
+    # ---------------------------------------------------------------------------- per-call API
+    cdef OpRec* _op(self, uint64_t i, object dedup_id, uint8_t kind) except NULL:
+        cdef OpRec* o = &self._ops[i]
+        memset(o, 0, sizeof(OpRec))
+        _put_u128(o.dedup_id, dedup_id, "dedup_id")
+        o.kind = kind
+        o.group_size = 1
+        return o
+
+    cdef object _call(self, uint64_t n, uint64_t timestamp):
+        self.apply_records(self._ops, n, self._res, timestamp)
+        cdef ResRec* r = &self._res[0]
+        cdef Result res = Result.__new__(Result)
+        res.code = _CODES[r.code] if r.code < len(_CODES) else _CODE_BY_VALUE[r.code]
+        res.duplicate = (r.flags & 1) != 0
+        res.seq_num = r.seq_num
+        res.dedup_id = _get_u128(r.dedup_id)
+        res.kind = _KINDS[r.kind]
+        res._ledger = self
+        return res
+
+    cdef uint64_t _ts(self, object timestamp) except? 0:
+        t = _as_int(timestamp, "timestamp")
+        if not 0 <= t <= _U64_MASK:
+            raise ValueError("timestamp must fit in an unsigned 64-bit integer")
+        return <uint64_t>t
+
+    def create_account(self, dedup_id, account_id, currency, lower_limit=0, upper_limit=None, *, timestamp=0):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 1)
+        _put_u128(o.account_id, account_id, "account_id")
+        _put_currency(o.currency, currency)
+        o.flags = 1 | 2
+        if lower_limit is None:
+            o.flags |= 4
+        else:
+            _put_i128(o.amount, lower_limit, "lower_limit")
+        if upper_limit is None:
+            o.flags |= 8
+        else:
+            _put_i128(o.expected_a, upper_limit, "upper_limit")
+        return self._call(1, ts)
+
+    def delete_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._account_op(2, dedup_id, account_id, timestamp)
+
+    def lock_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._account_op(3, dedup_id, account_id, timestamp)
+
+    def unlock_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._account_op(4, dedup_id, account_id, timestamp)
+
+    cdef object _account_op(self, uint8_t kind, object dedup_id, object account_id, object timestamp):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, kind)
+        _put_u128(o.account_id, account_id, "account_id")
+        return self._call(1, ts)
+
+    def update_account_config(self, dedup_id, account_id, *, lower_limit=UNCHANGED, upper_limit=UNCHANGED,
+                              timestamp=0):
+        """Change an account's limits; None = unbounded, UNCHANGED (default) = keep the current one."""
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 5)
+        _put_u128(o.account_id, account_id, "account_id")
+        if lower_limit is not UNCHANGED:
+            o.flags |= 1
+            if lower_limit is None:
+                o.flags |= 4
+            else:
+                _put_i128(o.amount, lower_limit, "lower_limit")
+        if upper_limit is not UNCHANGED:
+            o.flags |= 2
+            if upper_limit is None:
+                o.flags |= 8
+            else:
+                _put_i128(o.expected_a, upper_limit, "upper_limit")
+        return self._call(1, ts)
+
+    def transfer(self, dedup_id, from_account_id, to_account_id, amount, currency,
+                 expected_from_balance=None, expected_to_balance=None, *, timestamp=0):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 6)
+        _put_u128(o.account_id, from_account_id, "from_account_id")
+        _put_u128(o.other_id, to_account_id, "to_account_id")
+        _put_i128(o.amount, amount, "amount")
+        _put_currency(o.currency, currency)
+        if expected_from_balance is not None:
+            o.flags |= 1
+            _put_i128(o.expected_a, expected_from_balance, "expected_from_balance")
+        if expected_to_balance is not None:
+            o.flags |= 2
+            _put_i128(o.expected_b, expected_to_balance, "expected_to_balance")
+        return self._call(1, ts)
+
+    cdef uint64_t _group(self, uint8_t kind, object dedup_id, object specs, object preconditions) except 0:
+        specs = list(specs)
+        preconditions = list(preconditions)
+        cdef uint64_t n = 1 + len(specs) + len(preconditions)
+        if n > BATCH_SIZE_MAX:
+            raise ValueError(f"{n - 1} specs and preconditions do not fit in one batch (BATCH_SIZE_MAX={BATCH_SIZE_MAX})")
+        cdef OpRec* h = self._op(0, dedup_id, kind)
+        h.group_size = <uint16_t>n
+        cdef uint64_t i = 1
+        cdef OpRec* m
+        for spec in specs:
+            if len(spec) != 3:
+                raise ValueError(f"a spec is (account_id, amount, currency), got {spec!r}")
+            m = &self._ops[i]
+            memset(m, 0, sizeof(OpRec))
+            memcpy(m.dedup_id, h.dedup_id, 16)
+            m.kind = 14
+            _put_u128(m.account_id, spec[0], "spec account_id")
+            _put_i128(m.amount, spec[1], "spec amount")
+            _put_currency(m.currency, spec[2])
+            i += 1
+        for pre in preconditions:
+            if len(pre) != 2:
+                raise ValueError(f"a precondition is (account_id, expected_balance), got {pre!r}")
+            m = &self._ops[i]
+            memset(m, 0, sizeof(OpRec))
+            memcpy(m.dedup_id, h.dedup_id, 16)
+            m.kind = 15
+            _put_u128(m.account_id, pre[0], "precondition account_id")
+            _put_i128(m.amount, pre[1], "precondition expected_balance")
+            i += 1
+        return n
+
+    def batch_balance_operation(self, dedup_id, specs, preconditions=(), *, timestamp=0):
+        """Apply signed ``(account_id, amount, currency)`` specs all or nothing, if every
+        ``(account_id, expected_balance)`` precondition holds."""
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef uint64_t n = self._group(7, dedup_id, specs, preconditions)
+        return self._call(n, ts)
+
+    def reserve(self, dedup_id, account_id, reservation_id, amount, *, timestamp=0):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 8)
+        _put_u128(o.account_id, account_id, "account_id")
+        _put_u128(o.other_id, reservation_id, "reservation_id")
+        _put_i128(o.amount, amount, "amount")
+        return self._call(1, ts)
+
+    def release(self, dedup_id, account_id, reservation_id, amount=None, *, timestamp=0):
+        """Release a reservation back to available: all of it (amount=None) or part of it."""
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 9)
+        _put_u128(o.account_id, account_id, "account_id")
+        _put_u128(o.other_id, reservation_id, "reservation_id")
+        if amount is None:
+            o.flags |= 16
+        else:
+            _put_i128(o.amount, amount, "amount")
+        return self._call(1, ts)
+
+    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef uint64_t n = self._group(10, dedup_id, specs, ())
+        _put_u128(self._ops[0].other_id, txn_id, "txn_id")
+        return self._call(n, ts)
+
+    def tcc_confirm(self, dedup_id, txn_id, *, timestamp=0):
+        return self._txn_op(11, dedup_id, txn_id, timestamp)
+
+    def tcc_cancel(self, dedup_id, txn_id, *, timestamp=0):
+        return self._txn_op(12, dedup_id, txn_id, timestamp)
+
+    cdef object _txn_op(self, uint8_t kind, object dedup_id, object txn_id, object timestamp):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, kind)
+        _put_u128(o.other_id, txn_id, "txn_id")
+        return self._call(1, ts)
+
+    def compensate(self, dedup_id, original_dedup_id, *, timestamp=0):
+        cdef uint64_t ts = self._ts(timestamp)
+        cdef OpRec* o = self._op(0, dedup_id, 13)
+        _put_u128(o.other_id, original_dedup_id, "original_dedup_id")
+        return self._call(1, ts)
+
+    # ------------------------------------------------------------------------------------ reads
+    def result_of(self, dedup_id):
+        """The recorded outcome of ``dedup_id`` (``duplicate`` is True: it is the original outcome),
+        or None if this ledger does not remember it. Applies nothing."""
+        cdef unsigned char key[16]
+        _put_u128(key, dedup_id, "dedup_id")
+        return self._lookup(key)
+
+    cdef object _lookup(self, const unsigned char* key):
+        cdef uint16_t code
+        cdef uint64_t seq
+        cdef uint8_t kind, flags
+        if not _dedup_get(self.core, key, &code, &seq, &kind, &flags):
+            return None
+        cdef Result res = Result.__new__(Result)
+        res.code = _CODE_BY_VALUE[code]
+        res.duplicate = True
+        res.seq_num = seq if code in (0, 20) else 0
+        res.dedup_id = _get_u128(key)
+        res.kind = _KINDS.get(kind, kind)
+        res._ledger = self
+        return res
+
+    def get_account(self, account_id):
+        cdef unsigned char key[16]
+        cdef AccountView v
+        cdef vector[KV] items
+        _put_u128(key, account_id, "account_id")
+        if not self.core.view(key, &v):
+            return None
+        self.core.reservations_of(key, items)
+        reservations = {_get_u128(items[i].key): _get_i128(items[i].a) for i in range(items.size())}
+        self.core.pending_of(key, items)
+        pending_in = {}
+        pending_out = {}
+        for i in range(items.size()):
+            txn = _get_u128(items[i].key)
+            pin = _get_i128(items[i].a)
+            pout = _get_i128(items[i].b)
+            if pin:
+                pending_in[txn] = pin
+            if pout:
+                pending_out[txn] = pout
+        return {
+            "account_id": _get_u128(v.id),
+            "currency": (<bytes>v.currency).decode("ascii"),
+            "state": _STATES[v.state],
+            "available": _get_i128(v.available),
+            "reserved": _get_i128(v.reserved),
+            "reservations": reservations,
+            "pending_in": pending_in,
+            "pending_out": pending_out,
+            "lower_limit": None if v.flags & 1 else _get_i128(v.lower),
+            "upper_limit": None if v.flags & 2 else _get_i128(v.upper),
+            "version": v.version,
+        }
+
+    def totals(self, currency):
+        """Sums over the accounts of one currency: available, reserved, pending_in, pending_out."""
+        cdef KV a, p
+        cdef bytes cur = _currency(currency)
+        self.core.totals(<char*>cur, &a, &p)
+        return {"available": _get_i128(a.a), "reserved": _get_i128(a.b),
+                "pending_in": _get_i128(p.a), "pending_out": _get_i128(p.b)}
+
+    def events(self, first_seq, last_seq):
+        """The event records of seqs ``first_seq..last_seq`` (inclusive), all parts of each, in order.
+        Raises ValueError if part of the range is not (or no longer) retained."""
+        first = _as_int(first_seq, "first_seq")
+        last = _as_int(last_seq, "last_seq")
+        if not (1 <= first <= last <= self.core.last_seq):
+            raise ValueError(f"event range {first}..{last} is outside 1..{self.core.last_seq}")
+        cdef uint64_t n = self.core.event_count(first, last)
+        if n == <uint64_t>-1:
+            raise ValueError(f"events {first}..{last} are no longer retained (event_retention="
+                             f"{self.event_retention} records); fetch them from the event store")
+        out = np.zeros(n, dtype=EVENT_DTYPE)
+        if n:
+            self.core.copy_events(first, last, <EvRec*><uintptr_t>out.ctypes.data)
+        return out
+
+    @property
+    def last_seq(self):
+        return self.core.last_seq
+
+    @property
+    def account_count(self):
+        return self.core.acc_count
+
+    @property
+    def dedup_count(self):
+        return self.core.dedup_size()
+
+    def memory_bytes(self):
+        """Bytes of the per-account structures: the account records and the id -> index table."""
+        return {"accounts": int(self._accounts.nbytes), "index": int(self._slots.nbytes),
+                "account_capacity": int(self.core.acc_capacity)}
+
+    # --------------------------------------------------------------------------- snapshot / digest
+    def digest(self):
+        """A 32-byte hash of the whole state: equal on two ledgers that applied the same commands."""
+        cdef string s = self.core.serialize()
+        return hashlib.blake2b(s, digest_size=32).digest()
+
+    def snapshot(self):
+        """The whole state as bytes (versioned, checksummed); ``Ledger.restore`` reads it back."""
+        cdef string s = self.core.serialize()
+        body = <bytes>s
+        return _SNAPSHOT_MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
+
+    @classmethod
+    def restore(cls, snapshot):
+        if not isinstance(snapshot, (bytes, bytearray, memoryview)):
+            raise TypeError("snapshot must be bytes")
+        data = bytes(snapshot)
+        if len(data) < 40 + 40 or data[:8] != _SNAPSHOT_MAGIC:
+            raise ValueError("not a zwallet ledger snapshot")
+        body = data[40:]
+        if hashlib.blake2b(body, digest_size=32).digest() != data[8:40]:
+            raise ValueError("snapshot checksum mismatch: corrupted or truncated")
+        _, dedup_ret, event_ret, _, count = struct.unpack_from("<5Q", body, 0)
+        cdef Ledger led = cls(dedup_retention=dedup_ret, event_retention=event_ret,
+                              initial_capacity=max(int(count), 1024))
+        cdef const char* p = body
+        cdef const char* err = led.core.deserialize(p, p + len(body))
+        if err != NULL:
+            raise ValueError(f"bad snapshot: {err.decode()}")
+        return led
+
+
+cdef extern from *:
+    """
+    static bool _dedup_get(zw::Core* c, const unsigned char* key, uint16_t* code, uint64_t* seq,
+                           uint8_t* kind, uint8_t* flags) {
+        auto it = c->dedup.find(zw::ld_u(key));
+        if (it == c->dedup.end()) return false;
+        *code = it->second.code; *seq = it->second.seq; *kind = it->second.kind; *flags = it->second.flags;
+        return true;
+    }
+    """
+    bint _dedup_get(Core* c, const unsigned char* key, uint16_t* code, uint64_t* seq, uint8_t* kind,
+                    uint8_t* flags)

@@ -1,0 +1,893 @@
+// zwallet ledger core: one shard's account state machine.
+//
+// Pure: no I/O, no clock, no randomness. The caller (engine/_ledger.pyx) owns the account and hash-slot
+// memory (numpy arrays) and grows it before a batch; everything else lives in C++ containers here.
+// The layouts of OpRec / ResRec / EvRec mirror engine/records.py (checked at import time).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace zw {
+
+typedef __int128 i128;
+typedef unsigned __int128 u128;
+
+static const i128 I128_MAX = (i128)(((u128)1 << 127) - 1);
+static const i128 I128_MIN = -I128_MAX - 1;
+
+enum Kind : uint8_t {
+    K_CREATE_ACCOUNT = 1, K_DELETE_ACCOUNT = 2, K_LOCK_ACCOUNT = 3, K_UNLOCK_ACCOUNT = 4,
+    K_UPDATE_ACCOUNT_CONFIG = 5, K_TRANSFER = 6, K_BATCH_BALANCE = 7, K_RESERVE = 8, K_RELEASE = 9,
+    K_TCC_TRY = 10, K_TCC_CONFIRM = 11, K_TCC_CANCEL = 12, K_COMPENSATE = 13, K_SPEC = 14,
+    K_PRECONDITION = 15, K_MAX = 15
+};
+
+enum Code : uint16_t {
+    OK = 0, ACCOUNT_NOT_FOUND = 1, ACCOUNT_ALREADY_EXISTS = 2, INVALID_ACCOUNT_STATE = 3,
+    BALANCE_LIMIT_EXCEEDED = 4, CURRENCY_MISMATCH = 5, INVALID_AMOUNT = 6, PRECONDITION_FAILED = 7,
+    RESERVATION_NOT_FOUND = 8, RESERVATION_INSUFFICIENT = 9, TXN_NOT_FOUND = 10, TXN_ALREADY_EXISTS = 11,
+    TXN_ALREADY_CONFIRMED = 12, TXN_ALREADY_CANCELLED = 13, BALANCE_NOT_ZERO = 14,
+    INVALID_STATE_TRANSITION = 15, OVERFLOW = 16, SAME_ACCOUNT = 17, ORIGINAL_COMPENSATED = 18,
+    BATCH_TOO_LARGE = 19, NULL_COMPENSATED = 20, NOT_COMPENSATABLE = 21, INVALID_LIMITS = 22,
+    INVALID_CURRENCY = 23, INVALID_ID = 24
+};
+
+enum State : uint8_t { NORMAL = 0, LOCKED = 1, DELETED = 2 };
+
+enum OpFlag : uint8_t {
+    F_HAS_A = 1, F_HAS_B = 2, F_LOWER_UNBOUNDED = 4, F_UPPER_UNBOUNDED = 8, F_FULL_RELEASE = 16
+};
+enum AccountFlag : uint8_t { A_LOWER_UNBOUNDED = 1, A_UPPER_UNBOUNDED = 2 };
+
+static const uint32_t BATCH_SIZE_MAX = 8190;
+static const uint32_t GROUP_SPECS_MAX = 1024;
+
+#pragma pack(push, 1)
+struct OpRec {
+    unsigned char dedup_id[16], account_id[16], other_id[16], amount[16], expected_a[16], expected_b[16];
+    char currency[8];
+    uint8_t kind, flags;
+    uint16_t group_size;
+    uint32_t reserved;
+};
+struct ResRec {
+    unsigned char dedup_id[16];
+    uint64_t seq_num;
+    uint16_t code;
+    uint8_t flags, kind;
+    uint32_t reserved;
+};
+struct EvRec {
+    uint64_t seq_num, timestamp;
+    unsigned char dedup_id[16], account_id[16], other_id[16], amount[16], available[16];
+    uint64_t version;
+    char currency[8];
+    uint8_t kind, state;
+    uint16_t part, parts, reserved;
+    uint64_t reserved2;
+};
+#pragma pack(pop)
+static_assert(sizeof(OpRec) == 112, "op record layout");
+static_assert(sizeof(ResRec) == 32, "result record layout");
+static_assert(sizeof(EvRec) == 128, "event record layout");
+
+// One account: 96 bytes, hot fields first. Stored in a numpy-backed array owned by the Cython class.
+struct Account {
+    u128 id;
+    i128 available;
+    i128 lower, upper;          // meaningful unless the matching A_*_UNBOUNDED flag is set
+    uint64_t version;
+    char currency[8];
+    uint8_t state, flags;
+    uint16_t pad0;
+    uint32_t open_items;        // reservations + TCC pending entries on this account (delete needs 0)
+    uint64_t pad1;
+};
+static_assert(sizeof(Account) == 96, "account layout");
+
+static inline u128 ld_u(const unsigned char* p) { u128 v; memcpy(&v, p, 16); return v; }
+static inline i128 ld_i(const unsigned char* p) { i128 v; memcpy(&v, p, 16); return v; }
+static inline void st_u(unsigned char* p, u128 v) { memcpy(p, &v, 16); }
+static inline void st_i(unsigned char* p, i128 v) { memcpy(p, &v, 16); }
+
+static inline uint64_t hmix(u128 k) {
+    uint64_t lo = (uint64_t)k, hi = (uint64_t)(k >> 64);
+    uint64_t x = lo ^ (hi * 0x9E3779B97F4A7C15ULL) ^ (hi >> 29);
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
+
+// What the dedup table remembers of a command: enough to answer a retry and to undo a transfer.
+enum DedupFlag : uint8_t { D_COMPENSATED = 1, D_NULL_COMPENSATED = 2 };
+struct Dedup {
+    uint64_t seq;
+    uint16_t code;
+    uint8_t kind, flags;
+    uint32_t from_idx, to_idx;  // TRANSFER applied OK: inverse data
+    i128 amount;
+};
+struct Pending { i128 in, out; };
+enum TxnState : uint8_t { TXN_TRIED = 1, TXN_CONFIRMED = 2, TXN_CANCELLED = 3 };
+struct Spec { uint32_t idx; i128 amount; };
+struct Txn { uint8_t state; std::vector<Spec> specs; };
+typedef std::pair<uint32_t, u128> IdxKey;
+
+static inline bool valid_currency(const char* c) {
+    if (c[0] == 0) return false;
+    int i = 0;
+    for (; i < 8 && c[i]; i++) if ((unsigned char)c[i] < 0x21 || (unsigned char)c[i] > 0x7E) return false;
+    for (; i < 8; i++) if (c[i] != 0) return false;
+    return true;
+}
+
+class Core {
+  public:
+    // ---- account storage (memory owned by the caller) ----
+    Account* acc = nullptr;
+    uint32_t acc_count = 0, acc_capacity = 0;
+    uint32_t* slots = nullptr;   // open addressing: 0 = empty, else account index + 1
+    uint64_t slot_mask = 0;
+
+    // ---- everything else ----
+    uint64_t last_seq = 0;
+    uint64_t dedup_retention, event_retention;
+    std::unordered_map<u128, Dedup, H128> dedup;
+    std::deque<u128> dedup_fifo;                                   // insertion order, for eviction
+    std::unordered_map<u128, std::vector<Spec>, H128> batch_deltas; // BATCH_BALANCE applied OK: inverse
+    std::map<IdxKey, i128> reservations;                           // (account index, reservation_id)
+    std::map<IdxKey, Pending> pending;                             // (account index, txn_id)
+    std::unordered_map<u128, Txn, H128> txns;
+    std::deque<u128> finished_txns;                                // confirmed/cancelled, for eviction
+
+    // events: ring of records, grown by doubling up to event_retention records, then wrapping
+    std::vector<EvRec> ev;
+    uint64_t ev_total = 0;              // records ever written
+    std::vector<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
+    uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
+
+    Core(uint64_t dedup_retention_, uint64_t event_retention_)
+        : dedup_retention(dedup_retention_), event_retention(event_retention_) {
+        ev.resize(std::min<uint64_t>(4096, event_retention));
+        seq_pos.resize(ev.size());
+    }
+
+    // ------------------------------------------------------------------------------- account index
+    int64_t find(u128 id) const {
+        uint64_t i = hmix(id) & slot_mask;
+        for (;;) {
+            uint32_t s = slots[i];
+            if (s == 0) return -1;
+            if (acc[s - 1].id == id) return (int64_t)(s - 1);
+            i = (i + 1) & slot_mask;
+        }
+    }
+    void slot_insert(uint32_t idx) {
+        uint64_t i = hmix(acc[idx].id) & slot_mask;
+        while (slots[i] != 0) i = (i + 1) & slot_mask;
+        slots[i] = idx + 1;
+    }
+    // The caller owns the memory: accounts (capacity * 96 bytes, 16-byte aligned, holding acc_count valid
+    // accounts) and a zeroed power-of-two slot table of at least 2 * capacity entries.
+    void attach(void* accounts, uint32_t capacity, uint32_t* slot_table, uint64_t nslots) {
+        acc = (Account*)accounts; acc_capacity = capacity;
+        slots = slot_table; slot_mask = nslots - 1;
+        rehash();
+    }
+    void rehash() {
+        memset(slots, 0, (slot_mask + 1) * sizeof(uint32_t));
+        for (uint32_t k = 0; k < acc_count; k++) slot_insert(k);
+    }
+
+    // ------------------------------------------------------------------------------------ events
+    uint64_t ev_cap() const { return ev.size(); }
+    uint64_t cur_seq = 0;               // seq of the event being written
+    EvRec* ev_slot() {
+        if (ev_total >= ev.size() && ev.size() < event_retention) {   // not wrapped yet: grow linearly
+            size_t n = std::min<uint64_t>(ev.size() * 2, event_retention);
+            std::vector<EvRec> grown(n);
+            for (uint64_t p = ev_total - ev.size(); p < ev_total; p++) grown[p % n] = ev[p % ev.size()];
+            ev.swap(grown);
+            std::vector<uint64_t> pos(n);
+            for (uint64_t s = seq_first_live; s <= cur_seq; s++) pos[s % n] = seq_pos[s % seq_pos.size()];
+            seq_pos.swap(pos);
+        }
+        EvRec* r = &ev[ev_total % ev.size()];
+        ev_total++;
+        return r;
+    }
+    uint64_t ev_begin_pos = 0;
+    void ev_begin(uint64_t seq) {
+        cur_seq = seq;
+        ev_begin_pos = ev_total;
+        seq_pos[seq % seq_pos.size()] = ev_total;
+    }
+    void ev_end(uint64_t seq) {
+        uint64_t parts = ev_total - ev_begin_pos;
+        for (uint64_t p = ev_begin_pos; p < ev_total; p++) {
+            EvRec& r = ev[p % ev.size()];
+            r.part = (uint16_t)(p - ev_begin_pos);
+            r.parts = (uint16_t)parts;
+        }
+        // seqs whose first record was overwritten, or whose slot in seq_pos was reused, are gone
+        uint64_t oldest_pos = ev_total > ev.size() ? ev_total - ev.size() : 0;
+        while (seq_first_live <= seq &&
+               (seq - seq_first_live >= seq_pos.size() || seq_pos[seq_first_live % seq_pos.size()] < oldest_pos))
+            seq_first_live++;
+    }
+    void ev_add(uint64_t seq, uint64_t ts, const unsigned char* dedup_id, uint8_t kind, const Account* a,
+                u128 other, i128 amount) {
+        EvRec* r = ev_slot();
+        memset(r, 0, sizeof(EvRec));
+        r->seq_num = seq; r->timestamp = ts;
+        memcpy(r->dedup_id, dedup_id, 16);
+        if (a) {
+            st_u(r->account_id, a->id); st_i(r->available, a->available);
+            r->version = a->version; memcpy(r->currency, a->currency, 8); r->state = a->state;
+        }
+        st_u(r->other_id, other); st_i(r->amount, amount);
+        r->kind = kind;
+    }
+
+    // -------------------------------------------------------------------------------- helpers
+    static bool within_limits(const Account& a, i128 v) {
+        if (!(a.flags & A_LOWER_UNBOUNDED) && v < a.lower) return false;
+        if (!(a.flags & A_UPPER_UNBOUNDED) && v > a.upper) return false;
+        return true;
+    }
+    i128 pending_in_total(uint32_t idx) const {
+        i128 t = 0;
+        for (auto it = pending.lower_bound(IdxKey(idx, 0)); it != pending.end() && it->first.first == idx; ++it)
+            t += it->second.in;
+        return t;
+    }
+    void remember(u128 id, const Dedup& d) {
+        dedup[id] = d;
+        dedup_fifo.push_back(id);
+        while (dedup_fifo.size() > dedup_retention) {
+            u128 old = dedup_fifo.front();
+            dedup_fifo.pop_front();
+            dedup.erase(old);
+            batch_deltas.erase(old);
+        }
+    }
+    void txn_finished(u128 txn) {
+        finished_txns.push_back(txn);
+        while (finished_txns.size() > dedup_retention) {
+            txns.erase(finished_txns.front());
+            finished_txns.pop_front();
+        }
+    }
+
+    // ------------------------------------------------------------------- structural validation
+    // Returns -1 if the batch is well formed, else the index of the first bad record; *why says what.
+    int64_t validate(const OpRec* ops, uint64_t n, const char** why) const {
+        if (n > BATCH_SIZE_MAX) { *why = "batch larger than BATCH_SIZE_MAX"; return 0; }
+        uint64_t i = 0;
+        while (i < n) {
+            const OpRec& o = ops[i];
+            if (o.kind == 0 || o.kind > K_MAX) { *why = "unknown operation kind"; return (int64_t)i; }
+            if (o.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
+            if (o.kind == K_SPEC || o.kind == K_PRECONDITION) {
+                *why = "SPEC/PRECONDITION record outside a group"; return (int64_t)i;
+            }
+            uint64_t g = o.group_size;
+            if (o.kind == K_BATCH_BALANCE || o.kind == K_TCC_TRY) {
+                if (g < 1 || i + g > n) { *why = "group_size runs past the end of the batch"; return (int64_t)i; }
+                for (uint64_t j = i + 1; j < i + g; j++) {
+                    const OpRec& m = ops[j];
+                    bool ok_kind = m.kind == K_SPEC || (m.kind == K_PRECONDITION && o.kind == K_BATCH_BALANCE);
+                    if (!ok_kind) { *why = "group member of the wrong kind"; return (int64_t)j; }
+                    if (m.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                    if (memcmp(m.dedup_id, o.dedup_id, 16) != 0) {
+                        *why = "group member's dedup_id differs from its header's"; return (int64_t)j;
+                    }
+                }
+            } else {
+                if (g != 1) { *why = "group_size must be 1 for a single-record operation"; return (int64_t)i; }
+            }
+            i += g;
+        }
+        return -1;
+    }
+
+    // ------------------------------------------------------------------------------ apply batch
+    // The batch must have passed validate() and the caller must have grown the account storage for
+    // every CREATE_ACCOUNT record in it. One result record per op record.
+    void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) {
+        uint64_t i = 0;
+        while (i < n) {
+            const OpRec* o = &ops[i];
+            uint64_t g = o->group_size;
+            uint64_t seq = 0;
+            bool dup = false;
+            uint16_t code = command(o, g, ts, &seq, &dup);
+            for (uint64_t j = i; j < i + g; j++) {
+                ResRec& r = out[j];
+                memcpy(r.dedup_id, o->dedup_id, 16);
+                r.seq_num = seq; r.code = code; r.flags = dup ? 1 : 0; r.kind = o->kind; r.reserved = 0;
+            }
+            i += g;
+        }
+    }
+
+    uint16_t command(const OpRec* o, uint64_t g, uint64_t ts, uint64_t* seq_out, bool* dup) {
+        u128 did = ld_u(o->dedup_id);
+        if (did == 0) return INVALID_ID;
+        auto it = dedup.find(did);
+        if (it != dedup.end()) {
+            if (it->second.flags & D_NULL_COMPENSATED) return ORIGINAL_COMPENSATED;  // refused, not a dup
+            *dup = true; *seq_out = it->second.seq;
+            return it->second.code;
+        }
+        Dedup d; memset(&d, 0, sizeof d);
+        d.kind = o->kind;
+        uint64_t seq = last_seq + 1;
+        uint16_t code;
+        switch (o->kind) {
+            case K_CREATE_ACCOUNT: code = create_account(o, seq, ts); break;
+            case K_DELETE_ACCOUNT: case K_LOCK_ACCOUNT: case K_UNLOCK_ACCOUNT: code = set_state(o, seq, ts); break;
+            case K_UPDATE_ACCOUNT_CONFIG: code = update_config(o, seq, ts); break;
+            case K_TRANSFER: code = transfer(o, seq, ts, &d); break;
+            case K_BATCH_BALANCE: code = batch_balance(o, g, seq, ts, did); break;
+            case K_RESERVE: code = reserve(o, seq, ts); break;
+            case K_RELEASE: code = release(o, seq, ts); break;
+            case K_TCC_TRY: code = tcc_try(o, g, seq, ts); break;
+            case K_TCC_CONFIRM: case K_TCC_CANCEL: code = tcc_finish(o, seq, ts); break;
+            case K_COMPENSATE: code = compensate(o, seq, ts); break;
+            default: code = INVALID_ID; break;   // unreachable after validate()
+        }
+        if (code == OK || code == NULL_COMPENSATED) {
+            last_seq = seq;
+            *seq_out = seq;
+            d.seq = seq;
+        }
+        d.code = code;
+        remember(did, d);
+        return code;
+    }
+
+    // --------------------------------------------------------------------------- account management
+    uint16_t create_account(const OpRec* o, uint64_t seq, uint64_t ts) {
+        u128 id = ld_u(o->account_id);
+        if (id == 0) return INVALID_ID;
+        if (!valid_currency(o->currency)) return INVALID_CURRENCY;
+        if (find(id) >= 0) return ACCOUNT_ALREADY_EXISTS;
+        bool lower_unb = (o->flags & F_LOWER_UNBOUNDED) != 0, upper_unb = (o->flags & F_UPPER_UNBOUNDED) != 0;
+        i128 lower = lower_unb ? 0 : ((o->flags & F_HAS_A) ? ld_i(o->amount) : 0);
+        i128 upper = upper_unb || !(o->flags & F_HAS_B) ? 0 : ld_i(o->expected_a);
+        if (!(o->flags & F_HAS_B)) upper_unb = true;
+        if (!lower_unb && lower > 0) return INVALID_LIMITS;          // a new account holds 0
+        if (!upper_unb && upper < 0) return INVALID_LIMITS;
+        if (acc_count >= acc_capacity) return OVERFLOW;             // caller failed to grow: never happens
+        uint32_t idx = acc_count++;
+        Account& a = acc[idx];
+        memset(&a, 0, sizeof a);
+        a.id = id; a.lower = lower; a.upper = upper;
+        a.flags = (lower_unb ? A_LOWER_UNBOUNDED : 0) | (upper_unb ? A_UPPER_UNBOUNDED : 0);
+        memcpy(a.currency, o->currency, 8);
+        a.state = NORMAL; a.version = 1;
+        slot_insert(idx);
+        ev_begin(seq); ev_add(seq, ts, o->dedup_id, o->kind, &a, 0, 0); ev_end(seq);
+        return OK;
+    }
+
+    uint16_t set_state(const OpRec* o, uint64_t seq, uint64_t ts) {
+        int64_t k = find(ld_u(o->account_id));
+        if (k < 0) return ACCOUNT_NOT_FOUND;
+        Account& a = acc[k];
+        uint8_t to;
+        if (o->kind == K_LOCK_ACCOUNT) {
+            if (a.state != NORMAL) return INVALID_STATE_TRANSITION;
+            to = LOCKED;
+        } else if (o->kind == K_UNLOCK_ACCOUNT) {
+            if (a.state != LOCKED) return INVALID_STATE_TRANSITION;
+            to = NORMAL;
+        } else {
+            if (a.state == DELETED) return INVALID_STATE_TRANSITION;
+            if (a.available != 0 || a.open_items != 0) return BALANCE_NOT_ZERO;
+            to = DELETED;
+        }
+        a.state = to; a.version++;
+        ev_begin(seq); ev_add(seq, ts, o->dedup_id, o->kind, &a, 0, 0); ev_end(seq);
+        return OK;
+    }
+
+    uint16_t update_config(const OpRec* o, uint64_t seq, uint64_t ts) {
+        int64_t k = find(ld_u(o->account_id));
+        if (k < 0) return ACCOUNT_NOT_FOUND;
+        Account& a = acc[k];
+        if (a.state == DELETED) return INVALID_ACCOUNT_STATE;
+        Account n = a;
+        if (o->flags & F_HAS_A) {
+            if (o->flags & F_LOWER_UNBOUNDED) { n.flags |= A_LOWER_UNBOUNDED; n.lower = 0; }
+            else { n.flags &= ~A_LOWER_UNBOUNDED; n.lower = ld_i(o->amount); }
+        }
+        if (o->flags & F_HAS_B) {
+            if (o->flags & F_UPPER_UNBOUNDED) { n.flags |= A_UPPER_UNBOUNDED; n.upper = 0; }
+            else { n.flags &= ~A_UPPER_UNBOUNDED; n.upper = ld_i(o->expected_a); }
+        }
+        if (!(n.flags & A_LOWER_UNBOUNDED) && !(n.flags & A_UPPER_UNBOUNDED) && n.lower > n.upper) return INVALID_LIMITS;
+        if (!within_limits(n, n.available)) return INVALID_LIMITS;
+        n.version++;
+        a = n;
+        ev_begin(seq); ev_add(seq, ts, o->dedup_id, o->kind, &a, 0, 0); ev_end(seq);
+        return OK;
+    }
+
+    // ------------------------------------------------------------------------------------ transfer
+    uint16_t transfer(const OpRec* o, uint64_t seq, uint64_t ts, Dedup* d) {
+        i128 amount = ld_i(o->amount);
+        if (amount <= 0) return INVALID_AMOUNT;
+        u128 fid = ld_u(o->account_id), tid = ld_u(o->other_id);
+        if (fid == tid) return SAME_ACCOUNT;
+        int64_t fk = find(fid), tk = find(tid);
+        if (fk < 0 || tk < 0) return ACCOUNT_NOT_FOUND;
+        Account& f = acc[fk];
+        Account& t = acc[tk];
+        if (f.state != NORMAL || t.state != NORMAL) return INVALID_ACCOUNT_STATE;
+        if (memcmp(f.currency, o->currency, 8) != 0 || memcmp(t.currency, o->currency, 8) != 0)
+            return CURRENCY_MISMATCH;
+        if ((o->flags & F_HAS_A) && f.available != ld_i(o->expected_a)) return PRECONDITION_FAILED;
+        if ((o->flags & F_HAS_B) && t.available != ld_i(o->expected_b)) return PRECONDITION_FAILED;
+        i128 nf, nt;
+        if (__builtin_sub_overflow(f.available, amount, &nf) || __builtin_add_overflow(t.available, amount, &nt))
+            return OVERFLOW;
+        if (!within_limits(f, nf) || !within_limits(t, nt)) return BALANCE_LIMIT_EXCEEDED;
+        f.available = nf; f.version++;
+        t.available = nt; t.version++;
+        d->from_idx = (uint32_t)fk; d->to_idx = (uint32_t)tk; d->amount = amount;
+        ev_begin(seq);
+        ev_add(seq, ts, o->dedup_id, K_TRANSFER, &f, tid, -amount);
+        ev_add(seq, ts, o->dedup_id, K_TRANSFER, &t, fid, amount);
+        ev_end(seq);
+        return OK;
+    }
+
+    // Apply signed deltas to available, all or nothing: overflow and limits are checked on every
+    // account's final balance before anything changes. Used by batch balance operations and compensation.
+    std::vector<std::pair<uint32_t, i128>> scratch;   // (account index, running balance)
+    uint16_t check_deltas(const Spec* specs, size_t n) {
+        scratch.clear();
+        for (size_t s = 0; s < n; s++) {
+            size_t j = 0;
+            while (j < scratch.size() && scratch[j].first != specs[s].idx) j++;
+            if (j == scratch.size()) scratch.emplace_back(specs[s].idx, acc[specs[s].idx].available);
+            if (__builtin_add_overflow(scratch[j].second, specs[s].amount, &scratch[j].second)) return OVERFLOW;
+        }
+        for (auto& p : scratch) if (!within_limits(acc[p.first], p.second)) return BALANCE_LIMIT_EXCEEDED;
+        return OK;
+    }
+    void apply_deltas(const Spec* specs, size_t n, uint64_t seq, uint64_t ts, const unsigned char* dedup_id,
+                      uint8_t kind, u128 other) {
+        for (auto& p : scratch) acc[p.first].version++;
+        ev_begin(seq);
+        for (size_t s = 0; s < n; s++) {
+            Account& a = acc[specs[s].idx];
+            a.available += specs[s].amount;       // checked by check_deltas
+            ev_add(seq, ts, dedup_id, kind, &a, other, specs[s].amount);
+        }
+        ev_end(seq);
+    }
+
+    std::vector<Spec> specbuf;
+    uint16_t batch_balance(const OpRec* o, uint64_t g, uint64_t seq, uint64_t ts, u128 did) {
+        if (g - 1 > GROUP_SPECS_MAX) return BATCH_TOO_LARGE;
+        specbuf.clear();
+        for (uint64_t j = 1; j < g; j++) {
+            const OpRec& m = o[j];
+            if (m.kind != K_SPEC) continue;
+            i128 amount = ld_i(m.amount);
+            if (amount == 0) return INVALID_AMOUNT;
+            int64_t k = find(ld_u(m.account_id));
+            if (k < 0) return ACCOUNT_NOT_FOUND;
+            if (acc[k].state != NORMAL) return INVALID_ACCOUNT_STATE;
+            if (memcmp(acc[k].currency, m.currency, 8) != 0) return CURRENCY_MISMATCH;
+            specbuf.push_back(Spec{(uint32_t)k, amount});
+        }
+        if (specbuf.empty()) return INVALID_AMOUNT;
+        for (uint64_t j = 1; j < g; j++) {
+            const OpRec& m = o[j];
+            if (m.kind != K_PRECONDITION) continue;
+            int64_t k = find(ld_u(m.account_id));
+            if (k < 0) return ACCOUNT_NOT_FOUND;
+            if (acc[k].available != ld_i(m.amount)) return PRECONDITION_FAILED;
+        }
+        uint16_t c = check_deltas(specbuf.data(), specbuf.size());
+        if (c != OK) return c;
+        apply_deltas(specbuf.data(), specbuf.size(), seq, ts, o->dedup_id, K_BATCH_BALANCE, 0);
+        std::vector<Spec> inverse(specbuf);
+        for (auto& s : inverse) s.amount = -s.amount;
+        batch_deltas[did] = std::move(inverse);
+        return OK;
+    }
+
+    // ---------------------------------------------------------------------------- reserve / release
+    uint16_t reserve(const OpRec* o, uint64_t seq, uint64_t ts) {
+        i128 amount = ld_i(o->amount);
+        u128 rid = ld_u(o->other_id);
+        if (rid == 0) return INVALID_ID;
+        if (amount <= 0) return INVALID_AMOUNT;
+        int64_t k = find(ld_u(o->account_id));
+        if (k < 0) return ACCOUNT_NOT_FOUND;
+        Account& a = acc[k];
+        if (a.state != NORMAL) return INVALID_ACCOUNT_STATE;
+        i128 na, nr;
+        auto it = reservations.find(IdxKey((uint32_t)k, rid));
+        i128 cur = it == reservations.end() ? 0 : it->second;
+        if (__builtin_sub_overflow(a.available, amount, &na) || __builtin_add_overflow(cur, amount, &nr)) return OVERFLOW;
+        if (!within_limits(a, na)) return BALANCE_LIMIT_EXCEEDED;
+        if (it == reservations.end()) { reservations.emplace(IdxKey((uint32_t)k, rid), nr); a.open_items++; }
+        else it->second = nr;
+        a.available = na; a.version++;
+        ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_RESERVE, &a, rid, amount); ev_end(seq);
+        return OK;
+    }
+
+    uint16_t release(const OpRec* o, uint64_t seq, uint64_t ts) {
+        bool full = (o->flags & F_FULL_RELEASE) != 0;
+        i128 amount = ld_i(o->amount);
+        u128 rid = ld_u(o->other_id);
+        if (rid == 0) return INVALID_ID;
+        if (!full && amount <= 0) return INVALID_AMOUNT;
+        int64_t k = find(ld_u(o->account_id));
+        if (k < 0) return ACCOUNT_NOT_FOUND;
+        Account& a = acc[k];
+        if (a.state != NORMAL) return INVALID_ACCOUNT_STATE;
+        auto it = reservations.find(IdxKey((uint32_t)k, rid));
+        if (it == reservations.end()) return RESERVATION_NOT_FOUND;
+        if (full) amount = it->second;
+        if (amount > it->second) return RESERVATION_INSUFFICIENT;
+        i128 na;
+        if (__builtin_add_overflow(a.available, amount, &na)) return OVERFLOW;
+        if (!within_limits(a, na)) return BALANCE_LIMIT_EXCEEDED;
+        it->second -= amount;
+        if (it->second == 0) { reservations.erase(it); a.open_items--; }
+        a.available = na; a.version++;
+        ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_RELEASE, &a, rid, amount); ev_end(seq);
+        return OK;
+    }
+
+    // ------------------------------------------------------------------------------------------ TCC
+    uint16_t tcc_try(const OpRec* o, uint64_t g, uint64_t seq, uint64_t ts) {
+        u128 txn = ld_u(o->other_id);
+        if (txn == 0) return INVALID_ID;
+        if (g - 1 > GROUP_SPECS_MAX) return BATCH_TOO_LARGE;
+        if (g < 2) return INVALID_AMOUNT;
+        if (txns.find(txn) != txns.end()) return TXN_ALREADY_EXISTS;
+        specbuf.clear();
+        for (uint64_t j = 1; j < g; j++) {
+            const OpRec& m = o[j];
+            i128 amount = ld_i(m.amount);
+            if (amount == 0) return INVALID_AMOUNT;
+            int64_t k = find(ld_u(m.account_id));
+            if (k < 0) return ACCOUNT_NOT_FOUND;
+            if (acc[k].state != NORMAL) return INVALID_ACCOUNT_STATE;
+            if (memcmp(acc[k].currency, m.currency, 8) != 0) return CURRENCY_MISMATCH;
+            if (amount == I128_MIN) return OVERFLOW;
+            specbuf.push_back(Spec{(uint32_t)k, amount});
+        }
+        // per account: available after the outgoing specs (lower limit), and
+        // available + all pending_in + this try's incoming (upper limit)
+        scratch.clear();
+        std::vector<i128> incoming;
+        for (auto& s : specbuf) {
+            size_t j = 0;
+            while (j < scratch.size() && scratch[j].first != s.idx) j++;
+            if (j == scratch.size()) { scratch.emplace_back(s.idx, acc[s.idx].available); incoming.push_back(0); }
+            if (s.amount < 0) { if (__builtin_add_overflow(scratch[j].second, s.amount, &scratch[j].second)) return OVERFLOW; }
+            else if (__builtin_add_overflow(incoming[j], s.amount, &incoming[j])) return OVERFLOW;
+        }
+        for (size_t j = 0; j < scratch.size(); j++) {
+            const Account& a = acc[scratch[j].first];
+            if (!(a.flags & A_LOWER_UNBOUNDED) && scratch[j].second < a.lower) return BALANCE_LIMIT_EXCEEDED;
+            i128 top;
+            if (__builtin_add_overflow(a.available, pending_in_total(scratch[j].first), &top) ||
+                __builtin_add_overflow(top, incoming[j], &top)) return OVERFLOW;
+            if (!(a.flags & A_UPPER_UNBOUNDED) && top > a.upper) return BALANCE_LIMIT_EXCEEDED;
+        }
+        for (auto& p : scratch) acc[p.first].version++;
+        Txn& t = txns[txn];
+        t.state = TXN_TRIED;
+        t.specs = specbuf;
+        ev_begin(seq);
+        for (auto& s : specbuf) {
+            Account& a = acc[s.idx];
+            auto key = IdxKey(s.idx, txn);
+            auto it = pending.find(key);
+            if (it == pending.end()) { it = pending.emplace(key, Pending{0, 0}).first; a.open_items++; }
+            if (s.amount < 0) { a.available += s.amount; it->second.out -= s.amount; }
+            else it->second.in += s.amount;
+            ev_add(seq, ts, o->dedup_id, K_TCC_TRY, &a, txn, s.amount);
+        }
+        ev_end(seq);
+        return OK;
+    }
+
+    uint16_t tcc_finish(const OpRec* o, uint64_t seq, uint64_t ts) {
+        bool confirm = o->kind == K_TCC_CONFIRM;
+        u128 txn = ld_u(o->other_id);
+        if (txn == 0) return INVALID_ID;
+        auto tit = txns.find(txn);
+        if (tit == txns.end()) return TXN_NOT_FOUND;
+        Txn& t = tit->second;
+        if (t.state == TXN_CONFIRMED) return TXN_ALREADY_CONFIRMED;
+        if (t.state == TXN_CANCELLED) return TXN_ALREADY_CANCELLED;
+        // what each account gets back into available: confirm -> pending_in; cancel -> pending_out
+        scratch.clear();
+        for (auto& s : t.specs) {
+            size_t j = 0;
+            while (j < scratch.size() && scratch[j].first != s.idx) j++;
+            if (j < scratch.size()) continue;
+            const Pending& p = pending.at(IdxKey(s.idx, txn));
+            i128 back = confirm ? p.in : p.out, na;
+            if (__builtin_add_overflow(acc[s.idx].available, back, &na)) return OVERFLOW;
+            if (back > 0 && !(acc[s.idx].flags & A_UPPER_UNBOUNDED) && na > acc[s.idx].upper)
+                return BALANCE_LIMIT_EXCEEDED;
+            scratch.emplace_back(s.idx, na);
+        }
+        ev_begin(seq);
+        for (auto& p : scratch) {
+            Account& a = acc[p.first];
+            a.available = p.second; a.version++;
+            pending.erase(IdxKey(p.first, txn));
+            a.open_items--;
+        }
+        for (auto& s : t.specs)    // amount: the spec as tried (confirm) or its reversal (cancel)
+            ev_add(seq, ts, o->dedup_id, o->kind, &acc[s.idx], txn, confirm ? s.amount : -s.amount);
+        ev_end(seq);
+        t.state = confirm ? TXN_CONFIRMED : TXN_CANCELLED;
+        std::vector<Spec>().swap(t.specs);
+        txn_finished(txn);
+        return OK;
+    }
+
+    // ---------------------------------------------------------------------------------- compensate
+    uint16_t compensate(const OpRec* o, uint64_t seq, uint64_t ts) {
+        u128 orig = ld_u(o->other_id);
+        if (orig == 0 || orig == ld_u(o->dedup_id)) return INVALID_ID;
+        auto it = dedup.find(orig);
+        if (it == dedup.end()) {
+            // never seen: remember it so the original is refused if it arrives later
+            Dedup m; memset(&m, 0, sizeof m);
+            m.kind = K_COMPENSATE; m.code = ORIGINAL_COMPENSATED; m.flags = D_NULL_COMPENSATED; m.seq = seq;
+            remember(orig, m);
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0); ev_end(seq);
+            return NULL_COMPENSATED;
+        }
+        Dedup& d = it->second;
+        if (d.flags & (D_COMPENSATED | D_NULL_COMPENSATED)) return ORIGINAL_COMPENSATED;
+        if (d.code != OK) {                       // the original changed nothing: nothing to undo
+            d.flags |= D_COMPENSATED;
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0); ev_end(seq);
+            return OK;
+        }
+        Spec inv[2];
+        const Spec* specs;
+        size_t n;
+        if (d.kind == K_TRANSFER) {
+            inv[0] = Spec{d.from_idx, d.amount};
+            inv[1] = Spec{d.to_idx, -d.amount};
+            specs = inv; n = 2;
+        } else if (d.kind == K_BATCH_BALANCE) {
+            auto bit = batch_deltas.find(orig);
+            if (bit == batch_deltas.end()) return NOT_COMPENSATABLE;   // unreachable: evicted together
+            specs = bit->second.data(); n = bit->second.size();
+        } else {
+            return NOT_COMPENSATABLE;
+        }
+        for (size_t s = 0; s < n; s++) if (acc[specs[s].idx].state == DELETED) return INVALID_ACCOUNT_STATE;
+        uint16_t c = check_deltas(specs, n);
+        if (c != OK) return c;
+        apply_deltas(specs, n, seq, ts, o->dedup_id, K_COMPENSATE, orig);
+        d.flags |= D_COMPENSATED;
+        batch_deltas.erase(orig);
+        return OK;
+    }
+
+    // ----------------------------------------------------------------------------- inspection
+    i128 reserved_total(uint32_t idx) const {
+        i128 t = 0;
+        for (auto it = reservations.lower_bound(IdxKey(idx, 0)); it != reservations.end() && it->first.first == idx; ++it)
+            t += it->second;
+        return t;
+    }
+    bool events_range(uint64_t first, uint64_t last, uint64_t* pos_first, uint64_t* pos_end) const {
+        if (first < seq_first_live || last > last_seq || first > last || first == 0) return false;
+        *pos_first = seq_pos[first % seq_pos.size()];
+        *pos_end = last == last_seq ? ev_total : seq_pos[(last + 1) % seq_pos.size()];
+        return true;
+    }
+    const EvRec& event_at(uint64_t pos) const { return ev[pos % ev.size()]; }
+
+    // Byte-level views for the Python wrapper (it never sees __int128).
+    struct AccountView {
+        unsigned char id[16], available[16], lower[16], upper[16], reserved[16], pending_in[16], pending_out[16];
+        uint64_t version; char currency[9]; uint8_t state, flags; uint32_t open_items;
+    };
+    struct KV { unsigned char key[16], a[16], b[16]; };
+    bool view(const unsigned char* id, AccountView* v) const {
+        int64_t k = find(ld_u(id));
+        if (k < 0) return false;
+        const Account& a = acc[k];
+        memset(v, 0, sizeof *v);
+        st_u(v->id, a.id); st_i(v->available, a.available); st_i(v->lower, a.lower); st_i(v->upper, a.upper);
+        st_i(v->reserved, reserved_total((uint32_t)k));
+        i128 pin = 0, pout = 0;
+        for (auto it = pending.lower_bound(IdxKey((uint32_t)k, 0)); it != pending.end() && it->first.first == (uint32_t)k; ++it) {
+            pin += it->second.in; pout += it->second.out;
+        }
+        st_i(v->pending_in, pin); st_i(v->pending_out, pout);
+        v->version = a.version; memcpy(v->currency, a.currency, 8); v->state = a.state; v->flags = a.flags;
+        v->open_items = a.open_items;
+        return true;
+    }
+    void reservations_of(const unsigned char* id, std::vector<KV>& out) const {
+        out.clear();
+        int64_t k = find(ld_u(id));
+        if (k < 0) return;
+        for (auto it = reservations.lower_bound(IdxKey((uint32_t)k, 0)); it != reservations.end() && it->first.first == (uint32_t)k; ++it) {
+            KV kv; st_u(kv.key, it->first.second); st_i(kv.a, it->second); st_i(kv.b, 0); out.push_back(kv);
+        }
+    }
+    void pending_of(const unsigned char* id, std::vector<KV>& out) const {
+        out.clear();
+        int64_t k = find(ld_u(id));
+        if (k < 0) return;
+        for (auto it = pending.lower_bound(IdxKey((uint32_t)k, 0)); it != pending.end() && it->first.first == (uint32_t)k; ++it) {
+            KV kv; st_u(kv.key, it->first.second); st_i(kv.a, it->second.in); st_i(kv.b, it->second.out); out.push_back(kv);
+        }
+    }
+    // Sums over the accounts of one currency: available, reserved, pending_in, pending_out.
+    void totals(const char* currency8, KV* out_avail_reserved, KV* out_pending) const {
+        i128 av = 0, rs = 0, pin = 0, pout = 0;
+        for (uint32_t k = 0; k < acc_count; k++) if (memcmp(acc[k].currency, currency8, 8) == 0) av += acc[k].available;
+        for (auto& r : reservations) if (memcmp(acc[r.first.first].currency, currency8, 8) == 0) rs += r.second;
+        for (auto& p : pending) if (memcmp(acc[p.first.first].currency, currency8, 8) == 0) { pin += p.second.in; pout += p.second.out; }
+        st_i(out_avail_reserved->a, av); st_i(out_avail_reserved->b, rs);
+        st_i(out_pending->a, pin); st_i(out_pending->b, pout);
+    }
+    uint64_t event_count(uint64_t first, uint64_t last) const {
+        uint64_t a, b;
+        if (!events_range(first, last, &a, &b)) return UINT64_MAX;
+        return b - a;
+    }
+    void copy_events(uint64_t first, uint64_t last, EvRec* out) const {
+        uint64_t a, b;
+        if (!events_range(first, last, &a, &b)) return;
+        for (uint64_t p = a; p < b; p++) out[p - a] = ev[p % ev.size()];
+    }
+    int64_t find_bytes(const unsigned char* id) const { return find(ld_u(id)); }
+    uint64_t dedup_size() const { return dedup.size(); }
+
+    // ------------------------------------------------------------------------ snapshot / restore
+    // A canonical byte serialization of the whole state (independent of hash-table capacity and of
+    // unordered containers' iteration order), used by snapshot() and digest().
+    template <class T> static void put(std::string& s, const T& v) { s.append((const char*)&v, sizeof(T)); }
+    std::string serialize() const {
+        std::string s;
+        put(s, (uint64_t)1);  // format version
+        put(s, dedup_retention); put(s, event_retention); put(s, last_seq);
+        put(s, (uint64_t)acc_count);
+        s.append((const char*)acc, (size_t)acc_count * sizeof(Account));
+        put(s, (uint64_t)dedup_fifo.size());
+        for (const u128& id : dedup_fifo) {
+            const Dedup& d = dedup.at(id);
+            put(s, id); put(s, d.seq); put(s, d.code); put(s, d.kind); put(s, d.flags);
+            put(s, d.from_idx); put(s, d.to_idx); put(s, d.amount);
+            auto b = batch_deltas.find(id);
+            uint64_t nb = b == batch_deltas.end() ? 0 : b->second.size();
+            put(s, nb);
+            for (uint64_t k = 0; k < nb; k++) { put(s, b->second[k].idx); put(s, b->second[k].amount); }
+        }
+        put(s, (uint64_t)reservations.size());
+        for (auto& r : reservations) { put(s, r.first.first); put(s, r.first.second); put(s, r.second); }
+        put(s, (uint64_t)pending.size());
+        for (auto& p : pending) { put(s, p.first.first); put(s, p.first.second); put(s, p.second); }
+        std::vector<u128> open;
+        for (auto& t : txns) if (t.second.state == TXN_TRIED) open.push_back(t.first);
+        std::sort(open.begin(), open.end());
+        put(s, (uint64_t)open.size());
+        for (const u128& id : open) {
+            const Txn& t = txns.at(id);
+            put(s, id); put(s, (uint64_t)t.specs.size());
+            for (auto& sp : t.specs) { put(s, sp.idx); put(s, sp.amount); }
+        }
+        put(s, (uint64_t)finished_txns.size());
+        for (const u128& id : finished_txns) { put(s, id); put(s, txns.at(id).state); }
+        // events still retained
+        put(s, seq_first_live);
+        uint64_t pos0 = seq_first_live <= last_seq ? seq_pos[seq_first_live % seq_pos.size()] : ev_total;
+        put(s, ev_total - pos0);
+        for (uint64_t p = pos0; p < ev_total; p++) put(s, ev[p % ev.size()]);
+        return s;
+    }
+
+    template <class T> static bool get(const char*& p, const char* end, T* v) {
+        if ((size_t)(end - p) < sizeof(T)) return false;
+        memcpy(v, p, sizeof(T)); p += sizeof(T); return true;
+    }
+    // Restores everything but the account array, which the caller sizes first (peek_account_count)
+    // and whose pointer it sets before calling. Returns an error message or nullptr.
+    static bool peek_account_count(const char* p, const char* end, uint64_t* n) {
+        p += 32;
+        return get(p, end, n);
+    }
+    const char* deserialize(const char* p, const char* end) {
+        uint64_t ver, n;
+        if (!get(p, end, &ver) || ver != 1) return "unknown snapshot format version";
+        if (!get(p, end, &dedup_retention) || !get(p, end, &event_retention) || !get(p, end, &last_seq)) return "truncated header";
+        if (!get(p, end, &n) || n > acc_capacity) return "bad account count";
+        if ((size_t)(end - p) < n * sizeof(Account)) return "truncated accounts";
+        memcpy(acc, p, n * sizeof(Account)); p += n * sizeof(Account); acc_count = (uint32_t)n;
+        rehash();
+        if (!get(p, end, &n)) return "truncated dedup";
+        for (uint64_t k = 0; k < n; k++) {
+            u128 id; Dedup d; uint64_t nb;
+            memset(&d, 0, sizeof d);
+            if (!get(p, end, &id) || !get(p, end, &d.seq) || !get(p, end, &d.code) || !get(p, end, &d.kind) ||
+                !get(p, end, &d.flags) || !get(p, end, &d.from_idx) || !get(p, end, &d.to_idx) ||
+                !get(p, end, &d.amount) || !get(p, end, &nb)) return "truncated dedup entry";
+            if (nb > GROUP_SPECS_MAX) return "bad batch deltas";
+            if (d.from_idx >= acc_count && d.kind == K_TRANSFER && d.code == OK) return "bad dedup entry";
+            if (nb) {
+                std::vector<Spec> v(nb);
+                for (auto& sp : v) if (!get(p, end, &sp.idx) || !get(p, end, &sp.amount) || sp.idx >= acc_count) return "bad batch deltas";
+                batch_deltas[id] = std::move(v);
+            }
+            if (dedup.count(id)) return "duplicate dedup id";
+            dedup[id] = d; dedup_fifo.push_back(id);
+        }
+        if (!get(p, end, &n)) return "truncated reservations";
+        for (uint64_t k = 0; k < n; k++) {
+            uint32_t idx; u128 rid; i128 amt;
+            if (!get(p, end, &idx) || !get(p, end, &rid) || !get(p, end, &amt) || idx >= acc_count) return "bad reservation";
+            reservations[IdxKey(idx, rid)] = amt;
+        }
+        if (!get(p, end, &n)) return "truncated pending";
+        for (uint64_t k = 0; k < n; k++) {
+            uint32_t idx; u128 txn; Pending pd;
+            if (!get(p, end, &idx) || !get(p, end, &txn) || !get(p, end, &pd) || idx >= acc_count) return "bad pending entry";
+            pending[IdxKey(idx, txn)] = pd;
+        }
+        if (!get(p, end, &n)) return "truncated txns";
+        for (uint64_t k = 0; k < n; k++) {
+            u128 id; uint64_t ns;
+            if (!get(p, end, &id) || !get(p, end, &ns) || ns > GROUP_SPECS_MAX) return "bad txn";
+            Txn& t = txns[id]; t.state = TXN_TRIED; t.specs.resize(ns);
+            for (auto& sp : t.specs) if (!get(p, end, &sp.idx) || !get(p, end, &sp.amount) || sp.idx >= acc_count) return "bad txn spec";
+        }
+        if (!get(p, end, &n)) return "truncated finished txns";
+        for (uint64_t k = 0; k < n; k++) {
+            u128 id; uint8_t st;
+            if (!get(p, end, &id) || !get(p, end, &st)) return "bad finished txn";
+            txns[id].state = st; finished_txns.push_back(id);
+        }
+        uint64_t nev;
+        if (!get(p, end, &seq_first_live) || !get(p, end, &nev)) return "truncated events";
+        if ((size_t)(end - p) != nev * sizeof(EvRec)) return "bad event section size";
+        uint64_t cap = std::min<uint64_t>(4096, event_retention);
+        while (cap < nev && cap < event_retention) cap = std::min<uint64_t>(cap * 2, event_retention);
+        if (nev > cap) return "more events than the retention";
+        ev.assign(cap, EvRec());
+        seq_pos.assign(cap, 0);
+        ev_total = nev;
+        uint64_t prev = 0;
+        for (uint64_t k = 0; k < nev; k++) {
+            memcpy(&ev[k], p, sizeof(EvRec)); p += sizeof(EvRec);
+            if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num % cap] = k; prev = ev[k].seq_num; }
+        }
+        return nullptr;
+    }
+};
+
+}  // namespace zw
