@@ -218,8 +218,8 @@ cdef class Ledger:
             raise ValueError(f"event_retention must be >= {EVENT_RETENTION_MIN}")
         if not 1 <= int(initial_capacity) <= ACCOUNT_CAPACITY_MAX:
             raise ValueError("initial_capacity out of range")
-        self.dedup_retention = dedup_retention
-        self.event_retention = event_retention
+        self.dedup_retention = 1 << (int(dedup_retention) - 1).bit_length()   # rounded up to a power of two
+        self.event_retention = 1 << (int(event_retention) - 1).bit_length()
         self.core = new Core(self.dedup_retention, self.event_retention)
         self._opbuf = np.zeros(BATCH_SIZE_MAX, dtype=OP_DTYPE)
         self._resbuf = np.zeros(BATCH_SIZE_MAX, dtype=RESULT_DTYPE)
@@ -296,7 +296,7 @@ cdef class Ledger:
         ts = _as_int(timestamp, "timestamp")
         if not 0 <= ts <= _U64_MASK:
             raise ValueError("timestamp must fit in an unsigned 64-bit integer")
-        results = np.zeros(n, dtype=RESULT_DTYPE)
+        results = np.empty(n, dtype=RESULT_DTYPE)   # the core writes every byte
         if n:
             self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
                                <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)
@@ -607,6 +607,8 @@ cdef class Ledger:
         cdef const char* err = led.core.deserialize(p, p + len(body))
         if err != NULL:
             raise ValueError(f"bad snapshot: {err.decode()}")
+        if led.core.dedup_retention != led.dedup_retention or led.core.event_retention != led.event_retention:
+            raise ValueError("bad snapshot: retention is not a power of two")
         return led
 
 
@@ -614,9 +616,9 @@ cdef extern from *:
     """
     static bool _dedup_get(zw::Core* c, const unsigned char* key, uint16_t* code, uint64_t* seq,
                            uint8_t* kind, uint8_t* flags) {
-        auto it = c->dedup.find(zw::ld_u(key));
-        if (it == c->dedup.end()) return false;
-        *code = it->second.code; *seq = it->second.seq; *kind = it->second.kind; *flags = it->second.flags;
+        const zw::Dedup* d = c->dfind(zw::ld_u(key));
+        if (!d) return false;
+        *code = d->code; *seq = d->seq; *kind = d->kind; *flags = d->flags;
         return true;
     }
     """

@@ -97,6 +97,9 @@ static inline i128 ld_i(const unsigned char* p) { i128 v; memcpy(&v, p, 16); ret
 static inline void st_u(unsigned char* p, u128 v) { memcpy(p, &v, 16); }
 static inline void st_i(unsigned char* p, i128 v) { memcpy(p, &v, 16); }
 
+// A read prefetch the optimizer cannot drop (GCC 12 discarded __builtin_prefetch in these loops).
+static inline void prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
+
 static inline uint64_t hmix(u128 k) {
     uint64_t lo = (uint64_t)k, hi = (uint64_t)(k >> 64);
     uint64_t x = lo ^ (hi * 0x9E3779B97F4A7C15ULL) ^ (hi >> 29);
@@ -141,8 +144,13 @@ class Core {
     // ---- everything else ----
     uint64_t last_seq = 0;
     uint64_t dedup_retention, event_retention;
-    std::unordered_map<u128, Dedup, H128> dedup;
-    std::deque<u128> dedup_fifo;                                   // insertion order, for eviction
+    // dedup table: a FIFO ring of entries (oldest evicted past dedup_retention) indexed by an
+    // open-addressing table of u64 slots: (low 32 bits of the id's hash << 32) | (ring index + 1).
+    struct DedupEntry { u128 id; Dedup d; };
+    std::vector<DedupEntry> dring;
+    uint64_t dhead = 0, dtotal = 0;      // absolute positions: oldest live, next to write
+    std::vector<uint64_t> dslots;
+    uint64_t dmask = 0;
     std::unordered_map<u128, std::vector<Spec>, H128> batch_deltas; // BATCH_BALANCE applied OK: inverse
     std::map<IdxKey, i128> reservations;                           // (account index, reservation_id)
     std::map<IdxKey, Pending> pending;                             // (account index, txn_id)
@@ -155,6 +163,7 @@ class Core {
     std::vector<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
     uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
 
+    // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
     Core(uint64_t dedup_retention_, uint64_t event_retention_)
         : dedup_retention(dedup_retention_), event_retention(event_retention_) {
         ev.resize(std::min<uint64_t>(4096, event_retention));
@@ -195,13 +204,13 @@ class Core {
         if (ev_total >= ev.size() && ev.size() < event_retention) {   // not wrapped yet: grow linearly
             size_t n = std::min<uint64_t>(ev.size() * 2, event_retention);
             std::vector<EvRec> grown(n);
-            for (uint64_t p = ev_total - ev.size(); p < ev_total; p++) grown[p % n] = ev[p % ev.size()];
+            for (uint64_t p = ev_total - ev.size(); p < ev_total; p++) grown[p & (n - 1)] = ev[p & (ev.size() - 1)];
             ev.swap(grown);
             std::vector<uint64_t> pos(n);
-            for (uint64_t s = seq_first_live; s <= cur_seq; s++) pos[s % n] = seq_pos[s % seq_pos.size()];
+            for (uint64_t s = seq_first_live; s <= cur_seq; s++) pos[s & (n - 1)] = seq_pos[s & (seq_pos.size() - 1)];
             seq_pos.swap(pos);
         }
-        EvRec* r = &ev[ev_total % ev.size()];
+        EvRec* r = &ev[ev_total & (ev.size() - 1)];
         ev_total++;
         return r;
     }
@@ -209,19 +218,19 @@ class Core {
     void ev_begin(uint64_t seq) {
         cur_seq = seq;
         ev_begin_pos = ev_total;
-        seq_pos[seq % seq_pos.size()] = ev_total;
+        seq_pos[seq & (seq_pos.size() - 1)] = ev_total;
     }
     void ev_end(uint64_t seq) {
         uint64_t parts = ev_total - ev_begin_pos;
         for (uint64_t p = ev_begin_pos; p < ev_total; p++) {
-            EvRec& r = ev[p % ev.size()];
+            EvRec& r = ev[p & (ev.size() - 1)];
             r.part = (uint16_t)(p - ev_begin_pos);
             r.parts = (uint16_t)parts;
         }
         // seqs whose first record was overwritten, or whose slot in seq_pos was reused, are gone
         uint64_t oldest_pos = ev_total > ev.size() ? ev_total - ev.size() : 0;
         while (seq_first_live <= seq &&
-               (seq - seq_first_live >= seq_pos.size() || seq_pos[seq_first_live % seq_pos.size()] < oldest_pos))
+               (seq - seq_first_live >= seq_pos.size() || seq_pos[seq_first_live & (seq_pos.size() - 1)] < oldest_pos))
             seq_first_live++;
     }
     void ev_add(uint64_t seq, uint64_t ts, const unsigned char* dedup_id, uint8_t kind, const Account* a,
@@ -250,15 +259,62 @@ class Core {
             t += it->second.in;
         return t;
     }
-    void remember(u128 id, const Dedup& d) {
-        dedup[id] = d;
-        dedup_fifo.push_back(id);
-        while (dedup_fifo.size() > dedup_retention) {
-            u128 old = dedup_fifo.front();
-            dedup_fifo.pop_front();
-            dedup.erase(old);
-            batch_deltas.erase(old);
+    uint64_t dedup_size() const { return dtotal - dhead; }
+    DedupEntry& dentry(uint64_t abs) { return dring[abs & (dring.size() - 1)]; }
+    const DedupEntry& dentry(uint64_t abs) const { return dring[abs & (dring.size() - 1)]; }
+    Dedup* dfind(u128 id) {
+        if (dslots.empty()) return nullptr;
+        uint64_t h = hmix(id), tag = h & 0xFFFFFFFFULL;
+        for (uint64_t i = h & dmask;; i = (i + 1) & dmask) {
+            uint64_t s = dslots[i];
+            if (s == 0) return nullptr;
+            if ((s >> 32) == tag && dring[(s & 0xFFFFFFFFULL) - 1].id == id) return &dring[(s & 0xFFFFFFFFULL) - 1].d;
         }
+    }
+    void dslot_put(uint64_t ring_idx, u128 id) {
+        uint64_t h = hmix(id);
+        uint64_t i = h & dmask;
+        while (dslots[i] != 0) i = (i + 1) & dmask;
+        dslots[i] = ((h & 0xFFFFFFFFULL) << 32) | (ring_idx + 1);
+    }
+    void dslot_erase(uint64_t ring_idx, u128 id) {     // backward-shift deletion: no tombstones
+        uint64_t h = hmix(id);
+        uint64_t i = h & dmask;
+        while ((dslots[i] & 0xFFFFFFFFULL) != ring_idx + 1) i = (i + 1) & dmask;
+        uint64_t j = i;
+        for (;;) {
+            j = (j + 1) & dmask;
+            if (dslots[j] == 0) break;
+            uint64_t home = (dslots[j] >> 32) & dmask;
+            bool movable = (i <= j) ? (home <= i || home > j) : (home <= i && home > j);
+            if (movable) { dslots[i] = dslots[j]; i = j; }
+        }
+        dslots[i] = 0;
+    }
+    void dgrow() {
+        uint64_t live = dtotal - dhead;
+        if (dring.size() < dedup_retention && dtotal == dring.size()) {   // not wrapped yet: grow in place
+            dring.resize(std::min<uint64_t>(std::max<uint64_t>(dring.size() * 2, 1024), dedup_retention));
+        }
+        if ((live + 1) * 2 > dslots.size()) {
+            uint64_t n = 2048;
+            while (n < (live + 1) * 2 || n < 2 * std::min<uint64_t>(dring.size(), dedup_retention)) n <<= 1;
+            dslots.assign(n, 0); dmask = n - 1;
+            for (uint64_t a = dhead; a < dtotal; a++) dslot_put(a & (dring.size() - 1), dentry(a).id);
+        }
+    }
+    void remember(u128 id, const Dedup& d) {
+        if (dtotal - dhead >= dedup_retention) {           // evict the oldest
+            DedupEntry& old = dentry(dhead);
+            dslot_erase(dhead & (dring.size() - 1), old.id);
+            if (old.d.kind == K_BATCH_BALANCE) batch_deltas.erase(old.id);
+            dhead++;
+        }
+        if (dtotal - dhead >= dring.size() || dslots.empty() || (dtotal - dhead + 1) * 2 > dslots.size()) dgrow();
+        uint64_t idx = dtotal & (dring.size() - 1);
+        dring[idx].id = id; dring[idx].d = d;
+        dslot_put(idx, id);
+        dtotal++;
     }
     void txn_finished(u128 txn) {
         finished_txns.push_back(txn);
@@ -303,10 +359,31 @@ class Core {
     // ------------------------------------------------------------------------------ apply batch
     // The batch must have passed validate() and the caller must have grown the account storage for
     // every CREATE_ACCOUNT record in it. One result record per op record.
+    // Random access into 100+ MB of accounts dominates: prefetch the hash slots of the records
+    // PREFETCH_FAR ahead and, once those are cached, the account records PREFETCH_NEAR ahead.
+    static const uint64_t PREFETCH_FAR = 16, PREFETCH_NEAR = 8;
+    void prefetch_slots(const OpRec& o) const {
+        prefetch(&slots[hmix(ld_u(o.account_id)) & slot_mask]);
+        if (o.kind == K_TRANSFER) prefetch(&slots[hmix(ld_u(o.other_id)) & slot_mask]);
+        if (!dslots.empty()) prefetch(&dslots[hmix(ld_u(o.dedup_id)) & dmask]);
+    }
+    void prefetch_account(u128 id) const {
+        uint32_t s = slots[hmix(id) & slot_mask];
+        if (s) { const char* p = (const char*)&acc[s - 1]; prefetch(p); prefetch(p + 64); }
+    }
+    void prefetch_accounts(const OpRec& o) const {
+        prefetch_account(ld_u(o.account_id));
+        if (o.kind == K_TRANSFER) prefetch_account(ld_u(o.other_id));
+    }
     void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) {
         uint64_t i = 0;
+        for (uint64_t r = 0; r < n && r < PREFETCH_FAR; r++) prefetch_slots(ops[r]);
         while (i < n) {
             const OpRec* o = &ops[i];
+            if (i + PREFETCH_FAR < n) prefetch_slots(ops[i + PREFETCH_FAR]);
+            if (dtotal - dhead >= dedup_retention)    // the slot the next evictions will clear
+                prefetch(&dslots[hmix(dentry(dhead + PREFETCH_FAR).id) & dmask]);
+            if (i + PREFETCH_NEAR < n) prefetch_accounts(ops[i + PREFETCH_NEAR]);
             uint64_t g = o->group_size;
             uint64_t seq = 0;
             bool dup = false;
@@ -323,11 +400,11 @@ class Core {
     uint16_t command(const OpRec* o, uint64_t g, uint64_t ts, uint64_t* seq_out, bool* dup) {
         u128 did = ld_u(o->dedup_id);
         if (did == 0) return INVALID_ID;
-        auto it = dedup.find(did);
-        if (it != dedup.end()) {
-            if (it->second.flags & D_NULL_COMPENSATED) return ORIGINAL_COMPENSATED;  // refused, not a dup
-            *dup = true; *seq_out = it->second.seq;
-            return it->second.code;
+        const Dedup* seen = dfind(did);
+        if (seen) {
+            if (seen->flags & D_NULL_COMPENSATED) return ORIGINAL_COMPENSATED;  // refused, not a dup
+            *dup = true; *seq_out = seen->seq;
+            return seen->code;
         }
         Dedup d; memset(&d, 0, sizeof d);
         d.kind = o->kind;
@@ -655,8 +732,8 @@ class Core {
     uint16_t compensate(const OpRec* o, uint64_t seq, uint64_t ts) {
         u128 orig = ld_u(o->other_id);
         if (orig == 0 || orig == ld_u(o->dedup_id)) return INVALID_ID;
-        auto it = dedup.find(orig);
-        if (it == dedup.end()) {
+        Dedup* found = dfind(orig);
+        if (!found) {
             // never seen: remember it so the original is refused if it arrives later
             Dedup m; memset(&m, 0, sizeof m);
             m.kind = K_COMPENSATE; m.code = ORIGINAL_COMPENSATED; m.flags = D_NULL_COMPENSATED; m.seq = seq;
@@ -664,7 +741,7 @@ class Core {
             ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0); ev_end(seq);
             return NULL_COMPENSATED;
         }
-        Dedup& d = it->second;
+        Dedup& d = *found;
         if (d.flags & (D_COMPENSATED | D_NULL_COMPENSATED)) return ORIGINAL_COMPENSATED;
         if (d.code != OK) {                       // the original changed nothing: nothing to undo
             d.flags |= D_COMPENSATED;
@@ -703,11 +780,11 @@ class Core {
     }
     bool events_range(uint64_t first, uint64_t last, uint64_t* pos_first, uint64_t* pos_end) const {
         if (first < seq_first_live || last > last_seq || first > last || first == 0) return false;
-        *pos_first = seq_pos[first % seq_pos.size()];
-        *pos_end = last == last_seq ? ev_total : seq_pos[(last + 1) % seq_pos.size()];
+        *pos_first = seq_pos[first & (seq_pos.size() - 1)];
+        *pos_end = last == last_seq ? ev_total : seq_pos[(last + 1) & (seq_pos.size() - 1)];
         return true;
     }
-    const EvRec& event_at(uint64_t pos) const { return ev[pos % ev.size()]; }
+    const EvRec& event_at(uint64_t pos) const { return ev[pos & (ev.size() - 1)]; }
 
     // Byte-level views for the Python wrapper (it never sees __int128).
     struct AccountView {
@@ -764,10 +841,9 @@ class Core {
     void copy_events(uint64_t first, uint64_t last, EvRec* out) const {
         uint64_t a, b;
         if (!events_range(first, last, &a, &b)) return;
-        for (uint64_t p = a; p < b; p++) out[p - a] = ev[p % ev.size()];
+        for (uint64_t p = a; p < b; p++) out[p - a] = ev[p & (ev.size() - 1)];
     }
     int64_t find_bytes(const unsigned char* id) const { return find(ld_u(id)); }
-    uint64_t dedup_size() const { return dedup.size(); }
 
     // ------------------------------------------------------------------------ snapshot / restore
     // A canonical byte serialization of the whole state (independent of hash-table capacity and of
@@ -779,9 +855,10 @@ class Core {
         put(s, dedup_retention); put(s, event_retention); put(s, last_seq);
         put(s, (uint64_t)acc_count);
         s.append((const char*)acc, (size_t)acc_count * sizeof(Account));
-        put(s, (uint64_t)dedup_fifo.size());
-        for (const u128& id : dedup_fifo) {
-            const Dedup& d = dedup.at(id);
+        put(s, dedup_size());
+        for (uint64_t a = dhead; a < dtotal; a++) {
+            const u128 id = dentry(a).id;
+            const Dedup& d = dentry(a).d;
             put(s, id); put(s, d.seq); put(s, d.code); put(s, d.kind); put(s, d.flags);
             put(s, d.from_idx); put(s, d.to_idx); put(s, d.amount);
             auto b = batch_deltas.find(id);
@@ -806,9 +883,9 @@ class Core {
         for (const u128& id : finished_txns) { put(s, id); put(s, txns.at(id).state); }
         // events still retained
         put(s, seq_first_live);
-        uint64_t pos0 = seq_first_live <= last_seq ? seq_pos[seq_first_live % seq_pos.size()] : ev_total;
+        uint64_t pos0 = seq_first_live <= last_seq ? seq_pos[seq_first_live & (seq_pos.size() - 1)] : ev_total;
         put(s, ev_total - pos0);
-        for (uint64_t p = pos0; p < ev_total; p++) put(s, ev[p % ev.size()]);
+        for (uint64_t p = pos0; p < ev_total; p++) put(s, ev[p & (ev.size() - 1)]);
         return s;
     }
 
@@ -844,8 +921,9 @@ class Core {
                 for (auto& sp : v) if (!get(p, end, &sp.idx) || !get(p, end, &sp.amount) || sp.idx >= acc_count) return "bad batch deltas";
                 batch_deltas[id] = std::move(v);
             }
-            if (dedup.count(id)) return "duplicate dedup id";
-            dedup[id] = d; dedup_fifo.push_back(id);
+            if (dfind(id)) return "duplicate dedup id";
+            if (dedup_size() >= dedup_retention) return "more dedup entries than the retention";
+            remember(id, d);
         }
         if (!get(p, end, &n)) return "truncated reservations";
         for (uint64_t k = 0; k < n; k++) {
@@ -884,7 +962,7 @@ class Core {
         uint64_t prev = 0;
         for (uint64_t k = 0; k < nev; k++) {
             memcpy(&ev[k], p, sizeof(EvRec)); p += sizeof(EvRec);
-            if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num % cap] = k; prev = ev[k].seq_num; }
+            if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num & (cap - 1)] = k; prev = ev[k].seq_num; }
         }
         return nullptr;
     }
