@@ -57,6 +57,9 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         unsigned char reserved[16]
         unsigned char pending_in[16]
         unsigned char pending_out[16]
+        int64_t reserved_carry
+        int64_t pending_in_carry
+        int64_t pending_out_carry
         uint64_t version
         char currency[9]
         uint8_t state
@@ -80,7 +83,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         void attach(void* accounts, uint32_t capacity, uint32_t* slots, uint64_t nslots)
         void reservations_of(const unsigned char* id, vector[KV]& out) except +
         void pending_of(const unsigned char* id, vector[KV]& out) except +
-        void totals(const char* currency8, KV* avail_reserved, KV* pending)
+        void totals(const char* currency8, unsigned char* lo4x16, int64_t* carry4)
         string serialize() except +
         const char* deserialize(const char* p, const char* end) except +
         bint view(const unsigned char* id, AccountView* v)

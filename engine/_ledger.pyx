@@ -528,7 +528,7 @@ cdef class Ledger:
             "currency": (<bytes>v.currency).decode("ascii"),
             "state": _STATES[v.state],
             "available": _get_i128(v.available),
-            "reserved": _get_i128(v.reserved),
+            "reserved": _get_i128(v.reserved) + ((<object>v.reserved_carry) << 128),
             "reservations": reservations,
             "pending_in": pending_in,
             "pending_out": pending_out,
@@ -539,11 +539,12 @@ cdef class Ledger:
 
     def totals(self, currency):
         """Sums over the accounts of one currency: available, reserved, pending_in, pending_out."""
-        cdef KV a, p
+        cdef unsigned char lo[64]
+        cdef int64_t carry[4]
         cdef bytes cur = _currency(currency)
-        self.core.totals(<char*>cur, &a, &p)
-        return {"available": _get_i128(a.a), "reserved": _get_i128(a.b),
-                "pending_in": _get_i128(p.a), "pending_out": _get_i128(p.b)}
+        self.core.totals(<char*>cur, lo, carry)
+        names = ("available", "reserved", "pending_in", "pending_out")
+        return {names[i]: _get_i128(lo + 16 * i) + ((<object>carry[i]) << 128) for i in range(4)}
 
     def events(self, first_seq, last_seq):
         """The event records of seqs ``first_seq..last_seq`` (inclusive), all parts of each, in order.

@@ -110,6 +110,13 @@ static inline uint64_t hmix(u128 k) {
 }
 struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
 
+// A sum of i128 values that may not fit in i128 (e.g. many large reservations): value = lo + carry * 2^128.
+struct Wide {
+    i128 lo = 0;
+    int64_t carry = 0;
+    void add(i128 v) { i128 r; if (__builtin_add_overflow(lo, v, &r)) carry += v > 0 ? 1 : -1; lo = r; }
+};
+
 // What the dedup table remembers of a command: enough to answer a retry and to undo a transfer.
 enum DedupFlag : uint8_t { D_COMPENSATED = 1, D_NULL_COMPENSATED = 2 };
 struct Dedup {
@@ -252,12 +259,6 @@ class Core {
         if (!(a.flags & A_LOWER_UNBOUNDED) && v < a.lower) return false;
         if (!(a.flags & A_UPPER_UNBOUNDED) && v > a.upper) return false;
         return true;
-    }
-    i128 pending_in_total(uint32_t idx) const {
-        i128 t = 0;
-        for (auto it = pending.lower_bound(IdxKey(idx, 0)); it != pending.end() && it->first.first == idx; ++it)
-            t += it->second.in;
-        return t;
     }
     uint64_t dedup_size() const { return dtotal - dhead; }
     DedupEntry& dentry(uint64_t abs) { return dring[abs & (dring.size() - 1)]; }
@@ -656,21 +657,28 @@ class Core {
         // per account: available after the outgoing specs (lower limit), and
         // available + all pending_in + this try's incoming (upper limit)
         scratch.clear();
-        std::vector<i128> incoming;
+        std::vector<i128> incoming, outgoing;
         for (auto& s : specbuf) {
             size_t j = 0;
             while (j < scratch.size() && scratch[j].first != s.idx) j++;
-            if (j == scratch.size()) { scratch.emplace_back(s.idx, acc[s.idx].available); incoming.push_back(0); }
-            if (s.amount < 0) { if (__builtin_add_overflow(scratch[j].second, s.amount, &scratch[j].second)) return OVERFLOW; }
-            else if (__builtin_add_overflow(incoming[j], s.amount, &incoming[j])) return OVERFLOW;
+            if (j == scratch.size()) {
+                scratch.emplace_back(s.idx, acc[s.idx].available); incoming.push_back(0); outgoing.push_back(0);
+            }
+            if (s.amount < 0) {
+                if (__builtin_add_overflow(scratch[j].second, s.amount, &scratch[j].second) ||
+                    __builtin_sub_overflow(outgoing[j], s.amount, &outgoing[j])) return OVERFLOW;
+            } else if (__builtin_add_overflow(incoming[j], s.amount, &incoming[j])) return OVERFLOW;
         }
         for (size_t j = 0; j < scratch.size(); j++) {
             const Account& a = acc[scratch[j].first];
             if (!(a.flags & A_LOWER_UNBOUNDED) && scratch[j].second < a.lower) return BALANCE_LIMIT_EXCEEDED;
-            i128 top;
-            if (__builtin_add_overflow(a.available, pending_in_total(scratch[j].first), &top) ||
-                __builtin_add_overflow(top, incoming[j], &top)) return OVERFLOW;
-            if (!(a.flags & A_UPPER_UNBOUNDED) && top > a.upper) return BALANCE_LIMIT_EXCEEDED;
+            Wide top;                       // available + every pending_in + this try's incoming
+            top.add(a.available);
+            for (auto it = pending.lower_bound(IdxKey(scratch[j].first, 0));
+                 it != pending.end() && it->first.first == scratch[j].first; ++it) top.add(it->second.in);
+            top.add(incoming[j]);
+            if (top.carry != 0) return OVERFLOW;
+            if (!(a.flags & A_UPPER_UNBOUNDED) && top.lo > a.upper) return BALANCE_LIMIT_EXCEEDED;
         }
         for (auto& p : scratch) acc[p.first].version++;
         Txn& t = txns[txn];
@@ -772,12 +780,6 @@ class Core {
     }
 
     // ----------------------------------------------------------------------------- inspection
-    i128 reserved_total(uint32_t idx) const {
-        i128 t = 0;
-        for (auto it = reservations.lower_bound(IdxKey(idx, 0)); it != reservations.end() && it->first.first == idx; ++it)
-            t += it->second;
-        return t;
-    }
     bool events_range(uint64_t first, uint64_t last, uint64_t* pos_first, uint64_t* pos_end) const {
         if (first < seq_first_live || last > last_seq || first > last || first == 0) return false;
         *pos_first = seq_pos[first & (seq_pos.size() - 1)];
@@ -789,6 +791,7 @@ class Core {
     // Byte-level views for the Python wrapper (it never sees __int128).
     struct AccountView {
         unsigned char id[16], available[16], lower[16], upper[16], reserved[16], pending_in[16], pending_out[16];
+        int64_t reserved_carry, pending_in_carry, pending_out_carry;   // sums wider than 128 bits
         uint64_t version; char currency[9]; uint8_t state, flags; uint32_t open_items;
     };
     struct KV { unsigned char key[16], a[16], b[16]; };
@@ -798,12 +801,14 @@ class Core {
         const Account& a = acc[k];
         memset(v, 0, sizeof *v);
         st_u(v->id, a.id); st_i(v->available, a.available); st_i(v->lower, a.lower); st_i(v->upper, a.upper);
-        st_i(v->reserved, reserved_total((uint32_t)k));
-        i128 pin = 0, pout = 0;
+        Wide rs, pin, pout;
+        for (auto it = reservations.lower_bound(IdxKey((uint32_t)k, 0)); it != reservations.end() && it->first.first == (uint32_t)k; ++it)
+            rs.add(it->second);
         for (auto it = pending.lower_bound(IdxKey((uint32_t)k, 0)); it != pending.end() && it->first.first == (uint32_t)k; ++it) {
-            pin += it->second.in; pout += it->second.out;
+            pin.add(it->second.in); pout.add(it->second.out);
         }
-        st_i(v->pending_in, pin); st_i(v->pending_out, pout);
+        st_i(v->reserved, rs.lo); st_i(v->pending_in, pin.lo); st_i(v->pending_out, pout.lo);
+        v->reserved_carry = rs.carry; v->pending_in_carry = pin.carry; v->pending_out_carry = pout.carry;
         v->version = a.version; memcpy(v->currency, a.currency, 8); v->state = a.state; v->flags = a.flags;
         v->open_items = a.open_items;
         return true;
@@ -824,14 +829,14 @@ class Core {
             KV kv; st_u(kv.key, it->first.second); st_i(kv.a, it->second.in); st_i(kv.b, it->second.out); out.push_back(kv);
         }
     }
-    // Sums over the accounts of one currency: available, reserved, pending_in, pending_out.
-    void totals(const char* currency8, KV* out_avail_reserved, KV* out_pending) const {
-        i128 av = 0, rs = 0, pin = 0, pout = 0;
-        for (uint32_t k = 0; k < acc_count; k++) if (memcmp(acc[k].currency, currency8, 8) == 0) av += acc[k].available;
-        for (auto& r : reservations) if (memcmp(acc[r.first.first].currency, currency8, 8) == 0) rs += r.second;
-        for (auto& p : pending) if (memcmp(acc[p.first.first].currency, currency8, 8) == 0) { pin += p.second.in; pout += p.second.out; }
-        st_i(out_avail_reserved->a, av); st_i(out_avail_reserved->b, rs);
-        st_i(out_pending->a, pin); st_i(out_pending->b, pout);
+    // Sums over the accounts of one currency: available, reserved, pending_in, pending_out, each as
+    // (low 128 bits, carry) because a sum of i128 balances need not fit in 128 bits.
+    void totals(const char* currency8, unsigned char* lo4x16, int64_t* carry4) const {
+        Wide w[4];
+        for (uint32_t k = 0; k < acc_count; k++) if (memcmp(acc[k].currency, currency8, 8) == 0) w[0].add(acc[k].available);
+        for (auto& r : reservations) if (memcmp(acc[r.first.first].currency, currency8, 8) == 0) w[1].add(r.second);
+        for (auto& p : pending) if (memcmp(acc[p.first.first].currency, currency8, 8) == 0) { w[2].add(p.second.in); w[3].add(p.second.out); }
+        for (int i = 0; i < 4; i++) { st_i(lo4x16 + 16 * i, w[i].lo); carry4[i] = w[i].carry; }
     }
     uint64_t event_count(uint64_t first, uint64_t last) const {
         uint64_t a, b;

@@ -1,0 +1,516 @@
+"""The Raft driver: one thread that owns the pure core, the LMDB log store and the ZeroMQ transport, and gives
+them a real clock.
+
+Loop (one iteration; everything below runs on the driver thread only):
+1. wait on a zmq.Poller for peer messages (the transport's ROUTER) or a wake-up (an eventfd written by
+   other threads after they queue a command), at most until the next tick is due;
+2. feed the core: peer messages (``step``), queued commands (``propose``, ``read_index``, ...) and due ticks;
+3. drain ``ready()`` until it is empty, each time in this order:
+   a. persist: incoming snapshot + entries + hard state in ONE LMDB write transaction (one fsync), then tell
+      the core (``persisted``) -- messages that depend on this state are only released by the core after it;
+   b. send the messages the core released (they are already filtered by persist-before-acknowledge);
+   c. install an incoming snapshot into the app (``restore``), apply committed entries (``apply``), resolve
+      proposal futures by (index, term), and serve ReadIndex requests whose index is now applied;
+   d. take an app snapshot and compact log + core when the log grew past ``snapshot_threshold_entries``.
+
+Other threads use ``propose`` / ``read_index`` / ``transfer_leadership`` / ``status``: they enqueue a
+command in a bounded deque and write the eventfd; results come back as ``concurrent.futures.Future``.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import zmq
+
+from engine.raft import messages as _msg
+from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore
+from engine.raft.transport import Transport
+
+log = logging.getLogger(__name__)
+
+# --- named limits -----------------------------------------------------------------------------------
+PENDING_PROPOSALS_MAX = 200_000      # proposals accepted but not yet applied
+PENDING_READS_MAX = 10_000
+COMMANDS_PER_ITERATION_MAX = 20_000  # commands moved into the core per loop iteration (bounds latency)
+READY_ROUNDS_PER_ITERATION_MAX = 64
+
+
+class RaftDriverError(Exception):
+    pass
+
+
+class NotLeader(RaftDriverError):
+    """This replica is not the leader; retry at ``leader_id`` (``address`` is its Raft address) if known."""
+
+    def __init__(self, leader_id: int | None, address: str | None) -> None:
+        super().__init__(f"not the leader; leader is {leader_id} at {address}")
+        self.leader_id = leader_id
+        self.address = address
+
+
+class ProposalDropped(RaftDriverError):
+    """The proposal's log slot was taken by another leader's entry: it was NOT applied (safe to retry)."""
+
+
+class OutcomeUnknown(RaftDriverError):
+    """The replica lost track of the proposal (a snapshot replaced the log, or the driver stopped): it may
+    or may not have been applied. Retry with the same dedup id."""
+
+
+class Overloaded(RaftDriverError):
+    pass
+
+
+@dataclass
+class DriverConfig:
+    tick_interval_ms: int = 10
+    election_ticks: int = 30             # 300 ms: randomized by the core in [election, 2*election)
+    heartbeat_ticks: int = 3
+    snapshot_threshold_entries: int = 50_000   # applied entries past the last snapshot before a new one
+    snapshot_keep_entries: int = 5_000         # entries kept below the snapshot for slow followers
+    read_timeout_ms: int = 2_000
+    sync: bool = True
+    map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
+    seed: int | None = None              # the core's randomness (election timeouts); None -> from os.urandom
+    core_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not 1 <= self.tick_interval_ms <= 1000:
+            raise ValueError(f"tick_interval_ms={self.tick_interval_ms} outside 1..1000")
+        if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
+            raise ValueError("election_ticks must exceed 2 * heartbeat_ticks >= 2")
+        if self.snapshot_keep_entries >= self.snapshot_threshold_entries:
+            raise ValueError("snapshot_keep_entries must be below snapshot_threshold_entries")
+
+
+ApplyFn = Callable[[Sequence[Any]], Sequence[Any]]
+SnapshotFn = Callable[[], bytes]
+RestoreFn = Callable[[bytes], None]
+
+
+class RaftDriver:
+    """One Raft replica with a real clock. ``peers`` maps every member id (this one included) to its Raft
+    address (``tcp://host:port``); this replica binds its own entry."""
+
+    def __init__(self, node_id: int, peers: dict[int, str], data_dir: str, *, apply: ApplyFn,
+                 snapshot: SnapshotFn, restore: RestoreFn, config: DriverConfig | None = None) -> None:
+        if node_id not in peers:
+            raise ValueError(f"peers must include this replica's own address (id {node_id})")
+        self.config = config or DriverConfig()
+        self.config.validate()
+        self.node_id = node_id
+        self._peers = dict(peers)
+        self._data_dir = data_dir
+        self._apply_fn = apply
+        self._snapshot_fn = snapshot
+        self._restore_fn = restore
+        self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._pending_count = 0          # proposals queued or in flight (approximate across threads)
+        self._pending_lock = threading.Lock()
+        self._status: dict[str, Any] = {"role": "starting", "term": 0, "leader": None, "commit": 0,
+                                        "applied": 0, "last_index": 0, "node_id": node_id}
+        self._read_ids = itertools.count(1)
+
+    # --- public API (any thread) --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RaftDriverError("already started")
+        self._thread = threading.Thread(target=self._run, name=f"raft-{self.node_id}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise RaftDriverError(f"raft replica {self.node_id} failed to start") from self._start_error
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+    def propose(self, data: bytes) -> Future:
+        """Future resolving to the app's apply result once the entry is committed and applied here; fails
+        with NotLeader, ProposalDropped, OutcomeUnknown or Overloaded."""
+        return self.propose_many([data])[0]
+
+    def propose_many(self, datas: Sequence[bytes]) -> list[Future]:
+        futures = [Future() for _ in datas]
+        with self._pending_lock:
+            if self._pending_count + len(datas) > PENDING_PROPOSALS_MAX:
+                for f in futures:
+                    f.set_exception(Overloaded(f"PENDING_PROPOSALS_MAX={PENDING_PROPOSALS_MAX} reached"))
+                return futures
+            self._pending_count += len(datas)
+        self._commands.append(("propose", list(datas), futures))
+        self._wake()
+        return futures
+
+    def read_index(self) -> Future:
+        """Future resolving (to the read index) once this replica has applied everything committed at the
+        time of the request, as confirmed by a quorum: a linearizable read may then use the local state."""
+        fut: Future = Future()
+        self._commands.append(("read", fut))
+        self._wake()
+        return fut
+
+    def transfer_leadership(self, target: int) -> Future:
+        fut: Future = Future()
+        self._commands.append(("transfer", target, fut))
+        self._wake()
+        return fut
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
+    # --- driver thread -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        fd = self._wake_fd
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self._store = LogStore(self._data_dir, sync=cfg.sync, map_size_bytes=cfg.map_size_bytes)
+        hard_state, snapshot_meta, entries = self._store.initial_state()
+        self._applied = 0
+        if snapshot_meta is not None:
+            snap = self._store.snapshot()
+            assert snap is not None
+            self._restore_fn(snap[1])
+            self._applied = snapshot_meta.index
+        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._core = _make_core(self.node_id, list(self._peers), cfg, seed, hard_state, snapshot_meta, entries)
+        self._ctx = zmq.Context()
+        others = {pid: addr for pid, addr in self._peers.items() if pid != self.node_id}
+        self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
+        self._poller = zmq.Poller()
+        self._poller.register(self._transport.socket, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._proposals: dict[int, tuple[int, Future]] = {}   # index -> (term, future)
+        self._reads_waiting_quorum: dict[bytes, tuple[float, Future]] = {}
+        self._reads_waiting_apply: list[tuple[int, Future]] = []
+        self._snapshot_index = snapshot_meta.index if snapshot_meta is not None else 0
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as exc:  # report to start(); the thread ends
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        tick_s = self.config.tick_interval_ms / 1000.0
+        next_tick = time.monotonic() + tick_s
+        try:
+            while not self._stop.is_set():
+                timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
+                events = dict(self._poller.poll(timeout_ms))
+                if self._wake_fd in events:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                for msg in self._transport.recv_batch():
+                    self._core.step(msg)
+                self._drain_commands()
+                now = time.monotonic()
+                ticks = 0
+                while now >= next_tick and ticks < 100:
+                    self._core.tick()
+                    next_tick += tick_s
+                    ticks += 1
+                if now >= next_tick:         # we were paused for long: do not replay hundreds of ticks
+                    next_tick = now + tick_s
+                if ticks:
+                    self._expire_reads(now)
+                self._process_ready()
+        except BaseException:
+            log.exception("raft driver %d crashed", self.node_id)
+            raise
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        err = OutcomeUnknown("raft driver stopped")
+        for _, fut in self._proposals.values():
+            _fail(fut, err)
+        self._proposals.clear()
+        while self._commands:
+            cmd = self._commands.popleft()
+            for fut in (cmd[2] if cmd[0] == "propose" else [cmd[-1]]):
+                _fail(fut, err)
+        for _, fut in self._reads_waiting_quorum.values():
+            _fail(fut, err)
+        for _, fut in self._reads_waiting_apply:
+            _fail(fut, err)
+        self._transport.close()
+        self._ctx.term()
+        self._store.close()
+        self._status = dict(self._status, role="stopped")
+
+    def _leader_error(self) -> NotLeader:
+        leader = _core_leader(self._core)
+        return NotLeader(leader, self._peers.get(leader) if leader is not None else None)
+
+    def _drain_commands(self) -> None:
+        core = self._core
+        moved = 0
+        while self._commands and moved < COMMANDS_PER_ITERATION_MAX:
+            cmd = self._commands.popleft()
+            kind = cmd[0]
+            if kind == "propose":
+                datas, futures = cmd[1], cmd[2]
+                moved += len(datas)
+                if not _core_is_leader(core):
+                    err = self._leader_error()
+                    self._release(len(datas))
+                    for fut in futures:
+                        _fail(fut, err)
+                    continue
+                for data, fut in zip(datas, futures):
+                    try:
+                        index, term = _core_propose(core, data)
+                    except Exception as exc:
+                        self._release(1)
+                        _fail(fut, exc if isinstance(exc, RaftDriverError) else self._leader_error()
+                              if _is_not_leader(exc) else exc)
+                        continue
+                    self._proposals[index] = (term, fut)
+            elif kind == "read":
+                fut = cmd[1]
+                moved += 1
+                if len(self._reads_waiting_quorum) + len(self._reads_waiting_apply) >= PENDING_READS_MAX:
+                    _fail(fut, Overloaded(f"PENDING_READS_MAX={PENDING_READS_MAX} reached"))
+                    continue
+                ctx = next(self._read_ids).to_bytes(8, "big")
+                try:
+                    core.read_index(ctx)
+                except Exception as exc:
+                    _fail(fut, self._leader_error() if _is_not_leader(exc) else exc)
+                    continue
+                self._reads_waiting_quorum[ctx] = (time.monotonic(), fut)
+            elif kind == "transfer":
+                target, fut = cmd[1], cmd[2]
+                moved += 1
+                try:
+                    core.transfer_leadership(target)
+                    fut.set_result(None)
+                except Exception as exc:
+                    _fail(fut, exc)
+
+    def _release(self, n: int) -> None:
+        with self._pending_lock:
+            self._pending_count -= n
+
+    def _expire_reads(self, now: float) -> None:
+        limit = self.config.read_timeout_ms / 1000.0
+        expired = [ctx for ctx, (t0, _) in self._reads_waiting_quorum.items() if now - t0 > limit]
+        for ctx in expired:
+            _, fut = self._reads_waiting_quorum.pop(ctx)
+            _fail(fut, self._leader_error())
+
+    def _process_ready(self) -> None:
+        core = self._core
+        store = self._store
+        transport = self._transport
+        for _ in range(READY_ROUNDS_PER_ITERATION_MAX):
+            rd = core.ready()
+            snapshot = getattr(rd, "snapshot", None)
+            entries = rd.entries or ()
+            hard_state = rd.hard_state
+            messages = rd.messages or ()
+            committed = rd.committed_entries or ()
+            read_states = getattr(rd, "read_states", None) or ()
+            if not (snapshot or entries or hard_state or messages or committed or read_states):
+                break
+            # (a) persist first: one write transaction, one fsync
+            if snapshot is not None or entries or hard_state is not None:
+                snap_arg = _snapshot_pair(snapshot)
+                store.save(hard_state=hard_state, entries=entries, snapshot=snap_arg)
+                if entries or snapshot is not None:
+                    core.persisted(store.last_index, store.last_term)
+                else:
+                    core.persisted(store.last_index, store.last_term)
+            # (b) messages released by the core
+            for msg in messages:
+                transport.send(msg)
+            # (c) state machine
+            if snapshot is not None:
+                meta, data = snap_arg
+                self._restore_fn(data)
+                self._applied = meta.index
+                self._snapshot_index = meta.index
+                self._fail_proposals_upto(meta.index, OutcomeUnknown("a snapshot replaced the log"))
+            if committed:
+                self._apply(committed)
+            for rs in read_states:
+                ctx, index = _read_state(rs)
+                waiting = self._reads_waiting_quorum.pop(ctx, None)
+                if waiting is not None:
+                    self._reads_waiting_apply.append((index, waiting[1]))
+            if self._reads_waiting_apply:
+                still = []
+                for index, fut in self._reads_waiting_apply:
+                    if index <= self._applied:
+                        if not fut.done():
+                            fut.set_result(index)
+                    else:
+                        still.append((index, fut))
+                self._reads_waiting_apply = still
+        self._maybe_snapshot()
+        self._update_status()
+
+    def _apply(self, committed: Sequence[Any]) -> None:
+        normal = [e for e in committed if _is_normal(e)]
+        results = self._apply_fn(normal) if normal else ()
+        if len(results) != len(normal):
+            raise RaftDriverError(f"apply returned {len(results)} results for {len(normal)} entries")
+        by_index = dict(zip((e.index for e in normal), results))
+        proposals = self._proposals
+        resolved = 0
+        for e in committed:
+            assert e.index == self._applied + 1, f"apply gap: applied {self._applied}, next {e.index}"
+            self._applied = e.index
+            waiting = proposals.pop(e.index, None)
+            if waiting is None:
+                continue
+            resolved += 1
+            term, fut = waiting
+            if e.term == term:
+                fut.set_result(by_index.get(e.index))
+            else:
+                _fail(fut, ProposalDropped(f"entry {e.index} was replaced by term {e.term}"))
+        if resolved:
+            self._release(resolved)
+
+    def _fail_proposals_upto(self, index: int, err: Exception) -> None:
+        gone = [i for i in self._proposals if i <= index]
+        for i in gone:
+            _fail(self._proposals.pop(i)[1], err)
+        if gone:
+            self._release(len(gone))
+
+    def _maybe_snapshot(self) -> None:
+        cfg = self.config
+        if self._applied - self._snapshot_index < cfg.snapshot_threshold_entries:
+            return
+        index = self._applied
+        data = self._snapshot_fn()
+        term = self._store.term(index)
+        meta = _snapshot_meta(self._core, index, term)
+        self._store.save_snapshot(meta, data)
+        self._store.compact(max(0, index - cfg.snapshot_keep_entries))
+        _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
+        self._snapshot_index = index
+
+    def _update_status(self) -> None:
+        core = self._core
+        self._status = {
+            "node_id": self.node_id,
+            "role": _core_role(core),
+            "term": _core_term(core),
+            "leader": _core_leader(core),
+            "commit": _core_commit(core),
+            "applied": self._applied,
+            "last_index": self._store.last_index,
+            "snapshot_index": self._snapshot_index,
+            "pending_proposals": len(self._proposals),
+            "transport": dict(self._transport.stats),
+        }
+
+
+def _fail(fut: Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+# --- adapter to the pure core (engine/raft/core.py) -------------------------------------------------
+# Everything the driver needs from the core goes through these functions, so an interface change in the
+# core is absorbed here.
+
+def _make_core(node_id: int, members: list[int], cfg: DriverConfig, seed: int, hard_state: Any,
+               snapshot_meta: Any, entries: list[Any]) -> Any:
+    from engine.raft import core as core_mod
+    config_type = getattr(core_mod, "RaftConfig", None) or getattr(core_mod, "Config")
+    options = dict(election_ticks=cfg.election_ticks, heartbeat_ticks=cfg.heartbeat_ticks)
+    options.update(cfg.core_options)
+    config = config_type(**options)
+    return core_mod.RaftCore(node_id, config, hard_state=hard_state, snapshot_meta=snapshot_meta,
+                             entries=entries, members=members, rng=random.Random(seed))
+
+
+def _core_is_leader(core: Any) -> bool:
+    return _core_role(core) == "leader"
+
+
+def _core_role(core: Any) -> str:
+    role = core.role
+    return getattr(role, "name", str(role)).lower()
+
+
+def _core_term(core: Any) -> int:
+    return core.term
+
+
+def _core_leader(core: Any) -> int | None:
+    return core.leader_id
+
+
+def _core_commit(core: Any) -> int:
+    return core.commit_index
+
+
+def _core_propose(core: Any, data: bytes) -> tuple[int, int]:
+    index = core.propose(data)
+    return index, core.term
+
+
+def _is_not_leader(exc: Exception) -> bool:
+    return type(exc).__name__ in ("NotLeader", "NotLeaderError")
+
+
+def _core_compact(core: Any, meta: Any, data: bytes, keep_from: int) -> None:
+    core.compact(meta, data)
+
+
+def _snapshot_meta(core: Any, index: int, term: int) -> Any:
+    return _msg.SnapshotMeta(index=index, term=term, config=core.config_at(index))
+
+
+def _snapshot_pair(snapshot: Any) -> tuple[Any, bytes] | None:
+    if snapshot is None:
+        return None
+    if isinstance(snapshot, tuple):
+        return snapshot
+    return snapshot.meta, snapshot.data
+
+
+def _read_state(rs: Any) -> tuple[bytes, int]:
+    if isinstance(rs, tuple):
+        return rs[0], rs[1]
+    return rs.ctx, rs.index
+
+
+def _is_normal(entry: Any) -> bool:
+    kind_type = getattr(_msg, "EntryKind", None)
+    normal = getattr(kind_type, "NORMAL", 0) if kind_type is not None else 0
+    return entry.kind == normal and len(entry.data) > 0

@@ -1,0 +1,369 @@
+"""A small, obviously-correct pure-Python model of the ledger's semantics (docs/ledger.md).
+
+Used by the stateful property test (every result and every account compared with the real ledger) and by
+the benchmark (the speed of the straightforward implementation, on the same commands). It keeps no
+retention windows: tests that use it stay below the ledger's dedup and event retention.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from engine.records import GROUP_SPECS_MAX, I128_MAX, I128_MIN, Code, Kind, State
+
+
+def _id(v) -> int:
+    return v.int if isinstance(v, uuid.UUID) else int(v)
+
+
+@dataclass
+class Account:
+    account_id: int
+    currency: str
+    lower_limit: int | None
+    upper_limit: int | None
+    state: State = State.NORMAL
+    available: int = 0
+    reservations: dict = field(default_factory=dict)
+    pending_in: dict = field(default_factory=dict)
+    pending_out: dict = field(default_factory=dict)
+    version: int = 1
+
+    def allows(self, value: int) -> bool:
+        return ((self.lower_limit is None or value >= self.lower_limit)
+                and (self.upper_limit is None or value <= self.upper_limit))
+
+    def as_dict(self) -> dict:
+        return {"account_id": self.account_id, "currency": self.currency, "state": self.state,
+                "available": self.available, "reserved": sum(self.reservations.values()),
+                "reservations": dict(self.reservations), "pending_in": dict(self.pending_in),
+                "pending_out": dict(self.pending_out), "lower_limit": self.lower_limit,
+                "upper_limit": self.upper_limit, "version": self.version}
+
+
+def _fits(v: int) -> bool:
+    return I128_MIN <= v <= I128_MAX
+
+
+@dataclass
+class ModelResult:
+    code: Code
+    duplicate: bool
+    seq_num: int
+
+
+class _Reject(Exception):
+    def __init__(self, code: Code):
+        self.code = code
+
+
+class ModelLedger:
+    def __init__(self) -> None:
+        self.accounts: dict[int, Account] = {}
+        self.dedup: dict[int, dict] = {}          # dedup_id -> {code, seq, kind, compensated, null, undo}
+        self.txns: dict[int, dict] = {}           # txn_id -> {state, specs}
+        self.last_seq = 0
+        self.event_parts: list[int] = []          # parts per seq
+
+    # --------------------------------------------------------------------------------------- engine
+    def _run(self, dedup_id, kind: Kind, fn) -> ModelResult:
+        did = _id(dedup_id)
+        if did == 0:
+            return ModelResult(Code.INVALID_ID, False, 0)
+        seen = self.dedup.get(did)
+        if seen is not None:
+            if seen["null"]:
+                return ModelResult(Code.ORIGINAL_COMPENSATED, False, 0)
+            return ModelResult(seen["code"], True, seen["seq"])
+        entry = {"code": Code.OK, "seq": 0, "kind": kind, "compensated": False, "null": False, "undo": None}
+        try:
+            parts, undo = fn(self.last_seq + 1)
+            code = Code.NULL_COMPENSATED if parts == "null" else Code.OK
+            self.last_seq += 1
+            self.event_parts.append(1 if parts == "null" else parts)
+            entry.update(code=code, seq=self.last_seq, undo=undo)
+        except _Reject as r:
+            entry["code"] = r.code
+        self.dedup[did] = entry
+        return ModelResult(entry["code"], False, entry["seq"])
+
+    def _acc(self, account_id) -> Account:
+        a = self.accounts.get(_id(account_id))
+        if a is None:
+            raise _Reject(Code.ACCOUNT_NOT_FOUND)
+        return a
+
+    @staticmethod
+    def _need(cond: bool, code: Code) -> None:
+        if not cond:
+            raise _Reject(code)
+
+    # ------------------------------------------------------------------------------ account management
+    def create_account(self, dedup_id, account_id, currency, lower_limit=0, upper_limit=None, *, timestamp=0):
+        def op(seq):
+            aid = _id(account_id)
+            self._need(aid != 0, Code.INVALID_ID)
+            self._need(aid not in self.accounts, Code.ACCOUNT_ALREADY_EXISTS)
+            self._need(lower_limit is None or lower_limit <= 0, Code.INVALID_LIMITS)
+            self._need(upper_limit is None or upper_limit >= 0, Code.INVALID_LIMITS)
+            self.accounts[aid] = Account(aid, currency, lower_limit, upper_limit)
+            return 1, None
+        return self._run(dedup_id, Kind.CREATE_ACCOUNT, op)
+
+    def _set_state(self, kind, dedup_id, account_id):
+        def op(seq):
+            a = self._acc(account_id)
+            if kind == Kind.LOCK_ACCOUNT:
+                self._need(a.state == State.NORMAL, Code.INVALID_STATE_TRANSITION)
+                a.state = State.LOCKED
+            elif kind == Kind.UNLOCK_ACCOUNT:
+                self._need(a.state == State.LOCKED, Code.INVALID_STATE_TRANSITION)
+                a.state = State.NORMAL
+            else:
+                self._need(a.state != State.DELETED, Code.INVALID_STATE_TRANSITION)
+                self._need(a.available == 0 and not a.reservations and not a.pending_in and not a.pending_out,
+                           Code.BALANCE_NOT_ZERO)
+                a.state = State.DELETED
+            a.version += 1
+            return 1, None
+        return self._run(dedup_id, kind, op)
+
+    def delete_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._set_state(Kind.DELETE_ACCOUNT, dedup_id, account_id)
+
+    def lock_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._set_state(Kind.LOCK_ACCOUNT, dedup_id, account_id)
+
+    def unlock_account(self, dedup_id, account_id, *, timestamp=0):
+        return self._set_state(Kind.UNLOCK_ACCOUNT, dedup_id, account_id)
+
+    def update_account_config(self, dedup_id, account_id, *, lower_limit=..., upper_limit=..., timestamp=0):
+        def op(seq):
+            a = self._acc(account_id)
+            self._need(a.state != State.DELETED, Code.INVALID_ACCOUNT_STATE)
+            lo = a.lower_limit if lower_limit is ... else lower_limit
+            hi = a.upper_limit if upper_limit is ... else upper_limit
+            self._need(lo is None or hi is None or lo <= hi, Code.INVALID_LIMITS)
+            self._need((lo is None or a.available >= lo) and (hi is None or a.available <= hi), Code.INVALID_LIMITS)
+            a.lower_limit, a.upper_limit = lo, hi
+            a.version += 1
+            return 1, None
+        return self._run(dedup_id, Kind.UPDATE_ACCOUNT_CONFIG, op)
+
+    # ------------------------------------------------------------------------------------ balances
+    def _apply_deltas(self, deltas: list[tuple[Account, int]]) -> None:
+        """All-or-nothing signed changes to available: overflow, then limits, on final balances."""
+        final: dict[int, int] = {}
+        for a, d in deltas:
+            v = final.get(a.account_id, a.available) + d
+            self._need(_fits(v), Code.OVERFLOW)
+            final[a.account_id] = v
+        for aid, v in final.items():
+            self._need(self.accounts[aid].allows(v), Code.BALANCE_LIMIT_EXCEEDED)
+        for aid, v in final.items():
+            self.accounts[aid].available = v
+            self.accounts[aid].version += 1
+
+    def transfer(self, dedup_id, from_account_id, to_account_id, amount, currency,
+                 expected_from_balance=None, expected_to_balance=None, *, timestamp=0):
+        def op(seq):
+            self._need(amount > 0, Code.INVALID_AMOUNT)
+            self._need(_id(from_account_id) != _id(to_account_id), Code.SAME_ACCOUNT)
+            f, t = self.accounts.get(_id(from_account_id)), self.accounts.get(_id(to_account_id))
+            self._need(f is not None and t is not None, Code.ACCOUNT_NOT_FOUND)
+            self._need(f.state == State.NORMAL and t.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
+            self._need(f.currency == currency and t.currency == currency, Code.CURRENCY_MISMATCH)
+            self._need(expected_from_balance is None or f.available == expected_from_balance, Code.PRECONDITION_FAILED)
+            self._need(expected_to_balance is None or t.available == expected_to_balance, Code.PRECONDITION_FAILED)
+            self._apply_deltas([(f, -amount), (t, amount)])
+            return 2, [(f.account_id, amount), (t.account_id, -amount)]
+        return self._run(dedup_id, Kind.TRANSFER, op)
+
+    def batch_balance_operation(self, dedup_id, specs, preconditions=(), *, timestamp=0):
+        specs, preconditions = list(specs), list(preconditions)
+
+        def op(seq):
+            self._need(len(specs) + len(preconditions) <= GROUP_SPECS_MAX, Code.BATCH_TOO_LARGE)
+            resolved = []
+            for aid, amount, cur in specs:
+                self._need(amount != 0, Code.INVALID_AMOUNT)
+                a = self._acc(aid)
+                self._need(a.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
+                self._need(a.currency == cur, Code.CURRENCY_MISMATCH)
+                resolved.append((a, amount))
+            self._need(bool(resolved), Code.INVALID_AMOUNT)
+            for aid, expected in preconditions:
+                self._need(self._acc(aid).available == expected, Code.PRECONDITION_FAILED)
+            self._apply_deltas(resolved)
+            return len(resolved), [(a.account_id, -amount) for a, amount in resolved]
+        return self._run(dedup_id, Kind.BATCH_BALANCE, op)
+
+    def reserve(self, dedup_id, account_id, reservation_id, amount, *, timestamp=0):
+        def op(seq):
+            rid = _id(reservation_id)
+            self._need(rid != 0, Code.INVALID_ID)
+            self._need(amount > 0, Code.INVALID_AMOUNT)
+            a = self._acc(account_id)
+            self._need(a.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
+            new_avail, new_res = a.available - amount, a.reservations.get(rid, 0) + amount
+            self._need(_fits(new_avail) and _fits(new_res), Code.OVERFLOW)
+            self._need(a.allows(new_avail), Code.BALANCE_LIMIT_EXCEEDED)
+            a.available, a.reservations[rid] = new_avail, new_res
+            a.version += 1
+            return 1, None
+        return self._run(dedup_id, Kind.RESERVE, op)
+
+    def release(self, dedup_id, account_id, reservation_id, amount=None, *, timestamp=0):
+        def op(seq):
+            rid = _id(reservation_id)
+            self._need(rid != 0, Code.INVALID_ID)
+            self._need(amount is None or amount > 0, Code.INVALID_AMOUNT)
+            a = self._acc(account_id)
+            self._need(a.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
+            self._need(rid in a.reservations, Code.RESERVATION_NOT_FOUND)
+            amt = a.reservations[rid] if amount is None else amount
+            self._need(amt <= a.reservations[rid], Code.RESERVATION_INSUFFICIENT)
+            new_avail = a.available + amt
+            self._need(_fits(new_avail), Code.OVERFLOW)
+            self._need(a.allows(new_avail), Code.BALANCE_LIMIT_EXCEEDED)
+            a.available = new_avail
+            a.reservations[rid] -= amt
+            if a.reservations[rid] == 0:
+                del a.reservations[rid]
+            a.version += 1
+            return 1, None
+        return self._run(dedup_id, Kind.RELEASE, op)
+
+    # ------------------------------------------------------------------------------------------ TCC
+    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0):
+        specs = list(specs)
+
+        def op(seq):
+            txn = _id(txn_id)
+            self._need(txn != 0, Code.INVALID_ID)
+            self._need(len(specs) <= GROUP_SPECS_MAX, Code.BATCH_TOO_LARGE)
+            self._need(bool(specs), Code.INVALID_AMOUNT)
+            self._need(txn not in self.txns, Code.TXN_ALREADY_EXISTS)
+            resolved = []
+            for aid, amount, cur in specs:
+                self._need(amount != 0, Code.INVALID_AMOUNT)
+                a = self._acc(aid)
+                self._need(a.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
+                self._need(a.currency == cur, Code.CURRENCY_MISMATCH)
+                self._need(amount != I128_MIN, Code.OVERFLOW)
+                resolved.append((a, amount))
+            out: dict[int, int] = {}
+            inc: dict[int, int] = {}
+            outgoing: dict[int, int] = {}
+            for a, amount in resolved:
+                out.setdefault(a.account_id, a.available)
+                inc.setdefault(a.account_id, 0)
+                outgoing.setdefault(a.account_id, 0)
+                if amount < 0:
+                    out[a.account_id] += amount
+                    outgoing[a.account_id] -= amount
+                    self._need(_fits(out[a.account_id]) and _fits(outgoing[a.account_id]), Code.OVERFLOW)
+                else:
+                    inc[a.account_id] += amount
+                    self._need(_fits(inc[a.account_id]), Code.OVERFLOW)
+            for aid in out:
+                a = self.accounts[aid]
+                self._need(a.lower_limit is None or out[aid] >= a.lower_limit, Code.BALANCE_LIMIT_EXCEEDED)
+                top = a.available + sum(a.pending_in.values()) + inc[aid]
+                self._need(_fits(top), Code.OVERFLOW)
+                self._need(a.upper_limit is None or top <= a.upper_limit, Code.BALANCE_LIMIT_EXCEEDED)
+            for aid in out:
+                self.accounts[aid].version += 1
+            for a, amount in resolved:
+                if amount < 0:
+                    a.available += amount
+                    a.pending_out[txn] = a.pending_out.get(txn, 0) - amount
+                    a.pending_in.setdefault(txn, 0)
+                else:
+                    a.pending_in[txn] = a.pending_in.get(txn, 0) + amount
+                    a.pending_out.setdefault(txn, 0)
+            self.txns[txn] = {"state": "tried", "specs": [(a.account_id, amount) for a, amount in resolved]}
+            return len(resolved), None
+        return self._run(dedup_id, Kind.TCC_TRY, op)
+
+    def _finish(self, kind, dedup_id, txn_id):
+        confirm = kind == Kind.TCC_CONFIRM
+
+        def op(seq):
+            txn = _id(txn_id)
+            self._need(txn != 0, Code.INVALID_ID)
+            t = self.txns.get(txn)
+            self._need(t is not None, Code.TXN_NOT_FOUND)
+            self._need(t["state"] != "confirmed", Code.TXN_ALREADY_CONFIRMED)
+            self._need(t["state"] != "cancelled", Code.TXN_ALREADY_CANCELLED)
+            touched = []
+            for aid, _ in t["specs"]:
+                if aid not in touched:
+                    touched.append(aid)
+            back = {}
+            for aid in touched:
+                a = self.accounts[aid]
+                amt = a.pending_in[txn] if confirm else a.pending_out[txn]
+                v = a.available + amt
+                self._need(_fits(v), Code.OVERFLOW)
+                self._need(amt <= 0 or a.upper_limit is None or v <= a.upper_limit, Code.BALANCE_LIMIT_EXCEEDED)
+                back[aid] = v
+            for aid in touched:
+                a = self.accounts[aid]
+                a.available = back[aid]
+                a.version += 1
+                del a.pending_in[txn], a.pending_out[txn]
+            t["state"] = "confirmed" if confirm else "cancelled"
+            return len(t["specs"]), None
+        return self._run(dedup_id, kind, op)
+
+    def tcc_confirm(self, dedup_id, txn_id, *, timestamp=0):
+        return self._finish(Kind.TCC_CONFIRM, dedup_id, txn_id)
+
+    def tcc_cancel(self, dedup_id, txn_id, *, timestamp=0):
+        return self._finish(Kind.TCC_CANCEL, dedup_id, txn_id)
+
+    # ----------------------------------------------------------------------------------- compensate
+    def compensate(self, dedup_id, original_dedup_id, *, timestamp=0):
+        def op(seq):
+            orig = _id(original_dedup_id)
+            self._need(orig != 0 and orig != _id(dedup_id), Code.INVALID_ID)
+            d = self.dedup.get(orig)
+            if d is None:
+                self.dedup[orig] = {"code": Code.ORIGINAL_COMPENSATED, "seq": seq, "kind": Kind.COMPENSATE,
+                                    "compensated": False, "null": True, "undo": None}
+                return "null", None
+            self._need(not d["compensated"] and not d["null"], Code.ORIGINAL_COMPENSATED)
+            if d["code"] != Code.OK:
+                d["compensated"] = True
+                return 1, None
+            self._need(d["kind"] in (Kind.TRANSFER, Kind.BATCH_BALANCE), Code.NOT_COMPENSATABLE)
+            deltas = [(self.accounts[aid], amount) for aid, amount in d["undo"]]
+            self._need(all(a.state != State.DELETED for a, _ in deltas), Code.INVALID_ACCOUNT_STATE)
+            self._apply_deltas(deltas)
+            d["compensated"] = True
+            return len(deltas), None
+        return self._run(dedup_id, Kind.COMPENSATE, op)
+
+    # ---------------------------------------------------------------------------------------- reads
+    def get_account(self, account_id):
+        a = self.accounts.get(_id(account_id))
+        if a is None:
+            return None
+        d = a.as_dict()
+        d["pending_in"] = {k: v for k, v in d["pending_in"].items() if v}
+        d["pending_out"] = {k: v for k, v in d["pending_out"].items() if v}
+        return d
+
+    def result_of(self, dedup_id):
+        d = self.dedup.get(_id(dedup_id))
+        if d is None:
+            return None
+        return ModelResult(d["code"], True, d["seq"] if d["code"] in (Code.OK, Code.NULL_COMPENSATED) else 0)
+
+    def totals(self, currency):
+        accs = [a for a in self.accounts.values() if a.currency == currency]
+        return {"available": sum(a.available for a in accs),
+                "reserved": sum(sum(a.reservations.values()) for a in accs),
+                "pending_in": sum(sum(a.pending_in.values()) for a in accs),
+                "pending_out": sum(sum(a.pending_out.values()) for a in accs)}
