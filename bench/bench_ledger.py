@@ -1,0 +1,214 @@
+"""Embedded ledger benchmark: apply_batch, the per-call API and the pure-Python reference model, side by side.
+
+    python -m bench.bench_ledger              # 1M accounts, the bars of issue 2
+    python -m bench.bench_ledger --quick      # 100K accounts, fewer batches (seconds)
+
+Batches are built with numpy outside the timed regions. Each workload runs several repetitions; the
+median is reported (this machine is shared and noisy), with ratios and PASS/FAIL against the bars.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from engine import Code, Ledger
+from engine import records as R
+
+BATCH = R.BATCH_SIZE_MAX
+BARS = {"apply_batch_uniform_per_s": 3_000_000, "vs_model_ratio": 100, "per_call_per_s": 300_000,
+        "bytes_per_account": 160}
+
+
+class DedupIds:
+    def __init__(self, start: int = 1) -> None:
+        self.next = start
+
+    def take(self, n: int) -> np.ndarray:
+        ids = np.arange(self.next, self.next + n, dtype=np.int64)
+        self.next += n
+        return ids
+
+
+def create_accounts(led: Ledger, n: int, ids: DedupIds) -> None:
+    for start in range(0, n, BATCH):
+        k = min(BATCH, n - start)
+        ops = R.empty_ops(k)
+        R.put_u128(ops["dedup_id"], ids.take(k))
+        R.put_u128(ops["account_id"], np.arange(start + 1, start + k + 1, dtype=np.int64))
+        ops["kind"] = R.Kind.CREATE_ACCOUNT
+        ops["group_size"] = 1
+        ops["currency"] = b"USD"
+        ops["flags"] = R.OpFlag.HAS_EXPECTED_A | R.OpFlag.LOWER_UNBOUNDED   # may go negative: every transfer applies
+        res = led.apply_batch(ops)
+        assert (res["code"] == Code.OK).all()
+
+
+def transfer_batches(rng, n_accounts: int, count: int, ids: DedupIds, hot: float = 0.0) -> list[np.ndarray]:
+    out = []
+    for _ in range(count):
+        src = rng.integers(1, n_accounts + 1, BATCH)
+        dst = rng.integers(1, n_accounts + 1, BATCH)
+        if hot:
+            mask = rng.random(BATCH) < hot        # one side of these is the hot (merchant) account
+            flip = rng.random(BATCH) < 0.5
+            src = np.where(mask & flip, 1, src)
+            dst = np.where(mask & ~flip, 1, dst)
+        dst = np.where(dst == src, dst % n_accounts + 1, dst)
+        out.append(R.transfers(ids.take(BATCH), src, dst, rng.integers(1, 100, BATCH), "USD"))
+    return out
+
+
+def mixed_batches(rng, n_accounts: int, count: int, ids: DedupIds) -> list[np.ndarray]:
+    """Per batch: ~70% transfers, batch balance operations (3 specs), reserve + release, TCC try + confirm."""
+    out = []
+    txn = int(ids.take(1)[0]) << 20          # txn and reservation ids never repeat across calls
+    for _ in range(count):
+        recs = []
+        while sum(len(r) for r in recs) < BATCH - 8:
+            roll = rng.random()
+            a, b = (int(x) for x in rng.integers(1, n_accounts + 1, 2))
+            if a == b:
+                continue
+            if roll < 0.7:
+                recs.append(R.transfers(ids.take(1), np.array([a]), np.array([b]), np.array([5]), "USD"))
+            elif roll < 0.8:
+                g = R.empty_ops(4)
+                R.put_u128(g["dedup_id"], np.repeat(ids.take(1), 4))
+                g["kind"] = [R.Kind.BATCH_BALANCE, R.Kind.SPEC, R.Kind.SPEC, R.Kind.SPEC]
+                g["group_size"][0] = 4
+                R.put_u128(g["account_id"], np.array([0, a, b, (a + b) % n_accounts + 1]))
+                R.put_i128(g["amount"], np.array([0, -10, 4, 6]))
+                g["currency"][1:] = b"USD"
+                recs.append(g)
+            elif roll < 0.9:
+                g = R.empty_ops(2)
+                R.put_u128(g["dedup_id"], ids.take(2))
+                g["kind"] = [R.Kind.RESERVE, R.Kind.RELEASE]
+                g["group_size"] = 1
+                R.put_u128(g["account_id"], np.array([a, a]))
+                R.put_u128(g["other_id"], np.array([txn, txn]))
+                R.put_i128(g["amount"], np.array([7, 0]))
+                g["flags"][1] = R.OpFlag.FULL_RELEASE
+                txn += 1
+                recs.append(g)
+            else:
+                g = R.empty_ops(4)
+                d = ids.take(2)
+                R.put_u128(g["dedup_id"], np.array([d[0], d[0], d[0], d[1]]))
+                g["kind"] = [R.Kind.TCC_TRY, R.Kind.SPEC, R.Kind.SPEC, R.Kind.TCC_CONFIRM]
+                g["group_size"] = [3, 0, 0, 1]
+                R.put_u128(g["account_id"], np.array([0, a, b, 0]))
+                R.put_u128(g["other_id"], np.array([txn, 0, 0, txn]))
+                R.put_i128(g["amount"], np.array([0, -9, 9, 0]))
+                g["currency"][1:3] = b"USD"
+                txn += 1
+                recs.append(g)
+        out.append(np.concatenate(recs))
+    return out
+
+
+def timed_batches(led: Ledger, batches: list[np.ndarray]) -> float:
+    ops = sum(len(b) for b in batches)
+    t0 = time.perf_counter()
+    for b in batches:
+        res = led.apply_batch(b)
+    dt = time.perf_counter() - t0
+    assert (res["code"] == Code.OK).all(), np.unique(res["code"])
+    return ops / dt
+
+
+def per_call(led, n_accounts: int, count: int, start_dedup: int, rng) -> float:
+    src = rng.integers(1, n_accounts + 1, count).tolist()
+    dst = rng.integers(1, n_accounts + 1, count).tolist()
+    t0 = time.perf_counter()
+    for k in range(count):
+        led.transfer(start_dedup + k, src[k], dst[k] if dst[k] != src[k] else src[k] % n_accounts + 1, 5, "USD")
+    return count / (time.perf_counter() - t0)
+
+
+def model_rate(n_accounts: int, count: int, rng) -> tuple[float, float]:
+    """The reference model and the real ledger on the same transfer commands (per-call)."""
+    sys.path.insert(0, ".")
+    from tests.ledger_model import ModelLedger
+    model = ModelLedger()
+    for aid in range(1, n_accounts + 1):
+        model.create_account(10 ** 9 + aid, aid, "USD", lower_limit=None)
+    src = rng.integers(1, n_accounts + 1, count).tolist()
+    dst = [d if d != s else s % n_accounts + 1 for s, d in zip(src, rng.integers(1, n_accounts + 1, count).tolist())]
+    t0 = time.perf_counter()
+    for k in range(count):
+        model.transfer(k + 1, src[k], dst[k], 5, "USD")
+    return count / (time.perf_counter() - t0), 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--accounts", type=int, default=1_000_000)
+    p.add_argument("--batches", type=int, default=40, help="8190-record batches per repetition")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="write the results here too")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.accounts, args.batches, args.reps = 100_000, 8, 3
+    rng = np.random.default_rng(7)
+    ids = DedupIds()
+    print(f"zwallet ledger benchmark: {args.accounts:,} accounts, {args.batches} x {BATCH} records per rep, "
+          f"{args.reps} reps (median)  [{platform.processor() or platform.machine()}, python {platform.python_version()}]")
+
+    led = Ledger()
+    t0 = time.perf_counter()
+    create_accounts(led, args.accounts, ids)
+    create_s = time.perf_counter() - t0
+    mem = led.memory_bytes()
+    bytes_per_account = (mem["accounts"] + mem["index"]) / args.accounts
+    print(f"  create accounts            {args.accounts / create_s:>14,.0f} accounts/s   "
+          f"memory {bytes_per_account:.1f} bytes/account (capacity {mem['account_capacity']:,})")
+
+    results: dict[str, float] = {"bytes_per_account": bytes_per_account}
+    # warm-up until the dedup and event rings have reached their retention (steady state: they evict)
+    warm = led.dedup_retention // BATCH + 2
+    for start in range(0, warm, 16):
+        timed_batches(led, transfer_batches(rng, args.accounts, min(16, warm - start), ids))
+    for name, make in (("apply_batch_uniform_per_s", lambda: transfer_batches(rng, args.accounts, args.batches, ids)),
+                       ("apply_batch_hot_per_s", lambda: transfer_batches(rng, args.accounts, args.batches, ids, hot=0.5)),
+                       ("apply_batch_mixed_per_s", lambda: mixed_batches(rng, args.accounts, max(2, args.batches // 4), ids))):
+        rates = [timed_batches(led, make()) for _ in range(args.reps)]
+        results[name] = statistics.median(rates)
+        print(f"  {name:<26} {results[name]:>14,.0f} records/s   (reps: {', '.join(f'{r / 1e6:.2f}M' for r in rates)})")
+
+    count = 200_000 if not args.quick else 50_000
+    rates = [per_call(led, args.accounts, count, 10 ** 15 + rep * count, rng) for rep in range(args.reps)]
+    results["per_call_per_s"] = statistics.median(rates)
+    print(f"  {'per-call transfer()':<26} {results['per_call_per_s']:>14,.0f} ops/s")
+
+    model_count = 30_000 if not args.quick else 10_000
+    model_accounts = args.accounts
+    mrates = [model_rate(model_accounts, model_count, rng)[0] for _ in range(max(1, args.reps // 2))]
+    results["model_per_s"] = statistics.median(mrates)
+    results["vs_model_ratio"] = results["apply_batch_uniform_per_s"] / results["model_per_s"]
+    results["per_call_vs_model_ratio"] = results["per_call_per_s"] / results["model_per_s"]
+    print(f"  {'reference model (Python)':<26} {results['model_per_s']:>14,.0f} ops/s   "
+          f"apply_batch/model = {results['vs_model_ratio']:.0f}x, per-call/model = {results['per_call_vs_model_ratio']:.1f}x")
+
+    print("bars:")
+    checks = [("apply_batch uniform >= 3M transfers/s (goal 5M)", results["apply_batch_uniform_per_s"] >= BARS["apply_batch_uniform_per_s"]),
+              ("apply_batch >= 100x the reference model", results["vs_model_ratio"] >= BARS["vs_model_ratio"]),
+              ("per-call API >= 300K ops/s", results["per_call_per_s"] >= BARS["per_call_per_s"]),
+              ("memory <= 160 bytes/account", bytes_per_account <= BARS["bytes_per_account"])]
+    for text, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
