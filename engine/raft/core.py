@@ -97,6 +97,7 @@ class _Progress:
     snapshot_offset: int = -1     # >= 0 while an InstallSnapshot is in progress
     read_seq: int = 0             # highest ReadIndex round it acknowledged
     acked: bool = False           # an append was acknowledged since the last heartbeat
+    stalled: int = 0              # heartbeats in a row with appends outstanding and no acknowledgement
 
 
 @dataclass
@@ -429,8 +430,12 @@ class RaftCore:
                 continue
             self._send(m.AppendEntries(self.id, peer, self.term, pr.match, self.term_at(pr.match),
                                        min(self.commit, pr.match), [], self._read_seq))
-            if not pr.probing and pr.inflight > 0 and not pr.acked:
-                pr.probing, pr.next = True, pr.match + 1    # appends or acks were lost: probe again
+            if pr.next > pr.match + 1 and not pr.acked:
+                pr.stalled += 1
+                if pr.stalled >= 2:                        # appends or acks were lost: probe again
+                    pr.probing, pr.next, pr.stalled = True, pr.match + 1, 0
+            else:
+                pr.stalled = 0
             pr.acked = False
             if pr.probing:
                 pr.inflight = 0
@@ -654,7 +659,7 @@ class RaftCore:
             return
         pr = self.progress[msg.src]
         pr.active = True
-        if msg.match_index > pr.match or not msg.success:
+        if msg.success and msg.match_index > pr.match:
             pr.inflight = max(0, pr.inflight - 1)
             pr.acked = True
         if msg.read_seq > pr.read_seq:

@@ -137,6 +137,7 @@ class Cluster:
         self.blocked: set[tuple[int, int]] = set()
         self.leaders: dict[int, int] = {}           # term -> leader id
         self.applied_at: dict[int, tuple[int, bytes]] = {}   # index -> (term, data) of the applied entry
+        self.committed: dict[int, tuple[int, int, bytes]] = {}  # index -> (term of the leader that committed it, entry term, data)
         self.proposed: dict[bytes, tuple[int, int]] = {}     # data -> (index, term) at the proposing leader
         self.acked: dict[bytes, int] = {}                    # data -> index: applied at its leader, acknowledged
         self.proposals = 0
@@ -253,6 +254,11 @@ class Cluster:
         core = node.core
         if core.commit < node.last_commit:
             raise SafetyViolation(f"seed {self.seed}: node {node.id} commit went back {node.last_commit} -> {core.commit}")
+        if core.role is Role.LEADER:
+            for i in range(max(node.last_commit, core.snap_index) + 1, core.commit + 1):
+                if i not in self.committed:
+                    e = core.entry(i)
+                    self.committed[i] = (core.term, e.term, bytes(e.data))
         node.last_commit = core.commit
         if core.role is Role.LEADER:
             holder = self.leaders.setdefault(core.term, node.id)
@@ -263,9 +269,10 @@ class Cluster:
                 self._check_leader_completeness(node)
 
     def _check_leader_completeness(self, node: Node) -> None:
+        """A leader of term T holds every entry committed by a leader of an earlier term."""
         core = node.core
-        for index, (term, data) in self.applied_at.items():
-            if index <= core.snap_index:
+        for index, (commit_term, term, data) in self.committed.items():
+            if index <= core.snap_index or commit_term >= core.term:
                 continue
             if index > core.last_index or core.term_at(index) != term or bytes(core.entry(index).data) != data:
                 raise SafetyViolation(f"seed {self.seed}: leader completeness: new leader {node.id} (term "
