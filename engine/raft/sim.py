@@ -143,6 +143,8 @@ class Cluster:
         self.proposals = 0
         self.steps = 0
         self.events: list[str] = []
+        self.crash_on_persist: set[int] = set()     # scripted: crash these at their next persist
+        self.read_states: dict[int, list[tuple[bytes, int]]] = {}
 
     # ------------------------------------------------------------------------------------ nodes
     def _boot(self, i: int, store: DurableStore, members) -> Node:
@@ -214,7 +216,9 @@ class Cluster:
             rd = core.ready()
             if not rd:
                 break
-            if (rd.entries or rd.hard_state is not None) and self.rng.random() < self.faults.crash_before_fsync:
+            if (rd.entries or rd.hard_state is not None) and (
+                    node.id in self.crash_on_persist or self.rng.random() < self.faults.crash_before_fsync):
+                self.crash_on_persist.discard(node.id)
                 self.log(f"crash {node.id} between append and fsync (loses {len(rd.entries)} entries)")
                 node.alive = False
                 return
@@ -228,6 +232,9 @@ class Cluster:
                 assert node.sm.applied == rd.snapshot[0].index
             for e in rd.committed_entries:
                 self._apply(node, e)
+            for ctx, index in rd.read_states:
+                # a linearizable read point must cover every entry committed before the read was asked
+                self.read_states.setdefault(node.id, []).append((ctx, index))
         self._check_node(node)
         f = self.faults
         if f.snapshot_every and node.sm.applied - core.snap_index >= f.snapshot_every:
@@ -355,6 +362,18 @@ class Cluster:
                 self.restart(i)
             node.paused_until = 0
 
+    def run(self, steps: int, faults: bool = False) -> None:
+        for _ in range(steps):
+            self.step(faults=faults)
+
+    def wait_leader(self, bound: int = 2000) -> Node:
+        for _ in range(bound):
+            node = self.leader()
+            if node is not None and all(n.core.term <= node.core.term for n in self.nodes.values() if n.alive):
+                return node
+            self.step(faults=False)
+        raise SafetyViolation(f"seed {self.seed}: no leader within {bound} steps")
+
     def run_until_applied(self, data: bytes, bound: int) -> int:
         """Propose ``data`` and step without faults until every live replica applied it; returns steps."""
         start = self.now
@@ -380,6 +399,14 @@ class Cluster:
             x.sm.applied for x in self.nodes.values() if x.alive)}
         if len(digests) != 1:
             raise SafetyViolation(f"seed {self.seed}: replicas at the same applied index differ")
+
+
+def quiet_faults(**overrides) -> Faults:
+    """No random faults (scripted scenarios set them by hand)."""
+    base = dict(drop=0.0, duplicate=0.0, delay_max=2, crash=0.0, crash_before_fsync=0.0, pause=0.0,
+                partition=0.0, heal=0.0, snapshot_every=0)
+    base.update(overrides)
+    return Faults(**base)
 
 
 def run_seed(seed: int, *, steps: int = 1500, verbose: bool = False) -> dict:
