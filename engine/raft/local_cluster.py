@@ -40,7 +40,7 @@ def free_ports(count: int) -> list[int]:
 class LocalCluster:
     def __init__(self, size: int, base_dir: str, *, tick_ms: int = 10, election_ticks: int = 30,
                  heartbeat_ticks: int = 3, snapshot_threshold: int = 50_000, sync: bool = True,
-                 map_size_gib: int = 4, log_level: str = "WARNING") -> None:
+                 map_size_gib: int = 4, log_level: str = "WARNING", machine: str = "counter") -> None:
         self.size = size
         self.base_dir = base_dir
         ports = free_ports(2 * size)
@@ -50,7 +50,7 @@ class LocalCluster:
         self.procs: dict[int, subprocess.Popen] = {}
         self._args = dict(tick_ms=tick_ms, election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                           snapshot_threshold=snapshot_threshold, sync=sync, map_size_gib=map_size_gib,
-                          log_level=log_level)
+                          log_level=log_level, machine=machine)
 
     def data_dir(self, node: int) -> str:
         return os.path.join(self.base_dir, f"replica-{node}")
@@ -69,7 +69,7 @@ class LocalCluster:
                "--client", self.client_addr[node], "--data-dir", self.data_dir(node),
                "--tick-ms", str(a["tick_ms"]), "--election-ticks", str(a["election_ticks"]),
                "--heartbeat-ticks", str(a["heartbeat_ticks"]), "--snapshot-threshold", str(a["snapshot_threshold"]),
-               "--map-size-gib", str(a["map_size_gib"]), "--log-level", a["log_level"]]
+               "--map-size-gib", str(a["map_size_gib"]), "--log-level", a["log_level"], "--machine", a["machine"]]
         if not a["sync"]:
             cmd.append("--no-sync")
         os.makedirs(self.base_dir, exist_ok=True)

@@ -89,6 +89,18 @@ class CounterMachine:
     def restore(self, data: bytes) -> None:
         self.counter, self.ops, self.rejected, self.applied, self.digest = msgspec.msgpack.decode(data)
 
+    def status(self) -> dict[str, Any]:
+        return {"counter": self.counter, "ops": self.ops, "digest": self.digest.hex(), "sm_applied": self.applied}
+
+
+def _make_machine(name: str) -> Any:
+    if name == "counter":
+        return CounterMachine()
+    if name == "ledger":
+        from engine.ledger_machine import LedgerMachine
+        return LedgerMachine()
+    raise ValueError(f"unknown state machine {name!r}")
+
 
 def parse_peers(text: str) -> dict[int, str]:
     peers = {}
@@ -100,7 +112,7 @@ def parse_peers(text: str) -> dict[int, str]:
 
 class Replica:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.sm = CounterMachine()
+        self.sm = _make_machine(args.machine)
         self.sm_lock = threading.Lock()   # status() reads the machine from the client thread
         config = DriverConfig(tick_interval_ms=args.tick_ms, election_ticks=args.election_ticks,
                               heartbeat_ticks=args.heartbeat_ticks,
@@ -164,8 +176,7 @@ class Replica:
     def _status(self) -> dict[str, Any]:
         st = self.driver.status()
         with self.sm_lock:
-            st.update(counter=self.sm.counter, ops=self.sm.ops, digest=self.sm.digest.hex(),
-                      sm_applied=self.sm.applied, pid=os.getpid())
+            st.update(self.sm.status(), pid=os.getpid())
         return st
 
     def _handle(self, frames: list[bytes]) -> None:
@@ -183,7 +194,7 @@ class Replica:
                 exc = f.exception()
                 if exc is None:
                     with self.sm_lock:
-                        value = self.sm.counter
+                        value = self.sm.status()["counter"]
                     self._reply([ident, req_id, b"OK", msgspec.msgpack.encode(value)])
                 elif isinstance(exc, NotLeader):
                     self._reply([ident, req_id, b"NL", msgspec.msgpack.encode(exc.leader_id)])
@@ -234,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-ticks", type=int, default=3)
     p.add_argument("--snapshot-threshold", type=int, default=50_000)
     p.add_argument("--map-size-gib", type=int, default=64)
+    p.add_argument("--machine", default="counter", choices=["counter", "ledger"],
+                   help="the replicated state machine: a counter (tests, benchmark) or the zwallet ledger")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; for experiments only)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
