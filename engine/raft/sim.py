@@ -508,3 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def leader_cpu_cost_per_entry() -> dict:
+    """For bench/bench_raft.py: the leader core's CPU cost per committed entry (batched proposals)."""
+    return {"us_per_entry": leader_cpu_per_entry_us(), "group": "3 replicas, 64 proposals per round, 128 B"}
