@@ -8,6 +8,10 @@ median is reported (this machine is shared and noisy), with ratios and PASS/FAIL
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # idle BLAS threads spin and steal a core
+
 import argparse
 import json
 import platform
@@ -113,11 +117,14 @@ def mixed_batches(rng, n_accounts: int, count: int, ids: DedupIds) -> list[np.nd
     return out
 
 
+_RESULTS = np.empty(BATCH, dtype=R.RESULT_DTYPE)
+
+
 def timed_batches(led: Ledger, batches: list[np.ndarray]) -> float:
     ops = sum(len(b) for b in batches)
     t0 = time.perf_counter()
     for b in batches:
-        res = led.apply_batch(b)
+        res = led.apply_batch(b, 0, _RESULTS)
     dt = time.perf_counter() - t0
     assert (res["code"] == Code.OK).all(), np.unique(res["code"])
     return ops / dt

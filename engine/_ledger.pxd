@@ -80,7 +80,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint64_t event_retention
         int64_t validate(const OpRec* ops, uint64_t n, const char** why)
         void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) except +
-        void attach(void* accounts, uint32_t capacity, uint32_t* slots, uint64_t nslots)
+        void attach(void* accounts, uint32_t capacity, uint64_t* slots, uint64_t nslots)
         void reservations_of(const unsigned char* id, vector[KV]& out) except +
         void pending_of(const unsigned char* id, vector[KV]& out) except +
         void totals(const char* currency8, unsigned char* lo4x16, int64_t* carry4)

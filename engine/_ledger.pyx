@@ -241,8 +241,8 @@ cdef class Ledger:
         cdef uintptr_t aligned = (base + 63) & ~(<uintptr_t>63)
         if self._accounts is not None and self.core.acc_count:
             memcpy(<void*>aligned, <void*>self._account_ptr(), self.core.acc_count * ACCOUNT_RECORD_BYTES)
-        slots = np.zeros(nslots, dtype=np.uint32)
-        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint32_t*><uintptr_t>slots.ctypes.data, nslots)
+        slots = np.zeros(nslots, dtype=np.uint64)
+        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint64_t*><uintptr_t>slots.ctypes.data, nslots)
         self._accounts = buf
         self._slots = slots
 
@@ -280,10 +280,11 @@ cdef class Ledger:
         return 0
 
     # ------------------------------------------------------------------------------ the hot path
-    def apply_batch(self, ops, timestamp=0):
+    def apply_batch(self, ops, timestamp=0, out=None):
         """Apply a batch of op records (numpy array of ``OP_DTYPE``, at most ``BATCH_SIZE_MAX``).
-        Returns one ``RESULT_DTYPE`` record per op record. A malformed batch raises ValueError/TypeError
-        and applies nothing."""
+        Returns one ``RESULT_DTYPE`` record per op record (written into ``out[:len(ops)]`` when a
+        C-contiguous ``RESULT_DTYPE`` array is given, to reuse its memory). A malformed batch raises
+        ValueError/TypeError and applies nothing."""
         if not isinstance(ops, np.ndarray):
             raise TypeError(f"ops must be a numpy array of OP_DTYPE, not {type(ops).__name__}")
         if ops.dtype != OP_DTYPE:
@@ -296,7 +297,13 @@ cdef class Ledger:
         ts = _as_int(timestamp, "timestamp")
         if not 0 <= ts <= _U64_MASK:
             raise ValueError("timestamp must fit in an unsigned 64-bit integer")
-        results = np.empty(n, dtype=RESULT_DTYPE)   # the core writes every byte
+        if out is None:
+            results = np.empty(n, dtype=RESULT_DTYPE)   # the core writes every byte
+        else:
+            if not isinstance(out, np.ndarray) or out.dtype != RESULT_DTYPE or out.ndim != 1 \
+                    or not out.flags.c_contiguous or not out.flags.writeable or out.shape[0] < n:
+                raise ValueError("out must be a writeable C-contiguous RESULT_DTYPE array of at least len(ops)")
+            results = out[:n]
         if n:
             self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
                                <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)

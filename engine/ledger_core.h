@@ -4,6 +4,8 @@
 // memory (numpy arrays) and grows it before a batch; everything else lives in C++ containers here.
 // The layouts of OpRec / ResRec / EvRec mirror engine/records.py (checked at import time).
 #pragma once
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -97,6 +99,13 @@ static inline i128 ld_i(const unsigned char* p) { i128 v; memcpy(&v, p, 16); ret
 static inline void st_u(unsigned char* p, u128 v) { memcpy(p, &v, 16); }
 static inline void st_i(unsigned char* p, i128 v) { memcpy(p, &v, 16); }
 
+// Ask for transparent huge pages on a big table (random access into it is TLB-bound otherwise).
+static inline void advise_huge(void* p, size_t bytes) {
+    const uintptr_t huge = 2u << 20;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (hi > lo) madvise((void*)lo, hi - lo, MADV_HUGEPAGE);
+}
+
 // A read prefetch the optimizer cannot drop (GCC 12 discarded __builtin_prefetch in these loops).
 static inline void prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
 
@@ -145,7 +154,7 @@ class Core {
     // ---- account storage (memory owned by the caller) ----
     Account* acc = nullptr;
     uint32_t acc_count = 0, acc_capacity = 0;
-    uint32_t* slots = nullptr;   // open addressing: 0 = empty, else account index + 1
+    uint64_t* slots = nullptr;   // open addressing, see find()
     uint64_t slot_mask = 0;
 
     // ---- everything else ----
@@ -178,29 +187,31 @@ class Core {
     }
 
     // ------------------------------------------------------------------------------- account index
+    // A slot is (high 32 bits of the id's hash) << 32 | (account index + 1); 0 is empty. The tag lets a
+    // probe skip colliding slots without touching their (cold) account records.
     int64_t find(u128 id) const {
-        uint64_t i = hmix(id) & slot_mask;
-        for (;;) {
-            uint32_t s = slots[i];
+        uint64_t h = hmix(id), tag = h >> 32;
+        for (uint64_t i = h & slot_mask;; i = (i + 1) & slot_mask) {
+            uint64_t s = slots[i];
             if (s == 0) return -1;
-            if (acc[s - 1].id == id) return (int64_t)(s - 1);
-            i = (i + 1) & slot_mask;
+            if ((s >> 32) == tag && acc[(uint32_t)s - 1].id == id) return (int64_t)((uint32_t)s - 1);
         }
     }
     void slot_insert(uint32_t idx) {
-        uint64_t i = hmix(acc[idx].id) & slot_mask;
+        uint64_t h = hmix(acc[idx].id);
+        uint64_t i = h & slot_mask;
         while (slots[i] != 0) i = (i + 1) & slot_mask;
-        slots[i] = idx + 1;
+        slots[i] = ((h >> 32) << 32) | ((uint64_t)idx + 1);
     }
     // The caller owns the memory: accounts (capacity * 96 bytes, 16-byte aligned, holding acc_count valid
     // accounts) and a zeroed power-of-two slot table of at least 2 * capacity entries.
-    void attach(void* accounts, uint32_t capacity, uint32_t* slot_table, uint64_t nslots) {
+    void attach(void* accounts, uint32_t capacity, uint64_t* slot_table, uint64_t nslots) {
         acc = (Account*)accounts; acc_capacity = capacity;
         slots = slot_table; slot_mask = nslots - 1;
         rehash();
     }
     void rehash() {
-        memset(slots, 0, (slot_mask + 1) * sizeof(uint32_t));
+        memset(slots, 0, (slot_mask + 1) * sizeof(uint64_t));
         for (uint32_t k = 0; k < acc_count; k++) slot_insert(k);
     }
 
@@ -210,7 +221,10 @@ class Core {
     EvRec* ev_slot() {
         if (ev_total >= ev.size() && ev.size() < event_retention) {   // not wrapped yet: grow linearly
             size_t n = std::min<uint64_t>(ev.size() * 2, event_retention);
-            std::vector<EvRec> grown(n);
+            std::vector<EvRec> grown;
+            grown.reserve(n);
+            advise_huge(grown.data(), n * sizeof(EvRec));
+            grown.resize(n);
             for (uint64_t p = ev_total - ev.size(); p < ev_total; p++) grown[p & (n - 1)] = ev[p & (ev.size() - 1)];
             ev.swap(grown);
             std::vector<uint64_t> pos(n);
@@ -295,11 +309,20 @@ class Core {
     void dgrow() {
         uint64_t live = dtotal - dhead;
         if (dring.size() < dedup_retention && dtotal == dring.size()) {   // not wrapped yet: grow in place
-            dring.resize(std::min<uint64_t>(std::max<uint64_t>(dring.size() * 2, 1024), dedup_retention));
+            uint64_t n = std::min<uint64_t>(std::max<uint64_t>(dring.size() * 2, 1024), dedup_retention);
+            std::vector<DedupEntry> grown;
+            grown.reserve(n);
+            advise_huge(grown.data(), n * sizeof(DedupEntry));
+            grown.assign(dring.begin(), dring.end());
+            grown.resize(n);
+            dring.swap(grown);
         }
         if ((live + 1) * 2 > dslots.size()) {
             uint64_t n = 2048;
             while (n < (live + 1) * 2 || n < 2 * std::min<uint64_t>(dring.size(), dedup_retention)) n <<= 1;
+            std::vector<uint64_t>().swap(dslots);
+            dslots.reserve(n);
+            advise_huge(dslots.data(), n * sizeof(uint64_t));
             dslots.assign(n, 0); dmask = n - 1;
             for (uint64_t a = dhead; a < dtotal; a++) dslot_put(a & (dring.size() - 1), dentry(a).id);
         }
@@ -369,8 +392,16 @@ class Core {
         if (!dslots.empty()) prefetch(&dslots[hmix(ld_u(o.dedup_id)) & dmask]);
     }
     void prefetch_account(u128 id) const {
-        uint32_t s = slots[hmix(id) & slot_mask];
-        if (s) { const char* p = (const char*)&acc[s - 1]; prefetch(p); prefetch(p + 64); }
+        uint64_t h = hmix(id), tag = h >> 32;
+        for (uint64_t i = h & slot_mask;; i = (i + 1) & slot_mask) {
+            uint64_t s = slots[i];
+            if (s == 0) return;
+            if ((s >> 32) == tag) {
+                const char* p = (const char*)&acc[(uint32_t)s - 1];
+                prefetch(p); prefetch(p + 64);
+                return;
+            }
+        }
     }
     void prefetch_accounts(const OpRec& o) const {
         prefetch_account(ld_u(o.account_id));
