@@ -23,6 +23,7 @@ import numpy as np
 
 from engine import Code, Ledger
 from engine import records as R
+from engine.workload import Workload
 
 BATCH = R.BATCH_SIZE_MAX
 BARS = {"apply_batch_uniform_per_s": 3_000_000, "vs_model_ratio": 100, "per_call_per_s": 300_000,
@@ -69,52 +70,11 @@ def transfer_batches(rng, n_accounts: int, count: int, ids: DedupIds, hot: float
 
 
 def mixed_batches(rng, n_accounts: int, count: int, ids: DedupIds) -> list[np.ndarray]:
-    """Per batch: ~70% transfers, batch balance operations (3 specs), reserve + release, TCC try + confirm."""
-    out = []
-    txn = int(ids.take(1)[0]) << 20          # txn and reservation ids never repeat across calls
-    for _ in range(count):
-        recs = []
-        while sum(len(r) for r in recs) < BATCH - 8:
-            roll = rng.random()
-            a, b = (int(x) for x in rng.integers(1, n_accounts + 1, 2))
-            if a == b:
-                continue
-            if roll < 0.7:
-                recs.append(R.transfers(ids.take(1), np.array([a]), np.array([b]), np.array([5]), "USD"))
-            elif roll < 0.8:
-                g = R.empty_ops(4)
-                R.put_u128(g["dedup_id"], np.repeat(ids.take(1), 4))
-                g["kind"] = [R.Kind.BATCH_BALANCE, R.Kind.SPEC, R.Kind.SPEC, R.Kind.SPEC]
-                g["group_size"][0] = 4
-                R.put_u128(g["account_id"], np.array([0, a, b, (a + b) % n_accounts + 1]))
-                R.put_i128(g["amount"], np.array([0, -10, 4, 6]))
-                g["currency"][1:] = b"USD"
-                recs.append(g)
-            elif roll < 0.9:
-                g = R.empty_ops(2)
-                R.put_u128(g["dedup_id"], ids.take(2))
-                g["kind"] = [R.Kind.RESERVE, R.Kind.RELEASE]
-                g["group_size"] = 1
-                R.put_u128(g["account_id"], np.array([a, a]))
-                R.put_u128(g["other_id"], np.array([txn, txn]))
-                R.put_i128(g["amount"], np.array([7, 0]))
-                g["flags"][1] = R.OpFlag.FULL_RELEASE
-                txn += 1
-                recs.append(g)
-            else:
-                g = R.empty_ops(4)
-                d = ids.take(2)
-                R.put_u128(g["dedup_id"], np.array([d[0], d[0], d[0], d[1]]))
-                g["kind"] = [R.Kind.TCC_TRY, R.Kind.SPEC, R.Kind.SPEC, R.Kind.TCC_CONFIRM]
-                g["group_size"] = [3, 0, 0, 1]
-                R.put_u128(g["account_id"], np.array([0, a, b, 0]))
-                R.put_u128(g["other_id"], np.array([txn, 0, 0, txn]))
-                R.put_i128(g["amount"], np.array([0, -9, 9, 0]))
-                g["currency"][1:3] = b"USD"
-                txn += 1
-                recs.append(g)
-        out.append(np.concatenate(recs))
-    return out
+    """Per batch: ~70% transfers, batch balance operations, reserve + release, TCC try + confirm."""
+    work = Workload(n_accounts, seed=int(rng.integers(1 << 30)), first_account=1)
+    work.next_dedup = int(ids.take(1)[0]) << 24        # ids never collide with the other workloads
+    work.next_txn = work.next_dedup
+    return [work.mixed(BATCH) for _ in range(count)]
 
 
 _RESULTS = np.empty(BATCH, dtype=R.RESULT_DTYPE)
