@@ -367,3 +367,53 @@ class ModelLedger:
                 "reserved": sum(sum(a.reservations.values()) for a in accs),
                 "pending_in": sum(sum(a.pending_in.values()) for a in accs),
                 "pending_out": sum(sum(a.pending_out.values()) for a in accs)}
+
+    # ---------------------------------------------------------------------------------- op records
+    def apply_batch(self, ops, timestamp: int = 0) -> list[ModelResult]:
+        """The same op-record batches the real ledger takes (records.OP_DTYPE), decoded in Python and
+        dispatched to the methods above; one result per record (group members repeat their header's)."""
+        from engine.records import OpFlag, get_i128, get_u128
+        dedup, acct, other = get_u128(ops["dedup_id"]), get_u128(ops["account_id"]), get_u128(ops["other_id"])
+        amount, exp_a, exp_b = get_i128(ops["amount"]), get_i128(ops["expected_a"]), get_i128(ops["expected_b"])
+        kinds, flags, sizes = ops["kind"].tolist(), ops["flags"].tolist(), ops["group_size"].tolist()
+        cur = [bytes(c).rstrip(b"\0").decode("ascii", "replace") for c in ops["currency"]]
+        out: list[ModelResult] = []
+        i = 0
+        while i < len(ops):
+            k, f, g = Kind(kinds[i]), flags[i], max(sizes[i], 1)
+            if k == Kind.TRANSFER:
+                r = self.transfer(dedup[i], acct[i], other[i], amount[i], cur[i],
+                                  exp_a[i] if f & OpFlag.HAS_EXPECTED_A else None,
+                                  exp_b[i] if f & OpFlag.HAS_EXPECTED_B else None)
+            elif k == Kind.CREATE_ACCOUNT:
+                lo = None if f & OpFlag.LOWER_UNBOUNDED else (amount[i] if f & OpFlag.HAS_EXPECTED_A else 0)
+                hi = None if (f & OpFlag.UPPER_UNBOUNDED or not f & OpFlag.HAS_EXPECTED_B) else exp_a[i]
+                r = self.create_account(dedup[i], acct[i], cur[i], lo, hi)
+            elif k in (Kind.DELETE_ACCOUNT, Kind.LOCK_ACCOUNT, Kind.UNLOCK_ACCOUNT):
+                r = self._set_state(k, dedup[i], acct[i])
+            elif k == Kind.UPDATE_ACCOUNT_CONFIG:
+                kw = {}
+                if f & OpFlag.HAS_EXPECTED_A:
+                    kw["lower_limit"] = None if f & OpFlag.LOWER_UNBOUNDED else amount[i]
+                if f & OpFlag.HAS_EXPECTED_B:
+                    kw["upper_limit"] = None if f & OpFlag.UPPER_UNBOUNDED else exp_a[i]
+                r = self.update_account_config(dedup[i], acct[i], **kw)
+            elif k == Kind.BATCH_BALANCE:
+                specs = [(acct[j], amount[j], cur[j]) for j in range(i + 1, i + g) if kinds[j] == Kind.SPEC]
+                pre = [(acct[j], amount[j]) for j in range(i + 1, i + g) if kinds[j] == Kind.PRECONDITION]
+                r = self.batch_balance_operation(dedup[i], specs, pre)
+            elif k == Kind.RESERVE:
+                r = self.reserve(dedup[i], acct[i], other[i], amount[i])
+            elif k == Kind.RELEASE:
+                r = self.release(dedup[i], acct[i], other[i], None if f & OpFlag.FULL_RELEASE else amount[i])
+            elif k == Kind.TCC_TRY:
+                r = self.tcc_try(dedup[i], other[i], [(acct[j], amount[j], cur[j]) for j in range(i + 1, i + g)])
+            elif k in (Kind.TCC_CONFIRM, Kind.TCC_CANCEL):
+                r = self._finish(k, dedup[i], other[i])
+            elif k == Kind.COMPENSATE:
+                r = self.compensate(dedup[i], other[i])
+            else:
+                raise ValueError(f"record {i}: kind {k!r} outside a group")
+            out.extend([r] * g)
+            i += g
+        return out
