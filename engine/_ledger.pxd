@@ -49,6 +49,8 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint16_t reserved
         uint64_t reserved2
 
+    int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why)
+
     cdef cppclass AccountView "zw::Core::AccountView":
         unsigned char id[16]
         unsigned char available[16]
@@ -93,13 +95,27 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint64_t dedup_size()
 
 
-cdef class Ledger:
+cdef class _CommandApi:
+    # The per-call commands, built into _opbuf; _call decides what happens to the built records.
+    cdef object _opbuf             # scratch op records for the per-call API
+    cdef OpRec* _ops
+    cdef object _call(self, uint64_t n, uint64_t timestamp)
+    cdef OpRec* _op(self, uint64_t i, object dedup_id, uint8_t kind) except NULL
+    cdef uint64_t _ts(self, object timestamp) except? 0
+    cdef object _account_op(self, uint8_t kind, object dedup_id, object account_id, object timestamp)
+    cdef uint64_t _group(self, uint8_t kind, object dedup_id, object specs, object preconditions) except 0
+    cdef object _txn_op(self, uint8_t kind, object dedup_id, object txn_id, object timestamp)
+
+
+cdef class OpEncoder(_CommandApi):
+    pass
+
+
+cdef class Ledger(_CommandApi):
     cdef Core* core
     cdef object _accounts          # numpy uint8 buffer holding the Account structs (96 bytes each)
     cdef object _slots             # numpy uint32 open-addressing table: account index + 1
-    cdef object _opbuf             # scratch op records for the per-call API
     cdef object _resbuf            # scratch result records for the per-call API
-    cdef OpRec* _ops
     cdef ResRec* _res
     cdef readonly uint64_t dedup_retention
     cdef readonly uint64_t event_retention
@@ -109,12 +125,6 @@ cdef class Ledger:
     # Validate, make room, apply: the C-level entry point for embedders. Raises ValueError on a malformed
     # batch (nothing applied). Runs without the GIL-free guarantee: the ledger is single-threaded.
     cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1
-    cdef object _call(self, uint64_t n, uint64_t timestamp)
     cdef _grow(self, uint64_t capacity)
     cdef uintptr_t _account_ptr(self)
-    cdef OpRec* _op(self, uint64_t i, object dedup_id, uint8_t kind) except NULL
-    cdef uint64_t _ts(self, object timestamp) except? 0
-    cdef object _account_op(self, uint8_t kind, object dedup_id, object account_id, object timestamp)
-    cdef uint64_t _group(self, uint8_t kind, object dedup_id, object specs, object preconditions) except 0
-    cdef object _txn_op(self, uint8_t kind, object dedup_id, object txn_id, object timestamp)
     cdef object _lookup(self, const unsigned char* key)

@@ -24,7 +24,7 @@ from engine.records import (Code, Kind, State, OpFlag, ResultFlag, OP_DTYPE, RES
 
 cnp.import_array()
 
-__all__ = ["Ledger", "Result", "Code", "Kind", "State", "UNCHANGED",
+__all__ = ["Ledger", "OpEncoder", "check_batch", "Result", "Code", "Kind", "State", "UNCHANGED",
            "DEDUP_RETENTION_DEFAULT", "EVENT_RETENTION_DEFAULT"]
 
 DEDUP_RETENTION_DEFAULT = 1 << 20      # dedup ids remembered (FIFO); also finished TCC txns remembered
@@ -194,122 +194,20 @@ cdef class Result:
         rejection; raises ValueError if the event has left the event retention window."""
         if self.seq_num == 0:
             return {}
-        evs = self._ledger.events(self.seq_num, self.seq_num)
-        out = {}
-        for k in range(len(evs)):
-            aid = _records.get_u128(evs["account_id"][k])[0]
-            if aid == 0:
-                continue
-            out[aid] = {"account_id": aid, "currency": bytes(evs["currency"][k]).decode("ascii"),
-                        "state": _STATES[int(evs["state"][k])],
-                        "available": _records.get_i128(evs["available"][k])[0],
-                        "version": int(evs["version"][k])}
-        return out
+        return _records.accounts_from_events(self._ledger.events(self.seq_num, self.seq_num))
 
 
-cdef class Ledger:
-    """One shard's ledger, in memory. Single-threaded: do not call it from two threads at once."""
+cdef class _CommandApi:
+    """The per-call commands (one shared implementation of how each command becomes op records). What a
+    built command does is ``_call``'s: ``Ledger`` applies it, ``OpEncoder`` hands the records back."""
 
-    def __cinit__(self, *, dedup_retention=DEDUP_RETENTION_DEFAULT, event_retention=EVENT_RETENTION_DEFAULT,
-                  initial_capacity=1024):
-        if int(dedup_retention) < DEDUP_RETENTION_MIN:
-            raise ValueError(f"dedup_retention must be >= {DEDUP_RETENTION_MIN}")
-        if int(event_retention) < EVENT_RETENTION_MIN:
-            raise ValueError(f"event_retention must be >= {EVENT_RETENTION_MIN}")
-        if not 1 <= int(initial_capacity) <= ACCOUNT_CAPACITY_MAX:
-            raise ValueError("initial_capacity out of range")
-        self.dedup_retention = 1 << (int(dedup_retention) - 1).bit_length()   # rounded up to a power of two
-        self.event_retention = 1 << (int(event_retention) - 1).bit_length()
-        self.core = new Core(self.dedup_retention, self.event_retention)
+    def __cinit__(self, *args, **kwargs):
         self._opbuf = np.zeros(BATCH_SIZE_MAX, dtype=OP_DTYPE)
-        self._resbuf = np.zeros(BATCH_SIZE_MAX, dtype=RESULT_DTYPE)
         self._ops = <OpRec*><uintptr_t>self._opbuf.ctypes.data
-        self._res = <ResRec*><uintptr_t>self._resbuf.ctypes.data
-        self._accounts = None
-        self._grow(int(initial_capacity))
 
-    def __dealloc__(self):
-        del self.core
+    cdef object _call(self, uint64_t n, uint64_t timestamp):
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------------------------ storage
-    cdef _grow(self, uint64_t capacity):
-        cdef uint64_t nslots = 16
-        while nslots < 2 * capacity:
-            nslots <<= 1
-        buf = np.zeros(capacity * ACCOUNT_RECORD_BYTES + 64, dtype=np.uint8)
-        cdef uintptr_t base = <uintptr_t>buf.ctypes.data
-        cdef uintptr_t aligned = (base + 63) & ~(<uintptr_t>63)
-        if self._accounts is not None and self.core.acc_count:
-            memcpy(<void*>aligned, <void*>self._account_ptr(), self.core.acc_count * ACCOUNT_RECORD_BYTES)
-        slots = np.zeros(nslots, dtype=np.uint64)
-        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint64_t*><uintptr_t>slots.ctypes.data, nslots)
-        self._accounts = buf
-        self._slots = slots
-
-    cdef uintptr_t _account_ptr(self):
-        cdef uintptr_t base = <uintptr_t>self._accounts.ctypes.data
-        return (base + 63) & ~(<uintptr_t>63)
-
-    cdef int _reserve_accounts(self, uint64_t extra) except -1:
-        cdef uint64_t need = self.core.acc_count + extra
-        cdef uint64_t cap = self.core.acc_capacity
-        if need <= cap:
-            return 0
-        if need > ACCOUNT_CAPACITY_MAX:
-            raise ValueError(f"account capacity limit ({ACCOUNT_CAPACITY_MAX}) reached")
-        while cap < need:
-            cap = min(cap * 2, ACCOUNT_CAPACITY_MAX)
-        self._grow(cap)
-        return 0
-
-    cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1:
-        cdef const char* why = NULL
-        cdef int64_t bad = self.core.validate(ops, n, &why)
-        if bad >= 0:
-            raise ValueError(f"malformed batch at record {bad}: {why.decode()}; nothing was applied")
-        return 0
-
-    cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1:
-        cdef uint64_t i, creates = 0
-        self._check_batch(ops, n)
-        for i in range(n):
-            if ops[i].kind == 1:  # CREATE_ACCOUNT: each adds at most one account
-                creates += 1
-        self._reserve_accounts(creates)
-        self.core.apply(ops, n, out, timestamp)
-        return 0
-
-    # ------------------------------------------------------------------------------ the hot path
-    def apply_batch(self, ops, timestamp=0, out=None):
-        """Apply a batch of op records (numpy array of ``OP_DTYPE``, at most ``BATCH_SIZE_MAX``).
-        Returns one ``RESULT_DTYPE`` record per op record (written into ``out[:len(ops)]`` when a
-        C-contiguous ``RESULT_DTYPE`` array is given, to reuse its memory). A malformed batch raises
-        ValueError/TypeError and applies nothing."""
-        if not isinstance(ops, np.ndarray):
-            raise TypeError(f"ops must be a numpy array of OP_DTYPE, not {type(ops).__name__}")
-        if ops.dtype != OP_DTYPE:
-            raise TypeError(f"ops has dtype {ops.dtype}, expected engine.records.OP_DTYPE")
-        if ops.ndim != 1 or not ops.flags.c_contiguous:
-            raise ValueError("ops must be a one-dimensional C-contiguous array")
-        cdef uint64_t n = ops.shape[0]
-        if n > BATCH_SIZE_MAX:
-            raise ValueError(f"batch of {n} records exceeds BATCH_SIZE_MAX={BATCH_SIZE_MAX}; nothing was applied")
-        ts = _as_int(timestamp, "timestamp")
-        if not 0 <= ts <= _U64_MASK:
-            raise ValueError("timestamp must fit in an unsigned 64-bit integer")
-        if out is None:
-            results = np.empty(n, dtype=RESULT_DTYPE)   # the core writes every byte
-        else:
-            if not isinstance(out, np.ndarray) or out.dtype != RESULT_DTYPE or out.ndim != 1 \
-                    or not out.flags.c_contiguous or not out.flags.writeable or out.shape[0] < n:
-                raise ValueError("out must be a writeable C-contiguous RESULT_DTYPE array of at least len(ops)")
-            results = out[:n]
-        if n:
-            self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
-                               <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)
-        return results
-
-    # ---------------------------------------------------------------------------- per-call API
     cdef OpRec* _op(self, uint64_t i, object dedup_id, uint8_t kind) except NULL:
         cdef OpRec* o = &self._ops[i]
         memset(o, 0, sizeof(OpRec))
@@ -317,18 +215,6 @@ cdef class Ledger:
         o.kind = kind
         o.group_size = 1
         return o
-
-    cdef object _call(self, uint64_t n, uint64_t timestamp):
-        self.apply_records(self._ops, n, self._res, timestamp)
-        cdef ResRec* r = &self._res[0]
-        cdef Result res = Result.__new__(Result)
-        res.code = _CODES[r.code] if r.code < len(_CODES) else _CODE_BY_VALUE[r.code]
-        res.duplicate = (r.flags & 1) != 0
-        res.seq_num = r.seq_num
-        res.dedup_id = _get_u128(r.dedup_id)
-        res.kind = _KINDS[r.kind]
-        res._ledger = self
-        return res
 
     cdef uint64_t _ts(self, object timestamp) except? 0:
         t = _as_int(timestamp, "timestamp")
@@ -486,6 +372,149 @@ cdef class Ledger:
         cdef OpRec* o = self._op(0, dedup_id, 13)
         _put_u128(o.other_id, original_dedup_id, "original_dedup_id")
         return self._call(1, ts)
+
+
+
+cdef class OpEncoder(_CommandApi):
+    """Builds the op records of a per-call command without applying it: ``OpEncoder().transfer(d, a, b,
+    100, "USD")`` returns a numpy array of ``OP_DTYPE`` records (1 record, or 1 + members for a group),
+    exactly what ``Ledger.transfer`` would apply. Clients use it to put per-call commands into batches.
+    Input is checked as the ledger checks it (ValueError/TypeError); ``timestamp`` is accepted and ignored
+    (a replicated shard stamps commands with its leader's clock)."""
+
+    cdef object _call(self, uint64_t n, uint64_t timestamp):
+        return self._opbuf[:n].copy()
+
+
+def check_batch(ops):
+    """Check a batch of op records the way ``apply_batch`` does, without applying it: a numpy array of
+    ``OP_DTYPE``, one-dimensional, C-contiguous, at most ``BATCH_SIZE_MAX`` records, well-formed groups,
+    known kinds, reserved bytes zero. Raises TypeError/ValueError naming the fault; returns None."""
+    _check_ops_array(ops)
+    cdef const char* why = NULL
+    cdef int64_t bad = validate_ops(<const OpRec*><uintptr_t>ops.ctypes.data, ops.shape[0], &why)
+    if bad >= 0:
+        raise ValueError(f"malformed batch at record {bad}: {why.decode()}; nothing was applied")
+
+
+cdef int _check_ops_array(object ops) except -1:
+    if not isinstance(ops, np.ndarray):
+        raise TypeError(f"ops must be a numpy array of OP_DTYPE, not {type(ops).__name__}")
+    if ops.dtype != OP_DTYPE:
+        raise TypeError(f"ops has dtype {ops.dtype}, expected engine.records.OP_DTYPE")
+    if ops.ndim != 1 or not ops.flags.c_contiguous:
+        raise ValueError("ops must be a one-dimensional C-contiguous array")
+    if ops.shape[0] > BATCH_SIZE_MAX:
+        raise ValueError(f"batch of {ops.shape[0]} records exceeds BATCH_SIZE_MAX={BATCH_SIZE_MAX}; "
+                         "nothing was applied")
+    return 0
+
+
+cdef class Ledger(_CommandApi):
+    """One shard's ledger, in memory. Single-threaded: do not call it from two threads at once."""
+
+    def __cinit__(self, *, dedup_retention=DEDUP_RETENTION_DEFAULT, event_retention=EVENT_RETENTION_DEFAULT,
+                  initial_capacity=1024):
+        if int(dedup_retention) < DEDUP_RETENTION_MIN:
+            raise ValueError(f"dedup_retention must be >= {DEDUP_RETENTION_MIN}")
+        if int(event_retention) < EVENT_RETENTION_MIN:
+            raise ValueError(f"event_retention must be >= {EVENT_RETENTION_MIN}")
+        if not 1 <= int(initial_capacity) <= ACCOUNT_CAPACITY_MAX:
+            raise ValueError("initial_capacity out of range")
+        self.dedup_retention = 1 << (int(dedup_retention) - 1).bit_length()   # rounded up to a power of two
+        self.event_retention = 1 << (int(event_retention) - 1).bit_length()
+        self.core = new Core(self.dedup_retention, self.event_retention)
+        self._resbuf = np.zeros(BATCH_SIZE_MAX, dtype=RESULT_DTYPE)
+        self._res = <ResRec*><uintptr_t>self._resbuf.ctypes.data
+        self._accounts = None
+        self._grow(int(initial_capacity))
+
+    def __dealloc__(self):
+        del self.core
+
+    # ------------------------------------------------------------------------------------ storage
+    cdef _grow(self, uint64_t capacity):
+        cdef uint64_t nslots = 16
+        while nslots < 2 * capacity:
+            nslots <<= 1
+        buf = np.zeros(capacity * ACCOUNT_RECORD_BYTES + 64, dtype=np.uint8)
+        cdef uintptr_t base = <uintptr_t>buf.ctypes.data
+        cdef uintptr_t aligned = (base + 63) & ~(<uintptr_t>63)
+        if self._accounts is not None and self.core.acc_count:
+            memcpy(<void*>aligned, <void*>self._account_ptr(), self.core.acc_count * ACCOUNT_RECORD_BYTES)
+        slots = np.zeros(nslots, dtype=np.uint64)
+        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint64_t*><uintptr_t>slots.ctypes.data, nslots)
+        self._accounts = buf
+        self._slots = slots
+
+    cdef uintptr_t _account_ptr(self):
+        cdef uintptr_t base = <uintptr_t>self._accounts.ctypes.data
+        return (base + 63) & ~(<uintptr_t>63)
+
+    cdef int _reserve_accounts(self, uint64_t extra) except -1:
+        cdef uint64_t need = self.core.acc_count + extra
+        cdef uint64_t cap = self.core.acc_capacity
+        if need <= cap:
+            return 0
+        if need > ACCOUNT_CAPACITY_MAX:
+            raise ValueError(f"account capacity limit ({ACCOUNT_CAPACITY_MAX}) reached")
+        while cap < need:
+            cap = min(cap * 2, ACCOUNT_CAPACITY_MAX)
+        self._grow(cap)
+        return 0
+
+    cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1:
+        cdef const char* why = NULL
+        cdef int64_t bad = self.core.validate(ops, n, &why)
+        if bad >= 0:
+            raise ValueError(f"malformed batch at record {bad}: {why.decode()}; nothing was applied")
+        return 0
+
+    cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1:
+        cdef uint64_t i, creates = 0
+        self._check_batch(ops, n)
+        for i in range(n):
+            if ops[i].kind == 1:  # CREATE_ACCOUNT: each adds at most one account
+                creates += 1
+        self._reserve_accounts(creates)
+        self.core.apply(ops, n, out, timestamp)
+        return 0
+
+    # ------------------------------------------------------------------------------ the hot path
+    def apply_batch(self, ops, timestamp=0, out=None):
+        """Apply a batch of op records (numpy array of ``OP_DTYPE``, at most ``BATCH_SIZE_MAX``).
+        Returns one ``RESULT_DTYPE`` record per op record (written into ``out[:len(ops)]`` when a
+        C-contiguous ``RESULT_DTYPE`` array is given, to reuse its memory). A malformed batch raises
+        ValueError/TypeError and applies nothing."""
+        _check_ops_array(ops)
+        cdef uint64_t n = ops.shape[0]
+        ts = _as_int(timestamp, "timestamp")
+        if not 0 <= ts <= _U64_MASK:
+            raise ValueError("timestamp must fit in an unsigned 64-bit integer")
+        if out is None:
+            results = np.empty(n, dtype=RESULT_DTYPE)   # the core writes every byte
+        else:
+            if not isinstance(out, np.ndarray) or out.dtype != RESULT_DTYPE or out.ndim != 1 \
+                    or not out.flags.c_contiguous or not out.flags.writeable or out.shape[0] < n:
+                raise ValueError("out must be a writeable C-contiguous RESULT_DTYPE array of at least len(ops)")
+            results = out[:n]
+        if n:
+            self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
+                               <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)
+        return results
+
+    # ---------------------------------------------------------------------------- per-call API
+    cdef object _call(self, uint64_t n, uint64_t timestamp):
+        self.apply_records(self._ops, n, self._res, timestamp)
+        cdef ResRec* r = &self._res[0]
+        cdef Result res = Result.__new__(Result)
+        res.code = _CODES[r.code] if r.code < len(_CODES) else _CODE_BY_VALUE[r.code]
+        res.duplicate = (r.flags & 1) != 0
+        res.seq_num = r.seq_num
+        res.dedup_id = _get_u128(r.dedup_id)
+        res.kind = _KINDS[r.kind]
+        res._ledger = self
+        return res
 
     # ------------------------------------------------------------------------------------ reads
     def result_of(self, dedup_id):

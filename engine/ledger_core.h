@@ -149,6 +149,38 @@ static inline bool valid_currency(const char* c) {
     return true;
 }
 
+// Structural check of a batch (stateless): -1 if well-formed, else the index of the first bad record
+// and *why. apply() requires a batch that passed it.
+inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
+    if (n > BATCH_SIZE_MAX) { *why = "batch larger than BATCH_SIZE_MAX"; return 0; }
+    uint64_t i = 0;
+    while (i < n) {
+        const OpRec& o = ops[i];
+        if (o.kind == 0 || o.kind > K_MAX) { *why = "unknown operation kind"; return (int64_t)i; }
+        if (o.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
+        if (o.kind == K_SPEC || o.kind == K_PRECONDITION) {
+            *why = "SPEC/PRECONDITION record outside a group"; return (int64_t)i;
+        }
+        uint64_t g = o.group_size;
+        if (o.kind == K_BATCH_BALANCE || o.kind == K_TCC_TRY) {
+            if (g < 1 || i + g > n) { *why = "group_size runs past the end of the batch"; return (int64_t)i; }
+            for (uint64_t j = i + 1; j < i + g; j++) {
+                const OpRec& m = ops[j];
+                bool ok_kind = m.kind == K_SPEC || (m.kind == K_PRECONDITION && o.kind == K_BATCH_BALANCE);
+                if (!ok_kind) { *why = "group member of the wrong kind"; return (int64_t)j; }
+                if (m.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                if (memcmp(m.dedup_id, o.dedup_id, 16) != 0) {
+                    *why = "group member's dedup_id differs from its header's"; return (int64_t)j;
+                }
+            }
+        } else {
+            if (g != 1) { *why = "group_size must be 1 for a single-record operation"; return (int64_t)i; }
+        }
+        i += g;
+    }
+    return -1;
+}
+
 class Core {
   public:
     // ---- account storage (memory owned by the caller) ----
@@ -350,35 +382,7 @@ class Core {
 
     // ------------------------------------------------------------------- structural validation
     // Returns -1 if the batch is well formed, else the index of the first bad record; *why says what.
-    int64_t validate(const OpRec* ops, uint64_t n, const char** why) const {
-        if (n > BATCH_SIZE_MAX) { *why = "batch larger than BATCH_SIZE_MAX"; return 0; }
-        uint64_t i = 0;
-        while (i < n) {
-            const OpRec& o = ops[i];
-            if (o.kind == 0 || o.kind > K_MAX) { *why = "unknown operation kind"; return (int64_t)i; }
-            if (o.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
-            if (o.kind == K_SPEC || o.kind == K_PRECONDITION) {
-                *why = "SPEC/PRECONDITION record outside a group"; return (int64_t)i;
-            }
-            uint64_t g = o.group_size;
-            if (o.kind == K_BATCH_BALANCE || o.kind == K_TCC_TRY) {
-                if (g < 1 || i + g > n) { *why = "group_size runs past the end of the batch"; return (int64_t)i; }
-                for (uint64_t j = i + 1; j < i + g; j++) {
-                    const OpRec& m = ops[j];
-                    bool ok_kind = m.kind == K_SPEC || (m.kind == K_PRECONDITION && o.kind == K_BATCH_BALANCE);
-                    if (!ok_kind) { *why = "group member of the wrong kind"; return (int64_t)j; }
-                    if (m.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
-                    if (memcmp(m.dedup_id, o.dedup_id, 16) != 0) {
-                        *why = "group member's dedup_id differs from its header's"; return (int64_t)j;
-                    }
-                }
-            } else {
-                if (g != 1) { *why = "group_size must be 1 for a single-record operation"; return (int64_t)i; }
-            }
-            i += g;
-        }
-        return -1;
-    }
+    int64_t validate(const OpRec* ops, uint64_t n, const char** why) const { return validate_ops(ops, n, why); }
 
     // ------------------------------------------------------------------------------ apply batch
     // The batch must have passed validate() and the caller must have grown the account storage for

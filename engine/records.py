@@ -225,6 +225,22 @@ def get_i128(field: np.ndarray) -> list[int]:
     return out
 
 
+def accounts_from_events(evs: np.ndarray) -> dict[int, dict]:
+    """The accounts one command changed, as they were right after it, from its event records:
+    ``{account_id: {"account_id", "currency", "state", "available", "version"}}`` (the shape of
+    ``Result.accounts``, embedded or remote)."""
+    out: dict[int, dict] = {}
+    ids = get_u128(evs["account_id"])
+    avail = get_i128(evs["available"])
+    for k in range(len(evs)):
+        if ids[k] == 0:
+            continue
+        out[ids[k]] = {"account_id": ids[k], "currency": bytes(evs["currency"][k]).decode("ascii"),
+                       "state": State(int(evs["state"][k])), "available": avail[k],
+                       "version": int(evs["version"][k])}
+    return out
+
+
 def encode_currency(currency: str | bytes) -> bytes:
     """Validate and encode an asset code: 1..8 printable ASCII characters."""
     raw = currency.encode("ascii") if isinstance(currency, str) else bytes(currency)
