@@ -61,8 +61,8 @@ class LocalCluster:
         for i in self.ids:
             self._wait_ready(i)
 
-    def start_replica(self, node: int, wait: bool = True) -> None:
-        assert node not in self.procs or self.procs[node].poll() is not None, f"replica {node} is running"
+    def command(self, node: int) -> list[str]:
+        """The command line that runs replica ``node`` (subclasses run other kinds of replica)."""
         a = self._args
         peers = ",".join(f"{i}={addr}" for i, addr in self.raft_addr.items())
         cmd = [sys.executable, "-m", "engine.raft.replica_main", "--id", str(node), "--peers", peers,
@@ -72,6 +72,11 @@ class LocalCluster:
                "--map-size-gib", str(a["map_size_gib"]), "--log-level", a["log_level"], "--machine", a["machine"]]
         if not a["sync"]:
             cmd.append("--no-sync")
+        return cmd
+
+    def start_replica(self, node: int, wait: bool = True) -> None:
+        assert node not in self.procs or self.procs[node].poll() is not None, f"replica {node} is running"
+        cmd = self.command(node)
         os.makedirs(self.base_dir, exist_ok=True)
         stderr = open(os.path.join(self.base_dir, f"replica-{node}.stderr"), "ab")
         self.procs[node] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr,
@@ -103,9 +108,20 @@ class LocalCluster:
         if proc.stdout:
             proc.stdout.close()
 
+    def pause(self, node: int) -> None:
+        """SIGSTOP: the process is frozen (a long GC pause, a stalled VM) until ``resume``."""
+        os.kill(self.procs[node].pid, signal.SIGSTOP)
+
+    def resume(self, node: int) -> None:
+        os.kill(self.procs[node].pid, signal.SIGCONT)
+
     def stop(self, node: int, timeout_s: float = 10.0) -> None:
         proc = self.procs[node]
         if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGCONT)     # a paused replica cannot handle SIGTERM
+            except ProcessLookupError:
+                pass
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout_s)

@@ -1,0 +1,115 @@
+"""A local shard: N node processes (``engine.node``) on 127.0.0.1, each with its own data directory and
+TOML config under ``base_dir``. Used by ``zwallet cluster``, ``zwallet demo``, the tests and the benchmarks.
+
+    zwallet cluster [--replicas 3] [--base-dir DIR] [--base-port 7100]   # runs until Ctrl-C
+
+Process management (start, kill -9, SIGSTOP/SIGCONT, stop, close) is ``LocalCluster``'s; this class only
+says how a node is configured and started. ``close()`` always ends every process it started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+from engine.raft.local_cluster import LocalCluster, free_ports
+
+
+class NodeCluster(LocalCluster):
+    def __init__(self, size: int, base_dir: str, *, base_port: int | None = None, verbose: bool = False,
+                 **settings: Any) -> None:
+        """``settings`` are NodeConfig fields for every replica (``tick_ms``, ``snapshot_threshold_entries``,
+        ``sync``, limits ...). Ports: three per replica (raft, client, pub) from ``base_port``, else free ones."""
+        from engine.node import NodeConfig
+        self.size = size
+        self.base_dir = base_dir
+        self.ids = list(range(1, size + 1))
+        ports = list(range(base_port, base_port + 3 * size)) if base_port else free_ports(3 * size)
+        self.raft_addr = {i: f"tcp://127.0.0.1:{ports[k]}" for k, i in enumerate(self.ids)}
+        self.client_addr = {i: f"tcp://127.0.0.1:{ports[size + k]}" for k, i in enumerate(self.ids)}
+        self.pub_addr = {i: f"tcp://127.0.0.1:{ports[2 * size + k]}" for k, i in enumerate(self.ids)}
+        self.procs = {}
+        self.verbose = verbose
+        replicas = {i: {"raft": self.raft_addr[i], "client": self.client_addr[i], "pub": self.pub_addr[i]}
+                    for i in self.ids}
+        os.makedirs(base_dir, exist_ok=True)
+        self.configs = {}
+        for i in self.ids:
+            cfg = NodeConfig(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings)
+            cfg.validate()
+            self.configs[i] = cfg
+            with open(self.config_path(i), "w") as f:
+                f.write(cfg.to_toml())
+
+    def config_path(self, node: int) -> str:
+        return os.path.join(self.base_dir, f"node-{node}.toml")
+
+    def data_dir(self, node: int) -> str:
+        return os.path.join(self.base_dir, f"node-{node}")
+
+    def command(self, node: int) -> list[str]:
+        return [sys.executable, "-m", "engine.node", "--config", self.config_path(node)]
+
+    @property
+    def client_addresses(self) -> list[str]:
+        return [self.client_addr[i] for i in self.ids]
+
+    @property
+    def pub_addresses(self) -> list[str]:
+        return [self.pub_addr[i] for i in self.ids]
+
+    def peak_rss_bytes(self, node: int) -> int | None:
+        """VmHWM of a running replica (Linux), for memory reports."""
+        try:
+            with open(f"/proc/{self.procs[node].pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, KeyError):
+            return None
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zwallet cluster", description="run N local replicas of a shard until Ctrl-C")
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--base-dir", help="data and configs (default: a new temporary directory)")
+    p.add_argument("--base-port", type=int, default=7100, help="raft ports from here, then client, then pub")
+    p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    base = args.base_dir or tempfile.mkdtemp(prefix="zwallet-cluster-")
+    cluster = NodeCluster(args.replicas, base, base_port=args.base_port, verbose=args.verbose,
+                          sync=not args.no_sync)
+    stop = {"now": False}
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        stop["now"] = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+        print(f"zwallet cluster: {args.replicas} replicas, data and configs in {base}")
+        for i in cluster.ids:
+            print(f"  replica {i}: client {cluster.client_addr[i]}  pub {cluster.pub_addr[i]}  "
+                  f"raft {cluster.raft_addr[i]}  config {cluster.config_path(i)}")
+        print(f"  status: zwallet status --nodes {','.join(cluster.client_addresses)}")
+        print("  Ctrl-C stops every replica", flush=True)
+        while not stop["now"]:
+            for i in cluster.ids:
+                if not cluster.alive(i):
+                    print(f"  replica {i} exited: {cluster.stderr_tail(i, 800)}", flush=True)
+                    stop["now"] = True
+            time.sleep(0.2)
+    finally:
+        cluster.close()
+        print("  stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The node's event store: the golden copy of the ledger's events, in LMDB, range-readable.
+
+Layout (one LMDB environment ``<data_dir>/events``):
+- ``chunks``: key = big-endian u64 first seq_num of a chunk; value = u64 last seq_num, then the chunk's
+  event records (``records.EVENT_DTYPE``, every part of every seq in first..last, in order). One chunk is
+  what one apply call produced, so a write is one put however many events it holds.
+- ``meta``: ``holes`` (msgpack list of [first, last] seq ranges this replica never received: it was brought
+  back by a snapshot of the ledger that was newer than its events) and ``floor`` (seqs below it were pruned
+  by retention).
+
+Writes are not fsynced one by one: the events are derived from the Raft log, and a replica that restarts
+replays the log from its newest ledger snapshot, rewriting the same events. ``sync()`` is called before a
+ledger snapshot is saved (after which the log below it may be compacted), so every event older than the
+snapshot is durable by then. Retention: chunks whose seqs are all below ``last_seq - retention_events``
+are deleted when a snapshot is taken (``prune``).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import lmdb
+import msgspec
+import numpy as np
+
+from engine.records import EVENT_DTYPE
+
+EVENT_STORE_MAP_SIZE_BYTES_DEFAULT = 64 << 30
+EVENT_RETENTION_SEQS_DEFAULT = 50_000_000
+_KEY = struct.Struct(">Q")
+_LAST = struct.Struct("<Q")
+_REC = EVENT_DTYPE.itemsize
+
+
+class EventsUnavailable(LookupError):
+    """This replica does not hold (all of) the asked range: pruned, never received, or not yet applied."""
+
+
+class EventStore:
+    def __init__(self, path: str, *, map_size_bytes: int = EVENT_STORE_MAP_SIZE_BYTES_DEFAULT,
+                 retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.retention_seqs = retention_seqs
+        self._env = lmdb.open(path, map_size=map_size_bytes, max_dbs=4, sync=False, metasync=False,
+                              writemap=False, lock=True)
+        self._chunks = self._env.open_db(b"chunks")
+        self._meta = self._env.open_db(b"meta")
+        self._lock = threading.Lock()     # writers: the apply thread; readers use their own read txns
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"holes")
+            self._holes: list[list[int]] = msgspec.msgpack.decode(raw) if raw else []
+            raw = txn.get(b"floor")
+            self._floor = _LAST.unpack(raw)[0] if raw else 1
+        self.last_seq = max([self._scan_last()] + [h[1] for h in self._holes])
+
+    def _scan_last(self) -> int:
+        with self._env.begin(db=self._chunks) as txn:
+            cur = txn.cursor()
+            if not cur.last():
+                return 0
+            return _LAST.unpack_from(cur.value(), 0)[0]
+
+    def close(self) -> None:
+        self._env.close()
+
+    def append(self, chunks: list[np.ndarray]) -> None:
+        """Store event chunks (each contiguous in seq_num; consecutive chunks continue each other).
+        Rewriting seqs that are already there (log replay after a restart) is allowed and idempotent."""
+        with self._lock, self._env.begin(write=True, db=self._chunks) as txn:
+            for evs in chunks:
+                if not len(evs):
+                    continue
+                first = int(evs["seq_num"][0])
+                last = int(evs["seq_num"][-1])
+                assert first <= last and (self.last_seq == 0 or first <= self.last_seq + 1 or self._holes), \
+                    f"event gap: store ends at {self.last_seq}, chunk starts at {first}"
+                txn.put(_KEY.pack(first), _LAST.pack(last) + evs.tobytes())
+                self.last_seq = max(self.last_seq, last)
+
+    def note_restored(self, ledger_last_seq: int) -> None:
+        """The ledger was replaced by a snapshot whose last event is ``ledger_last_seq``: if that is past what
+        this store holds, the seqs in between will never arrive here; remember them as a hole."""
+        if ledger_last_seq <= self.last_seq:
+            return
+        with self._lock, self._env.begin(write=True, db=self._meta) as txn:
+            self._holes.append([self.last_seq + 1, ledger_last_seq])
+            txn.put(b"holes", msgspec.msgpack.encode(self._holes))
+            self.last_seq = ledger_last_seq
+
+    def sync(self) -> None:
+        self._env.sync(True)
+
+    def prune(self) -> int:
+        """Delete chunks entirely below ``last_seq - retention_seqs``; returns how many were deleted."""
+        cutoff = self.last_seq - self.retention_seqs
+        if cutoff <= self._floor:
+            return 0
+        deleted = 0
+        with self._lock, self._env.begin(write=True) as txn:
+            cur = txn.cursor(db=self._chunks)
+            new_floor = self._floor
+            if cur.first():
+                while True:
+                    last = _LAST.unpack_from(cur.value(), 0)[0]
+                    if last >= cutoff:
+                        new_floor = _KEY.unpack(cur.key())[0]
+                        break
+                    deleted += 1
+                    if not cur.delete():
+                        break
+            self._floor = max(self._floor, new_floor)
+            self._holes = [h for h in self._holes if h[1] >= self._floor]
+            txn.put(b"floor", _LAST.pack(self._floor), db=self._meta)
+            txn.put(b"holes", msgspec.msgpack.encode(self._holes), db=self._meta)
+        return deleted
+
+    def first_available(self) -> int:
+        return self._floor
+
+    def read(self, first_seq: int, last_seq: int, records_max: int) -> np.ndarray:
+        """Event records of seqs first_seq..last_seq (all parts), at most ``records_max`` records (whole
+        seqs only; the last seq returned may be below last_seq). Raises EventsUnavailable."""
+        if not 1 <= first_seq <= last_seq:
+            raise ValueError(f"bad event range {first_seq}..{last_seq}")
+        if first_seq < self._floor:
+            raise EventsUnavailable(f"events below {self._floor} were pruned by retention "
+                                    f"({self.retention_seqs} seqs) on this replica")
+        if last_seq > self.last_seq:
+            raise EventsUnavailable(f"this replica's events end at {self.last_seq}")
+        for a, b in self._holes:
+            if a <= last_seq and first_seq <= b:
+                raise EventsUnavailable(f"this replica was restored from a snapshot and never held "
+                                        f"events {a}..{b}; ask another replica")
+        out: list[np.ndarray] = []
+        count = 0
+        with self._env.begin(db=self._chunks) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(_KEY.pack(first_seq)) or _KEY.unpack(cur.key())[0] != first_seq:
+                # the chunk holding first_seq starts before it
+                if not (cur.prev() if cur.key() else cur.last()):
+                    raise EventsUnavailable(f"event {first_seq} not found")
+            while True:
+                value = cur.value()
+                evs = np.frombuffer(value, dtype=EVENT_DTYPE, offset=8)
+                seqs = evs["seq_num"]
+                lo = int(np.searchsorted(seqs, first_seq, "left"))
+                hi = int(np.searchsorted(seqs, last_seq, "right"))
+                if hi > lo:
+                    part = evs[lo:hi]
+                    if count + len(part) > records_max:
+                        pseqs = part["seq_num"]
+                        cut = records_max - count
+                        if pseqs[cut] == pseqs[cut - 1] if cut > 0 else False:
+                            cut = int(np.searchsorted(pseqs, pseqs[cut], "left"))   # whole seqs only
+                        if cut <= 0 and not count:
+                            cut = int(np.searchsorted(pseqs, pseqs[0], "right"))    # always progress
+                        if cut > 0:
+                            out.append(part[:cut].copy())
+                            count += cut
+                        break
+                    out.append(part.copy())
+                    count += len(part)
+                if int(seqs[-1]) >= last_seq or not cur.next():
+                    break
+        result = np.concatenate(out) if out else np.zeros(0, dtype=EVENT_DTYPE)
+        if not len(result) or int(result["seq_num"][0]) != first_seq:
+            raise EventsUnavailable(f"event {first_seq} is not in this replica's store")
+        return result

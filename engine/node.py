@@ -1,0 +1,664 @@
+"""One replica of a shard: the ledger behind a ZeroMQ ROUTER, replicated by our Raft, publishing events.
+
+    zwallet node --config node.toml [--id 1] [--data-dir DIR] [--verbose]
+
+Threads. The **main thread** owns every client-facing socket: it receives requests on the ROUTER, checks
+them, groups the APPLY batches that arrive while earlier log entries are in flight into one entry (group
+commit), proposes it, and sends replies and PUB messages. The **Raft driver thread** (`engine/raft/driver.py`)
+owns the core, the LMDB log and the peer transport, and applies committed entries to the ledger
+(`engine/ledger_machine.py`), writing their events to the event store (`engine/event_store.py`). The two
+meet in three places only: the driver's futures (their callbacks queue completions and wake the main
+thread through an eventfd), the ledger lock (the main thread reads the ledger under it), and the PUB queue.
+
+Request handling (protocol: `engine/wire.py`, docs/protocol.md):
+- APPLY: the payload must be whole op records, at most ``batch_records_max``, well formed (``check_batch``);
+  anything else is an ERROR reply and never reaches the log. Only the leader accepts; a follower replies
+  NOT_LEADER with the leader's id and client address. The reply carries one result record per op record
+  once the entry holding the batch is committed and applied here.
+- Reads (GET_ACCOUNTS, EVENTS, RESULT_OF, TOTALS): LINEARIZABLE by default (one ReadIndex round shared by
+  every read that arrived in the same loop iteration, on any replica); FOLLOWER reads are served locally
+  once this replica's ledger has applied ``min_seq``. EVENTS come from the event store (the golden copy).
+- STATUS: role, term, leader, commit and applied index, ledger last_seq, optionally the state digest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+import zmq
+
+from engine import records as R
+from engine._ledger import check_batch
+from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, EventStore, EventsUnavailable
+from engine.ledger_machine import ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, LedgerMachine, ledger_entry
+from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
+                                RaftDriver)
+from engine import wire as W
+from engine.wire import ErrorCode, Op, Status
+
+log = logging.getLogger("zwallet.node")
+
+CLIENT_FRAME_BYTES_MAX = 16 << 20     # ZMQ_MAXMSGSIZE on the client ROUTER: a larger frame drops the peer
+RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
+
+
+@dataclass
+class NodeConfig:
+    """Everything one replica needs. ``replicas`` maps every member id to its three addresses."""
+    node_id: int
+    replicas: dict[int, dict[str, str]]          # id -> {"raft": ..., "client": ..., "pub": ...}
+    data_dir: str
+    # limits
+    batch_records_max: int = R.BATCH_SIZE_MAX     # op records in one APPLY request
+    entry_records_max: int = ENTRY_RECORDS_MAX    # op records grouped into one log entry
+    inflight_entries_max: int = 2                 # proposed but not yet applied log entries
+    pending_requests_max: int = 100_000           # requests accepted and not yet answered, all clients
+    pending_per_client_max: int = 8_192           # ... per client connection
+    follower_read_wait_ms: int = 2_000            # FOLLOWER read waiting for min_seq, then TIMEOUT
+    read_waiting_max: int = 10_000                # parked follower reads
+    event_retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT
+    pub_queue_messages_max: int = 100_000         # SNDHWM of the PUB socket (slow subscribers lose, then fetch)
+    # raft
+    tick_ms: int = 10
+    election_ticks: int = 30
+    heartbeat_ticks: int = 3
+    snapshot_threshold_entries: int = 20_000
+    snapshot_keep_entries: int = 2_000
+    sync: bool = True
+    map_size_gib: int = 64
+    verbose: bool = False
+
+    def validate(self) -> None:
+        if self.node_id not in self.replicas:
+            raise ValueError(f"node id {self.node_id} is not one of the replicas {sorted(self.replicas)}")
+        for rid, addrs in self.replicas.items():
+            missing = {"raft", "client", "pub"} - set(addrs)
+            if missing:
+                raise ValueError(f"replica {rid} lacks address(es) {sorted(missing)}")
+        if not 1 <= self.batch_records_max <= R.BATCH_SIZE_MAX:
+            raise ValueError(f"batch_records_max must be 1..{R.BATCH_SIZE_MAX}")
+        if not self.batch_records_max <= self.entry_records_max <= ENTRY_RECORDS_MAX:
+            raise ValueError(f"entry_records_max must be batch_records_max..{ENTRY_RECORDS_MAX}")
+        for name in ("inflight_entries_max", "pending_requests_max", "pending_per_client_max",
+                     "follower_read_wait_ms", "read_waiting_max", "event_retention_seqs",
+                     "pub_queue_messages_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.pending_per_client_max > self.pending_requests_max:
+            raise ValueError("pending_per_client_max exceeds pending_requests_max")
+
+    def driver_config(self) -> DriverConfig:
+        return DriverConfig(tick_interval_ms=self.tick_ms, election_ticks=self.election_ticks,
+                            heartbeat_ticks=self.heartbeat_ticks,
+                            snapshot_threshold_entries=self.snapshot_threshold_entries,
+                            snapshot_keep_entries=self.snapshot_keep_entries, sync=self.sync,
+                            map_size_bytes=self.map_size_gib << 30)
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides: Any) -> "NodeConfig":
+        """Read a node config file (format: docs/operations.md); keyword overrides win over the file."""
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+        return cls.from_dict(doc, **overrides)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], **overrides: Any) -> "NodeConfig":
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        node = dict(doc.get("node", {}))
+        if "id" in node:
+            values["node_id"] = node.pop("id")
+        for section in ("node", "limits", "raft"):
+            for k, v in (node if section == "node" else doc.get(section, {})).items():
+                if k not in known:
+                    raise ValueError(f"unknown setting [{section}] {k}")
+                values[k] = v
+        replicas = {}
+        for r in doc.get("replica", []):
+            rid = int(r["id"])
+            replicas[rid] = {k: str(r[k]) for k in ("raft", "client", "pub") if k in r}
+        values["replicas"] = replicas
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(doc) - {"node", "limits", "raft", "replica"}
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_toml(self) -> str:
+        lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"', f"verbose = {str(self.verbose).lower()}",
+                 "", "[limits]"]
+        for name in ("batch_records_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
+                     "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
+                     "event_retention_seqs", "pub_queue_messages_max"):
+            lines.append(f"{name} = {getattr(self, name)}")
+        lines += ["", "[raft]"]
+        for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
+                     "snapshot_keep_entries", "map_size_gib"):
+            lines.append(f"{name} = {getattr(self, name)}")
+        lines.append(f"sync = {str(self.sync).lower()}")
+        for rid, a in sorted(self.replicas.items()):
+            lines += ["", "[[replica]]", f"id = {rid}", f'raft = "{a["raft"]}"', f'client = "{a["client"]}"',
+                      f'pub = "{a["pub"]}"']
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(slots=True)
+class _Pending:
+    ident: bytes
+    req: W.Request
+    payload: Any = None            # APPLY: the op records (bytes-like); reads: decoded arguments
+    records: int = 0
+
+
+@dataclass(slots=True)
+class _Counters:
+    requests: int = 0
+    applied_batches: int = 0
+    bad_requests: int = 0
+    not_leader: int = 0
+    overloaded: int = 0
+    entries_proposed: int = 0
+    entries_batches: int = 0
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self.node_id = config.node_id
+        os.makedirs(config.data_dir, exist_ok=True)
+        self.events = EventStore(os.path.join(config.data_dir, "events"),
+                                 retention_seqs=config.event_retention_seqs)
+        self.machine = LedgerMachine(event_sink=self._on_events)
+        self.lock = threading.Lock()           # the ledger: applied by the driver thread, read by the main one
+        self._completions: collections.deque[Callable[[], None]] = collections.deque()
+        self._pub_queue: collections.deque[np.ndarray] = collections.deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.driver = RaftDriver(config.node_id, {i: a["raft"] for i, a in config.replicas.items()},
+                                 os.path.join(config.data_dir, "raft"), apply=self._apply,
+                                 snapshot=self._snapshot, restore=self._restore, config=config.driver_config())
+        self._group: list[_Pending] = []
+        self._group_records = 0
+        self._inflight = 0
+        self._pending_total = 0
+        self._pending_by_client: collections.Counter[bytes] = collections.Counter()
+        self._reads_linearizable: list[_Pending] = []
+        self._reads_follower: list[tuple[float, _Pending]] = []
+        self.counters = _Counters()
+        self._stopping = threading.Event()
+        self.ctx: zmq.Context | None = None
+
+    # ------------------------------------------------------------------------ driver-thread callbacks
+    def _apply(self, entries: Any) -> list[Any]:
+        with self.lock:
+            return self.machine.apply(entries)
+
+    def _on_events(self, chunks: list[np.ndarray]) -> None:
+        # runs inside machine.apply, under the lock: store first (the golden copy), then publish
+        self.events.append(chunks)
+        self._pub_queue.extend(chunks)
+        self._wake()
+
+    def _snapshot(self) -> bytes:
+        with self.lock:
+            self.events.sync()                 # every event below the snapshot is durable before it is
+            data = self.machine.snapshot()
+        self.events.prune()
+        return data
+
+    def _restore(self, data: bytes) -> None:
+        with self.lock:
+            self.machine.restore(data)
+            self.events.note_restored(self.machine.ledger.last_seq)
+
+    def _wake(self) -> None:
+        fd = self._wake_fd
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    def _complete(self, fn: Callable[[], None]) -> None:
+        self._completions.append(fn)
+        self._wake()
+
+    # ------------------------------------------------------------------------------------ main loop
+    def start(self) -> None:
+        cfg = self.config
+        me = cfg.replicas[cfg.node_id]
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, CLIENT_FRAME_BYTES_MAX)
+        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.router.bind(me["client"])
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, cfg.pub_queue_messages_max)
+        self.pub.bind(me["pub"])
+        self.driver.start()
+        log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake()
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                timeout = 5 if (self._reads_follower or self._group) else 100
+                events = dict(poller.poll(timeout))
+                if self._wake_fd in events:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                if self.router in events:
+                    self._receive()
+                self._run_completions()
+                self._flush_group()
+                self._start_linearizable_reads()
+                self._serve_follower_reads()
+                self._publish()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.driver.stop()
+        self._run_completions()
+        for p in self._group:
+            self._error(p, ErrorCode.SHUTTING_DOWN, "the node is shutting down; nothing was applied")
+        self._group.clear()
+        self.router.close(0)
+        self.pub.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+        self.events.close()
+        os.close(self._wake_fd)
+        self._wake_fd = -1
+
+    def _run_completions(self) -> None:
+        while self._completions:
+            self._completions.popleft()()
+
+    # -------------------------------------------------------------------------------------- receive
+    def _receive(self) -> None:
+        sock = self.router
+        for _ in range(RECV_PER_ITERATION_MAX):
+            try:
+                ident = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            frames = []
+            while sock.rcvmore:
+                frames.append(sock.recv(copy=False))
+            self.counters.requests += 1
+            self._handle(ident, frames)
+
+    def _handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
+        if not frames or len(frames) > 2:
+            self._reply_raw(ident, W.Reply(0, Status.ERROR, ErrorCode.BAD_REQUEST,
+                                           f"a request is [header, payload]: got {len(frames)} frames"))
+            self.counters.bad_requests += 1
+            return
+        try:
+            req = W.decode_request(frames[0].bytes)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            self._reply_raw(ident, W.Reply(0, Status.ERROR, ErrorCode.BAD_REQUEST, f"bad request header: {exc}"))
+            self.counters.bad_requests += 1
+            return
+        payload = frames[1].buffer if len(frames) == 2 else b""
+        if self._pending_total >= self.config.pending_requests_max or \
+                self._pending_by_client[ident] >= self.config.pending_per_client_max:
+            self.counters.overloaded += 1
+            self._reply_raw(ident, W.Reply(req.req_id, Status.ERROR, ErrorCode.OVERLOADED,
+                                           "too many pending requests (pending_requests_max / "
+                                           "pending_per_client_max); retry later with the same dedup ids"))
+            return
+        p = _Pending(ident, req)
+        try:
+            op = Op(req.op)
+        except ValueError:
+            self._reply_raw(ident, W.Reply(req.req_id, Status.ERROR, ErrorCode.UNKNOWN_OP, f"unknown op {req.op}"))
+            self.counters.bad_requests += 1
+            return
+        self._pending_total += 1
+        self._pending_by_client[ident] += 1
+        try:
+            if op is Op.APPLY:
+                self._accept_apply(p, payload)
+            elif op is Op.STATUS:
+                self._reply(p, payload=msgspec.msgpack.encode(self.status(with_digest=req.with_digest)))
+            else:
+                self._accept_read(p, op, payload)
+        except _RequestError as exc:
+            self.counters.bad_requests += 1
+            self._error(p, exc.code, str(exc))
+
+    def _accept_apply(self, p: _Pending, payload: Any) -> None:
+        size = len(payload)
+        if size % R.OP_DTYPE.itemsize:
+            raise _RequestError(ErrorCode.BAD_REQUEST, f"APPLY payload of {size} bytes is not a whole number "
+                                f"of {R.OP_DTYPE.itemsize}-byte op records")
+        n = size // R.OP_DTYPE.itemsize
+        if n == 0:
+            raise _RequestError(ErrorCode.BAD_REQUEST, "APPLY of an empty batch")
+        if n > self.config.batch_records_max:
+            raise _RequestError(ErrorCode.BATCH_TOO_LARGE, f"batch of {n} records exceeds batch_records_max="
+                                f"{self.config.batch_records_max}; nothing was applied")
+        try:
+            check_batch(np.frombuffer(payload, dtype=R.OP_DTYPE))
+        except (TypeError, ValueError) as exc:
+            raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        role = self.driver.status().get("role")
+        if role != "leader":
+            self._not_leader(p)
+            return
+        p.payload = payload
+        p.records = n
+        if self._group and (self._group_records + n > self.config.entry_records_max
+                            or len(self._group) >= ENTRY_BATCHES_MAX):
+            self._flush_group(force=True)
+        self._group.append(p)
+        self._group_records += n
+
+    def _accept_read(self, p: _Pending, op: Op, payload: Any) -> None:
+        req = p.req
+        if op in (Op.GET_ACCOUNTS, Op.RESULT_OF):
+            try:
+                ids = W.decode_ids(bytes(payload))
+            except ValueError as exc:
+                raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            if len(ids) > W.IDS_PER_REQUEST_MAX:
+                raise _RequestError(ErrorCode.BATCH_TOO_LARGE, f"{len(ids)} ids exceed IDS_PER_REQUEST_MAX="
+                                    f"{W.IDS_PER_REQUEST_MAX}")
+            p.payload = ids
+        elif op is Op.EVENTS:
+            if not 1 <= req.first_seq <= req.last_seq:
+                raise _RequestError(ErrorCode.BAD_REQUEST, f"bad event range {req.first_seq}..{req.last_seq}")
+        elif op is Op.TOTALS:
+            try:
+                R.encode_currency(req.currency)
+            except ValueError as exc:
+                raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if req.consistency == W.Consistency.FOLLOWER:
+            if len(self._reads_follower) >= self.config.read_waiting_max:
+                raise _RequestError(ErrorCode.OVERLOADED, "too many parked follower reads (read_waiting_max)")
+            self._reads_follower.append((time.monotonic() + self.config.follower_read_wait_ms / 1000, p))
+        elif req.consistency == W.Consistency.LINEARIZABLE:
+            self._reads_linearizable.append(p)
+        else:
+            raise _RequestError(ErrorCode.BAD_REQUEST, f"unknown consistency {req.consistency}")
+
+    # ------------------------------------------------------------------------------ group commit
+    def _flush_group(self, force: bool = False) -> None:
+        if not self._group or (self._inflight >= self.config.inflight_entries_max and not force):
+            return
+        group, self._group, self._group_records = self._group, [], 0
+        entry = ledger_entry([p.payload for p in group], int(time.time() * 1000))
+        self._inflight += 1
+        self.counters.entries_proposed += 1
+        self.counters.entries_batches += len(group)
+        fut = self.driver.propose(entry)
+        fut.add_done_callback(lambda f: self._complete(lambda: self._entry_done(group, f)))
+
+    def _entry_done(self, group: list[_Pending], fut: Any) -> None:
+        self._inflight -= 1
+        exc = fut.exception()
+        if exc is not None:
+            for p in group:
+                self._proposal_failed(p, exc)
+            return
+        outcomes = fut.result()
+        if outcomes is None or len(outcomes) != len(group):    # cannot happen: the leader built the entry
+            for p in group:
+                self._error(p, ErrorCode.OUTCOME_UNKNOWN, "the entry was refused by the ledger as malformed")
+            return
+        for p, o in zip(group, outcomes):
+            if o.results is None:
+                self._error(p, ErrorCode.BAD_REQUEST, o.error)
+                continue
+            self.counters.applied_batches += 1
+            extra = None
+            if p.req.want_events and o.last_seq >= o.first_seq:
+                try:
+                    extra = self.events.read(o.first_seq, o.last_seq, 1 << 30).tobytes()
+                except EventsUnavailable:
+                    extra = b""
+            self._reply(p, payload=o.results.tobytes(), extra=extra if p.req.want_events else None)
+
+    def _proposal_failed(self, p: _Pending, exc: BaseException) -> None:
+        if isinstance(exc, (NotLeader, ProposalDropped)):
+            self._not_leader(p)          # nothing was applied: safe to retry at the new leader
+        elif isinstance(exc, Overloaded):
+            self._error(p, ErrorCode.OVERLOADED, str(exc))
+        elif isinstance(exc, OutcomeUnknown):
+            self._error(p, ErrorCode.OUTCOME_UNKNOWN, f"{exc}; retry with the same dedup ids")
+        else:
+            log.error("proposal failed: %r", exc)
+            self._error(p, ErrorCode.OUTCOME_UNKNOWN, f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------------------------------ reads
+    def _start_linearizable_reads(self) -> None:
+        if not self._reads_linearizable:
+            return
+        batch, self._reads_linearizable = self._reads_linearizable, []
+        fut = self.driver.read_index()           # one ReadIndex round for every read of this iteration
+        fut.add_done_callback(lambda f: self._complete(lambda: self._read_index_done(batch, f)))
+
+    def _read_index_done(self, batch: list[_Pending], fut: Any) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            for p in batch:
+                if isinstance(exc, NotLeader):
+                    self._not_leader(p)
+                else:
+                    self._error(p, ErrorCode.TIMEOUT if not isinstance(exc, Overloaded) else ErrorCode.OVERLOADED,
+                                f"linearizable read failed: {type(exc).__name__}: {exc}; retry")
+            return
+        for p in batch:
+            self._serve_read(p)
+
+    def _serve_follower_reads(self) -> None:
+        if not self._reads_follower:
+            return
+        last_seq = self.machine.ledger.last_seq      # an int read; the GIL makes it atomic
+        now = time.monotonic()
+        still = []
+        for deadline, p in self._reads_follower:
+            if last_seq >= p.req.min_seq:
+                self._serve_read(p)
+            elif now > deadline:
+                self._error(p, ErrorCode.TIMEOUT, f"this replica has applied seq {last_seq}, not yet "
+                            f"min_seq={p.req.min_seq}, after follower_read_wait_ms; read elsewhere or retry")
+            else:
+                still.append((deadline, p))
+        self._reads_follower = still
+
+    def _serve_read(self, p: _Pending) -> None:
+        req = p.req
+        op = Op(req.op)
+        if op is Op.EVENTS:
+            try:
+                evs = self.events.read(req.first_seq, req.last_seq, W.EVENTS_PER_REPLY_MAX)
+            except EventsUnavailable as exc:
+                self._error(p, ErrorCode.EVENTS_UNAVAILABLE, str(exc))
+                return
+            self._reply(p, payload=evs.tobytes())
+            return
+        with self.lock:
+            ledger = self.machine.ledger
+            if op is Op.GET_ACCOUNTS:
+                body = W.encode_accounts([ledger.get_account(i) for i in p.payload])
+            elif op is Op.RESULT_OF:
+                res = np.zeros(len(p.payload), dtype=R.RESULT_DTYPE)
+                R.put_u128(res["dedup_id"], p.payload) if p.payload else None
+                for k, d in enumerate(p.payload):
+                    r = ledger.result_of(d)
+                    if r is None:
+                        res["code"][k] = W.RESULT_UNKNOWN
+                    else:
+                        res["code"][k] = int(r.code)
+                        res["seq_num"][k] = r.seq_num
+                        res["kind"][k] = int(r.kind)
+                        res["flags"][k] = R.ResultFlag.DUPLICATE
+                body = res.tobytes()
+            else:  # TOTALS
+                body = msgspec.json.encode(ledger.totals(req.currency))
+        self._reply(p, payload=body)
+
+    # ---------------------------------------------------------------------------------------- replies
+    def _not_leader(self, p: _Pending) -> None:
+        self.counters.not_leader += 1
+        leader = self.driver.status().get("leader")
+        addr = self.config.replicas.get(leader, {}).get("client") if leader is not None else None
+        if leader == self.node_id:
+            leader, addr = None, None            # we were leader when it failed; the next one is unknown
+        self._finish(p)
+        self._reply_raw(p.ident, W.Reply(p.req.req_id, Status.NOT_LEADER, 0, "writes go to the leader",
+                                         leader, addr, self.machine.ledger.last_seq, self.node_id))
+
+    def _error(self, p: _Pending, code: ErrorCode, message: str) -> None:
+        self._finish(p)
+        self._reply_raw(p.ident, W.Reply(p.req.req_id, Status.ERROR, code, message,
+                                         last_seq=self.machine.ledger.last_seq, node_id=self.node_id))
+
+    def _reply(self, p: _Pending, payload: bytes = b"", extra: bytes | None = None) -> None:
+        self._finish(p)
+        self._reply_raw(p.ident, W.Reply(p.req.req_id, Status.OK, last_seq=self.machine.ledger.last_seq,
+                                         node_id=self.node_id), payload, extra)
+
+    def _finish(self, p: _Pending) -> None:
+        self._pending_total -= 1
+        left = self._pending_by_client[p.ident] - 1
+        if left > 0:
+            self._pending_by_client[p.ident] = left
+        else:
+            del self._pending_by_client[p.ident]
+
+    def _reply_raw(self, ident: bytes, reply: W.Reply, payload: bytes = b"", extra: bytes | None = None) -> None:
+        sock = self.router
+        try:
+            sock.send(ident, zmq.SNDMORE | zmq.NOBLOCK)
+            sock.send(W.encode(reply), zmq.SNDMORE)
+            if extra is None:
+                sock.send(payload, copy=len(payload) < 65536)
+            else:
+                sock.send(payload, zmq.SNDMORE, copy=len(payload) < 65536)
+                sock.send(extra, copy=len(extra) < 65536)
+        except zmq.ZMQError:
+            pass        # the client is gone or not reading: it will time out and retry
+
+    def _publish(self) -> None:
+        q = self._pub_queue
+        while q:
+            evs = q.popleft()
+            if not len(evs):
+                continue
+            header = W.encode(W.EventsHeader(int(evs["seq_num"][0]), int(evs["seq_num"][-1]), self.node_id))
+            try:
+                self.pub.send(W.EVENTS_TOPIC, zmq.SNDMORE)
+                self.pub.send(header, zmq.SNDMORE)
+                self.pub.send(evs, copy=evs.nbytes < 65536)
+            except zmq.ZMQError:
+                pass
+
+    def status(self, with_digest: bool = False) -> dict[str, Any]:
+        st = self.driver.status()
+        st.pop("transport", None)
+        with self.lock:
+            m = self.machine
+            st.update(sm_applied=m.applied, last_seq=m.ledger.last_seq, accounts=m.ledger.account_count,
+                      ops=m.ops, rejected_batches=m.rejected_batches, pid=os.getpid(),
+                      events_last_seq=self.events.last_seq, events_first_seq=self.events.first_available())
+            if with_digest:
+                st["digest"] = m.ledger.digest().hex()
+        st["addresses"] = self.config.replicas[self.node_id]
+        st["counters"] = {f.name: getattr(self.counters, f.name) for f in fields(self.counters)}
+        st["inflight_entries"] = self._inflight
+        st["pending_requests"] = self._pending_total
+        return st
+
+
+class _RequestError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+class _KeyValueFormatter(logging.Formatter):
+    """Structured log lines: ``ts=... level=... node=... logger=... msg="..."``."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        msg = record.getMessage().replace('"', "'")
+        line = f'ts={ts} level={record.levelname.lower()} node={self.node_id} logger={record.name} msg="{msg}"'
+        if record.exc_info:
+            line += " exc=" + repr(self.formatException(record.exc_info))
+        return line
+
+
+def setup_logging(node_id: int, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter(node_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    if verbose:
+        logging.getLogger("engine.raft").setLevel(logging.INFO)
+        logging.getLogger("zwallet").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zwallet node", description="run one replica of a shard")
+    p.add_argument("--config", required=True, help="TOML config file (see docs/operations.md)")
+    p.add_argument("--id", type=int, help="this replica's id (overrides [node] id)")
+    p.add_argument("--data-dir", help="overrides [node] data_dir")
+    p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--verbose", action="store_true", help="log Raft events (elections, leader changes)")
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = {"node_id": args.id, "data_dir": args.data_dir}
+    if args.no_sync:
+        overrides["sync"] = False
+    if args.verbose:
+        overrides["verbose"] = True
+    config = NodeConfig.from_toml(args.config, **overrides)
+    setup_logging(config.node_id, config.verbose)
+    node = Node(config)
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        node.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    print("READY", flush=True)
+    node.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
