@@ -162,6 +162,7 @@ class _IoCore:
         s.setsockopt(zmq.RCVHWM, 100_000)
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        s.setsockopt(zmq.IMMEDIATE, 1)           # no queueing for a replica that is down: try another
         s.connect(addr)
         self.socks.append(s)
         if addr not in self.addresses:
@@ -307,7 +308,9 @@ class _IoCore:
                 s = self.socks[node]
                 s.send(W.encode(inf.header), zmq.SNDMORE | zmq.NOBLOCK)
                 s.send(inf.payload, copy=len(inf.payload) < 65536)
-            except zmq.Again:
+            except zmq.Again:                    # not connected (down, restarting) or its queue is full
+                if self.leader == node:
+                    self.leader = None
                 inf.not_before = now + RETRY_BACKOFF_S
                 still.append(inf)
                 continue

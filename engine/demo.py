@@ -1,13 +1,15 @@
-"""zwallet demo: a local 3-replica cluster doing real work, with a leader killed part-way.
+"""zwallet demo: a local 3-replica shard doing real work, with the leader killed part-way.
 
-    python -m engine.demo [--accounts 2000] [--batches 120] [--keep]
+    zwallet demo [--accounts 2000] [--batches 120] [--batch-size 1000] [--keep]
 
-Starts three replicas (Raft over ZeroMQ on 127.0.0.1, LMDB logs with fsync, the ledger as the state
-machine) in a temporary directory, creates and funds accounts, runs a mixed workload (transfers, batch
-balance operations, reserve/release, TCC try/confirm) as batches of op records, kills the leader with
-SIGKILL part-way and measures the failover, restarts it, then checks that money is conserved and that
-every replica reached the same ledger digest. Retries reuse the same records (the same dedup ids), so a
-batch that was applied before the failure is never applied twice. Ctrl-C stops everything it started.
+Starts three node processes (the ledger behind a ZeroMQ ROUTER, Raft over ZeroMQ on 127.0.0.1, LMDB logs
+with fsync, events in LMDB and on PUB) in a temporary directory. Through the replicated client it creates
+and funds accounts, runs a mixed workload (transfers, batch balance operations, reserve/release, TCC
+try/confirm) as batches of op records plus a few per-call commands, kills the leader with SIGKILL half-way
+and measures the failover, restarts it, and checks that: money is conserved, every replica reached the
+same ledger digest at the same applied index, and an event subscriber saw every seq exactly once. The
+client retries with the same bytes (the same dedup ids), so a batch that was applied before the failure is
+never applied twice. Ctrl-C stops everything it started.
 """
 from __future__ import annotations
 
@@ -15,128 +17,167 @@ import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
 from engine import records as R
-from engine.ledger_machine import ledger_entry
-from engine.raft.local_cluster import ClusterClient, LocalCluster
-from engine.workload import FUNDING, Workload
-
-
-class Submitter:
-    """Sends an entry to the leader until it is acknowledged, following leader changes. The entry's bytes
-    never change between attempts, so a retry of an applied batch returns its original results."""
-
-    def __init__(self, cluster: LocalCluster, client: ClusterClient) -> None:
-        self.cluster = cluster
-        self.client = client
-        self.retries = 0
-
-    def submit(self, entry: bytes, timeout_s: float = 30.0) -> np.ndarray:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.client.leader is None or not self.cluster.alive(self.client.leader):
-                try:
-                    self.client.find_leader([i for i in self.cluster.ids if self.cluster.alive(i)], timeout_s=5)
-                except TimeoutError:
-                    continue
-            got = self.client.propose([entry], timeout_s=2.0)
-            if got is not None:
-                index, result = got[0]
-                if result is None:
-                    raise RuntimeError(f"entry {index} was refused by the ledger as malformed")
-                return np.frombuffer(result, dtype=R.RESULT_DTYPE)
-            self.retries += 1
-            time.sleep(0.02)
-        raise TimeoutError("the cluster did not acknowledge a batch in time")
+from engine.client import Client, Subscriber
+from engine.cluster import NodeCluster
+from engine.workload import BANK, CURRENCY, FUNDING, Workload
 
 
 def progress(done: int, total: int, text: str) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
-    sys.stdout.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text:<48}")
+    sys.stdout.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text:<52}")
     sys.stdout.flush()
 
 
+def find_leader(client: Client, cluster: NodeCluster, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for k, node in enumerate(cluster.ids):
+            if not cluster.alive(node):
+                continue
+            try:
+                if client.status(k).get("role") == "leader":
+                    return node
+            except Exception:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError("no leader elected")
+
+
+class EventCounter(threading.Thread):
+    """Follows the shard's events from seq 1 with a Subscriber and checks they are gap-free."""
+
+    def __init__(self, cluster: NodeCluster) -> None:
+        super().__init__(daemon=True, name="demo-subscriber")
+        self.sub = Subscriber(cluster.pub_addresses, cluster.client_addresses, from_seq=1)
+        self.seen = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                evs = self.sub.poll(200)
+                if evs is not None:
+                    seqs = np.unique(evs["seq_num"])
+                    assert seqs[0] == self.seen + 1 and (np.diff(seqs) == 1).all(), "event gap"
+                    self.seen = int(seqs[-1])
+        except BaseException as exc:   # reported by the main thread
+            self.error = exc
+        finally:
+            self.sub.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="zwallet demo", description=__doc__.splitlines()[0])
     p.add_argument("--accounts", type=int, default=2000)
     p.add_argument("--batches", type=int, default=120, help="mixed workload batches")
     p.add_argument("--batch-size", type=int, default=1000, help="records per batch (<= 8190)")
     p.add_argument("--keep", action="store_true", help="keep the data directory")
+    p.add_argument("--verbose", action="store_true", help="the replicas log Raft events")
     args = p.parse_args(argv)
     base = tempfile.mkdtemp(prefix="zwallet-demo-")
-    cluster = LocalCluster(3, base, machine="ledger", snapshot_threshold=2_000)
+    cluster = NodeCluster(3, base, snapshot_threshold_entries=200, snapshot_keep_entries=50,
+                          verbose=args.verbose)
     client = None
-    print(f"zwallet demo: 3 replicas on 127.0.0.1, data in {base}")
+    counter = None
+    print(f"zwallet demo: a 3-replica shard on 127.0.0.1, data in {base}")
     try:
         cluster.start()
-        client = ClusterClient(cluster.client_addr)
-        leader = client.find_leader(timeout_s=20)
-        print(f"  leader elected: replica {leader}")
-        sub = Submitter(cluster, client)
+        client = Client(cluster.client_addresses, timeout_s=30, attempt_timeout_s=0.5)
+        print(f"  leader elected: replica {find_leader(client, cluster)}")
+        counter = EventCounter(cluster)
+        counter.start()
         work = Workload(args.accounts)
         t0 = time.monotonic()
         for ops in work.create():
-            res = sub.submit(ledger_entry(ops, int(time.time() * 1000)))
+            res = client.apply_batch(ops)
             assert (res["code"] == R.Code.OK).all(), np.unique(res["code"])
         print(f"  created {args.accounts + 1} accounts and funded {args.accounts} of them "
               f"({args.accounts * FUNDING:,} units) in {time.monotonic() - t0:.2f}s")
+        # the per-call API: the same methods as the embedded Ledger
+        a, b = work.first_account, work.first_account + 1
+        d = int(work.ids(3)[0])
+        r = client.transfer(d, a, b, 1_00, CURRENCY)
+        again = client.transfer(d, a, b, 1_00, CURRENCY)
+        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {({k: v['available'] for k, v in r.accounts.items()})}; "
+              f"the same dedup_id again: duplicate={again.duplicate}")
         kill_at = args.batches // 2
         codes: dict[int, int] = {}
         applied_ops = 0
         failover_s = None
         killed = None
         t0 = time.monotonic()
-        for b in range(args.batches):
-            if b == kill_at:
-                killed = client.leader if client.leader is not None else client.find_leader()
-                progress(b, args.batches, f"kill -9 leader (replica {killed})")
+        for batch in range(args.batches):
+            if batch == kill_at:
+                killed = find_leader(client, cluster)
+                progress(batch, args.batches, f"kill -9 leader (replica {killed})")
                 t_kill = time.monotonic()
                 cluster.kill(killed)
-            entry = ledger_entry(work.mixed(args.batch_size), int(time.time() * 1000))
-            res = sub.submit(entry)
-            if b == kill_at:
+            res = client.apply_batch(work.mixed(args.batch_size))
+            if batch == kill_at:
                 failover_s = time.monotonic() - t_kill
-                progress(b + 1, args.batches, f"new leader: replica {client.leader} after {failover_s * 1000:.0f} ms")
+                progress(batch + 1, args.batches,
+                         f"new leader: replica {find_leader(client, cluster)} after {failover_s * 1000:.0f} ms")
                 print()
                 cluster.start_replica(killed)
-            elif b % 5 == 0 or b == args.batches - 1:
-                progress(b + 1, args.batches, "mixed batches")
-            # a duplicate retry of an earlier batch counts as its original outcome
+            elif batch % 5 == 0 or batch == args.batches - 1:
+                progress(batch + 1, args.batches, "mixed batches")
             for code, count in zip(*np.unique(res["code"], return_counts=True)):
                 codes[int(code)] = codes.get(int(code), 0) + int(count)
             applied_ops += len(res)
         elapsed = time.monotonic() - t0
         print()
-        # every replica converges: same applied index, same digest, money conserved
-        deadline = time.monotonic() + 30
+        # every replica converges: same applied index, same digest; money conserved; events gap-free
+        deadline = time.monotonic() + 60
         while True:
-            st = {i: client.status(i) for i in cluster.ids}
-            digests = {s["digest"] for s in st.values() if s}
-            applied = {s["sm_applied"] for s in st.values() if s}
-            if len(digests) == 1 and len(applied) == 1 and all(st.values()):
+            st = {}
+            for k, node in enumerate(cluster.ids):
+                try:
+                    st[node] = client.status(k, with_digest=True)
+                except Exception:
+                    st[node] = None
+            done = all(st.values()) and len({s["digest"] for s in st.values()}) == 1 \
+                and len({s["sm_applied"] for s in st.values()}) == 1
+            if done:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replicas did not converge: {st}")
-            time.sleep(0.1)
-        held = {s["counter"] for s in st.values()}
-        conserved = held == {0}
+            time.sleep(0.2)
+        totals = client.totals(CURRENCY)
+        held = totals["available"] + totals["reserved"] + totals["pending_out"]
+        bank = client.get_account(BANK)["available"]
+        last_seq = st[cluster.ids[0]]["last_seq"]
+        while counter.seen < last_seq and time.monotonic() < deadline and counter.error is None:
+            time.sleep(0.05)
+        counter.stop.set()
+        counter.join(5)
+        conserved = held == 0 and bank == -args.accounts * FUNDING
+        events_ok = counter.error is None and counter.seen == last_seq
         print(f"  workload: {applied_ops:,} operations in {args.batches} batches, {elapsed:.1f}s "
-              f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync), {sub.retries} retries")
+              f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync)")
         print("  results: " + ", ".join(f"{R.Code(c).name} {n:,}" for c, n in sorted(codes.items())))
         print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
               f"it restarted and caught up")
-        print(f"  replicas: applied index {applied.pop()} on all 3, digest {digests.pop()[:16]}... identical")
-        print(f"  money conserved: sum of available + reserved + pending_out = {held.pop()} "
-              f"({'OK' if conserved else 'VIOLATED'})")
-        return 0 if conserved else 1
+        s0 = st[cluster.ids[0]]
+        print(f"  replicas: applied index {s0['sm_applied']} on all 3, digest {s0['digest'][:16]}... identical")
+        print(f"  events: the subscriber saw seqs 1..{counter.seen} with no gap "
+              f"({'OK' if events_ok else 'VIOLATED: ' + repr(counter.error)})")
+        print(f"  money conserved: sum of available + reserved + pending_out = {held}, the bank still "
+              f"owes {-bank:,} ({'OK' if conserved else 'VIOLATED'})")
+        return 0 if conserved and events_ok else 1
     except KeyboardInterrupt:
         print("\n  interrupted: stopping the replicas")
         return 130
     finally:
+        if counter is not None:
+            counter.stop.set()
         if client is not None:
             client.close()
         cluster.close()

@@ -438,13 +438,26 @@ class Node:
                 self._error(p, ErrorCode.BAD_REQUEST, o.error)
                 continue
             self.counters.applied_batches += 1
-            extra = None
-            if p.req.want_events and o.last_seq >= o.first_seq:
-                try:
-                    extra = self.events.read(o.first_seq, o.last_seq, 1 << 30).tobytes()
-                except EventsUnavailable:
-                    extra = b""
-            self._reply(p, payload=o.results.tobytes(), extra=extra if p.req.want_events else None)
+            extra = self._events_of(o) if p.req.want_events else None
+            self._reply(p, payload=o.results.tobytes(), extra=extra)
+
+    def _events_of(self, o: Any) -> bytes:
+        """The events of every command in a batch: its new ones (one range) and those of duplicates
+        (their original events, read one seq at a time). A seq no longer held is left out."""
+        parts = []
+        if o.last_seq >= o.first_seq:
+            try:
+                parts.append(self.events.read(o.first_seq, o.last_seq, 1 << 30))
+            except EventsUnavailable:
+                pass
+        seqs = o.results["seq_num"]
+        old = np.unique(seqs[(seqs != 0) & (seqs < o.first_seq)])
+        for seq in old.tolist():
+            try:
+                parts.append(self.events.read(seq, seq, 1 << 30))
+            except EventsUnavailable:
+                pass
+        return b"".join(p.tobytes() for p in parts)
 
     def _proposal_failed(self, p: _Pending, exc: BaseException) -> None:
         if isinstance(exc, (NotLeader, ProposalDropped)):

@@ -96,9 +96,6 @@ class CounterMachine:
 def _make_machine(name: str) -> Any:
     if name == "counter":
         return CounterMachine()
-    if name == "ledger":
-        from engine.ledger_machine import LedgerMachine
-        return LedgerMachine()
     raise ValueError(f"unknown state machine {name!r}")
 
 
@@ -245,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-ticks", type=int, default=3)
     p.add_argument("--snapshot-threshold", type=int, default=50_000)
     p.add_argument("--map-size-gib", type=int, default=64)
-    p.add_argument("--machine", default="counter", choices=["counter", "ledger"],
-                   help="the replicated state machine: a counter (tests, benchmark) or the zwallet ledger")
+    p.add_argument("--machine", default="counter", choices=["counter"],
+                   help="the replicated state machine (a counter; the ledger runs in engine.node)")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; for experiments only)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)

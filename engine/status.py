@@ -1,0 +1,64 @@
+"""``zwallet status``: leader, terms, applied index, event seq and state digest of every replica.
+
+    zwallet status --nodes tcp://127.0.0.1:7103,tcp://127.0.0.1:7104,tcp://127.0.0.1:7105
+    zwallet status --config node-1.toml        # the replicas listed in a node config
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from engine.client import Client, ClientError
+
+
+def collect(addresses: list[str], with_digest: bool = True, timeout_s: float = 2.0) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = []
+    with Client(addresses, timeout_s=timeout_s, attempt_timeout_s=timeout_s) as client:
+        for k in range(len(addresses)):
+            try:
+                out.append(client.status(k, with_digest=with_digest))
+            except ClientError:
+                out.append(None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zwallet status", description="status of every replica of a shard")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--nodes", help="comma-separated client addresses of the replicas")
+    group.add_argument("--config", help="a node's TOML config: its [[replica]] client addresses are asked")
+    p.add_argument("--no-digest", action="store_true", help="skip the state digest (cheaper on big ledgers)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each replica")
+    args = p.parse_args(argv)
+    if args.config:
+        from engine.node import NodeConfig
+        cfg = NodeConfig.from_toml(args.config)
+        addresses = [cfg.replicas[i]["client"] for i in sorted(cfg.replicas)]
+    else:
+        addresses = [a for a in args.nodes.split(",") if a]
+    statuses = collect(addresses, not args.no_digest, args.timeout)
+    if args.json:
+        print(json.dumps([dict(s, address=a) if s else {"address": a, "down": True}
+                          for a, s in zip(addresses, statuses)], indent=2, default=str))
+        return 0 if all(statuses) else 1
+    print(f"{'replica':>7} {'address':<24} {'role':<10} {'term':>5} {'leader':>6} {'commit':>8} {'applied':>8} "
+          f"{'last_seq':>10} {'digest':<16}")
+    for addr, s in zip(addresses, statuses):
+        if s is None:
+            print(f"{'?':>7} {addr:<24} {'DOWN':<10}")
+            continue
+        print(f"{s['node_id']:>7} {addr:<24} {s['role']:<10} {s['term']:>5} {str(s['leader']):>6} {s['commit']:>8} "
+              f"{s['applied']:>8} {s['last_seq']:>10} {s.get('digest', '-')[:16]:<16}")
+    alive = [s for s in statuses if s]
+    leaders = {s["leader"] for s in alive}
+    digests = {(s["sm_applied"], s.get("digest")) for s in alive}
+    print(f"leader: {leaders.pop() if len(leaders) == 1 else 'disagreement ' + str(leaders)}; "
+          + ("replicas at the same applied index agree" if len({d for a, d in digests}) == len({a for a, d in digests})
+             else "DIGESTS DIFFER at the same applied index"))
+    return 0 if all(statuses) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

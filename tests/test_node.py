@@ -1,0 +1,217 @@
+"""A real 3-replica shard on 127.0.0.1 driven through the clients: the per-call API behaves exactly like
+the embedded Ledger, writes find the leader, reads are linearizable or read-your-writes, concurrent calls
+share batches, events reach subscribers in order. (Faults: tests/test_node_chaos.py.)"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from engine import Ledger
+from engine import records as R
+from engine.client import AsyncClient, Client, RequestRefused, Subscriber
+from engine.cluster import NodeCluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard")))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture()
+def client(cluster):
+    with Client(cluster.client_addresses, timeout_s=20) as cl:
+        yield cl
+
+
+_ids = iter(range(1_000_000, 10**9))
+
+
+def fresh(n=1):
+    return [next(_ids) for _ in range(n)]
+
+
+def test_per_call_api_matches_the_embedded_ledger(client):
+    embedded = Ledger()
+    a, b, c = fresh(3)
+    d = fresh(20)
+    calls = [
+        ("create_account", (d[0], a, "USD"), {"lower_limit": None}),
+        ("create_account", (d[1], b, "USD"), {"upper_limit": 10_000}),
+        ("create_account", (d[1], b, "USD"), {}),                                  # duplicate
+        ("create_account", (d[2], b, "USD"), {}),                                  # ALREADY_EXISTS
+        ("create_account", (d[3], c, "EUR"), {}),
+        ("transfer", (d[4], a, b, 500, "USD"), {"expected_to_balance": 0}),
+        ("transfer", (d[5], a, b, 50_000, "USD"), {}),                             # upper limit
+        ("transfer", (d[6], a, c, 5, "USD"), {}),                                  # CURRENCY_MISMATCH
+        ("batch_balance_operation", (d[7], [(a, -5, "USD"), (b, 5, "USD")], [(b, 500)]), {}),
+        ("reserve", (d[8], b, 77, 100), {}),
+        ("release", (d[9], b, 77, 40), {}),
+        ("tcc_try", (d[10], d[10], [(a, -10, "USD"), (b, 10, "USD")]), {}),
+        ("tcc_confirm", (d[11], d[10]), {}),
+        ("tcc_cancel", (d[12], d[10]), {}),                                        # ALREADY_CONFIRMED
+        ("compensate", (d[13], d[4]), {}),
+        ("compensate", (d[14], d[19]), {}),                                        # NULL_COMPENSATED
+        ("transfer", (d[19], a, b, 1, "USD"), {}),                                 # ORIGINAL_COMPENSATED
+        ("lock_account", (d[15], b), {}),
+        ("transfer", (d[16], a, b, 1, "USD"), {}),                                 # INVALID_ACCOUNT_STATE
+        ("unlock_account", (d[17], b), {}),
+        ("update_account_config", (d[18], b), {"upper_limit": None}),
+    ]
+    codes = set()
+    for name, args, kw in calls:
+        want = getattr(embedded, name)(*args, **kw)
+        got = getattr(client, name)(*args, **kw)
+        assert (got.code, got.duplicate, got.dedup_id, got.kind) == \
+            (want.code, want.duplicate, want.dedup_id, want.kind), name
+        assert {k: {f: v[f] for f in ("available", "version", "state")} for k, v in got.accounts.items()} == \
+            {k: {f: v[f] for f in ("available", "version", "state")} for k, v in want.accounts.items()}, name
+        codes.add(got.code)
+    assert len(codes) >= 8
+    for acc in (a, b, c):
+        remote = client.get_account(acc)
+        local = embedded.get_account(acc)
+        assert {k: v for k, v in remote.items() if k != "version"} == {k: v for k, v in local.items() if k != "version"}
+    assert client.get_account(fresh()[0]) is None
+    r = client.result_of(d[4])
+    assert r.code == R.Code.OK and r.duplicate
+    assert client.result_of(fresh()[0]) is None
+
+
+def test_bad_input_is_an_error_reply_and_changes_nothing(client):
+    with pytest.raises(ValueError):
+        client.transfer(fresh()[0], 1, 2, 5, "WAYTOOLONG")
+    ops = R.transfers(fresh(2), [1, 1], [2, 2], [5, 5], "USD")
+    ops["kind"][1] = 200
+    before = client.status(0, with_digest=True)
+    with pytest.raises(RequestRefused, match="BAD_REQUEST"):
+        client.apply_batch(ops)
+    with pytest.raises(ValueError):
+        client.apply_batch(np.zeros(R.BATCH_SIZE_MAX + 1, dtype=R.OP_DTYPE))
+    after = client.status(0, with_digest=True)
+    assert (before["last_seq"], before["digest"]) == (after["last_seq"], after["digest"])
+
+
+def test_a_client_that_knows_only_a_follower_is_redirected(cluster, client):
+    st = client.status(0)
+    leader = st["leader"]
+    follower = next(i for i in cluster.ids if i != leader)
+    with Client([cluster.client_addr[follower]], timeout_s=20) as one:
+        a = fresh()[0]
+        assert one.create_account(fresh()[0], a, "USD").code == R.Code.OK
+        assert one.leader_address == cluster.client_addr[leader]
+
+
+def test_follower_reads_see_the_clients_own_writes(cluster, client):
+    a, b = fresh(2)
+    client.create_account(fresh()[0], a, "USD", lower_limit=None)
+    client.create_account(fresh()[0], b, "USD")
+    for k in range(20):
+        r = client.transfer(fresh()[0], a, b, 1, "USD")
+        assert r.ok
+        # every replica (round robin) waits for this client's last seq before answering
+        assert client.get_account(b, consistency="follower")["available"] == k + 1
+    with pytest.raises(ValueError):
+        client.get_account(b, consistency="eventual")
+
+
+def test_binary_batches_with_events(client):
+    a, b = fresh(2)
+    client.create_account(fresh()[0], a, "USD", lower_limit=None)
+    client.create_account(fresh()[0], b, "USD")
+    n = R.BATCH_SIZE_MAX
+    ops = R.transfers(np.array(fresh(n)), np.full(n, a), np.full(n, b), np.full(n, 2), "USD")
+    res, events = client.apply_batch(ops, want_events=True)
+    assert (res["code"] == R.Code.OK).all() and len(events) == 2 * n
+    assert np.array_equal(np.unique(events["seq_num"]), np.sort(res["seq_num"]))
+    again = client.apply_batch(ops)                       # the same bytes: duplicates, nothing re-applied
+    assert (again["flags"] & R.ResultFlag.DUPLICATE).all() and np.array_equal(again["seq_num"], res["seq_num"])
+    assert client.get_account(b)["available"] == 2 * n
+    fetched = client.events(int(res["seq_num"][0]), int(res["seq_num"][-1]))
+    assert fetched.tobytes() == events.tobytes()
+
+
+def test_concurrent_calls_share_batches(cluster):
+    a, b = fresh(2)
+
+    async def run():
+        async with AsyncClient(cluster.client_addresses, timeout_s=20) as ac:
+            await ac.create_account(fresh()[0], a, "USD", lower_limit=None)
+            await ac.create_account(fresh()[0], b, "USD")
+            before = (await ac.status(0))
+            results = await asyncio.gather(*[ac.transfer(d, a, b, 3, "USD") for d in fresh(500)])
+            after = (await ac.status(0))
+            return before, results, after, await ac.get_account(b)
+
+    before, results, after, acc_b = asyncio.run(run())
+    assert all(r.ok and not r.duplicate for r in results)
+    assert len({r.seq_num for r in results}) == 500 and acc_b["available"] == 1500
+    # 500 concurrent calls travelled in far fewer requests than 500
+    requests = after["counters"]["requests"] - before["counters"]["requests"]
+    assert requests < 250, requests
+
+
+def test_threads_share_one_client(client):
+    a, b = fresh(2)
+    client.create_account(fresh()[0], a, "USD", lower_limit=None)
+    client.create_account(fresh()[0], b, "USD")
+    errors = []
+
+    def worker():
+        try:
+            for d in fresh(50):
+                assert client.transfer(d, a, b, 1, "USD").ok
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and client.get_account(b)["available"] == 400
+
+
+def test_subscriber_yields_every_event_in_order(cluster, client):
+    head = client.status(0)["last_seq"]
+    a, b = fresh(2)
+    client.create_account(fresh()[0], a, "USD", lower_limit=None)
+    client.create_account(fresh()[0], b, "USD")
+    for d in fresh(30):
+        client.transfer(d, a, b, 1, "USD")
+    last = client.status(0)["last_seq"]
+    # from the very first seq: the past comes from the event stores, then the live stream
+    with Subscriber(cluster.pub_addresses, cluster.client_addresses, from_seq=1) as sub:
+        chunks = []
+        while sub.next_seq <= last:
+            evs = sub.poll(2000)
+            if evs is not None:
+                chunks.append(evs)
+        seqs = np.unique(np.concatenate(chunks)["seq_num"])
+        assert seqs[0] == 1 and seqs[-1] >= last and (np.diff(seqs) == 1).all()
+        assert head < last
+        # live: a new write arrives through PUB
+        client.transfer(fresh()[0], a, b, 1, "USD")
+        live = None
+        for _ in range(10):
+            live = sub.poll(1000)
+            if live is not None:
+                break
+        assert live is not None and int(live["seq_num"][0]) == last + 1
+
+
+def test_replicas_agree(cluster, client):
+    import time
+    deadline = time.monotonic() + 20
+    while True:
+        st = [client.status(k, with_digest=True) for k in range(3)]
+        if len({(s["sm_applied"], s["digest"]) for s in st}) == 1:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)

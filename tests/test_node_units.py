@@ -1,0 +1,191 @@
+"""Units of the node's edges that need no cluster: OpEncoder, entries, the event store, config, wire."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import Ledger
+from engine import records as R
+from engine import wire as W
+from engine._ledger import OpEncoder, check_batch
+from engine.event_store import EventStore, EventsUnavailable
+from engine.ledger_machine import LedgerMachine, ledger_entry, parse_entry
+from engine.node import NodeConfig
+from engine.raft.messages import Entry
+
+
+def _commands(e):
+    """The same command sequence, as (method, args, kwargs), for the encoder/ledger comparison."""
+    return [
+        ("create_account", (1, 10, "USD"), {"lower_limit": None}),
+        ("create_account", (2, 20, "USD"), {"upper_limit": 10_000}),
+        ("transfer", (3, 10, 20, 500, "USD"), {"expected_to_balance": 0}),
+        ("batch_balance_operation", (4, [(10, -5, "USD"), (20, 5, "USD")], [(20, 500)]), {}),
+        ("reserve", (5, 20, 77, 100), {}),
+        ("release", (6, 20, 77), {}),
+        ("tcc_try", (7, 99, [(10, -10, "USD"), (20, 10, "USD")]), {}),
+        ("tcc_confirm", (8, 99), {}),
+        ("compensate", (9, 3), {}),
+        ("update_account_config", (10, 20), {"upper_limit": None}),
+        ("lock_account", (11, 20), {}),
+        ("unlock_account", (12, 20), {}),
+        ("transfer", (3, 10, 20, 500, "USD"), {}),      # duplicate
+    ]
+
+
+def test_op_encoder_builds_exactly_what_the_ledger_applies():
+    enc, direct, batched = OpEncoder(), Ledger(), Ledger()
+    for name, args, kw in _commands(enc):
+        recs = getattr(enc, name)(*args, **kw)
+        check_batch(recs)
+        r1 = getattr(direct, name)(*args, timestamp=5, **kw)
+        res = batched.apply_batch(recs, 5)
+        assert int(res["code"][0]) == int(r1.code), name
+        assert int(res["seq_num"][0]) == r1.seq_num, name
+        assert bool(res["flags"][0] & 1) == r1.duplicate, name
+    assert direct.digest() == batched.digest()
+
+
+def test_op_encoder_checks_input_like_the_ledger():
+    enc = OpEncoder()
+    with pytest.raises(ValueError):
+        enc.transfer(1, 2, 3, 10, "TOOLONGCUR")
+    with pytest.raises(ValueError):
+        enc.transfer(1 << 128, 2, 3, 10, "USD")
+    with pytest.raises(TypeError):
+        enc.transfer("1", 2, 3, 10, "USD")
+
+
+def test_check_batch_refuses_malformed_batches():
+    ops = R.transfers([1, 2], [1, 1], [2, 2], [5, 5], "USD")
+    check_batch(ops)
+    bad = ops.copy()
+    bad["kind"][1] = 99
+    with pytest.raises(ValueError, match="record 1"):
+        check_batch(bad)
+    with pytest.raises(TypeError):
+        check_batch(np.zeros(2, dtype=R.RESULT_DTYPE))
+    with pytest.raises(ValueError):
+        check_batch(np.zeros(R.BATCH_SIZE_MAX + 1, dtype=R.OP_DTYPE))
+
+
+def test_entry_round_trip_and_malformed_entries():
+    a = R.transfers([1], [1], [2], [5], "USD")
+    b = R.transfers([2, 3], [1, 1], [2, 2], [5, 6], "USD")
+    ts, batches = parse_entry(ledger_entry([a, b.tobytes()], 1234))
+    assert ts == 1234 and [len(x) for x in batches] == [1, 2]
+    assert batches[1].tobytes() == b.tobytes()
+    good = ledger_entry([a], 1)
+    for broken in (b"", good[:10], good[:-1], good + b"x", b"ZWL1" + good[4:]):
+        with pytest.raises(ValueError):
+            parse_entry(broken)
+    with pytest.raises(ValueError):
+        ledger_entry([], 1)
+
+
+def test_machine_applies_groups_and_refuses_a_bad_batch_alike_everywhere():
+    seen = []
+    m1, m2 = LedgerMachine(event_sink=seen.append), LedgerMachine()
+    enc = OpEncoder()
+    create = np.concatenate([enc.create_account(1, 10, "USD", lower_limit=None), enc.create_account(2, 20, "USD")])
+    bad = R.transfers([3], [10], [20], [5], "USD")
+    bad["reserved"][0] = 1
+    good = R.transfers([4], [10], [20], [5], "USD")
+    entries = [Entry(term=1, index=1, kind=0, data=ledger_entry([create], 10)),
+               Entry(term=1, index=2, kind=0, data=ledger_entry([bad, good], 11)),
+               Entry(term=1, index=3, kind=0, data=b"garbage")]
+    out1, out2 = m1.apply(entries), m2.apply(entries)
+    assert out1[2] is None and m1.rejected_entries == 1
+    o_bad, o_good = out1[1]
+    assert o_bad.results is None and "reserved" in o_bad.error and o_bad.first_seq > o_bad.last_seq
+    assert int(o_good.results["code"][0]) == R.Code.OK and o_good.first_seq == o_good.last_seq == 3
+    assert m1.ledger.digest() == m2.ledger.digest()
+    events = np.concatenate(seen[0])
+    assert events["seq_num"].tolist() == [1, 2, 3, 3]          # events of every entry, in order, no gap
+    m3 = LedgerMachine()
+    m3.restore(m1.snapshot())
+    assert m3.ledger.digest() == m1.ledger.digest() and m3.applied == 3
+
+
+def _ledger_events(n_transfers):
+    led = Ledger()
+    led.create_account(1, 1, "USD", lower_limit=None)
+    led.create_account(2, 2, "USD")
+    for k in range(n_transfers):
+        led.transfer(100 + k, 1, 2, 1, "USD")
+    return led
+
+
+def test_event_store_ranges_limits_holes_and_reopen(tmp_path):
+    led = _ledger_events(20)                       # seqs 1, 2, then 3..22 with 2 parts each
+    es = EventStore(str(tmp_path))
+    es.append([led.events(1, 10)])
+    es.append([led.events(11, 22)])
+    got = es.read(2, 22, 1000)
+    assert got.tobytes() == led.events(2, 22).tobytes()
+    cut = es.read(1, 22, 5)                       # at most 5 records, whole seqs only
+    assert len(cut) <= 5 and cut["seq_num"].tolist() == [1, 2, 3, 3]
+    one = es.read(15, 15, 1)                      # a seq bigger than the limit still comes whole
+    assert one["seq_num"].tolist() == [15, 15]
+    with pytest.raises(EventsUnavailable):
+        es.read(20, 30, 100)
+    es.append([led.events(11, 22)])               # replay after a restart rewrites identical events
+    assert es.read(1, 22, 1000).tobytes() == led.events(1, 22).tobytes()
+    es.note_restored(40)                          # restored from a newer snapshot: 23..40 never arrive
+    with pytest.raises(EventsUnavailable, match="snapshot"):
+        es.read(22, 25, 100)
+    assert es.read(21, 22, 100)["seq_num"][0] == 21
+    es.close()
+    es = EventStore(str(tmp_path))
+    assert es.last_seq == 40
+    with pytest.raises(EventsUnavailable):
+        es.read(30, 30, 100)
+    es.close()
+
+
+def test_event_store_prunes_below_retention(tmp_path):
+    led = _ledger_events(40)
+    es = EventStore(str(tmp_path), retention_seqs=10)
+    for first in range(1, 43, 6):
+        es.append([led.events(first, min(first + 5, 42))])
+    assert es.prune() > 0
+    assert es.first_available() > 1
+    with pytest.raises(EventsUnavailable, match="pruned"):
+        es.read(1, 2, 10)
+    assert es.read(35, 42, 100)["seq_num"][-1] == 42
+    es.close()
+
+
+def test_node_config_toml_round_trip_and_errors(tmp_path):
+    replicas = {i: {"raft": f"tcp://127.0.0.1:{7000 + i}", "client": f"tcp://127.0.0.1:{7100 + i}",
+                    "pub": f"tcp://127.0.0.1:{7200 + i}"} for i in (1, 2, 3)}
+    cfg = NodeConfig(node_id=2, replicas=replicas, data_dir=str(tmp_path / "n2"), inflight_entries_max=3)
+    path = tmp_path / "n.toml"
+    path.write_text(cfg.to_toml())
+    back = NodeConfig.from_toml(str(path))
+    assert back == cfg
+    assert NodeConfig.from_toml(str(path), node_id=3).node_id == 3
+    path.write_text(cfg.to_toml().replace("[limits]", "[limits]\nbogus = 1"))
+    with pytest.raises(ValueError, match="bogus"):
+        NodeConfig.from_toml(str(path))
+    with pytest.raises(ValueError, match="not one of the replicas"):
+        NodeConfig(node_id=9, replicas=replicas, data_dir="x").validate()
+    with pytest.raises(ValueError, match="batch_records_max"):
+        NodeConfig(node_id=1, replicas=replicas, data_dir="x", batch_records_max=9000).validate()
+
+
+def test_wire_header_checks():
+    req = W.Request(7, W.Op.APPLY)
+    assert W.decode_request(W.encode(req)) == req
+    with pytest.raises(ValueError, match="version"):
+        W.decode_request(W.encode(W.Request(7, W.Op.APPLY, version=99)))
+    with pytest.raises(ValueError, match="HEADER_BYTES_MAX"):
+        W.decode_request(b"\x91" + b"x" * W.HEADER_BYTES_MAX)
+    ids = [0, 1, (1 << 128) - 1]
+    assert W.decode_ids(W.encode_ids(ids)) == ids
+    acc = Ledger()
+    acc.create_account(1, 1 << 100, "BTC", lower_limit=None)
+    acc.batch_balance_operation(2, [(1 << 100, 1 << 120, "BTC")])
+    acc.reserve(3, 1 << 100, 1 << 90, 1 << 110)
+    a = acc.get_account(1 << 100)
+    assert W.decode_accounts(W.encode_accounts([a, None])) == [a, None]
