@@ -424,6 +424,11 @@ class RaftDriver:
 
     def _update_status(self) -> None:
         core = self._core
+        prev = self._status
+        role, term, leader = _core_role(core), _core_term(core), _core_leader(core)
+        if (role, term, leader) != (prev.get("role"), prev.get("term"), prev.get("leader")):
+            log.info("raft %d: role=%s term=%d leader=%s commit=%d", self.node_id, role, term, leader,
+                     _core_commit(core))
         self._status = {
             "node_id": self.node_id,
             "role": _core_role(core),
