@@ -49,7 +49,7 @@ from engine.wire import ErrorCode, Op, Status
 
 log = logging.getLogger("zwallet.node")
 
-CLIENT_FRAME_BYTES_MAX = 16 << 20     # ZMQ_MAXMSGSIZE on the client ROUTER: a larger frame drops the peer
+CLIENT_FRAME_BYTES_MAX = 16 << 20     # default ZMQ_MAXMSGSIZE on the client ROUTER: a larger frame drops the peer
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
 
 
@@ -61,6 +61,7 @@ class NodeConfig:
     data_dir: str
     # limits
     batch_records_max: int = R.BATCH_SIZE_MAX     # op records in one APPLY request
+    frame_bytes_max: int = CLIENT_FRAME_BYTES_MAX  # a client frame larger than this drops the connection
     entry_records_max: int = ENTRY_RECORDS_MAX    # op records grouped into one log entry
     inflight_entries_max: int = 2                 # proposed but not yet applied log entries
     pending_requests_max: int = 100_000           # requests accepted and not yet answered, all clients
@@ -88,6 +89,8 @@ class NodeConfig:
                 raise ValueError(f"replica {rid} lacks address(es) {sorted(missing)}")
         if not 1 <= self.batch_records_max <= R.BATCH_SIZE_MAX:
             raise ValueError(f"batch_records_max must be 1..{R.BATCH_SIZE_MAX}")
+        if self.frame_bytes_max < self.batch_records_max * R.OP_DTYPE.itemsize:
+            raise ValueError("frame_bytes_max must hold batch_records_max op records")
         if not self.batch_records_max <= self.entry_records_max <= ENTRY_RECORDS_MAX:
             raise ValueError(f"entry_records_max must be batch_records_max..{ENTRY_RECORDS_MAX}")
         for name in ("inflight_entries_max", "pending_requests_max", "pending_per_client_max",
@@ -140,7 +143,7 @@ class NodeConfig:
     def to_toml(self) -> str:
         lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"', f"verbose = {str(self.verbose).lower()}",
                  "", "[limits]"]
-        for name in ("batch_records_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
+        for name in ("batch_records_max", "frame_bytes_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
                      "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
                      "event_retention_seqs", "pub_queue_messages_max"):
             lines.append(f"{name} = {getattr(self, name)}")
@@ -243,7 +246,7 @@ class Node:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, CLIENT_FRAME_BYTES_MAX)
+        self.router.setsockopt(zmq.MAXMSGSIZE, cfg.frame_bytes_max)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
