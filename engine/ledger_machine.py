@@ -84,8 +84,8 @@ EventSink = Callable[[list[np.ndarray]], None]
 class LedgerMachine:
     """Applies committed entries to an embedded ``Ledger``; snapshots are the ledger's own.
 
-    ``event_sink``, if given, receives after every ``apply`` call the event records that call produced
-    (a list of arrays, contiguous in seq_num), before the results are handed back."""
+    ``event_sink``, if given, receives after every entry the event records it produced (a list of
+    arrays, contiguous in seq_num), before the results are handed back."""
 
     def __init__(self, event_sink: EventSink | None = None,
                  event_retention: int = NODE_EVENT_RETENTION) -> None:
@@ -99,7 +99,6 @@ class LedgerMachine:
     def apply(self, entries: Sequence[Any]) -> list[list[BatchOutcome] | None]:
         out: list[list[BatchOutcome] | None] = []
         ledger = self.ledger
-        events: list[np.ndarray] = []
         for e in entries:
             assert e.index > self.applied, f"entry {e.index} applied after {self.applied}"
             self.applied = e.index
@@ -121,11 +120,10 @@ class LedgerMachine:
                     continue
                 self.ops += len(ops)
                 outcomes.append(BatchOutcome(res, "", first, ledger.last_seq))
-            if ledger.last_seq > seq_before:
-                events.append(ledger.events(seq_before + 1, ledger.last_seq))
+            if ledger.last_seq > seq_before and self.event_sink is not None:
+                # handed over entry by entry: a replay of many entries never holds all their events
+                self.event_sink([ledger.events(seq_before + 1, ledger.last_seq)])
             out.append(outcomes)
-        if events and self.event_sink is not None:
-            self.event_sink(events)
         return out
 
     def snapshot(self) -> bytes:

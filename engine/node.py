@@ -75,6 +75,7 @@ class NodeConfig:
     election_ticks: int = 30
     heartbeat_ticks: int = 3
     snapshot_threshold_entries: int = 20_000
+    snapshot_threshold_bytes: int = 256 << 20     # log payload since the last snapshot (held in memory)
     snapshot_keep_entries: int = 2_000
     sync: bool = True
     map_size_gib: int = 64
@@ -105,6 +106,7 @@ class NodeConfig:
         return DriverConfig(tick_interval_ms=self.tick_ms, election_ticks=self.election_ticks,
                             heartbeat_ticks=self.heartbeat_ticks,
                             snapshot_threshold_entries=self.snapshot_threshold_entries,
+                            snapshot_threshold_bytes=self.snapshot_threshold_bytes,
                             snapshot_keep_entries=self.snapshot_keep_entries, sync=self.sync,
                             map_size_bytes=self.map_size_gib << 30)
 
@@ -149,7 +151,7 @@ class NodeConfig:
             lines.append(f"{name} = {getattr(self, name)}")
         lines += ["", "[raft]"]
         for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
-                     "snapshot_keep_entries", "map_size_gib"):
+                     "snapshot_threshold_bytes", "snapshot_keep_entries", "map_size_gib"):
             lines.append(f"{name} = {getattr(self, name)}")
         lines.append(f"sync = {str(self.sync).lower()}")
         for rid, a in sorted(self.replicas.items()):

@@ -76,6 +76,8 @@ class DriverConfig:
     election_ticks: int = 30             # 300 ms: randomized by the core in [election, 2*election)
     heartbeat_ticks: int = 3
     snapshot_threshold_entries: int = 50_000   # applied entries past the last snapshot before a new one
+    snapshot_threshold_bytes: int = 256 << 20  # ... or applied payload bytes: the core keeps the log since
+                                               # the last snapshot in memory, so this bounds its memory
     snapshot_keep_entries: int = 5_000         # entries kept below the snapshot for slow followers
     read_timeout_ms: int = 2_000
     sync: bool = True
@@ -90,6 +92,8 @@ class DriverConfig:
             raise ValueError("election_ticks must exceed 2 * heartbeat_ticks >= 2")
         if self.snapshot_keep_entries >= self.snapshot_threshold_entries:
             raise ValueError("snapshot_keep_entries must be below snapshot_threshold_entries")
+        if self.snapshot_threshold_bytes < 1 << 20:
+            raise ValueError("snapshot_threshold_bytes must be at least 1 MiB")
 
 
 ApplyFn = Callable[[Sequence[Any]], Sequence[Any]]
@@ -209,6 +213,7 @@ class RaftDriver:
         self._reads_waiting_quorum: dict[bytes, tuple[float, Future]] = {}
         self._reads_waiting_apply: list[tuple[int, Future]] = []
         self._snapshot_index = snapshot_meta.index if snapshot_meta is not None else 0
+        self._bytes_since_snapshot = 0          # payload bytes applied since the last snapshot
 
     def _run(self) -> None:
         try:
@@ -359,6 +364,7 @@ class RaftDriver:
                 self._restore_fn(data)
                 self._applied = meta.index
                 self._snapshot_index = meta.index
+                self._bytes_since_snapshot = 0
                 self._fail_proposals_upto(meta.index, OutcomeUnknown("a snapshot replaced the log"))
             if committed:
                 self._apply(committed)
@@ -381,6 +387,7 @@ class RaftDriver:
 
     def _apply(self, committed: Sequence[Any]) -> None:
         normal = [e for e in committed if _is_normal(e)]
+        self._bytes_since_snapshot += sum(len(e.data) for e in normal)
         results = self._apply_fn(normal) if normal else ()
         if len(results) != len(normal):
             raise RaftDriverError(f"apply returned {len(results)} results for {len(normal)} entries")
@@ -411,7 +418,10 @@ class RaftDriver:
 
     def _maybe_snapshot(self) -> None:
         cfg = self.config
-        if self._applied - self._snapshot_index < cfg.snapshot_threshold_entries:
+        if self._applied - self._snapshot_index < cfg.snapshot_threshold_entries and \
+                self._bytes_since_snapshot < cfg.snapshot_threshold_bytes:
+            return
+        if self._applied <= self._snapshot_index:
             return
         index = self._applied
         data = self._snapshot_fn()
@@ -421,6 +431,7 @@ class RaftDriver:
         self._store.compact(max(0, index - cfg.snapshot_keep_entries))
         _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
         self._snapshot_index = index
+        self._bytes_since_snapshot = 0
 
     def _update_status(self) -> None:
         core = self._core
