@@ -119,19 +119,24 @@ class EventStore:
         return self._floor
 
     def read(self, first_seq: int, last_seq: int, records_max: int) -> np.ndarray:
-        """Event records of seqs first_seq..last_seq (all parts), at most ``records_max`` records (whole
-        seqs only; the last seq returned may be below last_seq). Raises EventsUnavailable."""
+        """Event records of whole seqs from ``first_seq`` towards ``last_seq`` (all parts), at most
+        ``records_max`` records; the answer stops early at the end of this store or before a hole, and the
+        caller continues from the next seq (elsewhere). Raises EventsUnavailable if ``first_seq`` itself
+        is not here (pruned, in a hole, or not yet applied)."""
         if not 1 <= first_seq <= last_seq:
             raise ValueError(f"bad event range {first_seq}..{last_seq}")
         if first_seq < self._floor:
             raise EventsUnavailable(f"events below {self._floor} were pruned by retention "
                                     f"({self.retention_seqs} seqs) on this replica")
-        if last_seq > self.last_seq:
+        if first_seq > self.last_seq:
             raise EventsUnavailable(f"this replica's events end at {self.last_seq}")
+        last_seq = min(last_seq, self.last_seq)
         for a, b in self._holes:
-            if a <= last_seq and first_seq <= b:
+            if a <= first_seq <= b:
                 raise EventsUnavailable(f"this replica was restored from a snapshot and never held "
                                         f"events {a}..{b}; ask another replica")
+            if first_seq < a <= last_seq:
+                last_seq = a - 1          # serve the prefix before the hole; the caller continues elsewhere
         out: list[np.ndarray] = []
         count = 0
         with self._env.begin(db=self._chunks) as txn:

@@ -152,5 +152,53 @@ def replay_balances(evs: np.ndarray, kinds: set[int]) -> dict[int, int]:
     return dict(bal)
 
 
+def _events_at(peer: RawPeer, first: int, last: int) -> np.ndarray | None:
+    """Events first..last from this replica's own store (a FOLLOWER read: no quorum round), or None if it
+    does not hold all of them."""
+    got = peer.request(header(first, W.Op.EVENTS, consistency=W.Consistency.FOLLOWER, first_seq=first,
+                              last_seq=last), b"", timeout_s=5.0)
+    assert got is not None, f"no reply to EVENTS {first}..{last}"
+    reply, frames = got
+    if reply.status != W.Status.OK:
+        assert reply.error == W.ErrorCode.EVENTS_UNAVAILABLE, reply
+        return None
+    evs = np.frombuffer(frames[0], dtype=R.EVENT_DTYPE)
+    assert len(evs) and int(evs["seq_num"][0]) == first and int(evs["seq_num"][-1]) <= last, \
+        f"EVENTS {first}..{last} returned seqs {evs['seq_num'][:1]}..{evs['seq_num'][-1:]}"
+    return evs if int(evs["seq_num"][-1]) == last else None     # a prefix only (allowed): not all of it
+
+
+def events_from_replicas(cluster: Any, last_seq: int, chunk_seqs: int = 256) -> tuple[np.ndarray, list[int]]:
+    """Events 1..last_seq assembled from every replica's own event store (EVENTS requests to each replica,
+    not ``Client.events``), in chunks. Replicas that hold the same chunk must hold identical records; a chunk
+    no replica holds whole is assembled seq by seq. Returns the events and, per replica, how many chunks it
+    could not serve whole (a replica that caught up from a snapshot has a hole in its events)."""
+    peers = [RawPeer(a) for a in cluster.client_addresses]
+    partial = [0] * len(peers)
+    out: list[np.ndarray] = []
+    try:
+        for first in range(1, last_seq + 1, chunk_seqs):
+            last = min(last_seq, first + chunk_seqs - 1)
+            copies = [_events_at(p, first, last) for p in peers]
+            held = [c for c in copies if c is not None]
+            for i, c in enumerate(copies):
+                partial[i] += c is None
+            if not held:
+                for seq in range(first, last + 1):
+                    one = [c for c in (_events_at(p, seq, seq) for p in peers) if c is not None]
+                    assert one, f"no replica holds event {seq}"
+                    held.append(one[0])
+                    assert all(c.tobytes() == one[0].tobytes() for c in one), f"replicas disagree on event {seq}"
+                out.append(np.concatenate(held))
+                continue
+            assert all(c.tobytes() == held[0].tobytes() for c in held), \
+                f"replicas disagree on events {first}..{last}"
+            out.append(held[0])
+    finally:
+        for p in peers:
+            p.close()
+    return np.concatenate(out), partial
+
+
 def decode_status(payload: bytes) -> dict[str, Any]:
     return msgspec.msgpack.decode(payload)

@@ -127,14 +127,15 @@ def test_event_store_ranges_limits_holes_and_reopen(tmp_path):
     assert len(cut) <= 5 and cut["seq_num"].tolist() == [1, 2, 3, 3]
     one = es.read(15, 15, 1)                      # a seq bigger than the limit still comes whole
     assert one["seq_num"].tolist() == [15, 15]
+    assert es.read(20, 30, 100)["seq_num"][-1] == 22     # past the end: the prefix this replica holds
     with pytest.raises(EventsUnavailable):
-        es.read(20, 30, 100)
+        es.read(23, 30, 100)
     es.append([led.events(11, 22)])               # replay after a restart rewrites identical events
     assert es.read(1, 22, 1000).tobytes() == led.events(1, 22).tobytes()
     es.note_restored(40)                          # restored from a newer snapshot: 23..40 never arrive
     with pytest.raises(EventsUnavailable, match="snapshot"):
-        es.read(22, 25, 100)
-    assert es.read(21, 22, 100)["seq_num"][0] == 21
+        es.read(23, 25, 100)
+    assert es.read(21, 25, 100)["seq_num"].tolist() == [21, 21, 22, 22]   # the prefix before the hole
     es.close()
     es = EventStore(str(tmp_path))
     assert es.last_seq == 40

@@ -697,6 +697,12 @@ class RaftCore:
         if meta.index <= self.commit:
             self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, 0, True))
             return
+        if (self._incoming_snapshot is not None and self._incoming_meta == meta
+                and msg.offset < len(self._incoming_snapshot)):
+            # a duplicate chunk (the leader re-sends the chunk in flight on heartbeats): re-ack progress
+            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index,
+                                                 len(self._incoming_snapshot), False))
+            return
         if msg.offset == 0:
             self._incoming_snapshot = bytearray()
             self._incoming_meta = meta

@@ -202,7 +202,8 @@ class RaftDriver:
             self._restore_fn(snap[1])
             self._applied = snapshot_meta.index
         seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self._core = _make_core(self.node_id, list(self._peers), cfg, seed, hard_state, snapshot_meta, entries)
+        self._core = _make_core(self.node_id, list(self._peers), cfg, seed, hard_state, snapshot_meta, entries,
+                                snap[1] if snapshot_meta is not None else None)
         self._ctx = zmq.Context()
         others = {pid: addr for pid, addr in self._peers.items() if pid != self.node_id}
         self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
@@ -464,14 +465,15 @@ def _fail(fut: Future, exc: BaseException) -> None:
 # core is absorbed here.
 
 def _make_core(node_id: int, members: list[int], cfg: DriverConfig, seed: int, hard_state: Any,
-               snapshot_meta: Any, entries: list[Any]) -> Any:
+               snapshot_meta: Any, entries: list[Any], snapshot_data: bytes | None = None) -> Any:
     from engine.raft import core as core_mod
     config_type = getattr(core_mod, "RaftConfig", None) or getattr(core_mod, "Config")
     options = dict(election_ticks=cfg.election_ticks, heartbeat_ticks=cfg.heartbeat_ticks)
     options.update(cfg.core_options)
     config = config_type(**options)
     return core_mod.RaftCore(node_id, config, hard_state=hard_state, snapshot_meta=snapshot_meta,
-                             entries=entries, members=members, rng=random.Random(seed))
+                             entries=entries, members=members, rng=random.Random(seed),
+                             snapshot_data=snapshot_data)
 
 
 def _core_is_leader(core: Any) -> bool:
