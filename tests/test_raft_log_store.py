@@ -243,3 +243,26 @@ def test_recovery_after_kill9_mid_append(path):
                 assert e.data == payload(e.index, len(e.data))
             assert hs.commit <= s.last_index
     assert s.last_index > 0
+
+
+def test_commit_only_changes_are_deferred_to_the_next_durable_write(path):
+    store = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
+    store.save(hard_state=HS(2, 1, 0), entries=[E(1, 2), E(2, 2), E(3, 2)])
+    store.defer_commit(HS(2, 1, 2))
+    assert store.hard_state.commit == 0 and store.commit_deferred
+    with pytest.raises(LogStoreError):
+        store.defer_commit(HS(3, 1, 2))                 # a term change is never deferred
+    with pytest.raises(LogStoreError):
+        store.defer_commit(HS(2, 1, 9))                 # past the last index
+    store.save(entries=[E(4, 2)])                       # the deferred commit rides along
+    assert store.hard_state.commit == 2 and not store.commit_deferred
+    store.defer_commit(HS(2, 1, 4))
+    store._env.close()                                  # a crash: the deferred commit is lost, nothing else
+    again = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
+    hs, _, entries = again.initial_state()
+    assert hs.commit == 2 and [e.index for e in entries] == [1, 2, 3, 4]
+    again.defer_commit(HS(2, 1, 3))
+    again.close()                                       # a clean close writes it
+    third = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
+    assert third.hard_state.commit == 3
+    third.close()

@@ -57,6 +57,7 @@ class RaftConfig:
     max_entries_per_append: int = 256
     max_bytes_per_append: int = 4 << 20
     max_committed_per_ready: int = 4096
+    max_committed_bytes_per_ready: int = 8 << 20   # at least one entry; bounds one apply call's work
     snapshot_chunk_bytes: int = 1 << 20
     pre_vote: bool = True
     check_quorum: bool = True
@@ -65,7 +66,7 @@ class RaftConfig:
         if not (1 <= self.heartbeat_ticks < self.election_ticks):
             raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
         for name in ("max_inflight_appends", "max_entries_per_append", "max_bytes_per_append",
-                     "max_committed_per_ready", "snapshot_chunk_bytes"):
+                     "max_committed_per_ready", "max_committed_bytes_per_ready", "snapshot_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -241,8 +242,15 @@ class RaftCore:
         self._held = keep
         upto = min(self.commit, self.handed + self.cfg.max_committed_per_ready)
         if upto > self.handed and self.handed >= self.snap_index:
-            rd.committed_entries = self.log[self.handed - self.snap_index: upto - self.snap_index]
-            self.handed = upto
+            committed = self.log[self.handed - self.snap_index: upto - self.snap_index]
+            size, bytes_max = 0, self.cfg.max_committed_bytes_per_ready
+            for k, e in enumerate(committed):
+                size += len(e.data)
+                if size > bytes_max and k > 0:
+                    committed = committed[:k]          # the rest comes in the next ready
+                    break
+            rd.committed_entries = committed
+            self.handed += len(committed)
         rd.read_states, self._read_states = self._read_states, []
         return rd
 

@@ -42,6 +42,7 @@ PENDING_PROPOSALS_MAX = 200_000      # proposals accepted but not yet applied
 PENDING_READS_MAX = 10_000
 COMMANDS_PER_ITERATION_MAX = 20_000  # commands moved into the core per loop iteration (bounds latency)
 READY_ROUNDS_PER_ITERATION_MAX = 64
+TICKS_REPLAYED_MAX = 3               # ticks run at once after the loop was held up (see _run)
 
 
 class RaftDriverError(Exception):
@@ -240,11 +241,14 @@ class RaftDriver:
                 self._drain_commands()
                 now = time.monotonic()
                 ticks = 0
-                while now >= next_tick and ticks < 100:
+                while now >= next_tick and ticks < TICKS_REPLAYED_MAX:
                     self._core.tick()
                     next_tick += tick_s
                     ticks += 1
-                if now >= next_tick:         # we were paused for long: do not replay hundreds of ticks
+                if now >= next_tick:
+                    # this thread was held up (a long apply, a snapshot, a paused process): time it did not
+                    # see is dropped rather than replayed at once, which would run several CheckQuorum
+                    # rounds with no chance to hear from peers in between and depose a healthy leader
                     next_tick = now + tick_s
                 if ticks:
                     self._expire_reads(now)
@@ -351,7 +355,12 @@ class RaftDriver:
             # (a) persist first: one write transaction, one fsync
             if snapshot is not None or entries or hard_state is not None:
                 snap_arg = _snapshot_pair(snapshot)
-                store.save(hard_state=hard_state, entries=entries, snapshot=snap_arg)
+                durable = store.hard_state
+                if snap_arg is None and not entries and hard_state.term == durable.term \
+                        and hard_state.vote == durable.vote:
+                    store.defer_commit(hard_state)      # commit index only: no fsync of its own
+                else:
+                    store.save(hard_state=hard_state, entries=entries, snapshot=snap_arg)
                 if entries or snapshot is not None:
                     core.persisted(store.last_index, store.last_term)
                 else:

@@ -134,6 +134,7 @@ class LogStore:
         self._meta_decoder = msgspec.msgpack.Decoder(_msg.SnapshotMeta)
         # Cached from disk and kept in step with every committed write transaction.
         self._hard_state: Any = None
+        self._deferred_hard_state: Any = None      # a commit-only change not yet written (defer_commit)
         self._snapshot_meta: Any = None
         self._first_index = 1
         self._last_index = 0
@@ -264,6 +265,8 @@ class LogStore:
         append starting at or below last_index first drops the conflicting suffix), then hard state.
         Raises LogStoreError and changes nothing when the request breaks a log invariant."""
         entries = list(entries)
+        if hard_state is None and self._deferred_hard_state is not None and (entries or snapshot is not None):
+            hard_state = self._deferred_hard_state       # rides along with the next durable write
         if len(entries) > APPEND_BATCH_ENTRIES_MAX:
             raise LogStoreError(f"{len(entries)} entries in one save: APPEND_BATCH_ENTRIES_MAX={APPEND_BATCH_ENTRIES_MAX}")
         first, last, last_term = self._first_index, self._last_index, self._last_term
@@ -309,6 +312,8 @@ class LogStore:
         elif self._pending_hard_state is not None:
             self._hard_state = self._pending_hard_state
         self._pending_hard_state = None
+        if self._deferred_hard_state is not None and self._hard_state.commit >= self._deferred_hard_state.commit:
+            self._deferred_hard_state = None
         assert self._hard_state.commit <= self._last_index
         assert self._first_index <= self._last_index + 1
 
@@ -381,7 +386,32 @@ class LogStore:
         """Force an fsync (useful when opened with sync=False)."""
         self._env.sync(True)
 
+    def defer_commit(self, hard_state: Any) -> None:
+        """A hard state that differs from the durable one only in ``commit``: keep it in memory and write it
+        with the next durable write (or at close) instead of paying an fsync for it now. Raft does not need
+        the commit index durable: after a crash it is learned again from the leader (etcd's MustSync rule);
+        a lower stored commit only makes the store's own checks looser, never wrong."""
+        hs = self._hard_state
+        if hard_state.term != hs.term or hard_state.vote != hs.vote:
+            raise LogStoreError("only a commit-index change may be deferred; term and vote are written durably")
+        if hard_state.commit > self._last_index:
+            raise LogStoreError(f"hard state commit {hard_state.commit} past last index {self._last_index}")
+        if hard_state.commit > hs.commit:
+            self._deferred_hard_state = hard_state
+
+    @property
+    def commit_deferred(self) -> bool:
+        return self._deferred_hard_state is not None
+
     def close(self) -> None:
+        if self._deferred_hard_state is not None:
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(self._deferred_hard_state)),
+                            db=self._state)
+                self._hard_state, self._deferred_hard_state = self._deferred_hard_state, None
+            except lmdb.Error:
+                pass        # best effort: the commit index is relearned from the leader
         self._env.close()
 
     def __enter__(self) -> "LogStore":

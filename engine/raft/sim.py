@@ -125,7 +125,8 @@ class Cluster:
         self.rng = random.Random(seed)
         self.faults = faults or Faults()
         self.cfg = config or RaftConfig(election_ticks=10, heartbeat_ticks=2, max_inflight_appends=8,
-                                        max_entries_per_append=16, snapshot_chunk_bytes=64)
+                                        max_entries_per_append=16, snapshot_chunk_bytes=64,
+                                        max_committed_bytes_per_ready=48)
         self.verbose = verbose
         self.now = 0
         self.ids = list(range(1, n + 1))
