@@ -1,6 +1,6 @@
 """Type stub of the compiled ledger (engine/_ledger.pyx)."""
 import uuid
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import numpy.typing as npt

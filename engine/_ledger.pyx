@@ -392,7 +392,7 @@ def check_batch(ops):
     known kinds, reserved bytes zero. Raises TypeError/ValueError naming the fault; returns None."""
     _check_ops_array(ops)
     cdef const char* why = NULL
-    cdef int64_t bad = validate_ops(<const OpRec*><uintptr_t>ops.ctypes.data, ops.shape[0], &why)
+    cdef int64_t bad = validate_ops(<const OpRec*>cnp.PyArray_DATA(<cnp.ndarray>ops), ops.shape[0], &why)
     if bad >= 0:
         raise ValueError(f"malformed batch at record {bad}: {why.decode()}; nothing was applied")
 
@@ -448,7 +448,7 @@ cdef class Ledger(_CommandApi):
         self._slots = slots
 
     cdef uintptr_t _account_ptr(self):
-        cdef uintptr_t base = <uintptr_t>self._accounts.ctypes.data
+        cdef uintptr_t base = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>self._accounts)
         return (base + 63) & ~(<uintptr_t>63)
 
     cdef int _reserve_accounts(self, uint64_t extra) except -1:
@@ -499,8 +499,8 @@ cdef class Ledger(_CommandApi):
                 raise ValueError("out must be a writeable C-contiguous RESULT_DTYPE array of at least len(ops)")
             results = out[:n]
         if n:
-            self.apply_records(<const OpRec*><uintptr_t>ops.ctypes.data, n,
-                               <ResRec*><uintptr_t>results.ctypes.data, <uint64_t>ts)
+            self.apply_records(<const OpRec*>cnp.PyArray_DATA(<cnp.ndarray>ops), n,
+                               <ResRec*>cnp.PyArray_DATA(<cnp.ndarray>results), <uint64_t>ts)
         return results
 
     # ---------------------------------------------------------------------------- per-call API
@@ -595,7 +595,7 @@ cdef class Ledger(_CommandApi):
                              f"{self.event_retention} records); fetch them from the event store")
         out = np.zeros(n, dtype=EVENT_DTYPE)
         if n:
-            self.core.copy_events(first, last, <EvRec*><uintptr_t>out.ctypes.data)
+            self.core.copy_events(first, last, <EvRec*>cnp.PyArray_DATA(<cnp.ndarray>out))
         return out
 
     @property

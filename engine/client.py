@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ import zmq
 from engine import records as R
 from engine._ledger import OpEncoder
 from engine import wire as W
+from engine.zmq_io import Waker, recv_message
 from engine.wire import Consistency, ErrorCode, Op, Status
 
 TIMEOUT_S_DEFAULT = 10.0
@@ -144,7 +144,7 @@ class _IoCore:
         self.rr = itertools.count()
         self.last_seq_seen = 0
         self._queue: collections.deque[_Call] = collections.deque()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._waker = Waker()
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Inflight] = {}
         self._waiting: list[_Inflight] = []       # to (re)send when their not_before comes
@@ -175,27 +175,21 @@ class _IoCore:
         if len(self._queue) >= CLIENT_QUEUE_MAX:
             raise ClientError(f"CLIENT_QUEUE_MAX={CLIENT_QUEUE_MAX} calls are already waiting")
         self._queue.append(call)
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
+        self._waker.wake()
         return call.future
 
     def close(self) -> None:
         if self._stop.is_set():
             return
         self._stop.set()
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass
+        self._waker.wake()
         self._thread.join(5)
-        os.close(self._wake_fd)
+        self._waker.close()
 
     # --- I/O thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         registered = 0
         try:
             while not self._stop.is_set():
@@ -204,11 +198,8 @@ class _IoCore:
                     registered += 1
                 timeout = self._next_timeout_ms()
                 events = dict(poller.poll(timeout))
-                if self._wake_fd in events:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
+                if self._waker.fd in events:
+                    self._waker.drain()
                 for idx, s in enumerate(self.socks):
                     if s in events:
                         self._receive(idx, s)
@@ -354,12 +345,10 @@ class _IoCore:
     def _receive(self, idx: int, sock: zmq.Socket) -> None:
         for _ in range(10_000):
             try:
-                head = sock.recv(zmq.NOBLOCK)
+                frames = recv_message(sock)
             except zmq.Again:
                 return
-            frames = []
-            while sock.rcvmore:
-                frames.append(sock.recv(copy=False))
+            head, frames = frames[0], frames[1:]
             try:
                 reply = W.decode_reply(head)
             except (msgspec.DecodeError, msgspec.ValidationError):

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import msgspec
@@ -45,6 +45,7 @@ from engine.ledger_machine import ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, LedgerMa
 from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
                                 RaftDriver)
 from engine import wire as W
+from engine.zmq_io import Waker, recv_message
 from engine.wire import ErrorCode, Op, Status
 
 log = logging.getLogger("zwallet.node")
@@ -191,7 +192,7 @@ class Node:
         self.lock = threading.Lock()           # the ledger: applied by the driver thread, read by the main one
         self._completions: collections.deque[Callable[[], None]] = collections.deque()
         self._pub_queue: collections.deque[np.ndarray] = collections.deque()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._waker = Waker()
         self.driver = RaftDriver(config.node_id, {i: a["raft"] for i, a in config.replicas.items()},
                                  os.path.join(config.data_dir, "raft"), apply=self._apply,
                                  snapshot=self._snapshot, restore=self._restore, config=config.driver_config())
@@ -230,12 +231,7 @@ class Node:
             self.events.note_restored(self.machine.ledger.last_seq)
 
     def _wake(self) -> None:
-        fd = self._wake_fd
-        if fd >= 0:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
+        self._waker.wake()
 
     def _complete(self, fn: Callable[[], None]) -> None:
         self._completions.append(fn)
@@ -267,16 +263,13 @@ class Node:
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self._wake_fd, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 timeout = 5 if (self._reads_follower or self._group) else 100
                 events = dict(poller.poll(timeout))
-                if self._wake_fd in events:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
+                if self._waker.fd in events:
+                    self._waker.drain()
                 if self.router in events:
                     self._receive()
                 self._run_completions()
@@ -298,8 +291,7 @@ class Node:
         if self.ctx is not None:
             self.ctx.term()
         self.events.close()
-        os.close(self._wake_fd)
-        self._wake_fd = -1
+        self._waker.close()
 
     def _run_completions(self) -> None:
         while self._completions:
@@ -310,14 +302,11 @@ class Node:
         sock = self.router
         for _ in range(RECV_PER_ITERATION_MAX):
             try:
-                ident = sock.recv(zmq.NOBLOCK)
+                frames = recv_message(sock)
             except zmq.Again:
                 return
-            frames = []
-            while sock.rcvmore:
-                frames.append(sock.recv(copy=False))
             self.counters.requests += 1
-            self._handle(ident, frames)
+            self._handle(frames[0], frames[1:])
 
     def _handle(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         if not frames or len(frames) > 2:
@@ -370,14 +359,13 @@ class Node:
         if n > self.config.batch_records_max:
             raise _RequestError(ErrorCode.BATCH_TOO_LARGE, f"batch of {n} records exceeds batch_records_max="
                                 f"{self.config.batch_records_max}; nothing was applied")
+        if self.driver.status().get("role") != "leader":
+            self._not_leader(p)                   # a follower does not spend time checking what it won't apply
+            return
         try:
             check_batch(np.frombuffer(payload, dtype=R.OP_DTYPE))
         except (TypeError, ValueError) as exc:
             raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        role = self.driver.status().get("role")
-        if role != "leader":
-            self._not_leader(p)
-            return
         p.payload = payload
         p.records = n
         if self._group and (self._group_records + n > self.config.entry_records_max

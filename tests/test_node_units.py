@@ -100,6 +100,7 @@ def test_machine_applies_groups_and_refuses_a_bad_batch_alike_everywhere():
     assert o_bad.results is None and "reserved" in o_bad.error and o_bad.first_seq > o_bad.last_seq
     assert int(o_good.results["code"][0]) == R.Code.OK and o_good.first_seq == o_good.last_seq == 3
     assert m1.ledger.digest() == m2.ledger.digest()
+    assert [[o.error for o in x] if x else x for x in out1] == [[o.error for o in x] if x else x for x in out2]
     events = np.concatenate([c for chunks in seen for c in chunks])
     assert events["seq_num"].tolist() == [1, 2, 3, 3]          # events of every entry, in order, no gap
     m3 = LedgerMachine()

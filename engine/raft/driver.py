@@ -34,6 +34,7 @@ import zmq
 from engine.raft import messages as _msg
 from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore
 from engine.raft.transport import Transport
+from engine.zmq_io import Waker
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class RaftDriver:
         self._snapshot_fn = snapshot
         self._restore_fn = restore
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._waker = Waker()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -145,9 +146,7 @@ class RaftDriver:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        self._waker.close()
 
     def propose(self, data: bytes) -> Future:
         """Future resolving to the app's apply result once the entry is committed and applied here; fails
@@ -185,12 +184,7 @@ class RaftDriver:
 
     # --- driver thread -------------------------------------------------------------------------------
     def _wake(self) -> None:
-        fd = self._wake_fd
-        if fd >= 0:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
+        self._waker.wake()
 
     def _setup(self) -> None:
         cfg = self.config
@@ -210,7 +204,7 @@ class RaftDriver:
         self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
         self._poller = zmq.Poller()
         self._poller.register(self._transport.socket, zmq.POLLIN)
-        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._poller.register(self._waker.fd, zmq.POLLIN)
         self._proposals: dict[int, tuple[int, Future]] = {}   # index -> (term, future)
         self._reads_waiting_quorum: dict[bytes, tuple[float, Future]] = {}
         self._reads_waiting_apply: list[tuple[int, Future]] = []
@@ -231,11 +225,8 @@ class RaftDriver:
             while not self._stop.is_set():
                 timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
                 events = dict(self._poller.poll(timeout_ms))
-                if self._wake_fd in events:
-                    try:
-                        os.eventfd_read(self._wake_fd)
-                    except BlockingIOError:
-                        pass
+                if self._waker.fd in events:
+                    self._waker.drain()
                 for msg in self._transport.recv_batch():
                     self._core.step(msg)
                 self._drain_commands()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import lmdb
 import msgspec

@@ -22,12 +22,11 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from engine.raft import messages as m
 from engine.raft.core import NotLeader, RaftConfig, RaftCore, Role
 from engine.raft.messages import Entry, EntryKind, HardState, SnapshotMeta
 
