@@ -1,9 +1,10 @@
 """The node's event store: the golden copy of the ledger's events, in LMDB, range-readable.
 
 Layout (one LMDB environment ``<data_dir>/events``):
-- ``chunks``: key = big-endian u64 first seq_num of a chunk; value = u64 last seq_num, then the chunk's
-  event records (``records.EVENT_DTYPE``, every part of every seq in first..last, in order). One chunk is
-  what one apply call produced, so a write is one put however many events it holds.
+- ``chunks``: key = big-endian u64 first seq_num of a chunk; value = the chunk's event records
+  (``records.EVENT_DTYPE``, every part of every seq in first..last, in order; the last record's seq_num is
+  the chunk's last). One chunk is what one log entry produced, so a write is one put (straight from the
+  array's buffer, no copy) however many events it holds.
 - ``meta``: ``holes`` (msgpack list of [first, last] seq ranges this replica never received: it was brought
   back by a snapshot of the ledger that was newer than its events) and ``floor`` (seqs below it were pruned
   by retention).
@@ -33,6 +34,10 @@ _LAST = struct.Struct("<Q")
 _REC = EVENT_DTYPE.itemsize
 
 
+def _last_seq_of(value: bytes) -> int:
+    return _LAST.unpack_from(value, len(value) - _REC)[0]      # seq_num is a record's first field
+
+
 class EventsUnavailable(LookupError):
     """This replica does not hold (all of) the asked range: pruned, never received, or not yet applied."""
 
@@ -59,7 +64,7 @@ class EventStore:
             cur = txn.cursor()
             if not cur.last():
                 return 0
-            return _LAST.unpack_from(cur.value(), 0)[0]
+            return _last_seq_of(cur.value())
 
     def close(self) -> None:
         self._env.close()
@@ -75,7 +80,7 @@ class EventStore:
                 last = int(evs["seq_num"][-1])
                 assert first <= last and (self.last_seq == 0 or first <= self.last_seq + 1 or self._holes), \
                     f"event gap: store ends at {self.last_seq}, chunk starts at {first}"
-                txn.put(_KEY.pack(first), _LAST.pack(last) + evs.tobytes())
+                txn.put(_KEY.pack(first), memoryview(np.ascontiguousarray(evs)).cast("B"))
                 self.last_seq = max(self.last_seq, last)
 
     def note_restored(self, ledger_last_seq: int) -> None:
@@ -102,7 +107,7 @@ class EventStore:
             new_floor = self._floor
             if cur.first():
                 while True:
-                    last = _LAST.unpack_from(cur.value(), 0)[0]
+                    last = _last_seq_of(cur.value())
                     if last >= cutoff:
                         new_floor = _KEY.unpack(cur.key())[0]
                         break
@@ -147,7 +152,7 @@ class EventStore:
                     raise EventsUnavailable(f"event {first_seq} not found")
             while True:
                 value = cur.value()
-                evs = np.frombuffer(value, dtype=EVENT_DTYPE, offset=8)
+                evs = np.frombuffer(value, dtype=EVENT_DTYPE)
                 seqs = evs["seq_num"]
                 lo = int(np.searchsorted(seqs, first_seq, "left"))
                 hi = int(np.searchsorted(seqs, last_seq, "right"))
