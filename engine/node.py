@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ class NodeConfig:
     snapshot_threshold_entries: int = 20_000
     snapshot_threshold_bytes: int = 256 << 20     # log payload since the last snapshot (held in memory)
     snapshot_keep_entries: int = 2_000
+    snapshot_in_child: bool = True                # serialize snapshots in a forked child (no Raft stall)
     sync: bool = True
     map_size_gib: int = 64
     verbose: bool = False
@@ -155,6 +157,7 @@ class NodeConfig:
                      "snapshot_threshold_bytes", "snapshot_keep_entries", "map_size_gib"):
             lines.append(f"{name} = {getattr(self, name)}")
         lines.append(f"sync = {str(self.sync).lower()}")
+        lines.append(f"snapshot_in_child = {str(self.snapshot_in_child).lower()}")
         for rid, a in sorted(self.replicas.items()):
             lines += ["", "[[replica]]", f"id = {rid}", f'raft = "{a["raft"]}"', f'client = "{a["client"]}"',
                       f'pub = "{a["pub"]}"']
@@ -186,6 +189,8 @@ class Node:
         self.config = config
         self.node_id = config.node_id
         os.makedirs(config.data_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(config.data_dir, "snapshot-*.tmp")):
+            _unlink_quietly(stale)             # left by a snapshot child when the node died mid-snapshot
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
         self.machine = LedgerMachine(event_sink=self._on_events)
@@ -218,12 +223,15 @@ class Node:
         self._pub_queue.extend(chunks)
         self._wake()
 
-    def _snapshot(self) -> bytes:
+    def _snapshot(self) -> "bytes | ForkedSnapshot":
         with self.lock:
             self.events.sync()                 # every event below the snapshot is durable before it is
-            data = self.machine.snapshot()
+            if self.config.snapshot_in_child:
+                made: bytes | ForkedSnapshot = ForkedSnapshot(self.machine.snapshot, self.config.data_dir)
+            else:
+                made = self.machine.snapshot()
         self.events.prune()
-        return data
+        return made
 
     def _restore(self, data: bytes) -> None:
         with self.lock:
@@ -359,13 +367,13 @@ class Node:
         if n > self.config.batch_records_max:
             raise _RequestError(ErrorCode.BATCH_TOO_LARGE, f"batch of {n} records exceeds batch_records_max="
                                 f"{self.config.batch_records_max}; nothing was applied")
-        if self.driver.status().get("role") != "leader":
-            self._not_leader(p)                   # a follower does not spend time checking what it won't apply
-            return
-        try:
+        try:                                      # every replica says what is wrong with a bad batch
             check_batch(np.frombuffer(payload, dtype=R.OP_DTYPE))
         except (TypeError, ValueError) as exc:
             raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if self.driver.status().get("role") != "leader":
+            self._not_leader(p)
+            return
         p.payload = payload
         p.records = n
         if self._group and (self._group_records + n > self.config.entry_records_max
@@ -603,6 +611,61 @@ class Node:
         st["inflight_entries"] = self._inflight
         st["pending_requests"] = self._pending_total
         return st
+
+
+class ForkedSnapshot:
+    """The ledger's snapshot made by a forked child (copy-on-write: the child sees the state exactly as it
+    was at the fork, while this process goes on applying). The child writes the bytes to a file in the data
+    directory and exits; ``poll`` reads them back once it has. Serializing and hashing a large ledger
+    takes hundreds of milliseconds, which on the Raft driver thread would stall heartbeats into elections.
+    The child touches nothing but the ledger's memory and its own file (no sockets, no LMDB) and leaves
+    with ``os._exit``."""
+
+    def __init__(self, produce: Callable[[], bytes], directory: str) -> None:
+        self.path = os.path.join(directory, f"snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp")
+        pid = os.fork()
+        if pid == 0:                                   # the child
+            code = 1
+            try:
+                data = produce()
+                with open(self.path, "wb") as f:
+                    f.write(data)
+                code = 0
+            finally:
+                os._exit(code)
+        self.pid = pid
+
+    def poll(self) -> bytes | None:
+        if self.pid < 0:
+            raise RuntimeError("snapshot already collected or cancelled")
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.pid = -1
+        try:
+            if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+                raise RuntimeError(f"the snapshot child failed (wait status {status})")
+            with open(self.path, "rb") as f:
+                return f.read()
+        finally:
+            _unlink_quietly(self.path)
+
+    def cancel(self) -> None:
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = -1
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _RequestError(Exception):

@@ -191,3 +191,27 @@ def test_wire_header_checks():
     acc.reserve(3, 1 << 100, 1 << 90, 1 << 110)
     a = acc.get_account(1 << 100)
     assert W.decode_accounts(W.encode_accounts([a, None])) == [a, None]
+
+
+def test_forked_snapshot_sees_the_state_at_the_fork(tmp_path):
+    import time as _time
+    from engine.node import ForkedSnapshot
+    led = Ledger()
+    led.create_account(1, 1, "USD", lower_limit=None)
+    before = led.snapshot()
+    pending = ForkedSnapshot(led.snapshot, str(tmp_path))
+    led.create_account(2, 2, "USD")                     # the parent goes on; the child's copy does not move
+    deadline = _time.monotonic() + 10
+    data = None
+    while data is None and _time.monotonic() < deadline:
+        data = pending.poll()
+        _time.sleep(0.01)
+    assert data == before and Ledger.restore(data).account_count == 1
+    assert not list(tmp_path.iterdir())                 # the child's file is gone once collected
+    failing = ForkedSnapshot(lambda: 1 / 0, str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed"):
+        while failing.poll() is None:
+            _time.sleep(0.01)
+    slow = ForkedSnapshot(lambda: _time.sleep(30) or b"", str(tmp_path))
+    slow.cancel()
+    assert not list(tmp_path.iterdir())

@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import zmq
 
@@ -98,8 +98,19 @@ class DriverConfig:
             raise ValueError("snapshot_threshold_bytes must be at least 1 MiB")
 
 
+class PendingSnapshot(Protocol):
+    """A snapshot being made elsewhere (another process or thread) of the state as of the moment the
+    driver asked for it; the driver keeps serving Raft meanwhile and polls it from its loop."""
+
+    def poll(self) -> bytes | None:
+        """The snapshot's bytes once ready, else None; raises if making it failed."""
+
+    def cancel(self) -> None:
+        """Abandon it (a newer snapshot arrived from the leader, or the driver stops)."""
+
+
 ApplyFn = Callable[[Sequence[Any]], Sequence[Any]]
-SnapshotFn = Callable[[], bytes]
+SnapshotFn = Callable[[], "bytes | PendingSnapshot"]
 RestoreFn = Callable[[bytes], None]
 
 
@@ -210,6 +221,7 @@ class RaftDriver:
         self._reads_waiting_apply: list[tuple[int, Future]] = []
         self._snapshot_index = snapshot_meta.index if snapshot_meta is not None else 0
         self._bytes_since_snapshot = 0          # payload bytes applied since the last snapshot
+        self._pending_snapshot: tuple[int, PendingSnapshot] | None = None
 
     def _run(self) -> None:
         try:
@@ -251,6 +263,7 @@ class RaftDriver:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self._cancel_pending_snapshot()
         err = OutcomeUnknown("raft driver stopped")
         for _, fut in self._proposals.values():
             _fail(fut, err)
@@ -366,6 +379,7 @@ class RaftDriver:
                 self._applied = meta.index
                 self._snapshot_index = meta.index
                 self._bytes_since_snapshot = 0
+                self._cancel_pending_snapshot()
                 self._fail_proposals_upto(meta.index, OutcomeUnknown("a snapshot replaced the log"))
             if committed:
                 self._apply(committed)
@@ -419,20 +433,50 @@ class RaftDriver:
 
     def _maybe_snapshot(self) -> None:
         cfg = self.config
+        if self._pending_snapshot is not None:
+            index, pending = self._pending_snapshot
+            try:
+                data = pending.poll()
+            except Exception:
+                log.exception("raft %d: making the snapshot at %d failed; the next one will retry",
+                              self.node_id, index)
+                self._pending_snapshot = None
+                return
+            if data is None:
+                return
+            self._pending_snapshot = None
+            if index > self._snapshot_index:      # else a newer snapshot was installed meanwhile
+                self._save_snapshot(index, data)
+            return
         if self._applied - self._snapshot_index < cfg.snapshot_threshold_entries and \
                 self._bytes_since_snapshot < cfg.snapshot_threshold_bytes:
             return
         if self._applied <= self._snapshot_index:
             return
         index = self._applied
-        data = self._snapshot_fn()
+        self._bytes_since_snapshot = 0
+        made = self._snapshot_fn()
+        if isinstance(made, (bytes, bytearray, memoryview)):
+            self._save_snapshot(index, bytes(made))
+        else:
+            self._pending_snapshot = (index, made)   # made elsewhere; Raft goes on meanwhile
+
+    def _save_snapshot(self, index: int, data: bytes) -> None:
+        cfg = self.config
         term = self._store.term(index)
         meta = _snapshot_meta(self._core, index, term)
         self._store.save_snapshot(meta, data)
         self._store.compact(max(0, index - cfg.snapshot_keep_entries))
         _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
         self._snapshot_index = index
-        self._bytes_since_snapshot = 0
+
+    def _cancel_pending_snapshot(self) -> None:
+        if self._pending_snapshot is not None:
+            try:
+                self._pending_snapshot[1].cancel()
+            except Exception:
+                log.exception("raft %d: cancelling a pending snapshot failed", self.node_id)
+            self._pending_snapshot = None
 
     def _update_status(self) -> None:
         core = self._core
