@@ -1,0 +1,723 @@
+"""Replicated shard benchmark: 3 node processes on loopback with fsync, driven through ``engine.client.Client``.
+
+    python -m bench.bench_node                   # full run (2 to 4 minutes on 2 cores)
+    python -m bench.bench_node --quick           # smoke run (under a minute)
+    python -m bench.bench_node --write-results   # also replace the node section of bench/RESULTS.md
+
+Setup: ``NodeCluster(3, tmpdir)`` (engine/cluster.py) with its defaults (fsync on every Raft log commit), then
+``--accounts`` USD accounts created in 8190-record batches, each with no lower limit (``lower_limit=None``),
+so every transfer between them succeeds and any non-OK result code is a failure of the system.
+Measured, in one run on one cluster:
+
+1. Throughput: ``--connections`` Client objects, each in its own thread, each keeping ``--inflight`` batches
+   of 8190 transfers in flight (``Client.apply_batch_async``); transfers/s are counted at the client when
+   replies arrive, per timed window of ``--window-s`` after a warm-up; the median window is reported.
+   Every result code must be OK. Bar: median >= 200K transfers/s.
+2. Latency of single-transfer requests (one transfer record per request). First the floor: requests one at a
+   time (closed loop, ``Client.apply_batch``). Then fixed offered loads of 1K/s and 10K/s, free of coordinated
+   omission: request i is due at t0 + i/rate and is sent then (``Client.apply_batch_async``) whatever happened
+   to earlier requests (replies are taken by callbacks, never waited for by the sender); its latency runs
+   from that due time to its reply, so a late sender counts too. Requests go round-robin over
+   ``--latency-connections`` clients (default 1: each Client pipelines any number of requests on its own I/O
+   thread, and more of them in this one Python process only add GIL contention). The first
+   ``--latency-warmup-s`` are sent but not counted. Bar: p99 < 5 ms at 10K/s.
+3. Failover under load: while a lighter batch load than (1) runs (``--failover-connections`` x
+   ``--failover-inflight``), kill -9 the leader and measure the time from the kill to the first commit by a
+   new leader, seen by a probe client that sends a fresh one-transfer request to the survivors every
+   ``PROBE_INTERVAL_S``; also the load's longest stall (the longest gap between two replies around the
+   kill). The killed replica is then restarted and caught up before the next run. ``--failovers`` runs;
+   median reported.
+4. Peak memory (VmHWM) of each replica: after phases 1-2 (the processes that ran them), and at the end; with
+   the resident set split into anonymous memory and file pages (LMDB maps count in VmHWM too).
+
+After all that the replicas' state digests must be equal. For phases 1-2 the CPU used by the client process,
+by each replica, by the kernel and by everything else on the machine is recorded: other users of the machine
+make the numbers noisy, and the "others" column says how much.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from bench.bench_raft import machine_info
+from engine import records as R
+from engine._ledger import OpEncoder
+from engine.client import Client, ClientError
+from engine.cluster import NodeCluster
+
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+SECTION_BEGIN = "<!-- node-bench:begin -->"
+SECTION_END = "<!-- node-bench:end -->"
+
+REPLICAS = 3
+CURRENCY = "USD"
+BATCH_RECORDS = R.BATCH_SIZE_MAX                 # transfers per throughput batch (8190)
+TRANSFER_AMOUNT = 1                              # minor units moved by each transfer
+TEMPLATES_PER_CONNECTION = 8                     # random (from, to) batches a throughput connection rotates
+SEED = 20261125
+
+THROUGHPUT_BAR_PER_S = 200_000
+LATENCY_BAR_RATE_PER_S = 10_000
+LATENCY_BAR_P99_MS = 5.0
+LATENCY_RATES_PER_S = (1_000, 10_000)
+REPLY_WAIT_S = 30.0                              # how long the end of a phase waits for outstanding replies
+
+PROBE_INTERVAL_S = 0.010                         # failover: a new probe request this often
+PROBE_ATTEMPT_TIMEOUT_S = 0.05                   # failover: probe client re-sends elsewhere after this
+FAILOVER_TIMEOUT_S = 30.0                        # no commit by a new leader within this: the run fails
+FAILOVER_LOAD_WARMUP_S = 2.0                     # load runs this long before the kill
+FAILOVER_LOAD_AFTER_S = 3.0                      # ... and this long after the new leader's first commit
+CATCH_UP_TIMEOUT_S = 60.0                        # restarted replica: applied index equal to the others'
+STATUS_TIMEOUT_S = 2.0
+
+DEFAULTS = dict(accounts=100_000, connections=4, inflight=4, warmup_s=2.0, window_s=2.0, windows=10,
+                closed_loop_requests=2_000, latency_connections=1, latency_s=15.0, latency_warmup_s=1.0,
+                failovers=5, failover_connections=2, failover_inflight=2)
+QUICK = dict(accounts=20_000, warmup_s=1.0, window_s=1.0, windows=4, closed_loop_requests=300,
+             latency_s=3.0, latency_warmup_s=0.5, failovers=2)
+
+# dedup ids: disjoint ranges per purpose so no two operations of a run ever share one
+DEDUP_CREATE_BASE = 1
+DEDUP_BATCH_BASE = 1 << 40          # + batch number * BATCH_RECORDS
+DEDUP_SINGLE_BASE = 1 << 56         # + request number (latency and failover probes)
+
+
+class Ids:
+    """Thread-safe allocator of fresh dedup ids (never repeated within a run)."""
+
+    def __init__(self) -> None:
+        self._next_batch = 0
+        self._next_single = 0
+        self._lock = threading.Lock()
+
+    def batch_base(self) -> int:
+        """The first of BATCH_RECORDS consecutive fresh ids."""
+        with self._lock:
+            k, self._next_batch = self._next_batch, self._next_batch + 1
+        return DEDUP_BATCH_BASE + k * BATCH_RECORDS
+
+    def singles(self, n: int) -> np.ndarray:
+        with self._lock:
+            first, self._next_single = self._next_single, self._next_single + n
+        return np.arange(DEDUP_SINGLE_BASE + first, DEDUP_SINGLE_BASE + first + n, dtype=np.int64)
+
+
+def pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q, method="higher")) if len(values) else float("nan")
+
+
+# --- setup -------------------------------------------------------------------------------------------------
+def create_accounts(client: Client, accounts: int) -> float:
+    """Accounts 1..accounts, USD, no lower limit (may go negative). Returns seconds taken."""
+    template = OpEncoder().create_account(DEDUP_CREATE_BASE, 1, CURRENCY, lower_limit=None)
+    t0 = time.perf_counter()
+    futures = []
+    for start in range(0, accounts, BATCH_RECORDS):
+        ids = np.arange(start + 1, min(start + BATCH_RECORDS, accounts) + 1, dtype=np.int64)
+        ops = np.repeat(template, len(ids))
+        R.put_u128(ops["dedup_id"], ids - 1 + DEDUP_CREATE_BASE)
+        R.put_u128(ops["account_id"], ids)
+        futures.append(client.apply_batch_async(ops))
+    for fut in futures:
+        codes = fut.result(REPLY_WAIT_S)["code"]
+        if np.count_nonzero(codes != R.Code.OK):
+            raise RuntimeError(f"account creation failed: codes {sorted(set(codes.tolist()))}")
+    return time.perf_counter() - t0
+
+
+def random_pairs(rng: np.random.Generator, n: int, accounts: int) -> tuple[np.ndarray, np.ndarray]:
+    """n (from, to) account pairs, uniform, never from == to."""
+    src = rng.integers(1, accounts + 1, n)
+    dst = (src - 1 + rng.integers(1, accounts, n)) % accounts + 1
+    return src, dst
+
+
+def single_transfers(ids: Ids, rng: np.random.Generator, n: int, accounts: int) -> np.ndarray:
+    """n TRANSFER records between random accounts, each with a fresh dedup id (sent one per request)."""
+    src, dst = random_pairs(rng, n, accounts)
+    dedup = ids.singles(n)
+    return np.concatenate([R.transfers(dedup[k:k + BATCH_RECORDS], src[k:k + BATCH_RECORDS], dst[k:k + BATCH_RECORDS],
+                                       np.full(min(BATCH_RECORDS, n - k), TRANSFER_AMOUNT), CURRENCY)
+                           for k in range(0, n, BATCH_RECORDS)])
+
+
+# --- 1. pipelined batch load --------------------------------------------------------------------------------
+@dataclass
+class BatchLoad:
+    """``connections`` threads, each with its own Client keeping ``inflight`` batches of BATCH_RECORDS
+    transfers in flight until ``stop()``. Replies are recorded as (time, transfers, transfers not OK)."""
+    addresses: list[str]
+    accounts: int
+    ids: Ids
+    connections: int
+    inflight: int
+    seed: int = SEED
+    completions: list[tuple[float, int, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._clients: list[Client] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for k in range(self.connections):
+            client = Client(self.addresses)
+            self._clients.append(client)
+            t = threading.Thread(target=self._run, args=(client, self.seed + k), name=f"batch-load-{k}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(REPLY_WAIT_S + 5)
+        for c in self._clients:
+            c.close()
+        self._threads.clear()
+        self._clients.clear()
+
+    def _run(self, client: Client, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        templates = []
+        for _ in range(TEMPLATES_PER_CONNECTION):
+            src, dst = random_pairs(rng, BATCH_RECORDS, self.accounts)
+            templates.append(R.transfers(np.zeros(BATCH_RECORDS, dtype=np.int64), src, dst,
+                                         np.full(BATCH_RECORDS, TRANSFER_AMOUNT), CURRENCY))
+        offsets = np.arange(BATCH_RECORDS, dtype=np.uint64)
+        pending: list[Future] = []
+        sent = 0
+        try:
+            while True:
+                while not self._stop.is_set() and len(pending) < self.inflight:
+                    ops = templates[sent % TEMPLATES_PER_CONNECTION]
+                    ops["dedup_id"][:, 0] = offsets + np.uint64(self.ids.batch_base())
+                    pending.append(client.apply_batch_async(ops))     # copies ops: the template is reusable
+                    sent += 1
+                if not pending:
+                    return
+                results = pending.pop(0).result(REPLY_WAIT_S)
+                done = time.perf_counter()
+                not_ok = int(np.count_nonzero(results["code"] != R.Code.OK))
+                dup = int(np.count_nonzero(results["flags"] & R.ResultFlag.DUPLICATE))
+                with self._lock:
+                    self.completions.append((done, len(results), not_ok))
+                    self.duplicates += dup
+        except Exception as exc:          # a reply that never came, a closed client: the run reports it
+            with self._lock:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def records_between(self, t_from: float, t_to: float) -> int:
+        with self._lock:
+            return sum(n for t, n, _ in self.completions if t_from <= t < t_to)
+
+
+def run_throughput(addresses: list[str], ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
+    load = BatchLoad(addresses, args.accounts, ids, args.connections, args.inflight)
+    load.start()
+    try:
+        t_start = time.perf_counter() + args.warmup_s
+        windows = []
+        for k in range(args.windows):
+            t_end = t_start + (k + 1) * args.window_s
+            time.sleep(max(0.0, t_end - time.perf_counter()))
+            rate = load.records_between(t_end - args.window_s, t_end) / args.window_s
+            windows.append(rate)
+            print(f"  window {k + 1}/{args.windows}: {rate:,.0f} transfers/s", flush=True)
+    finally:
+        load.stop()
+    not_ok = sum(bad for _, _, bad in load.completions)
+    return {"windows_per_s": windows, "median_per_s": statistics.median(windows), "min_per_s": min(windows),
+            "max_per_s": max(windows), "batches": len(load.completions),
+            "transfers": sum(n for _, n, _ in load.completions), "not_ok": not_ok,
+            "duplicates": load.duplicates, "errors": load.errors,
+            "connections": args.connections, "inflight": args.inflight}
+
+
+# --- 2. open-loop latency ----------------------------------------------------------------------------------
+def run_latency(addresses: list[str], ids: Ids, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """Requests of one transfer each, due at t0 + i/rate, latency measured from the due time to the reply."""
+    warmup = int(rate * args.latency_warmup_s)
+    total = warmup + int(rate * args.latency_s)
+    ops = single_transfers(ids, np.random.default_rng(SEED + int(rate)), total, args.accounts)
+    latency_s = np.full(total, np.nan)
+    code = np.full(total, -1, dtype=np.int64)
+    sent_late_s = np.zeros(total)
+    clients = [Client(addresses) for _ in range(args.latency_connections)]
+    try:
+        def on_reply(i: int, due: float) -> Callable[[Future], None]:
+            def record(fut: Future) -> None:
+                latency_s[i] = time.perf_counter() - due
+                try:
+                    code[i] = int(fut.result()["code"][0])
+                except ClientError:
+                    code[i] = -2
+            return record
+
+        futures = []
+        t0 = time.perf_counter() + 0.05
+        i = 0
+        while i < total:
+            now = time.perf_counter()
+            while i < total and t0 + i / rate <= now:        # send everything that is due, even if late
+                due = t0 + i / rate
+                fut = clients[i % len(clients)].apply_batch_async(ops[i:i + 1])
+                fut.add_done_callback(on_reply(i, due))
+                sent_late_s[i] = now - due
+                futures.append(fut)
+                i += 1
+            if i < total:
+                time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        send_s = time.perf_counter() - t0
+        deadline = time.perf_counter() + REPLY_WAIT_S
+        for fut in futures:
+            try:
+                fut.result(max(0.0, deadline - time.perf_counter()))
+            except Exception:
+                pass
+        time.sleep(0.05)                    # the last callbacks run on the clients' I/O threads
+    finally:
+        for c in clients:
+            c.close()
+    lat_ms = 1000 * latency_s[warmup:]
+    was_answered = ~np.isnan(lat_ms)
+    answered = lat_ms[was_answered]
+    return {"rate_per_s": rate, "requests": total - warmup, "achieved_send_per_s": total / send_s,
+            "answered": len(answered), "not_ok": int(np.count_nonzero(code[warmup:][was_answered] != R.Code.OK)),
+            "p50_ms": pct(answered, 50), "p90_ms": pct(answered, 90), "p99_ms": pct(answered, 99),
+            "p999_ms": pct(answered, 99.9), "max_ms": float(answered.max()) if len(answered) else float("nan"),
+            "sender_late_ms_p99": 1000 * pct(sent_late_s[warmup:], 99),
+            "sender_late_ms_max": 1000 * float(sent_late_s[warmup:].max())}
+
+
+def run_closed_loop(addresses: list[str], ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
+    """The floor under the open-loop numbers: one single-transfer request at a time, each sent when the
+    previous one is answered (``Client.apply_batch``), on an otherwise idle cluster."""
+    ops = single_transfers(ids, np.random.default_rng(SEED - 1), args.closed_loop_requests, args.accounts)
+    latency_ms = np.zeros(len(ops))
+    not_ok = 0
+    with Client(addresses) as client:
+        for i in range(len(ops)):
+            t = time.perf_counter()
+            results = client.apply_batch(ops[i:i + 1])
+            latency_ms[i] = 1000 * (time.perf_counter() - t)
+            not_ok += int(results["code"][0] != R.Code.OK)
+    return {"requests": len(latency_ms), "not_ok": not_ok, "p50_ms": pct(latency_ms, 50),
+            "p99_ms": pct(latency_ms, 99), "max_ms": float(latency_ms.max())}
+
+
+# --- 3. failover under load --------------------------------------------------------------------------------
+def statuses(status_client: Client, cluster: NodeCluster) -> dict[int, dict[str, Any]]:
+    """STATUS of every live replica (node id -> status); a replica that does not answer is left out."""
+    out = {}
+    for k, node in enumerate(cluster.ids):
+        if not cluster.alive(node):
+            continue
+        try:
+            out[node] = status_client.status(k)
+        except ClientError:
+            pass
+    return out
+
+
+def leader_and_term(status_client: Client, cluster: NodeCluster,
+                    timeout_s: float = FAILOVER_TIMEOUT_S) -> tuple[int, int]:
+    """(leader id, its term); the leader of the newest term if a deposed one has not noticed yet."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        leaders = [(st["term"], node) for node, st in statuses(status_client, cluster).items()
+                   if st.get("role") == "leader"]
+        if leaders:
+            term, node = max(leaders)
+            return node, term
+        time.sleep(0.02)
+    raise TimeoutError("no leader")
+
+
+def find_leader(status_client: Client, cluster: NodeCluster) -> int:
+    return leader_and_term(status_client, cluster)[0]
+
+
+def wait_caught_up(status_client: Client, cluster: NodeCluster) -> None:
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        sts = statuses(status_client, cluster)
+        if len(sts) == len(cluster.ids) and len({st["applied"] for st in sts.values()}) == 1 \
+                and any(st["role"] == "leader" for st in sts.values()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the replicas did not reach the same applied index")
+
+
+def probe_new_leader(probe: Client, ops: np.ndarray, t_kill: float) -> float:
+    """Seconds from t_kill to the first OK reply to a one-transfer request sent to the survivors: a fresh
+    request (the next record of ``ops``) every PROBE_INTERVAL_S, each retried by the client on its own, so the
+    first commit the new leader can make is seen within about that interval."""
+    first_ok: list[float] = []
+    done = threading.Event()
+
+    def record(fut: Future) -> None:
+        try:
+            ok = int(fut.result()["code"][0]) == R.Code.OK
+        except ClientError:
+            return
+        if ok:
+            first_ok.append(time.perf_counter())
+            done.set()
+
+    for i in range(len(ops)):
+        probe.apply_batch_async(ops[i:i + 1]).add_done_callback(record)
+        if done.wait(PROBE_INTERVAL_S):
+            return min(first_ok) - t_kill
+    raise TimeoutError(f"no commit by a new leader within {len(ops) * PROBE_INTERVAL_S:.0f} s")
+
+
+def run_failovers(cluster: NodeCluster, status_client: Client, ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
+    runs = []
+    for run in range(args.failovers):
+        probe_ops = single_transfers(ids, np.random.default_rng(SEED + run),
+                                     int(FAILOVER_TIMEOUT_S / PROBE_INTERVAL_S), args.accounts)
+        wait_caught_up(status_client, cluster)
+        load = BatchLoad(cluster.client_addresses, args.accounts, ids, args.failover_connections,
+                         args.failover_inflight, seed=SEED + 100 * (run + 1))
+        load.start()
+        try:
+            time.sleep(FAILOVER_LOAD_WARMUP_S)
+            leader = find_leader(status_client, cluster)
+            survivors = [cluster.client_addr[n] for n in cluster.ids if n != leader]
+            probe = Client(survivors, timeout_s=FAILOVER_TIMEOUT_S, attempt_timeout_s=PROBE_ATTEMPT_TIMEOUT_S)
+            try:
+                t_kill = time.perf_counter()
+                cluster.kill(leader)
+                new_leader_s = probe_new_leader(probe, probe_ops, t_kill)
+            finally:
+                probe.close()
+            time.sleep(FAILOVER_LOAD_AFTER_S)
+        finally:
+            load.stop()
+        times = sorted(t for t, _, _ in load.completions)
+        last_before = max([t for t in times if t <= t_kill], default=t_kill)
+        after = [t for t in times if t > t_kill]
+        longest_gap_s = float(np.diff([last_before] + after).max()) if after else float("nan")
+        r = {"killed": leader, "new_leader_commit_ms": 1000 * new_leader_s,
+             "load_longest_gap_ms": 1000 * longest_gap_s,
+             "load_not_ok": sum(bad for _, _, bad in load.completions), "load_errors": load.errors,
+             "load_batches_after_kill": len(after)}
+        runs.append(r)
+        print(f"  failover {run + 1}/{args.failovers}: killed {leader}, new leader committed after "
+              f"{r['new_leader_commit_ms']:.0f} ms; load's longest gap {r['load_longest_gap_ms']:.0f} ms, "
+              f"{len(after)} batches after the kill, not OK {r['load_not_ok']}, errors {len(load.errors)}",
+              flush=True)
+        cluster.start_replica(leader)
+    wait_caught_up(status_client, cluster)
+    new_leader = [r["new_leader_commit_ms"] for r in runs]
+    gaps = [r["load_longest_gap_ms"] for r in runs]
+    return {"runs": runs, "median_ms": statistics.median(new_leader), "min_ms": min(new_leader),
+            "max_ms": max(new_leader), "load_gap_median_ms": statistics.median(gaps),
+            "load_gap_max_ms": max(gaps), "not_ok": sum(r["load_not_ok"] for r in runs),
+            "errors": [e for r in runs for e in r["load_errors"]]}
+
+
+# --- CPU accounting: what else used this machine meanwhile? -------------------------------------------------
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PF_KTHREAD = 0x00200000                          # /proc/<pid>/stat flags: a kernel thread
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(CPU seconds all cores spent busy, of which in interrupts and softirqs) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS_PER_S, (irq + softirq) / CLOCK_TICKS_PER_S
+
+
+def process_cpu_s(pid: int | str) -> tuple[float, bool]:
+    """(utime + stime of a process, all its threads; whether it is a kernel thread); (0, False) if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, False
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S, bool(int(fields[6]) & PF_KTHREAD)
+
+
+def kernel_threads_cpu_s() -> float:
+    """CPU seconds used by kernel threads (disk writeback, journaling, network softirq threads ...)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            cpu, kernel = process_cpu_s(pid)
+            if kernel:
+                total += cpu
+    return total
+
+
+class CpuShare:
+    """Cores used during a phase: by the whole machine; by this benchmark (this process, i.e. the clients, and
+    each replica); by the kernel (its threads and interrupts: mostly the work our disk writes and loopback
+    traffic cause); and by everything else, i.e. other users of the machine, who make the numbers noisier."""
+
+    def __init__(self, cluster: NodeCluster) -> None:
+        self.pids = {n: cluster.procs[n].pid for n in cluster.ids if cluster.alive(n)}
+        self.t0 = time.perf_counter()
+        self.machine0, self.irq0 = machine_cpu_s()
+        self.kthreads0 = kernel_threads_cpu_s()
+        self.client0 = self._client()
+        self.replicas0 = {n: process_cpu_s(pid)[0] for n, pid in self.pids.items()}
+
+    @staticmethod
+    def _client() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def stop(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t0
+        machine, irq = machine_cpu_s()
+        kernel = (kernel_threads_cpu_s() - self.kthreads0 + irq - self.irq0) / elapsed
+        machine = (machine - self.machine0) / elapsed
+        client = (self._client() - self.client0) / elapsed
+        replicas = {n: (process_cpu_s(pid)[0] - self.replicas0[n]) / elapsed for n, pid in self.pids.items()}
+        ours = client + sum(replicas.values())
+        return {"machine_cores": round(machine, 2), "bench_cores": round(ours, 2), "kernel_cores": round(kernel, 2),
+                "other_cores": round(max(0.0, machine - ours - kernel), 2), "client_cores": round(client, 2),
+                "replica_cores": {n: round(c, 2) for n, c in replicas.items()}}
+
+
+def memory_mib(cluster: NodeCluster) -> dict[int, dict[str, float]]:
+    """Per live replica: peak RSS (VmHWM, ``NodeCluster.peak_rss_bytes``) and the current resident set split
+    into anonymous memory (heap, ledger arrays) and file pages (LMDB maps: the log and the event store)."""
+    out = {}
+    for node in cluster.ids:
+        peak = cluster.peak_rss_bytes(node)
+        if peak is None:
+            continue
+        row = {"peak": round(peak / (1 << 20), 1)}
+        try:
+            with open(f"/proc/{cluster.procs[node].pid}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("RssAnon", "RssFile", "RssShmem"):
+                        row[key[3:].lower()] = round(int(value.split()[0]) / 1024, 1)
+        except OSError:
+            pass
+        out[node] = row
+    return out
+
+
+def digests_equal(cluster: NodeCluster, status_client: Client) -> bool:
+    wait_caught_up(status_client, cluster)
+    digests = {status_client.status(k, with_digest=True)["digest"] for k in range(len(cluster.ids))}
+    return len(digests) == 1
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def throughput_ok(tp: dict[str, Any]) -> bool:
+    return tp["median_per_s"] >= THROUGHPUT_BAR_PER_S and tp["not_ok"] == 0 and not tp["errors"]
+
+
+def latency_ok(r: dict[str, Any]) -> bool:
+    return r["p99_ms"] < LATENCY_BAR_P99_MS and r["answered"] == r["requests"] and r["not_ok"] == 0
+
+
+def leader_changes(phase: dict[str, Any]) -> str:
+    before, after = phase["terms"]
+    return "no election" if before == after else f"Raft term {before} -> {after} (elections during the load)"
+
+
+def cpu_text(phase: str, c: dict[str, Any]) -> str:
+    replicas = ", ".join(f"{n}{'*' if n == c['leader'] else ''} {v}" for n, v in c["replica_cores"].items())
+    return (f"{phase}: machine {c['machine_cores']} = client process {c['client_cores']} + replicas ({replicas}) "
+            f"+ kernel {c['kernel_cores']} + others {c['other_cores']}")
+
+
+def memory_text(when: str, mem: dict[int, dict[str, float]]) -> str:
+    return f"{when}: " + ", ".join(f"replica {n} peak {v['peak']:,.0f} (anon {v.get('anon', 0):,.0f}, "
+                                   f"file {v.get('file', 0):,.0f})" for n, v in mem.items())
+
+
+def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
+    m = res["machine"]
+    tp = res["throughput"]
+    cl = res["closed_loop"]
+    fo = res["failover"]
+    mem = res["memory_mib"]
+    lines = [SECTION_BEGIN, "## Replicated shard (engine/node.py, engine/client.py)", "",
+             f"Command: `{command}`  ",
+             f"Machine: {m['cpus']} cores ({m['cpu']}), Python {m['python']}, Linux {m['kernel']}; {m['date_utc']}; "
+             f"load average before/after: {m['loadavg_1_5_15']} / {res.get('loadavg_after')}  ",
+             f"Setup: `NodeCluster(3)`: 3 node processes on 127.0.0.1 with the default config (fsync on every Raft "
+             f"log commit); {args.accounts:,} USD accounts without a lower limit; the clients (this benchmark's "
+             f"process) and the replicas share the {m['cpus']} cores.", "",
+             "| measurement | result | bar | verdict |", "|---|---|---|---|"]
+    lines.append(f"| throughput: 8190-transfer batches, {tp['connections']} connections x {tp['inflight']} in "
+                 f"flight, median of {len(tp['windows_per_s'])} windows of {args.window_s:g} s | "
+                 f"**{tp['median_per_s']:,.0f} transfers/s** (min {tp['min_per_s']:,.0f}, max {tp['max_per_s']:,.0f}); "
+                 f"{tp['not_ok']} not OK; {leader_changes(tp)} | >= {THROUGHPUT_BAR_PER_S:,}/s, all OK | "
+                 f"**{verdict(throughput_ok(tp))}** |")
+    lines.append(f"| latency floor: one request at a time, closed loop ({cl['requests']:,} requests) | p50 "
+                 f"{cl['p50_ms']:.1f} / p99 {cl['p99_ms']:.1f} / max {cl['max_ms']:.1f} ms; {cl['not_ok']} not OK "
+                 f"| - | - |")
+    for r in res["latency"]:
+        rate = int(r["rate_per_s"])
+        bar, ok = (f"p99 < {LATENCY_BAR_P99_MS:g} ms", f"**{verdict(latency_ok(r))}**") \
+            if rate == LATENCY_BAR_RATE_PER_S else ("-", "-")
+        lines.append(f"| latency, one transfer per request, open loop at {rate:,}/s ({r['requests']:,} requests, "
+                     f"{args.latency_connections} client connection(s)) | p50 {r['p50_ms']:.1f} / "
+                     f"p99 **{r['p99_ms']:.1f}** / p99.9 {r['p999_ms']:.1f} / max {r['max_ms']:.1f} ms; "
+                     f"{r['requests'] - r['answered']} unanswered, {r['not_ok']} not OK; {leader_changes(r)} "
+                     f"| {bar} | {ok} |")
+    lines.append(f"| failover under load: kill -9 leader -> first commit by the new leader, {len(fo['runs'])} runs | "
+                 f"median **{fo['median_ms']:.0f} ms** (min {fo['min_ms']:.0f}, max {fo['max_ms']:.0f}) | - | - |")
+    lines.append(f"| failover: the load's longest gap between replies around the kill | median "
+                 f"{fo['load_gap_median_ms']:.0f} ms (max {fo['load_gap_max_ms']:.0f}); {fo['not_ok']} not OK, "
+                 f"{len(fo['errors'])} client errors | - | - |")
+    peaks = ", ".join(f"replica {n}: {v['peak']:,.0f} MiB" for n, v in mem["after_load"].items())
+    lines.append(f"| peak RSS (VmHWM) per replica after throughput + latency | {peaks} | - | - |")
+    lines += ["", f"Throughput windows (transfers/s): {', '.join(f'{w / 1000:.0f}K' for w in tp['windows_per_s'])}; "
+              f"{tp['transfers']:,} transfers in {tp['batches']:,} batches, {tp['duplicates']} duplicate "
+              f"results (client retries).  "]
+    for r in res["latency"]:
+        lines.append(f"Latency at {int(r['rate_per_s']):,}/s: sender achieved {r['achieved_send_per_s']:,.0f}/s; "
+                     f"p90 {r['p90_ms']:.1f} ms; the sender was late by p99 {r['sender_late_ms_p99']:.2f} ms, "
+                     f"max {r['sender_late_ms_max']:.1f} ms (counted in the latency: it runs from the due time).  ")
+    lines.append("Failover runs (new leader's first commit / load's longest gap, ms): "
+                 + ", ".join(f"{r['new_leader_commit_ms']:.0f}/{r['load_longest_gap_ms']:.0f}" for r in fo["runs"])
+                 + f"; load during failover: {args.failover_connections} connections x {args.failover_inflight} "
+                 f"batches in flight; the load's clients re-send after their 1 s attempt timeout.  ")
+    lines.append("Memory (MiB; peak = VmHWM, which counts LMDB's mapped file pages too; anon / file = resident "
+                 f"now): {memory_text('after throughput + latency', mem['after_load'])}; "
+                 f"{memory_text('at the end, killed replicas restarted', mem['end'])}.  ")
+    phases = [("throughput", tp["cpu"])] + [(f"latency {int(r['rate_per_s']):,}/s", r["cpu"]) for r in res["latency"]]
+    lines.append(f"CPU (cores busy of {m['cpus']}; replicas by id, * = leader; kernel = kernel threads and "
+                 "interrupts, mostly disk writeback and loopback traffic; others = other users of the machine): "
+                 + "; ".join(cpu_text(name, c) for name, c in phases) + ".  ")
+    lines.append(f"Replicas' state digests equal at the end: {res['digests_equal']}")
+    if res.get("note"):
+        lines += ["", res["note"]]
+    lines += ["", SECTION_END]
+    return "\n".join(lines)
+
+
+def write_results(section: str) -> None:
+    with open(RESULTS_PATH) as f:
+        text = f.read()
+    if SECTION_BEGIN in text and SECTION_END in text:
+        head, rest = text.split(SECTION_BEGIN, 1)
+        _, tail = rest.split(SECTION_END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(RESULTS_PATH, "w") as f:
+        f.write(text)
+
+
+# --- main --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="replicated shard benchmark (3 node processes, fsync, loopback)")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer accounts, shorter phases, 2 failovers")
+    p.add_argument("--write-results", action="store_true", help="replace the node section of bench/RESULTS.md")
+    p.add_argument("--note", default="", help="free text added to the results")
+    p.add_argument("--accounts", type=int)
+    p.add_argument("--connections", type=int, help="throughput: Client objects, one thread each")
+    p.add_argument("--inflight", type=int, help="throughput: batches in flight per connection")
+    p.add_argument("--warmup-s", type=float, help="throughput: load before the first window")
+    p.add_argument("--window-s", type=float, help="throughput: length of one timed window")
+    p.add_argument("--windows", type=int, help="throughput: timed windows (median reported)")
+    p.add_argument("--closed-loop-requests", type=int, help="latency: requests sent one at a time first")
+    p.add_argument("--latency-connections", type=int, help="latency: clients the requests rotate over")
+    p.add_argument("--latency-s", type=float, help="latency: measured seconds per offered rate")
+    p.add_argument("--latency-warmup-s", type=float, help="latency: seconds sent first and not counted")
+    p.add_argument("--failovers", type=int, help="failover runs")
+    p.add_argument("--failover-connections", type=int, help="failover: load connections")
+    p.add_argument("--failover-inflight", type=int, help="failover: batches in flight per load connection")
+    args = p.parse_args(argv)
+    for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def measured(cluster: NodeCluster, status_client: Client, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s result with the CPU used meanwhile, the leader at the end and the elections meanwhile."""
+    _, term_before = leader_and_term(status_client, cluster)
+    cpu = CpuShare(cluster)
+    result = run()
+    result["cpu"] = cpu.stop()
+    result["cpu"]["leader"], term_after = leader_and_term(status_client, cluster)
+    result["terms"] = (term_before, term_after)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = "python -m bench.bench_node " + " ".join(argv)
+    res: dict[str, Any] = {"machine": machine_info(), "note": args.note}
+    base = tempfile.mkdtemp(prefix="bench-node-")
+    cluster = NodeCluster(REPLICAS, base)
+    ids = Ids()
+    status_client: Client | None = None
+    try:
+        t0 = time.perf_counter()
+        cluster.start()
+        status_client = Client(cluster.client_addresses, timeout_s=STATUS_TIMEOUT_S,
+                               attempt_timeout_s=STATUS_TIMEOUT_S)
+        with Client(cluster.client_addresses) as setup:
+            seconds = create_accounts(setup, args.accounts)
+        print(f"cluster of {REPLICAS} up, {args.accounts:,} accounts created in {seconds:.1f} s", flush=True)
+        print(f"throughput ({args.connections} connections x {args.inflight} batches of {BATCH_RECORDS} "
+              f"in flight) ...", flush=True)
+        res["throughput"] = measured(cluster, status_client,
+                                     lambda: run_throughput(cluster.client_addresses, ids, args))
+        print(f"closed-loop latency, {args.closed_loop_requests:,} requests one at a time ...", flush=True)
+        res["closed_loop"] = run_closed_loop(cluster.client_addresses, ids, args)
+        print(f"  p50 {res['closed_loop']['p50_ms']:.2f}  p99 {res['closed_loop']['p99_ms']:.2f} ms", flush=True)
+        res["latency"] = []
+        for rate in LATENCY_RATES_PER_S:
+            print(f"latency at {rate:,}/s for {args.latency_s:g} s ...", flush=True)
+            r = measured(cluster, status_client, lambda: run_latency(cluster.client_addresses, ids, args, rate))
+            res["latency"].append(r)
+            print(f"  p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  p99.9 {r['p999_ms']:.2f}  "
+                  f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']})",
+                  flush=True)
+        res["memory_mib"] = {"after_load": memory_mib(cluster)}
+        print(f"failover under load x{args.failovers} ...", flush=True)
+        res["failover"] = run_failovers(cluster, status_client, ids, args)
+        res["memory_mib"]["end"] = memory_mib(cluster)
+        res["digests_equal"] = digests_equal(cluster, status_client)
+        res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        if status_client is not None:
+            status_client.close()
+        cluster.close()
+        shutil.rmtree(base, ignore_errors=True)
+    section = render(res, command, args)
+    print()
+    print(section)
+    if args.write_results:
+        write_results(section)
+    tp = res["throughput"]
+    bar = next(r for r in res["latency"] if r["rate_per_s"] == LATENCY_BAR_RATE_PER_S)
+    ok = throughput_ok(tp) and latency_ok(bar) and res["digests_equal"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
