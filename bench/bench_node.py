@@ -15,11 +15,11 @@ Measured, in one run on one cluster:
    Every result code must be OK. Bar: median >= 200K transfers/s.
 2. Latency of single-transfer requests (one transfer record per request). First the floor: requests one at a
    time (closed loop, ``Client.apply_batch``). Then fixed offered loads of 1K/s and 10K/s, free of coordinated
-   omission: request i is due at t0 + i/rate and is sent then (``Client.apply_batch_async``) whatever happened
-   to earlier requests (replies are taken by callbacks, never waited for by the sender); its latency runs
-   from that due time to its reply, so a late sender counts too. Requests go round-robin over
-   ``--latency-connections`` clients (default 1: each Client pipelines any number of requests on its own I/O
-   thread, and more of them in this one Python process only add GIL contention). The first
+   omission: request i is due at t0 + i/rate and is sent then whatever happened to earlier requests; its
+   latency runs from that due time to its reply, so a late sender counts too. The open-loop sender is a
+   bare DEALER to the leader on one thread (``run_latency``), not ``Client``: the replicas and the load
+   share 2 cores, and the Client's I/O thread and futures (~65 us a request) would take a third of a core
+   from the replicas at 10K/s. The first
    ``--latency-warmup-s`` are sent but not counted. Bar: p99 < 5 ms at 10K/s.
 3. Failover under load: while a lighter batch load than (1) runs (``--failover-connections`` x
    ``--failover-inflight``), kill -9 the leader and measure the time from the kill to the first commit by a
@@ -49,9 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import zmq
 
 from bench.bench_raft import machine_info
 from engine import records as R
+from engine import wire as W
 from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
@@ -248,57 +250,82 @@ def run_throughput(addresses: list[str], ids: Ids, args: argparse.Namespace) -> 
 
 
 # --- 2. open-loop latency ----------------------------------------------------------------------------------
-def run_latency(addresses: list[str], ids: Ids, args: argparse.Namespace, rate: float) -> dict[str, Any]:
-    """Requests of one transfer each, due at t0 + i/rate, latency measured from the due time to the reply."""
+def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """Requests of one transfer each, due at t0 + i/rate, latency measured from the due time to the reply.
+
+    The load generator is a bare DEALER on this thread (the wire protocol of docs/protocol.md, headers
+    encoded as requests go out, replies matched by req_id), not ``Client``: on this 2-core machine the
+    replicas and the load share the CPU, and the Client's I/O thread, futures and callbacks cost ~65 us per
+    request, which at 10K/s would take a third of a core from the replicas and make the sender itself late.
+    It talks to the leader only; a NOT_LEADER or ERROR reply counts as not OK."""
     warmup = int(rate * args.latency_warmup_s)
     total = warmup + int(rate * args.latency_s)
     ops = single_transfers(ids, np.random.default_rng(SEED + int(rate)), total, args.accounts)
+    payloads = [ops[i:i + 1].tobytes() for i in range(total)]
     latency_s = np.full(total, np.nan)
     code = np.full(total, -1, dtype=np.int64)
     sent_late_s = np.zeros(total)
-    clients = [Client(addresses) for _ in range(args.latency_connections)]
-    try:
-        def on_reply(i: int, due: float) -> Callable[[Future], None]:
-            def record(fut: Future) -> None:
-                latency_s[i] = time.perf_counter() - due
-                try:
-                    code[i] = int(fut.result()["code"][0])
-                except ClientError:
-                    code[i] = -2
-            return record
+    due_s = np.zeros(total)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 1_000_000)
+    sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    sock.connect(leader_address)
+    encode = W.encode
+    code_offset = R.RESULT_DTYPE.fields["code"][1]
+    answered = 0
 
-        futures = []
+    def drain(block_ms: int) -> int:
+        got = 0
+        while sock.poll(block_ms if got == 0 else 0):
+            head = sock.recv()
+            body = sock.recv() if sock.getsockopt(zmq.RCVMORE) else b""
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv()
+            now = time.perf_counter()
+            reply = W.decode_reply(head)
+            i = reply.req_id - 1
+            if 0 <= i < total and np.isnan(latency_s[i]):
+                latency_s[i] = now - due_s[i]
+                code[i] = (int.from_bytes(body[code_offset:code_offset + 2], "little")
+                           if reply.status == W.Status.OK and len(body) >= R.RESULT_DTYPE.itemsize else -2)
+                got += 1
+            block_ms = 0
+        return got
+
+    try:
+        time.sleep(0.2)                                     # let the connection come up
         t0 = time.perf_counter() + 0.05
         i = 0
         while i < total:
             now = time.perf_counter()
             while i < total and t0 + i / rate <= now:        # send everything that is due, even if late
                 due = t0 + i / rate
-                fut = clients[i % len(clients)].apply_batch_async(ops[i:i + 1])
-                fut.add_done_callback(on_reply(i, due))
+                due_s[i] = due
+                sock.send(encode(W.Request(i + 1, W.Op.APPLY)), zmq.SNDMORE)
+                sock.send(payloads[i])
                 sent_late_s[i] = now - due
-                futures.append(fut)
                 i += 1
-            if i < total:
-                time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            answered += drain(0)
+            wait_s = t0 + i / rate - time.perf_counter()
+            if i < total and wait_s > 0:
+                answered += drain(max(0, int(wait_s * 1000)))
         send_s = time.perf_counter() - t0
         deadline = time.perf_counter() + REPLY_WAIT_S
-        for fut in futures:
-            try:
-                fut.result(max(0.0, deadline - time.perf_counter()))
-            except Exception:
-                pass
-        time.sleep(0.05)                    # the last callbacks run on the clients' I/O threads
+        while answered < total and time.perf_counter() < deadline:
+            answered += drain(50)
     finally:
-        for c in clients:
-            c.close()
+        sock.close(0)
+        ctx.term()
     lat_ms = 1000 * latency_s[warmup:]
     was_answered = ~np.isnan(lat_ms)
-    answered = lat_ms[was_answered]
+    answered_ms = lat_ms[was_answered]
     return {"rate_per_s": rate, "requests": total - warmup, "achieved_send_per_s": total / send_s,
-            "answered": len(answered), "not_ok": int(np.count_nonzero(code[warmup:][was_answered] != R.Code.OK)),
-            "p50_ms": pct(answered, 50), "p90_ms": pct(answered, 90), "p99_ms": pct(answered, 99),
-            "p999_ms": pct(answered, 99.9), "max_ms": float(answered.max()) if len(answered) else float("nan"),
+            "answered": len(answered_ms), "not_ok": int(np.count_nonzero(code[warmup:][was_answered] != R.Code.OK)),
+            "p50_ms": pct(answered_ms, 50), "p90_ms": pct(answered_ms, 90), "p99_ms": pct(answered_ms, 99),
+            "p999_ms": pct(answered_ms, 99.9),
+            "max_ms": float(answered_ms.max()) if len(answered_ms) else float("nan"),
             "sender_late_ms_p99": 1000 * pct(sent_late_s[warmup:], 99),
             "sender_late_ms_max": 1000 * float(sent_late_s[warmup:].max())}
 
@@ -578,7 +605,7 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
         bar, ok = (f"p99 < {LATENCY_BAR_P99_MS:g} ms", f"**{verdict(latency_ok(r))}**") \
             if rate == LATENCY_BAR_RATE_PER_S else ("-", "-")
         lines.append(f"| latency, one transfer per request, open loop at {rate:,}/s ({r['requests']:,} requests, "
-                     f"{args.latency_connections} client connection(s)) | p50 {r['p50_ms']:.1f} / "
+                     f"a bare DEALER at the leader) | p50 {r['p50_ms']:.1f} / "
                      f"p99 **{r['p99_ms']:.1f}** / p99.9 {r['p999_ms']:.1f} / max {r['max_ms']:.1f} ms; "
                      f"{r['requests'] - r['answered']} unanswered, {r['not_ok']} not OK; {leader_changes(r)} "
                      f"| {bar} | {ok} |")
@@ -691,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         res["latency"] = []
         for rate in LATENCY_RATES_PER_S:
             print(f"latency at {rate:,}/s for {args.latency_s:g} s ...", flush=True)
-            r = measured(cluster, status_client, lambda: run_latency(cluster.client_addresses, ids, args, rate))
+            leader_address = cluster.client_addr[find_leader(status_client, cluster)]
+            r = measured(cluster, status_client, lambda: run_latency(leader_address, ids, args, rate))
             res["latency"].append(r)
             print(f"  p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  p99.9 {r['p999_ms']:.2f}  "
                   f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']})",

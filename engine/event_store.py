@@ -46,6 +46,7 @@ class EventStore:
     def __init__(self, path: str, *, map_size_bytes: int = EVENT_STORE_MAP_SIZE_BYTES_DEFAULT,
                  retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT) -> None:
         os.makedirs(path, exist_ok=True)
+        self._path = path
         self.retention_seqs = retention_seqs
         self._env = lmdb.open(path, map_size=map_size_bytes, max_dbs=4, sync=False, metasync=False,
                               writemap=False, lock=True)
@@ -95,6 +96,11 @@ class EventStore:
 
     def sync(self) -> None:
         self._env.sync(True)
+
+    @property
+    def data_file(self) -> str:
+        """The LMDB data file: fsyncing it (from any process) makes every committed write durable."""
+        return os.path.join(self._path, "data.mdb")
 
     def prune(self) -> int:
         """Delete chunks entirely below ``last_seq - retention_seqs``; returns how many were deleted."""

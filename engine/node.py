@@ -33,7 +33,7 @@ import threading
 import time
 import tomllib
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import msgspec
 import numpy as np
@@ -224,11 +224,13 @@ class Node:
         self._wake()
 
     def _snapshot(self) -> "bytes | ForkedSnapshot":
+        # every event below the snapshot is durable before the snapshot is (the log below it may go)
         with self.lock:
-            self.events.sync()                 # every event below the snapshot is durable before it is
             if self.config.snapshot_in_child:
-                made: bytes | ForkedSnapshot = ForkedSnapshot(self.machine.snapshot, self.config.data_dir)
+                made: bytes | ForkedSnapshot = ForkedSnapshot(self.machine.snapshot, self.config.data_dir,
+                                                              fsync_first=[self.events.data_file])
             else:
+                self.events.sync()
                 made = self.machine.snapshot()
         self.events.prune()
         return made
@@ -621,12 +623,18 @@ class ForkedSnapshot:
     The child touches nothing but the ledger's memory and its own file (no sockets, no LMDB) and leaves
     with ``os._exit``."""
 
-    def __init__(self, produce: Callable[[], bytes], directory: str) -> None:
+    def __init__(self, produce: Callable[[], bytes], directory: str, fsync_first: Sequence[str] = ()) -> None:
         self.path = os.path.join(directory, f"snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp")
         pid = os.fork()
         if pid == 0:                                   # the child
             code = 1
             try:
+                for path in fsync_first:               # the page cache is shared: this makes the parent's
+                    fd = os.open(path, os.O_RDONLY)    # writes made before the fork durable
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
                 data = produce()
                 with open(self.path, "wb") as f:
                     f.write(data)

@@ -43,6 +43,8 @@ PENDING_PROPOSALS_MAX = 200_000      # proposals accepted but not yet applied
 PENDING_READS_MAX = 10_000
 COMMANDS_PER_ITERATION_MAX = 20_000  # commands moved into the core per loop iteration (bounds latency)
 READY_ROUNDS_PER_ITERATION_MAX = 64
+READY_TIME_BUDGET_S = 0.05           # Ready rounds of one loop iteration stop starting after this long
+LOOP_HELD_WARN_S = 0.15              # a longer _process_ready is logged: it delays heartbeats
 TICKS_REPLAYED_MAX = 3               # ticks run at once after the loop was held up (see _run)
 
 
@@ -222,6 +224,8 @@ class RaftDriver:
         self._snapshot_index = snapshot_meta.index if snapshot_meta is not None else 0
         self._bytes_since_snapshot = 0          # payload bytes applied since the last snapshot
         self._pending_snapshot: tuple[int, PendingSnapshot] | None = None
+        self._ready_left = False                # the last _process_ready stopped on its time budget
+        self._spent_s: dict[str, float] = {}    # the last _process_ready's time per phase
 
     def _run(self) -> None:
         try:
@@ -235,7 +239,7 @@ class RaftDriver:
         next_tick = time.monotonic() + tick_s
         try:
             while not self._stop.is_set():
-                timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
+                timeout_ms = 0.0 if self._ready_left else max(0.0, (next_tick - time.monotonic()) * 1000.0)
                 events = dict(self._poller.poll(timeout_ms))
                 if self._waker.fd in events:
                     self._waker.drain()
@@ -255,7 +259,14 @@ class RaftDriver:
                     next_tick = now + tick_s
                 if ticks:
                     self._expire_reads(now)
+                t_ready = time.monotonic()
                 self._process_ready()
+                held_s = time.monotonic() - t_ready
+                if held_s > LOOP_HELD_WARN_S:
+                    sp = self._spent_s
+                    log.warning("raft %d: persist/send/apply/snapshot held the loop for %.0f ms (persist %.0f, "
+                                "apply %.0f, snapshot %.0f); heartbeats wait meanwhile", self.node_id,
+                                held_s * 1000, sp["persist"] * 1000, sp["apply"] * 1000, sp["snapshot"] * 1000)
         except BaseException:
             log.exception("raft driver %d crashed", self.node_id)
             raise
@@ -346,7 +357,13 @@ class RaftDriver:
         core = self._core
         store = self._store
         transport = self._transport
+        started = time.monotonic()
+        self._ready_left = False
+        spent = self._spent_s = {"persist": 0.0, "apply": 0.0, "snapshot": 0.0}
         for _ in range(READY_ROUNDS_PER_ITERATION_MAX):
+            if time.monotonic() - started > READY_TIME_BUDGET_S:
+                self._ready_left = True      # go back to the poller: peers' messages and ticks come first
+                break
             rd = core.ready()
             snapshot = getattr(rd, "snapshot", None)
             entries = rd.entries or ()
@@ -357,6 +374,7 @@ class RaftDriver:
             if not (snapshot or entries or hard_state or messages or committed or read_states):
                 break
             # (a) persist first: one write transaction, one fsync
+            t_phase = time.monotonic()
             if snapshot is not None or entries or hard_state is not None:
                 snap_arg = _snapshot_pair(snapshot)
                 durable = store.hard_state
@@ -369,10 +387,12 @@ class RaftDriver:
                     core.persisted(store.last_index, store.last_term)
                 else:
                     core.persisted(store.last_index, store.last_term)
+            spent["persist"] += time.monotonic() - t_phase
             # (b) messages released by the core
             for msg in messages:
                 transport.send(msg)
             # (c) state machine
+            t_phase = time.monotonic()
             if snapshot is not None:
                 meta, data = snap_arg
                 self._restore_fn(data)
@@ -383,6 +403,7 @@ class RaftDriver:
                 self._fail_proposals_upto(meta.index, OutcomeUnknown("a snapshot replaced the log"))
             if committed:
                 self._apply(committed)
+            spent["apply"] += time.monotonic() - t_phase
             for rs in read_states:
                 ctx, index = _read_state(rs)
                 waiting = self._reads_waiting_quorum.pop(ctx, None)
@@ -397,7 +418,9 @@ class RaftDriver:
                     else:
                         still.append((index, fut))
                 self._reads_waiting_apply = still
+        t_phase = time.monotonic()
         self._maybe_snapshot()
+        spent["snapshot"] += time.monotonic() - t_phase
         self._update_status()
 
     def _apply(self, committed: Sequence[Any]) -> None:
