@@ -19,7 +19,8 @@ Measured, in one run on one cluster:
    latency runs from that due time to its reply, so a late sender counts too. The open-loop sender is a
    bare DEALER to the leader on one thread (``run_latency``), not ``Client``: the replicas and the load
    share 2 cores, and the Client's I/O thread and futures (~65 us a request) would take a third of a core
-   from the replicas at 10K/s. The first
+   from the replicas at 10K/s. Before the latency phases the machine settles (``settle``: the batch load's
+   dirty pages are written back, else every fsync queues behind gigabytes of writeback). The first
    ``--latency-warmup-s`` are sent but not counted. Bar: p99 < 5 ms at 10K/s.
 3. Failover under load: while a lighter batch load than (1) runs (``--failover-connections`` x
    ``--failover-inflight``), kill -9 the leader and measure the time from the kill to the first commit by a
@@ -37,6 +38,7 @@ make the numbers noisy, and the "others" column says how much.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -58,6 +60,7 @@ from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
 
+SETTLE_PAUSE_S = 2.0                  # after the batch load, before latency (see settle())
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION_BEGIN = "<!-- node-bench:begin -->"
 SECTION_END = "<!-- node-bench:end -->"
@@ -310,7 +313,7 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
             answered += drain(0)
             wait_s = t0 + i / rate - time.perf_counter()
             if i < total and wait_s > 0:
-                answered += drain(max(0, int(wait_s * 1000)))
+                answered += drain(max(1, math.ceil(wait_s * 1000)))   # never spin: the replicas need the CPU
         send_s = time.perf_counter() - t0
         deadline = time.perf_counter() + REPLY_WAIT_S
         while answered < total and time.perf_counter() < deadline:
@@ -328,6 +331,17 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
             "max_ms": float(answered_ms.max()) if len(answered_ms) else float("nan"),
             "sender_late_ms_p99": 1000 * pct(sent_late_s[warmup:], 99),
             "sender_late_ms_max": 1000 * float(sent_late_s[warmup:].max())}
+
+
+def settle() -> float:
+    """Let the batch load's aftermath pass before latency is measured: the replicas wrote gigabytes of log
+    and events that the kernel is still writing back, and an fsync queued behind that writeback takes tens
+    of milliseconds. ``os.sync()`` waits for it; a short pause lets snapshot children finish."""
+    t = time.perf_counter()
+    os.sync()
+    time.sleep(SETTLE_PAUSE_S)
+    os.sync()
+    return time.perf_counter() - t
 
 
 def run_closed_loop(addresses: list[str], ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
@@ -712,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
               f"in flight) ...", flush=True)
         res["throughput"] = measured(cluster, status_client,
                                      lambda: run_throughput(cluster.client_addresses, ids, args))
+        settle_s = settle()
+        print(f"settled after the batch load in {settle_s:.1f} s (dirty pages written back)", flush=True)
+        res["settle_s"] = settle_s
         print(f"closed-loop latency, {args.closed_loop_requests:,} requests one at a time ...", flush=True)
         res["closed_loop"] = run_closed_loop(cluster.client_addresses, ids, args)
         print(f"  p50 {res['closed_loop']['p50_ms']:.2f}  p99 {res['closed_loop']['p99_ms']:.2f} ms", flush=True)

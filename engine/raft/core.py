@@ -374,7 +374,11 @@ class RaftCore:
             self.log.append(e)
             if e.kind == EntryKind.CONFIG:
                 self._apply_config(e.index, m.decode_config(e.data))
-        self._dirty()
+        if self.role is not Role.LEADER:
+            self._dirty()
+        # A leader's own new entries hold back no message: its appends may reach followers while it is
+        # still persisting them (it counts itself toward a commit only up to durable_index), which takes
+        # the leader's fsync off the commit path. Term and vote changes still hold messages back.
         return idx
 
     def _apply_config(self, index: int, voters: list[int]) -> None:

@@ -6,9 +6,10 @@ Loop (one iteration; everything below runs on the driver thread only):
    other threads after they queue a command), at most until the next tick is due;
 2. feed the core: peer messages (``step``), queued commands (``propose``, ``read_index``, ...) and due ticks;
 3. drain ``ready()`` until it is empty, each time in this order:
-   a. persist: incoming snapshot + entries + hard state in ONE LMDB write transaction (one fsync), then tell
-      the core (``persisted``) -- messages that depend on this state are only released by the core after it;
-   b. send the messages the core released (they are already filtered by persist-before-acknowledge);
+   a. send the messages the core released: the core holds back every message that depends on state not
+      yet durable (persist-before-acknowledge), so these never depend on what this ready persists;
+   b. persist: incoming snapshot + entries + hard state in ONE LMDB write transaction (one fsync), then tell
+      the core (``persisted``) -- messages that depend on this state are released by the core after it;
    c. install an incoming snapshot into the app (``restore``), apply committed entries (``apply``), resolve
       proposal futures by (index, term), and serve ReadIndex requests whose index is now applied;
    d. take an app snapshot and compact log + core when the log grew past ``snapshot_threshold_entries``.
@@ -373,7 +374,12 @@ class RaftDriver:
             read_states = getattr(rd, "read_states", None) or ()
             if not (snapshot or entries or hard_state or messages or committed or read_states):
                 break
-            # (a) persist first: one write transaction, one fsync
+            # (a) the messages the core released: they never depend on what this ready asks to persist
+            # (those wait in the core until persisted()), so they go out before the fsync below; this is
+            # how a leader's appends reach followers while it persists the same entries itself
+            for msg in messages:
+                transport.send(msg)
+            # (b) persist: one write transaction, one fsync
             t_phase = time.monotonic()
             if snapshot is not None or entries or hard_state is not None:
                 snap_arg = _snapshot_pair(snapshot)
@@ -388,9 +394,6 @@ class RaftDriver:
                 else:
                     core.persisted(store.last_index, store.last_term)
             spent["persist"] += time.monotonic() - t_phase
-            # (b) messages released by the core
-            for msg in messages:
-                transport.send(msg)
             # (c) state machine
             t_phase = time.monotonic()
             if snapshot is not None:

@@ -216,6 +216,10 @@ class Cluster:
             rd = core.ready()
             if not rd:
                 break
+            # as the real driver does: the released messages first (they never depend on this ready's
+            # state, so they go out while it is being persisted), then the persist, which may crash
+            for msg in rd.messages:
+                self._send(msg)
             if (rd.entries or rd.hard_state is not None) and (
                     node.id in self.crash_on_persist or self.rng.random() < self.faults.crash_before_fsync):
                 self.crash_on_persist.discard(node.id)
@@ -225,8 +229,6 @@ class Cluster:
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 node.store.save(rd.hard_state, rd.entries, rd.snapshot)
                 core.persisted(node.store.last_index, node.store.last_term)
-            for msg in rd.messages:
-                self._send(msg)
             if rd.snapshot is not None:
                 node.sm.restore(rd.snapshot[1])
                 assert node.sm.applied == rd.snapshot[0].index
