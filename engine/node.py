@@ -30,8 +30,10 @@ import os
 import signal
 import sys
 import threading
+import struct
 import time
 import tomllib
+import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
@@ -43,6 +45,7 @@ from engine import records as R
 from engine._ledger import check_batch
 from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, EventStore, EventsUnavailable
 from engine.ledger_machine import ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, LedgerMachine, ledger_entry
+from engine.raft.log_store import SnapshotFile
 from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
                                 RaftDriver)
 from engine import wire as W
@@ -189,7 +192,7 @@ class Node:
         self.config = config
         self.node_id = config.node_id
         os.makedirs(config.data_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(config.data_dir, "snapshot-*.tmp")):
+        for stale in glob.glob(os.path.join(config.data_dir, "snapshot-*.tmp*")):
             _unlink_quietly(stale)             # left by a snapshot child when the node died mid-snapshot
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
@@ -617,11 +620,14 @@ class Node:
 
 class ForkedSnapshot:
     """The ledger's snapshot made by a forked child (copy-on-write: the child sees the state exactly as it
-    was at the fork, while this process goes on applying). The child writes the bytes to a file in the data
-    directory and exits; ``poll`` reads them back once it has. Serializing and hashing a large ledger
-    takes hundreds of milliseconds, which on the Raft driver thread would stall heartbeats into elections.
-    The child touches nothing but the ledger's memory and its own file (no sockets, no LMDB) and leaves
-    with ``os._exit``."""
+    was at the fork, while this process goes on applying). Serializing and hashing a large ledger takes
+    hundreds of milliseconds, and writing it again into LMDB with an fsync as much; on the Raft driver
+    thread either would stall heartbeats into elections. The child first fsyncs ``fsync_first`` (the event
+    store: the page cache is shared, so the parent's writes made before the fork become durable), then
+    writes the snapshot to a file in the data directory, fsyncs it, puts its size and crc32 beside it and
+    exits; ``poll`` hands the file over (``SnapshotFile``) and the Raft log store moves it in: the driver
+    never writes or reads the snapshot's bytes. The child touches nothing but the ledger's memory and its
+    own files (no sockets, no LMDB) and leaves with ``os._exit``."""
 
     def __init__(self, produce: Callable[[], bytes], directory: str, fsync_first: Sequence[str] = ()) -> None:
         self.path = os.path.join(directory, f"snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp")
@@ -638,12 +644,17 @@ class ForkedSnapshot:
                 data = produce()
                 with open(self.path, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())               # durable before the store refers to it
+                with open(self.path + ".meta", "wb") as f:
+                    f.write(struct.pack("<QI", len(data), zlib.crc32(data)))
                 code = 0
             finally:
                 os._exit(code)
         self.pid = pid
 
-    def poll(self) -> bytes | None:
+    def poll(self) -> SnapshotFile | None:
+        """The snapshot as a durable file once the child is done (the log store moves it in), else None."""
         if self.pid < 0:
             raise RuntimeError("snapshot already collected or cancelled")
         pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -653,10 +664,14 @@ class ForkedSnapshot:
         try:
             if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
                 raise RuntimeError(f"the snapshot child failed (wait status {status})")
-            with open(self.path, "rb") as f:
-                return f.read()
-        finally:
+            with open(self.path + ".meta", "rb") as f:
+                size, crc = struct.unpack("<QI", f.read())
+        except BaseException:
             _unlink_quietly(self.path)
+            raise
+        finally:
+            _unlink_quietly(self.path + ".meta")
+        return SnapshotFile(self.path, size, crc)
 
     def cancel(self) -> None:
         if self.pid > 0:
@@ -667,6 +682,7 @@ class ForkedSnapshot:
                 pass
             self.pid = -1
         _unlink_quietly(self.path)
+        _unlink_quietly(self.path + ".meta")
 
 
 def _unlink_quietly(path: str) -> None:

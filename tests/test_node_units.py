@@ -1,6 +1,9 @@
 """Units of the node's edges that need no cluster: OpEncoder, entries, the event store, config, wire."""
 from __future__ import annotations
 
+import os
+import zlib
+
 import numpy as np
 import pytest
 
@@ -206,8 +209,12 @@ def test_forked_snapshot_sees_the_state_at_the_fork(tmp_path):
     while data is None and _time.monotonic() < deadline:
         data = pending.poll()
         _time.sleep(0.01)
-    assert data == before and Ledger.restore(data).account_count == 1
-    assert not list(tmp_path.iterdir())                 # the child's file is gone once collected
+    with open(data.path, "rb") as f:                    # a durable file, handed over with size and crc
+        raw = f.read()
+    assert raw == before and data.size == len(raw) and data.crc32 == zlib.crc32(raw)
+    assert Ledger.restore(raw).account_count == 1
+    os.unlink(data.path)
+    assert not list(tmp_path.iterdir())                 # nothing else is left behind
     failing = ForkedSnapshot(lambda: 1 / 0, str(tmp_path))
     with pytest.raises(RuntimeError, match="failed"):
         while failing.poll() is None:

@@ -3,6 +3,7 @@ reject bad writes without changing anything, checksums that catch corruption, an
 kill -9 in the middle of an append loop (nothing reported durable is ever lost)."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import signal
@@ -266,3 +267,37 @@ def test_commit_only_changes_are_deferred_to_the_next_durable_write(path):
     third = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
     assert third.hard_state.commit == 3
     third.close()
+
+
+def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path):
+    import zlib
+    store = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
+    store.save(hard_state=HS(1, 1, 5), entries=[E(i, 1) for i in range(1, 11)])
+    data = payload(999, 300_000)
+    made = tmp_path / "made.bin"
+    made.write_bytes(data)
+    meta = m.SnapshotMeta(index=6, term=1, config=[1, 2, 3])
+    store.save_snapshot(meta, ls.SnapshotFile(str(made), len(data), zlib.crc32(data)))
+    assert not made.exists() and os.path.dirname(store.snapshot_file_path) == store.path
+    assert store.snapshot() == (meta, data) and store.first_index == 7
+    # a stray file (a save that crashed before its transaction) is removed at the next open
+    stray = os.path.join(store.path, "snapshot-99-9.bin")
+    open(stray, "wb").write(b"x")
+    store.close()
+    again = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
+    assert not os.path.exists(stray) and again.snapshot() == (meta, data)
+    # an in-LMDB snapshot (from a leader) replaces it and the file goes
+    meta2 = m.SnapshotMeta(index=8, term=1, config=[1, 2, 3])
+    again.save_snapshot(meta2, b"small")
+    assert again.snapshot_file_path is None and not glob.glob(os.path.join(again.path, "snapshot-*.bin"))
+    assert again.snapshot() == (meta2, b"small")
+    # a damaged file is detected
+    made.write_bytes(data)
+    meta3 = m.SnapshotMeta(index=9, term=1, config=[1, 2, 3])
+    again.save_snapshot(meta3, ls.SnapshotFile(str(made), len(data), zlib.crc32(data)))
+    with open(again.snapshot_file_path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff")
+    with pytest.raises(LogCorruption):
+        again.snapshot()
+    again.close()

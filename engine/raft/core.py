@@ -488,7 +488,8 @@ class RaftCore:
         assert self.term_at(meta.index) == meta.term
         self.log = self.log[meta.index - self.snap_index:]
         self.snap_index, self.snap_term = meta.index, meta.term
-        self.snap_data = bytes(data)
+        # kept as given when immutable (bytes, or a read-only mapping of a snapshot file): only sliced
+        self.snap_data = bytes(data) if isinstance(data, (bytearray, memoryview)) else data
         cfg_now = self.config_at(meta.index)
         self._configs = [(meta.index, cfg_now)] + [c for c in self._configs if c[0] > meta.index]
 

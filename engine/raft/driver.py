@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import mmap
 import os
 import random
 import threading
@@ -33,7 +34,7 @@ from typing import Any, Callable, Protocol, Sequence
 import zmq
 
 from engine.raft import messages as _msg
-from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore
+from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore, SnapshotFile
 from engine.raft.transport import Transport
 from engine.zmq_io import Waker
 
@@ -105,8 +106,9 @@ class PendingSnapshot(Protocol):
     """A snapshot being made elsewhere (another process or thread) of the state as of the moment the
     driver asked for it; the driver keeps serving Raft meanwhile and polls it from its loop."""
 
-    def poll(self) -> bytes | None:
-        """The snapshot's bytes once ready, else None; raises if making it failed."""
+    def poll(self) -> "bytes | SnapshotFile | None":
+        """The snapshot once ready (its bytes, or a durable file of them), else None; raises if making it
+        failed."""
 
     def cancel(self) -> None:
         """Abandon it (a newer snapshot arrived from the leader, or the driver stops)."""
@@ -484,14 +486,23 @@ class RaftDriver:
         made = self._snapshot_fn()
         if isinstance(made, (bytes, bytearray, memoryview)):
             self._save_snapshot(index, bytes(made))
+        elif isinstance(made, SnapshotFile):
+            self._save_snapshot(index, made)
         else:
             self._pending_snapshot = (index, made)   # made elsewhere; Raft goes on meanwhile
 
-    def _save_snapshot(self, index: int, data: bytes) -> None:
+    def _save_snapshot(self, index: int, data: "bytes | SnapshotFile") -> None:
         cfg = self.config
         term = self._store.term(index)
         meta = _snapshot_meta(self._core, index, term)
         self._store.save_snapshot(meta, data)
+        if isinstance(data, SnapshotFile):
+            # the core only slices its snapshot (to send it in chunks): a read-only mapping of the file
+            # costs nothing now, where reading it back would cost ~1 ms per MB on this thread
+            path = self._store.snapshot_file_path
+            assert path is not None
+            with open(path, "rb") as f:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._store.compact(max(0, index - cfg.snapshot_keep_entries))
         _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
         self._snapshot_index = index

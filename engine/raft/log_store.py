@@ -23,9 +23,11 @@ entry just before ``first_index`` is covered by the snapshot (``first_index == 1
 """
 from __future__ import annotations
 
+import glob
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import lmdb
@@ -98,6 +100,29 @@ def _entry_kind(kind: int) -> Any:
     return kind_type(kind) if kind_type is not None else kind
 
 
+SNAPSHOT_FILE_MAGIC = b"ZWSNAPFILE1:"      # a snapshot db value that refers to a file beside the LMDB env
+SNAPSHOT_FILE_GLOB = "snapshot-*.bin"
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """Snapshot bytes already written and fsynced to ``path`` by whoever made them (the node's snapshot
+    child), with their size and crc32. ``LogStore.save`` moves the file into the store's directory and
+    records a reference to it, so a large snapshot costs the driver a rename and a small transaction
+    instead of writing and fsyncing all its bytes again."""
+    path: str
+    size: int
+    crc32: int
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _wrap(payload: bytes) -> bytes:
     return _CRC.pack(zlib.crc32(payload)) + payload
 
@@ -139,7 +164,10 @@ class LogStore:
         self._first_index = 1
         self._last_index = 0
         self._last_term = 0
+        self._snapshot_file: str | None = None
         self._load_and_verify_bounds()
+        self._snapshot_file = self._referenced_snapshot_file()
+        self._remove_unreferenced_snapshot_files()
 
     # --- recovery ------------------------------------------------------------------------------------
     def _load_and_verify_bounds(self) -> None:
@@ -248,7 +276,44 @@ class LogStore:
             raw = txn.get(_KEY_SNAPSHOT_DATA)
             if raw is None:
                 raise LogCorruption("snapshot meta present but its data is missing")
-            return self._snapshot_meta, bytes(_unwrap("snapshot data", raw))
+            payload = bytes(_unwrap("snapshot data", raw))
+        if not payload.startswith(SNAPSHOT_FILE_MAGIC):
+            return self._snapshot_meta, payload
+        name, size, crc = msgspec.msgpack.decode(payload[len(SNAPSHOT_FILE_MAGIC):])
+        try:
+            with open(os.path.join(self.path, name), "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise LogCorruption(f"snapshot file {name}: {exc}") from exc
+        if len(data) != size or zlib.crc32(data) != crc:
+            raise LogCorruption(f"snapshot file {name}: size or checksum mismatch")
+        return self._snapshot_meta, data
+
+    @property
+    def snapshot_file_path(self) -> str | None:
+        """The file holding the current snapshot's bytes, if they are in a file (else in LMDB, or none)."""
+        return self._snapshot_file
+
+    def _referenced_snapshot_file(self) -> str | None:
+        with self._env.begin(db=self._snapshot, buffers=True) as txn:
+            raw = txn.get(_KEY_SNAPSHOT_DATA)
+            if raw is None:
+                return None
+            head = bytes(raw[_CRC.size:_CRC.size + len(SNAPSHOT_FILE_MAGIC)])
+            if head != SNAPSHOT_FILE_MAGIC:
+                return None
+            payload = bytes(_unwrap("snapshot data", raw))
+        name = msgspec.msgpack.decode(payload[len(SNAPSHOT_FILE_MAGIC):])[0]
+        return os.path.join(self.path, name)
+
+    def _remove_unreferenced_snapshot_files(self) -> None:
+        """Files of older snapshots, or of one moved in by a save that did not commit (a crash between)."""
+        for f in glob.glob(os.path.join(self.path, SNAPSHOT_FILE_GLOB)):
+            if f != self._snapshot_file:
+                try:
+                    os.unlink(f)
+                except FileNotFoundError:
+                    pass
 
     # --- writes --------------------------------------------------------------------------------------
     def append(self, entries: Sequence[Any]) -> None:
@@ -272,14 +337,24 @@ class LogStore:
         first, last, last_term = self._first_index, self._last_index, self._last_term
         snap_meta = self._snapshot_meta
         snap_value = None
+        moved_to = None
         if snapshot is not None:
             snap_meta, snap_data = snapshot
-            if len(snap_data) > SNAPSHOT_SIZE_BYTES_MAX:
-                raise LogStoreError(f"snapshot of {len(snap_data)} bytes: SNAPSHOT_SIZE_BYTES_MAX={SNAPSHOT_SIZE_BYTES_MAX}")
+            size = snap_data.size if isinstance(snap_data, SnapshotFile) else len(snap_data)
+            if size > SNAPSHOT_SIZE_BYTES_MAX:
+                raise LogStoreError(f"snapshot of {size} bytes: SNAPSHOT_SIZE_BYTES_MAX={SNAPSHOT_SIZE_BYTES_MAX}")
             if self._snapshot_meta is not None and snap_meta.index < self._snapshot_meta.index:
                 raise LogStoreError(f"snapshot at {snap_meta.index} is older than the stored one at "
                                     f"{self._snapshot_meta.index}")
-            snap_value = _wrap(bytes(snap_data))
+            if isinstance(snap_data, SnapshotFile):
+                name = f"snapshot-{snap_meta.index}-{snap_meta.term}.bin"
+                moved_to = os.path.join(self.path, name)
+                os.replace(snap_data.path, moved_to)          # the bytes are durable already: move them in
+                _fsync_dir(self.path)
+                snap_value = _wrap(SNAPSHOT_FILE_MAGIC + msgspec.msgpack.encode([name, snap_data.size,
+                                                                                 snap_data.crc32]))
+            else:
+                snap_value = _wrap(bytes(snap_data))
         values: list[tuple[bytes, bytes]] = []
         if entries:
             lo = entries[0].index
@@ -307,6 +382,9 @@ class LogStore:
         # committed (and fsynced when sync=True): update the cache
         self._first_index, self._last_index, self._last_term = first, last, last_term
         self._snapshot_meta = snap_meta
+        if snapshot is not None:
+            self._snapshot_file = moved_to if isinstance(snapshot[1], SnapshotFile) else None
+            self._remove_unreferenced_snapshot_files()
         if hard_state is not None:
             self._hard_state = hard_state
         elif self._pending_hard_state is not None:
@@ -350,7 +428,7 @@ class LogStore:
                 raise LogStoreError(f"truncating to {last} would drop committed entries up to {self._hard_state.commit}")
         return first, last, last_term, snap_meta
 
-    def save_snapshot(self, meta: Any, data: bytes) -> None:
+    def save_snapshot(self, meta: Any, data: "bytes | SnapshotFile") -> None:
         self.save(snapshot=(meta, data))
 
     def truncate_suffix(self, from_index: int) -> None:
