@@ -213,6 +213,7 @@ class Node:
         self._reads_follower: list[tuple[float, _Pending]] = []
         self.counters = _Counters()
         self._stopping = threading.Event()
+        self.exit_code = 0
         self.ctx: zmq.Context | None = None
 
     # ------------------------------------------------------------------------ driver-thread callbacks
@@ -290,6 +291,13 @@ class Node:
                 self._start_linearizable_reads()
                 self._serve_follower_reads()
                 self._publish()
+                if self.driver.failed:
+                    # fail-stop: a replica whose Raft thread died (disk full, I/O error, a broken
+                    # invariant) must not linger half-alive; exit so it is seen and restarted
+                    log.critical("node %d: the Raft driver thread failed; stopping (see its traceback above)",
+                                 self.node_id)
+                    self.exit_code = 3
+                    break
         finally:
             self._shutdown()
 
@@ -750,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     node.start()
     print("READY", flush=True)
     node.serve()
-    return 0
+    return node.exit_code
 
 
 if __name__ == "__main__":

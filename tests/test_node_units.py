@@ -222,3 +222,30 @@ def test_forked_snapshot_sees_the_state_at_the_fork(tmp_path):
     slow = ForkedSnapshot(lambda: _time.sleep(30) or b"", str(tmp_path))
     slow.cancel()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the expected death
+def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
+    """Fail-stop: a storage error in apply (here: the event store refuses a write, as on a full disk) kills
+    the driver thread; the node must then leave serve() with a non-zero exit code, not stay half-alive."""
+    import threading
+    from engine.client import Client
+    from engine.node import Node
+    from engine.raft.local_cluster import free_ports
+    ports = free_ports(3)
+    replicas = {1: {"raft": f"tcp://127.0.0.1:{ports[0]}", "client": f"tcp://127.0.0.1:{ports[1]}",
+                    "pub": f"tcp://127.0.0.1:{ports[2]}"}}
+    node = Node(NodeConfig(node_id=1, replicas=replicas, data_dir=str(tmp_path), election_ticks=10,
+                           heartbeat_ticks=2, tick_ms=5))
+
+    def broken_append(chunks):
+        raise OSError(28, "No space left on device")
+    node.events.append = broken_append
+    node.start()
+    server = threading.Thread(target=node.serve, daemon=True)
+    server.start()
+    with Client([replicas[1]["client"]], timeout_s=5) as client:
+        with pytest.raises(Exception):
+            client.create_account(1, 10, "USD")          # applying it fails the driver
+    server.join(10)
+    assert not server.is_alive() and node.exit_code == 3

@@ -198,6 +198,12 @@ class RaftDriver:
     def status(self) -> dict[str, Any]:
         return dict(self._status)
 
+    @property
+    def failed(self) -> bool:
+        """The driver thread ended on an error (a storage failure, a broken invariant): this replica can
+        no longer take part in Raft and its process should stop (fail-stop) so it can be restarted."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     # --- driver thread -------------------------------------------------------------------------------
     def _wake(self) -> None:
         self._waker.wake()
