@@ -54,6 +54,7 @@ import numpy as np
 import zmq
 
 from bench.bench_raft import machine_info
+from bench.results import write_section
 from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
@@ -61,7 +62,6 @@ from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
 
 SETTLE_PAUSE_S = 2.0                  # after the batch load, before latency (see settle())
-RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION_BEGIN = "<!-- node-bench:begin -->"
 SECTION_END = "<!-- node-bench:end -->"
 
@@ -656,16 +656,7 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
 
 
 def write_results(section: str) -> None:
-    with open(RESULTS_PATH) as f:
-        text = f.read()
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS_PATH, "w") as f:
-        f.write(text)
+    write_section(SECTION_BEGIN, SECTION_END, section)
 
 
 # --- main --------------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ from typing import Any
 
 import zmq
 
+from bench.results import write_section
 from engine.raft.local_cluster import ClusterClient, LocalCluster, free_ports
 from engine.raft.replica_main import counter_entry
 
-RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 SECTION_BEGIN = "<!-- raft-bench:begin -->"
 SECTION_END = "<!-- raft-bench:end -->"
 
@@ -333,19 +333,7 @@ def render(res: dict[str, Any], command: str) -> str:
 
 
 def write_results(section: str) -> None:
-    if os.path.exists(RESULTS_PATH):
-        with open(RESULTS_PATH) as f:
-            text = f.read()
-    else:
-        text = "# Benchmark results\n\nEach section is written by its benchmark; see the command in it.\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS_PATH, "w") as f:
-        f.write(text)
+    write_section(SECTION_BEGIN, SECTION_END, section)
 
 
 def main(argv: list[str] | None = None) -> int:
