@@ -67,8 +67,11 @@ class DurableStore:
         if entries:
             lo = entries[0].index
             assert lo <= self.last_index + 1, "gap in the durable log"
-            self.entries = [e for e in self.entries if e.index < lo] + [
-                Entry(e.term, e.index, e.kind, bytes(e.data)) for e in entries]
+            copies = [Entry(e.term, e.index, e.kind, bytes(e.data)) for e in entries]
+            if lo == self.last_index + 1:
+                self.entries.extend(copies)            # the usual append: no copy of the whole log
+            else:
+                self.entries = [e for e in self.entries if e.index < lo] + copies
         if hard_state is not None:
             assert hard_state.term >= self.hard_state.term, "durable term went back"
             self.hard_state = hard_state
