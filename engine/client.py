@@ -382,6 +382,10 @@ class _IoCore:
             self._retry(inf, 0.0 if target is not None and target != idx else RETRY_BACKOFF_S * 5)
             return
         code = ErrorCode(reply.error) if reply.error in ErrorCode._value2member_map_ else ErrorCode.BAD_REQUEST
+        if code is ErrorCode.EVENTS_UNAVAILABLE and len(inf.tried) >= len(self.socks):
+            self._inflight.pop(inf.req_id, None)  # every replica was asked and none holds it: say so now
+            self._fail(inf, RequestRefused(code, f"no replica holds these events (last: {reply.message})"))
+            return
         if code in _RETRYABLE:
             self._retry(inf, RETRY_BACKOFF_S)
             return

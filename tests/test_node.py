@@ -215,3 +215,12 @@ def test_replicas_agree(cluster, client):
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.1)
+
+
+def test_events_that_no_replica_holds_fail_fast(client):
+    import time as _time
+    head = client.status(0)["last_seq"]
+    t = _time.monotonic()
+    with pytest.raises(RequestRefused, match="EVENTS_UNAVAILABLE"):
+        client.events(head + 1_000_000, head + 1_000_001)
+    assert _time.monotonic() - t < 5
