@@ -235,17 +235,14 @@ class _IoCore:
             c = self._queue.popleft()
             if c.records is not None:
                 if per_call_records + len(c.records) > R.BATCH_SIZE_MAX:
-                    self._new_request(self._batch_of(per_call), now)
+                    self._new_request(per_call, now)
                     per_call, per_call_records = [], 0
                 per_call.append(c)
                 per_call_records += len(c.records)
             else:
                 self._new_request([c], now)
         if per_call:
-            self._new_request(self._batch_of(per_call), now)
-
-    def _batch_of(self, calls: list[_Call]) -> list[_Call]:
-        return calls
+            self._new_request(per_call, now)
 
     def _new_request(self, calls: list[_Call], now: float) -> None:
         c0 = calls[0]
@@ -431,7 +428,8 @@ _CONSISTENCY = {"linearizable": Consistency.LINEARIZABLE, "follower": Consistenc
 
 
 class _ClientBase:
-    """Builds calls; ``_wait`` is blocking in ``Client`` and awaitable in ``AsyncClient``."""
+    """Builds calls and hands them to the I/O thread; ``Client`` waits for their futures, ``AsyncClient``
+    awaits them."""
 
     def __init__(self, addresses: Sequence[str] | str, *, timeout_s: float = TIMEOUT_S_DEFAULT,
                  attempt_timeout_s: float = ATTEMPT_TIMEOUT_S_DEFAULT) -> None:
@@ -506,9 +504,6 @@ def _make_methods(cls: type, wrap: Any) -> type:
 class Client(_ClientBase):
     """Blocking client; thread-safe (calls from many threads share batches)."""
 
-    def _wait(self, fut: Future) -> Any:
-        return fut.result()
-
     def __enter__(self) -> "Client":
         return self
 
@@ -565,9 +560,6 @@ class AsyncClient(_ClientBase):
     @staticmethod
     async def _aw(fut: Future) -> Any:
         return await asyncio.wrap_future(fut)
-
-    def _wait(self, fut: Future) -> Any:
-        return self._aw(fut)
 
     async def __aenter__(self) -> "AsyncClient":
         return self

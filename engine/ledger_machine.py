@@ -133,10 +133,3 @@ class LedgerMachine:
     def restore(self, data: bytes) -> None:
         self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", data, 0)
         self.ledger = Ledger.restore(data[32:])
-
-    def status(self, currency: str = "USD") -> dict[str, Any]:
-        t = self.ledger.totals(currency)
-        return {"counter": t["available"] + t["reserved"] + t["pending_out"], "ops": self.ops,
-                "digest": self.ledger.digest().hex(), "sm_applied": self.applied,
-                "accounts": self.ledger.account_count, "last_seq": self.ledger.last_seq,
-                "rejected_batches": self.rejected_batches}
