@@ -87,7 +87,7 @@ CATCH_UP_TIMEOUT_S = 60.0                        # restarted replica: applied in
 STATUS_TIMEOUT_S = 2.0
 
 DEFAULTS = dict(accounts=100_000, connections=4, inflight=4, warmup_s=2.0, window_s=2.0, windows=10,
-                closed_loop_requests=2_000, latency_connections=1, latency_s=15.0, latency_warmup_s=1.0,
+                closed_loop_requests=2_000, latency_s=15.0, latency_warmup_s=1.0,
                 failovers=5, failover_connections=2, failover_inflight=2)
 QUICK = dict(accounts=20_000, warmup_s=1.0, window_s=1.0, windows=4, closed_loop_requests=300,
              latency_s=3.0, latency_warmup_s=0.5, failovers=2)
@@ -672,7 +672,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window-s", type=float, help="throughput: length of one timed window")
     p.add_argument("--windows", type=int, help="throughput: timed windows (median reported)")
     p.add_argument("--closed-loop-requests", type=int, help="latency: requests sent one at a time first")
-    p.add_argument("--latency-connections", type=int, help="latency: clients the requests rotate over")
     p.add_argument("--latency-s", type=float, help="latency: measured seconds per offered rate")
     p.add_argument("--latency-warmup-s", type=float, help="latency: seconds sent first and not counted")
     p.add_argument("--failovers", type=int, help="failover runs")

@@ -197,36 +197,30 @@ def _nemesis(bank: _Bank, cluster: NodeCluster, cycles: int) -> None:
     def calm(s: float) -> None:
         bank.stop.wait(s)
 
+    def kill_and_restart(k: int, role: str, down_s: float) -> None:
+        cluster.kill(ids[k])
+        bank.faults.append(f"kill -9 {role} {ids[k]}")
+        calm(down_s)
+        cluster.start_replica(ids[k])
+
+    def freeze(k: int, role: str, frozen_s: float) -> None:
+        cluster.pause(ids[k])
+        paused.add(k)
+        bank.faults.append(f"SIGSTOP {role} {ids[k]}")
+        calm(frozen_s)
+        cluster.resume(ids[k])
+        paused.discard(k)
+
     try:
         for _ in range(cycles):
             calm(0.8)
-            leader, _f = leader_and_follower()
-            cluster.kill(ids[leader])
-            bank.faults.append(f"kill -9 leader {ids[leader]}")
-            calm(1.0)
-            cluster.start_replica(ids[leader])
+            kill_and_restart(leader_and_follower()[0], "leader", 1.0)
             calm(0.8)
-            _l, follower = leader_and_follower()
-            cluster.pause(ids[follower])
-            paused.add(follower)
-            bank.faults.append(f"SIGSTOP follower {ids[follower]}")
-            calm(1.5)
-            cluster.resume(ids[follower])
-            paused.discard(follower)
+            freeze(leader_and_follower()[1], "follower", 1.5)
             calm(0.8)
-            leader, _f = leader_and_follower()
-            cluster.pause(ids[leader])
-            paused.add(leader)
-            bank.faults.append(f"SIGSTOP leader {ids[leader]}")
-            calm(1.5)
-            cluster.resume(ids[leader])
-            paused.discard(leader)
+            freeze(leader_and_follower()[0], "leader", 1.5)
             calm(0.8)
-            _l, follower = leader_and_follower()
-            cluster.kill(ids[follower])
-            bank.faults.append(f"kill -9 follower {ids[follower]}")
-            calm(0.5)
-            cluster.start_replica(ids[follower])
+            kill_and_restart(leader_and_follower()[1], "follower", 0.5)
             if bank.stop.is_set():
                 return
     finally:

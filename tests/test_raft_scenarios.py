@@ -94,7 +94,7 @@ def test_figure8_scenario_through_elections():
     s1 = c.wait_leader()
     commit_some(c, 1)
     others = [i for i in c.ids if i != s1.id]
-    s2 = others[0]
+    # others[0] plays S2 of Figure 8: the only follower that hears S1's next entry
     for o in others[1:]:
         isolate(c, o, only_from=[s1.id])          # S1's next entry reaches S2 only
     c.propose(b"term-a-entry")
