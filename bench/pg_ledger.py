@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
-import queue
 import struct
 import sys
 import tempfile
@@ -71,6 +69,7 @@ from psycopg import errors as pgerr
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from bench import loadgen
 from engine import records as R
 from engine._ledger import check_batch
 
@@ -880,8 +879,9 @@ async def apply_one_async(conn: psycopg.AsyncConnection, ops: np.ndarray) -> np.
 
 
 # ------------------------------------------------------------------------ unbatched, many connections
-def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, rate: float | None,
-                     ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
+def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
+                     duration_s: float | None, dsn: str, ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
+    """A ``bench.loadgen`` child: ``connections`` asyncio connections, one transfer per transaction."""
     ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
     pos = np.frombuffer(positions, dtype=np.int64)
     m = len(ops)
@@ -894,25 +894,21 @@ def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, 
     eb = _i64(ops["expected_b"], "expected_b").tolist()
     curs = {c: _currency_text(bytes(c)) for c in set(ops["currency"].tolist())}
     cur = [curs[c] for c in ops["currency"].tolist()]
-    lat = np.zeros(m, dtype=np.float64)
-    svc = np.zeros(m, dtype=np.float64)
-    lag = np.zeros(m, dtype=np.float64)
+    lat, svc, lag, done = np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(m)
     codes = np.zeros(m, dtype=np.uint16)
     dups = np.zeros(m, dtype=np.uint8)
+    finished = np.zeros(m, dtype=bool)
     retries = 0
     cpu = [0.0]
 
     async def main() -> tuple[float, float]:
-        nonlocal retries
         conns = [await connect_async(dsn) for _ in range(connections)]
         for c in conns:      # prepare once, outside the timed part
             await c.execute("SELECT 1")
         ready.put(os.getpid())
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
-        t0 = t0_shared.value
-        now = time.perf_counter()
-        if t0 > now:
-            await asyncio.sleep(t0 - now)
+        t0 = loadgen.start_time(t0_shared)
+        stop_at = t0 + duration_s if duration_s else float("inf")
         nxt = 0
 
         async def worker(conn: psycopg.AsyncConnection) -> None:
@@ -924,6 +920,8 @@ def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, 
                 nxt += 1
                 if rate:
                     due = t0 + pos[j] / rate
+                    if due >= stop_at:
+                        return
                     delay = due - time.perf_counter()
                     if delay > 0:                  # a connection was free before it was due: send it then
                         await asyncio.sleep(delay)
@@ -934,6 +932,8 @@ def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, 
                     lag[j] = sent - due
                 else:
                     sent = start_at = time.perf_counter()
+                    if sent >= stop_at:
+                        return
                 params = (did[j], fr[j], to[j], amt[j], cur[j], fl[j], ea[j], eb[j])
                 for _ in range(RETRIES_MAX):
                     try:
@@ -944,11 +944,12 @@ def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, 
                         retries += 1
                 else:
                     raise RuntimeError("gave up retrying a transfer")
-                end = time.perf_counter()
+                end = done[j] = time.perf_counter()
                 lat[j] = end - start_at
                 svc[j] = end - sent
                 codes[j] = row[0]
                 dups[j] = row[1]
+                finished[j] = True
 
         start = time.perf_counter()
         cpu0 = time.process_time()
@@ -960,113 +961,55 @@ def _unbatched_child(dsn: str, rows: bytes, positions: bytes, connections: int, 
         return start, end
 
     start, end = asyncio.run(main())
-    out.put((os.getpid(), positions, lat.tobytes(), svc.tobytes(), lag.tobytes(), codes.tobytes(), dups.tobytes(),
-             start, end, retries, cpu[0]))
+    out.put(loadgen.ChildResult.from_arrays(pos, finished, lat, svc, lag, done, codes, dups, start, end, retries,
+                                            cpu[0], int(np.count_nonzero(finished))).as_tuple())
 
 
 def run_unbatched(dsn: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
-                  rate: float | None = None) -> dict[str, Any]:
+                  rate: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
     """Send ``ops`` (single TRANSFER records, one command each) one transfer per transaction over
     ``connections`` connections spread over ``processes`` processes (asyncio in each, so the Python client
-    is not the bottleneck; ``client_cpu_s`` shows what it used).
-
-    ``rate=None``: closed loop, every connection sends its next transfer as soon as the previous one
-    committed; latency = reply - send. ``rate``: open loop, free of coordinated omission: transfer k is due
-    at t0 + k/rate, whatever happened to earlier ones. If a connection was free before it was due, it is
-    sent then and its latency runs from the send (asyncio's timer can overshoot by up to 1 ms; that is the
-    client's slack, not the system's latency, and it is in ``send_lag_s``); if every connection was busy
-    when it fell due, its latency runs from the due time, so the wait counts.
-
-    Returns ``{"latency_s", "service_s", "send_lag_s", "codes", "duplicate", "wall_s", "count", "retries",
-    "rate", "client_cpu_s"}``: per-transfer arrays in stream order (service_s: reply - send; send_lag_s:
-    send - due, open loop only), wall time from the first send to the last reply, retries (transactions
-    rolled back by a unique violation or deadlock and sent again), client CPU seconds in the timed part.
-    The processes are started with "spawn": a calling script must guard its entry point with
-    ``if __name__ == "__main__":``."""
+    is not the bottleneck; ``client_cpu_s`` shows what it used), closed or open loop (``rate``), for the
+    whole stream or ``duration_s``: see ``bench.loadgen``. In the open loop a connection that is free before a
+    transfer is due sends it then and its latency runs from the send (asyncio's timer can overshoot by up to
+    1 ms: the client's slack, in ``send_lag_s``); if every connection was busy when it fell due, its latency
+    runs from the due time, so the wait counts. ``retries``: transactions rolled back by a unique violation
+    or a deadlock and sent again. Returns ``bench.loadgen.run_processes``'s dict."""
     if ops.dtype != R.OP_DTYPE or not (ops["kind"] == K.TRANSFER).all() or not (ops["group_size"] == 1).all():
         raise ValueError("run_unbatched takes single TRANSFER records")
     check_batch(ops[: R.BATCH_SIZE_MAX]) if len(ops) else None
-    n = len(ops)
-    processes = max(1, min(processes, connections))
-    ctx = mp.get_context("spawn")
-    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    t0 = ctx.Value("d", 0.0)
-    procs = []
-    for p in range(processes):
-        idx = np.arange(p, n, processes, dtype=np.int64)
-        conns = connections // processes + (1 if p < connections % processes else 0)
-        pr = ctx.Process(target=_unbatched_child,
-                         args=(dsn, ops[idx].tobytes(), idx.tobytes(), conns, rate, ready, go, t0, out), daemon=True)
-        pr.start()
-        procs.append(pr)
-    def get(q: Any, what: str, timeout_s: float) -> Any:
-        """The next item of q; fails fast (instead of waiting out the timeout) if a child died."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return q.get(timeout=0.5)
-            except queue.Empty:
-                dead = [pr.exitcode for pr in procs if pr.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"an unbatched client process died (exit code {dead[0]}) "
-                                       f"while waiting for {what}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"timed out waiting for {what}") from None
-
-    try:
-        for _ in procs:
-            get(ready, "the client processes to connect", 120)
-        t0.value = time.perf_counter() + 0.05
-        go.set()
-        lat = np.zeros(n)
-        svc = np.zeros(n)
-        lag = np.zeros(n)
-        codes = np.zeros(n, dtype=np.uint16)
-        dups = np.zeros(n, dtype=np.uint8)
-        starts, ends, retries, client_cpu = [], [], 0, 0.0
-        for _ in procs:
-            _pid, positions, l_, s_, g_, c_, d_, st, en, rt, cp = get(out, "results", 24 * 3600)
-            client_cpu += cp
-            idx = np.frombuffer(positions, dtype=np.int64)
-            lat[idx] = np.frombuffer(l_)
-            svc[idx] = np.frombuffer(s_)
-            lag[idx] = np.frombuffer(g_)
-            codes[idx] = np.frombuffer(c_, dtype=np.uint16)
-            dups[idx] = np.frombuffer(d_, dtype=np.uint8)
-            starts.append(st)
-            ends.append(en)
-            retries += rt
-        for pr in procs:
-            pr.join(timeout=30)
-    finally:
-        for pr in procs:
-            if pr.is_alive():
-                pr.kill()
-    return {"latency_s": lat, "service_s": svc, "send_lag_s": lag, "codes": codes, "duplicate": dups,
-            "wall_s": max(ends) - min(starts) if n else 0.0, "count": n, "retries": retries, "rate": rate,
-            "client_cpu_s": client_cpu}
+    return loadgen.run_processes(_unbatched_child, ops, connections=connections, processes=processes, rate=rate,
+                                 duration_s=duration_s, extra=(dsn,))
 
 
 # -------------------------------------------------------------------------- batched, many connections
-def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1) -> dict[str, Any]:
+def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1, duration_s: float | None = None,
+                keep_results: bool = True) -> dict[str, Any]:
     """Apply ``batches`` (each one transaction, as ``PgLedger.apply_batch``) over ``connections``
     connections, one thread each (psycopg releases the GIL while it waits; the encoding is numpy), each
-    taking the next batch as soon as its previous one committed. Concurrent batches that name the same
-    accounts wait for each other's row locks: that is the baseline's behaviour, measured as it is.
+    taking the next batch as soon as its previous one committed; with ``duration_s``, no batch is started
+    after that long (``batches`` may then be a lazy sequence, e.g. ``bench.streams.BatchStream``). Concurrent
+    batches that name the same accounts wait for each other's row locks: that is the baseline's behaviour,
+    measured as it is.
 
-    Returns ``{"results": [RESULT_DTYPE array per batch], "latency_s": per-batch array, "wall_s",
-    "records", "retries"}`` (retries: requests rolled back by a unique violation or deadlock and sent
-    again)."""
+    Returns ``{"results": [RESULT_DTYPE array per completed batch, in stream order] (if keep_results),
+    "latency_s", "done_s" (perf_counter at each commit), "sizes" (records): per completed batch, in stream
+    order; "t0" (perf_counter at the start), "wall_s", "records", "batches", "not_ok", "duplicates", "retries"}`` (retries: requests rolled
+    back by a unique violation or deadlock and sent again)."""
     import threading
     n = len(batches)
-    results: list[np.ndarray | None] = [None] * n
-    lat = np.zeros(n)
+    results: dict[int, np.ndarray] = {}
+    lat: dict[int, float] = {}
+    done: dict[int, float] = {}
     conns = [connect(dsn) for _ in range(connections)]
-    encoded = [encode_batch(b) for b in batches]     # client-side work, done before the clock starts
+    if duration_s is None:               # client-side work, done before the clock starts
+        encoded = [encode_batch(b) for b in batches]
     nxt = [0]
     lock = threading.Lock()
     errors: list[BaseException] = []
     retries = [0]                          # += under the GIL from several threads: a count, not exact
+    start = time.perf_counter()
+    stop_at = start + duration_s if duration_s else float("inf")
 
     def worker(conn: psycopg.Connection) -> None:
         try:
@@ -1074,16 +1017,17 @@ def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1) -
                 with lock:
                     j = nxt[0]
                     nxt[0] += 1
-                if j >= n:
+                if j >= n or time.perf_counter() >= stop_at:
                     return
+                e = encoded[j] if duration_s is None else encode_batch(batches[j])
                 t = time.perf_counter()
-                results[j] = _apply_encoded(conn, encoded[j], retries)
-                lat[j] = time.perf_counter() - t
+                results[j] = _apply_encoded(conn, e, retries)
+                done[j] = end = time.perf_counter()
+                lat[j] = end - t
         except BaseException as exc:       # noqa: BLE001 - reported to the caller below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in conns]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
@@ -1093,8 +1037,17 @@ def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1) -
         c.close()
     if errors:
         raise errors[0]
-    return {"results": results, "latency_s": lat, "wall_s": wall, "records": int(sum(len(b) for b in batches)),
-            "retries": retries[0]}
+    order = sorted(results)
+    res = [results[j] for j in order]
+    out = {"latency_s": np.array([lat[j] for j in order]), "done_s": np.array([done[j] for j in order]),
+           "sizes": np.array([len(r) for r in res], dtype=np.int64), "t0": start, "wall_s": wall,
+           "records": int(sum(len(r) for r in res)), "batches": len(res),
+           "not_ok": int(sum(np.count_nonzero(r["code"] != R.Code.OK) for r in res)),
+           "duplicates": int(sum(np.count_nonzero(r["flags"] & R.ResultFlag.DUPLICATE) for r in res)),
+           "retries": retries[0]}
+    if keep_results:
+        out["results"] = res
+    return out
 
 
 # ------------------------------------------------------------------------------------------- smoke

@@ -1,0 +1,220 @@
+"""zwallet's load drivers for the side-by-side benchmark: the same command streams, the same modes and the same
+result dicts as ``bench.pg_ledger.run_batched`` / ``run_unbatched``, so the two systems are measured alike.
+
+- ``run_batched``: ``connections`` ``engine.client.Client`` objects, one thread each, each keeping ``inflight``
+  batches in flight (zwallet's protocol pipelines; PostgreSQL's connection runs one transaction at a time, so
+  its driver has no such knob). Batch i of the stream is sent once; the replies' result records are checked.
+- ``run_unbatched``: one TRANSFER record per request from ``connections`` bare DEALER sockets (the wire
+  protocol of docs/protocol.md) in ``processes`` processes, closed loop or open loop at a fixed rate
+  (``bench.loadgen``). A bare socket, not ``Client``: the load generator shares the machine's cores with the
+  three replicas, and the Client's I/O thread and futures would cost a third of a core at 10K requests/s; the
+  PostgreSQL driver likewise uses asyncio psycopg, its lightest client. Requests go to the leader's address;
+  a NOT_LEADER or ERROR reply counts as a failed request (``loadgen.CODE_NO_RESULT``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import zmq
+
+from bench import loadgen
+from engine import records as R
+from engine import wire as W
+from engine.client import Client
+
+REPLY_WAIT_S = 30.0            # after the last send, how long replies are waited for
+ATTEMPT_TIMEOUT_S = 5.0        # run_batched: a batch unanswered this long is re-sent (same bytes) elsewhere
+_CODE_AT = R.RESULT_DTYPE.fields["code"][1]
+_FLAGS_AT = R.RESULT_DTYPE.fields["flags"][1]
+
+
+def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, connections: int = 4, inflight: int = 4,
+                duration_s: float | None = None, attempt_timeout_s: float = ATTEMPT_TIMEOUT_S) -> dict[str, Any]:
+    """Send each batch of ``batches`` once (until ``duration_s`` if given: no batch is sent after it), keeping
+    ``inflight`` per connection; a batch unanswered for ``attempt_timeout_s`` is re-sent (the same bytes: never
+    applied twice) to the next replica. Returns ``{"latency_s", "done_s", "sizes"}`` per completed batch in stream
+    order, and ``"t0"`` (perf_counter at the start), ``"wall_s", "records", "batches", "not_ok", "duplicates", "errors"``."""
+    n = len(batches)
+    lock = threading.Lock()
+    nxt = [0]
+    lat: dict[int, float] = {}
+    done: dict[int, float] = {}
+    sizes: dict[int, int] = {}
+    counts = {"not_ok": 0, "duplicates": 0}
+    errors: list[str] = []
+    start = time.perf_counter()
+    stop_at = start + duration_s if duration_s else float("inf")
+
+    def take() -> int | None:
+        with lock:
+            j = nxt[0]
+            if j >= n or time.perf_counter() >= stop_at:
+                return None
+            nxt[0] += 1
+            return j
+
+    def worker(client: Client) -> None:
+        pending: list[tuple[int, float, Future]] = []
+        try:
+            while True:
+                while len(pending) < inflight and (j := take()) is not None:
+                    ops = batches[j]
+                    pending.append((j, time.perf_counter(), client.apply_batch_async(ops)))
+                if not pending:
+                    return
+                j, sent, fut = pending.pop(0)
+                results = fut.result(REPLY_WAIT_S)
+                t = time.perf_counter()
+                bad = int(np.count_nonzero(results["code"] != R.Code.OK))
+                dup = int(np.count_nonzero(results["flags"] & R.ResultFlag.DUPLICATE))
+                with lock:
+                    lat[j], done[j], sizes[j] = t - sent, t, len(results)
+                    counts["not_ok"] += bad
+                    counts["duplicates"] += dup
+        except Exception as exc:          # a reply that never came, a refused batch: the run reports it
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    # deep pipelines queue for a while at the leader: re-sending after the default 1 s attempt timeout would
+    # only double the work (the copy comes back as duplicates)
+    clients = [Client(list(addresses), timeout_s=REPLY_WAIT_S, attempt_timeout_s=attempt_timeout_s)
+               for _ in range(connections)]
+    try:
+        threads = [threading.Thread(target=worker, args=(c,), name=f"zw-batched-{k}", daemon=True)
+                   for k, c in enumerate(clients)]
+        start = time.perf_counter()
+        stop_at = start + duration_s if duration_s else float("inf")
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        for c in clients:
+            c.close()
+    order = sorted(done)
+    return {"latency_s": np.array([lat[j] for j in order]), "done_s": np.array([done[j] for j in order]),
+            "sizes": np.array([sizes[j] for j in order], dtype=np.int64), "t0": start, "wall_s": wall,
+            "records": int(sum(sizes.values())), "batches": len(order), "errors": errors, **counts}
+
+
+def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
+                     duration_s: float | None, address: str, ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
+    """A ``bench.loadgen`` child: closed loop over ``connections`` DEALERs, or open loop from one DEALER."""
+    ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
+    pos = np.frombuffer(positions, dtype=np.int64)
+    m = len(ops)
+    payloads = [ops[k:k + 1].tobytes() for k in range(m)]
+    lat, svc, lag, done, sent_at, due_at = (np.zeros(m) for _ in range(6))
+    codes = np.full(m, loadgen.CODE_NO_RESULT, dtype=np.uint16)
+    dups = np.zeros(m, dtype=np.uint8)
+    finished = np.zeros(m, dtype=bool)
+    ctx = zmq.Context()
+    socks = []
+    for _ in range(connections if rate is None else 1):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 1_000_000)
+        s.setsockopt(zmq.RCVHWM, 1_000_000)
+        s.connect(address)
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    encode, request, apply_op = W.encode, W.Request, W.Op.APPLY
+    perf = time.perf_counter
+    state = {"next": 0, "inflight": 0}
+
+    def send(sock: zmq.Socket, j: int) -> None:
+        sock.send(encode(request(j + 1, apply_op)), zmq.SNDMORE)
+        sock.send(payloads[j])
+        sent_at[j] = perf()
+        state["inflight"] += 1
+
+    def receive(sock: zmq.Socket) -> list[int]:
+        """Every reply waiting on ``sock``; returns the local indexes answered."""
+        got = []
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return got
+            now = perf()
+            reply = W.decode_reply(frames[0])
+            j = reply.req_id - 1
+            if not 0 <= j < m or finished[j]:
+                continue
+            body = frames[1] if len(frames) > 1 else b""
+            if reply.status == W.Status.OK and len(body) >= R.RESULT_DTYPE.itemsize:
+                codes[j] = int.from_bytes(body[_CODE_AT:_CODE_AT + 2], "little")
+                dups[j] = 1 if body[_FLAGS_AT] & R.ResultFlag.DUPLICATE else 0
+            done[j] = now
+            lat[j] = now - (due_at[j] if rate else sent_at[j])
+            svc[j] = now - sent_at[j]
+            finished[j] = True
+            state["inflight"] -= 1
+            got.append(j)
+
+    time.sleep(0.2)                                    # let the connections come up
+    ready.put(os.getpid())
+    go.wait()
+    t0 = loadgen.start_time(t0_shared)
+    stop_at = t0 + duration_s if duration_s else float("inf")
+    start, cpu0 = perf(), time.process_time()
+    reply_deadline = float("inf")
+    if rate is None:                                   # closed loop: each socket sends again when answered
+        for s in socks:
+            if state["next"] < m:
+                send(s, state["next"])
+                state["next"] += 1
+        while state["inflight"] and perf() < reply_deadline:
+            for s, _ in poller.poll(100):
+                for _j in receive(s):
+                    if state["next"] < m and perf() < stop_at:
+                        send(s, state["next"])
+                        state["next"] += 1
+            if state["next"] >= m or perf() >= stop_at:
+                reply_deadline = min(reply_deadline, perf() + REPLY_WAIT_S)
+    else:                                              # open loop: record k is due at t0 + pos[k] / rate
+        sock = socks[0]
+        due_at[:] = t0 + pos / rate
+        k = 0
+        while k < m and due_at[k] < stop_at:
+            now = perf()
+            while k < m and due_at[k] <= now and due_at[k] < stop_at:
+                send(sock, k)                          # everything due goes now, even if late
+                lag[k] = sent_at[k] - due_at[k]
+                k += 1
+            receive(sock)
+            if k < m:
+                wait_s = due_at[k] - perf()
+                if wait_s > 0 and sock.poll(max(1, int(wait_s * 1000))):   # never spin: replicas need the CPU
+                    receive(sock)
+        reply_deadline = perf() + REPLY_WAIT_S
+        while state["inflight"] and perf() < reply_deadline:
+            if sock.poll(50):
+                receive(sock)
+    end, cpu = perf(), time.process_time() - cpu0
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    out.put(loadgen.ChildResult.from_arrays(pos, finished, lat, svc, lag, done, codes, dups, start, end, 0,
+                                            cpu, int(np.count_nonzero(sent_at))).as_tuple())
+
+
+def run_unbatched(address: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
+                  rate: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
+    """One record of ``ops`` per request to the node at ``address`` (the leader), closed loop over
+    ``connections`` sockets or open loop at ``rate`` (one socket per process), as ``bench.loadgen`` says.
+    Records never answered (a lost leader) are missing from the result: compare ``count`` with what was
+    sent. Returns ``bench.loadgen.run_processes``'s dict."""
+    if ops.dtype != R.OP_DTYPE:
+        raise ValueError("run_unbatched takes op records (engine.records.OP_DTYPE)")
+    return loadgen.run_processes(_unbatched_child, ops, connections=connections, processes=processes, rate=rate,
+                                 duration_s=duration_s, extra=(address,))
