@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import logging
 import mmap
 import os
@@ -143,8 +144,12 @@ class RaftDriver:
         self._start_error: BaseException | None = None
         self._pending_count = 0          # proposals queued or in flight (approximate across threads)
         self._pending_lock = threading.Lock()
-        self._status: dict[str, Any] = {"role": "starting", "term": 0, "leader": None, "commit": 0,
-                                        "applied": 0, "last_index": 0, "node_id": node_id}
+        # (role, term, leader, commit, applied, last_index, snapshot_index, pending proposals): written by
+        # the driver thread as one tuple, so a reader on another thread sees one consistent state
+        self._status_state: tuple[Any, ...] = ("starting", 0, None, 0, 0, 0, 0, 0)
+        self._transport_stats: dict[str, int] | None = None
+        self.is_leader = False               # read by other threads on their hot path (no dict, no lock)
+        self.leader_id: int | None = None
         self._read_ids = itertools.count(1)
 
     # --- public API (any thread) --------------------------------------------------------------------
@@ -196,7 +201,13 @@ class RaftDriver:
         return fut
 
     def status(self) -> dict[str, Any]:
-        return dict(self._status)
+        role, term, leader, commit, applied, last_index, snapshot_index, pending = self._status_state
+        st = {"node_id": self.node_id, "role": role, "term": term, "leader": leader, "commit": commit,
+              "applied": applied, "last_index": last_index}
+        if self._transport_stats is not None:
+            st.update(snapshot_index=snapshot_index, pending_proposals=pending,
+                      transport=dict(self._transport_stats))
+        return st
 
     @property
     def failed(self) -> bool:
@@ -224,6 +235,7 @@ class RaftDriver:
         self._ctx = zmq.Context()
         others = {pid: addr for pid, addr in self._peers.items() if pid != self.node_id}
         self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
+        self._transport_stats = self._transport.stats
         self._poller = zmq.Poller()
         self._poller.register(self._transport.socket, zmq.POLLIN)
         self._poller.register(self._waker.fd, zmq.POLLIN)
@@ -231,6 +243,8 @@ class RaftDriver:
         self._reads_waiting_quorum: dict[bytes, tuple[float, Future]] = {}
         self._reads_waiting_apply: list[tuple[int, Future]] = []
         self._snapshot_index = snapshot_meta.index if snapshot_meta is not None else 0
+        members = sorted(self._peers)
+        self._snapshot_phase = members.index(self.node_id) * cfg.snapshot_threshold_entries // len(members)
         self._bytes_since_snapshot = 0          # payload bytes applied since the last snapshot
         self._pending_snapshot: tuple[int, PendingSnapshot] | None = None
         self._ready_left = False                # the last _process_ready stopped on its time budget
@@ -248,7 +262,11 @@ class RaftDriver:
         next_tick = time.monotonic() + tick_s
         try:
             while not self._stop.is_set():
-                timeout_ms = 0.0 if self._ready_left else max(0.0, (next_tick - time.monotonic()) * 1000.0)
+                # whole milliseconds, rounded UP: zmq.Poller truncates a float timeout, and a timeout
+                # truncated to 0 in the last millisecond before every tick made this loop spin (poll,
+                # ready, status) for up to 1 ms in 10 on every replica, taking CPU and the GIL from the
+                # node's main thread; a tick may now run up to 1 ms late, which Raft does not notice
+                timeout_ms = 0 if self._ready_left else max(0, math.ceil((next_tick - time.monotonic()) * 1000.0))
                 events = dict(self._poller.poll(timeout_ms))
                 if self._waker.fd in events:
                     self._waker.drain()
@@ -299,7 +317,8 @@ class RaftDriver:
         self._transport.close()
         self._ctx.term()
         self._store.close()
-        self._status = dict(self._status, role="stopped")
+        self.is_leader = False
+        self._status_state = ("stopped",) + self._status_state[1:]
 
     def _leader_error(self) -> NotLeader:
         leader = _core_leader(self._core)
@@ -482,8 +501,7 @@ class RaftDriver:
             if index > self._snapshot_index:      # else a newer snapshot was installed meanwhile
                 self._save_snapshot(index, data)
             return
-        if self._applied - self._snapshot_index < cfg.snapshot_threshold_entries and \
-                self._bytes_since_snapshot < cfg.snapshot_threshold_bytes:
+        if not self._snapshot_due():
             return
         if self._applied <= self._snapshot_index:
             return
@@ -496,6 +514,26 @@ class RaftDriver:
             self._save_snapshot(index, made)
         else:
             self._pending_snapshot = (index, made)   # made elsewhere; Raft goes on meanwhile
+
+    def _snapshot_due(self) -> bool:
+        """Past ``snapshot_threshold_bytes``, or at this replica's next snapshot point: the indexes congruent
+        to its phase modulo ``snapshot_threshold_entries`` (phase = its rank among the members times
+        threshold / members), so snapshots stay at most the threshold apart and the replicas of a group take
+        theirs a fraction of it apart from each other instead of all at the same index (a snapshot costs a
+        fork, ~1-2 s of CPU and a file write for a large ledger: three at once on a small machine made the
+        latency's tail). After a restart or an installed snapshot the next one waits for at least half the
+        threshold."""
+        cfg = self.config
+        if self._bytes_since_snapshot >= cfg.snapshot_threshold_bytes:
+            return True
+        every = cfg.snapshot_threshold_entries
+        since = self._applied - self._snapshot_index
+        if since >= every:
+            return True
+        if since < every // 2:
+            return False
+        phase = self._snapshot_phase
+        return (self._applied - phase) // every > (self._snapshot_index - phase) // every
 
     def _save_snapshot(self, index: int, data: "bytes | SnapshotFile") -> None:
         cfg = self.config
@@ -522,25 +560,21 @@ class RaftDriver:
             self._pending_snapshot = None
 
     def _update_status(self) -> None:
+        # runs after every loop iteration (thousands a second under load): only a tuple compare unless
+        # something changed; status() builds the dict a caller asks for, and is_leader / leader_id are the
+        # plain attributes a hot path reads (the node checks is_leader on every APPLY)
         core = self._core
-        prev = self._status
-        role, term, leader = _core_role(core), _core_term(core), _core_leader(core)
-        if (role, term, leader) != (prev.get("role"), prev.get("term"), prev.get("leader")):
-            log.info("raft %d: role=%s term=%d leader=%s commit=%d", self.node_id, role, term, leader,
-                     _core_commit(core))
-        self._status = {
-            "node_id": self.node_id,
-            "role": _core_role(core),
-            "term": _core_term(core),
-            "leader": _core_leader(core),
-            "commit": _core_commit(core),
-            "applied": self._applied,
-            "last_index": self._store.last_index,
-            "snapshot_index": self._snapshot_index,
-            "pending_proposals": len(self._proposals),
-            "transport": dict(self._transport.stats),
-        }
-
+        state = (_core_role(core), _core_term(core), _core_leader(core), _core_commit(core), self._applied,
+                 self._store.last_index, self._snapshot_index, len(self._proposals))
+        if state == self._status_state:
+            return
+        prev = self._status_state
+        if state[:3] != prev[:3]:
+            log.info("raft %d: role=%s term=%d leader=%s commit=%d", self.node_id, state[0], state[1], state[2],
+                     state[3])
+        self._status_state = state
+        self.leader_id = state[2]
+        self.is_leader = state[0] == "leader"
 
 def _fail(fut: Future, exc: BaseException) -> None:
     if not fut.done():
