@@ -55,6 +55,10 @@ from engine.wire import ErrorCode, Op, Status
 log = logging.getLogger("zwallet.node")
 
 CLIENT_FRAME_BYTES_MAX = 16 << 20     # default ZMQ_MAXMSGSIZE on the client ROUTER: a larger frame drops the peer
+SNAPSHOT_CHILD_NICE = 10             # the snapshot child's niceness: the replicas' threads preempt it
+SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it gets normal priority back
+SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
+SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
 
 
@@ -384,7 +388,7 @@ class Node:
             check_batch(np.frombuffer(payload, dtype=R.OP_DTYPE))
         except (TypeError, ValueError) as exc:
             raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        if self.driver.status().get("role") != "leader":
+        if not self.driver.is_leader:
             self._not_leader(p)
             return
         p.payload = payload
@@ -556,7 +560,7 @@ class Node:
     # ---------------------------------------------------------------------------------------- replies
     def _not_leader(self, p: _Pending) -> None:
         self.counters.not_leader += 1
-        leader = self.driver.status().get("leader")
+        leader = self.driver.leader_id
         addr = self.config.replicas.get(leader, {}).get("client") if leader is not None else None
         if leader == self.node_id:
             leader, addr = None, None            # we were leader when it failed; the next one is unknown
@@ -635,14 +639,29 @@ class ForkedSnapshot:
     writes the snapshot to a file in the data directory, fsyncs it, puts its size and crc32 beside it and
     exits; ``poll`` hands the file over (``SnapshotFile``) and the Raft log store moves it in: the driver
     never writes or reads the snapshot's bytes. The child touches nothing but the ledger's memory and its
-    own files (no sockets, no LMDB) and leaves with ``os._exit``."""
+    own files (no sockets, no LMDB) and leaves with ``os._exit``.
+
+    The child stays out of the replicas' way (measured: a 90 MB snapshot is ~1-2 s of CPU, and written in
+    one go it queues every Raft fsync behind ~90 MB of writeback; both made the 10K/s latency's tail): it
+    runs at nice ``SNAPSHOT_CHILD_NICE`` (the replicas' threads preempt it; if it has not finished after
+    ``SNAPSHOT_CHILD_BOOST_S`` the parent lifts it back to normal priority, so a saturated machine cannot
+    starve it while the log since the last snapshot is held in memory), and writes the file in chunks of
+    ``SNAPSHOT_WRITE_CHUNK_BYTES``, each written back (``sync_file_range``) before the next, with a pause
+    between them: at most one chunk is ever queued ahead of a Raft fsync."""
 
     def __init__(self, produce: Callable[[], bytes], directory: str, fsync_first: Sequence[str] = ()) -> None:
         self.path = os.path.join(directory, f"snapshot-{os.getpid()}-{time.monotonic_ns()}.tmp")
+        self.started = time.monotonic()
+        self._boosted = False
         pid = os.fork()
         if pid == 0:                                   # the child
             code = 1
             try:
+                _detach_from_parent()
+                try:
+                    os.nice(SNAPSHOT_CHILD_NICE)
+                except OSError:
+                    pass
                 for path in fsync_first:               # the page cache is shared: this makes the parent's
                     fd = os.open(path, os.O_RDONLY)    # writes made before the fork durable
                     try:
@@ -650,10 +669,12 @@ class ForkedSnapshot:
                     finally:
                         os.close(fd)
                 data = produce()
-                with open(self.path, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())               # durable before the store refers to it
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _write_paced(fd, memoryview(data).cast("B"))
+                    os.fsync(fd)                       # durable before the store refers to it
+                finally:
+                    os.close(fd)
                 with open(self.path + ".meta", "wb") as f:
                     f.write(struct.pack("<QI", len(data), zlib.crc32(data)))
                 code = 0
@@ -667,6 +688,12 @@ class ForkedSnapshot:
             raise RuntimeError("snapshot already collected or cancelled")
         pid, status = os.waitpid(self.pid, os.WNOHANG)
         if pid == 0:
+            if not self._boosted and time.monotonic() - self.started > SNAPSHOT_CHILD_BOOST_S:
+                self._boosted = True           # starved (a saturated machine): let it finish at normal priority
+                try:
+                    os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
+                except OSError:
+                    pass                       # no permission to raise a priority: it finishes niced
             return None
         self.pid = -1
         try:
@@ -691,6 +718,58 @@ class ForkedSnapshot:
             self.pid = -1
         _unlink_quietly(self.path)
         _unlink_quietly(self.path + ".meta")
+
+
+def _detach_from_parent() -> None:
+    """In a snapshot child: close every inherited descriptor (the client ROUTER's and the PUB's listening
+    sockets, the Raft transport's, LMDB's files: a child that outlived a killed parent kept the ports bound,
+    and the restarted replica failed with "Address already in use"), and die with the parent (Linux
+    PR_SET_PDEATHSIG: a snapshot nobody will collect is not worth finishing; its .tmp file is removed when
+    the replica starts again). The child only reads the ledger's memory and opens its own files by path."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:                          # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _sync_file_range_fn() -> Callable[[int, int, int], None]:
+    """``fn(fd, offset, nbytes)``: write that range back and wait for it (Linux ``sync_file_range`` with
+    WAIT_BEFORE | WRITE | WAIT_AFTER: no journal commit, unlike fdatasync); elsewhere ``os.fdatasync``."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: os.fdatasync(fd)
+
+    def sync_range(fd: int, offset: int, nbytes: int) -> None:
+        if fn(fd, offset, nbytes, 1 | 2 | 4) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return sync_range
+
+
+def _write_paced(fd: int, data: memoryview) -> None:
+    """Write ``data`` at the start of ``fd`` chunk by chunk, each chunk on the disk before the next is
+    written, pausing in between (see ForkedSnapshot). The caller still fsyncs (metadata)."""
+    sync_range = _sync_file_range_fn()
+    offset = 0
+    while offset < len(data):
+        chunk = data[offset:offset + SNAPSHOT_WRITE_CHUNK_BYTES]
+        done = 0
+        while done < len(chunk):
+            done += os.write(fd, chunk[done:])
+        sync_range(fd, offset, len(chunk))
+        offset += len(chunk)
+        if offset < len(data):
+            time.sleep(SNAPSHOT_WRITE_PAUSE_S)
 
 
 def _unlink_quietly(path: str) -> None:

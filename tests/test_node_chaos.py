@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 import msgspec
 import numpy as np
@@ -413,7 +413,7 @@ def test_killed_follower_catches_up_from_snapshot(make_cluster, clients):
         rng = random.Random(3)
         for n in range(160):                          # one entry each: the leader compacts its log past it
             client.apply_batch(_transfer_batch(rng, [7000 + 3 * n + j for j in range(3)], accounts, 300))
-        lead = status_of(sc, leader)
+        lead = _compacted_past(sc, [leader], before["last_index"] + 1, keep)[leader]
         assert lead is not None and lead["snapshot_index"] - keep > before["last_index"] + 1, \
             f"the leader's log was not compacted past the follower: {lead} vs {before}"
 
@@ -679,6 +679,20 @@ def _small_writes(client: Client, accounts: list[int], count: int, base: int) ->
         client.apply_batch(_transfer_batch(rng, [base + 2 * n, base + 2 * n + 1], accounts, 50))
 
 
+def _compacted_past(sc: Client, indexes: Sequence[int], index: int, keep: int,
+                    timeout_s: float = 20.0) -> dict[int, Any]:
+    """The statuses of ``indexes`` once each one's snapshot leaves less than ``keep`` entries at or below
+    ``index`` (its log no longer holds ``index``). Snapshots are made asynchronously (a forked child at low
+    priority) and land some time after the entry that triggered them: poll rather than look once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sts = {i: status_of(sc, i) for i in indexes}
+        if all(st is not None and st["snapshot_index"] - keep > index for st in sts.values()) \
+                or time.monotonic() > deadline:
+            return sts
+        time.sleep(0.05)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         pytest.fail(f"precondition: {message}")
@@ -706,7 +720,8 @@ def test_restarted_leader_sends_its_snapshot(make_cluster, clients):
         before = wait_converged(sc, cluster)
         cluster.kill(cluster.ids[lagging])
         _small_writes(client, accounts, 70, 30_000)       # a snapshot past the killed one's log, then compaction
-        sts = wait_converged(sc, cluster, indexes=[leader, other])
+        wait_converged(sc, cluster, indexes=[leader, other])
+        sts = _compacted_past(sc, [leader, other], before[lagging]["last_index"], keep)
         _require(all(sts[i]["snapshot_index"] - keep > before[lagging]["last_index"] for i in (leader, other)),
                  f"the log was not compacted past the lagging replica: {sts}")
         # both up-to-date replicas restart from their own snapshots and take no new one afterwards
@@ -743,7 +758,7 @@ def test_follower_catches_up_from_multi_chunk_snapshot(make_cluster, clients):
         before = wait_converged(sc, cluster)
         cluster.kill(cluster.ids[lagging])
         _small_writes(client, accounts, 70, 30_000)
-        lead = status_of(sc, leader)
+        lead = _compacted_past(sc, [leader], before[lagging]["last_index"], keep)[leader]
         _require(lead is not None and lead["snapshot_index"] - keep > before[lagging]["last_index"],
                  f"the log was not compacted past the lagging replica: {lead}")
         cluster.start_replica(cluster.ids[lagging])
