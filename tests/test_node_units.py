@@ -249,3 +249,14 @@ def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
             client.create_account(1, 10, "USD")          # applying it fails the driver
     server.join(10)
     assert not server.is_alive() and node.exit_code == 3
+
+
+def test_ok_reply_header_parts_match_the_encoded_reply():
+    # the leader encodes one reply header per entry and splices each batch's req_id in
+    from engine.node import _INT_ENCODER, _ok_reply_parts
+    for last_seq in (0, 5, 300, 2 ** 40):
+        prefix, suffix = _ok_reply_parts(last_seq, 3)
+        for req_id in (0, 1, 127, 128, 255, 65_536, 2 ** 63, 2 ** 64 - 1):
+            assert prefix + _INT_ENCODER.encode(req_id) + suffix == \
+                W.encode(W.Reply(req_id, W.Status.OK, last_seq=last_seq, node_id=3))
+            assert W.decode_reply(prefix + _INT_ENCODER.encode(req_id) + suffix).req_id == req_id
