@@ -76,6 +76,7 @@ THROUGHPUT_BAR_PER_S = 200_000
 LATENCY_BAR_RATE_PER_S = 10_000
 LATENCY_BAR_P99_MS = 5.0
 LATENCY_RATES_PER_S = (1_000, 10_000)
+PHASES = ("throughput", "latency", "failover")
 REPLY_WAIT_S = 30.0                              # how long the end of a phase waits for outstanding replies
 
 PROBE_INTERVAL_S = 0.010                         # failover: a new probe request this often
@@ -677,7 +678,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--failovers", type=int, help="failover runs")
     p.add_argument("--failover-connections", type=int, help="failover: load connections")
     p.add_argument("--failover-inflight", type=int, help="failover: batches in flight per load connection")
+    p.add_argument("--rates", help="latency: comma-separated offered rates per second (default "
+                   f"{','.join(str(r) for r in LATENCY_RATES_PER_S)}); the bar is judged at {LATENCY_BAR_RATE_PER_S:,}/s")
+    p.add_argument("--only", help="comma-separated phases to run (throughput, latency, failover; default all): "
+                   "e.g. 'latency' to iterate on latency alone, 'throughput,latency' to measure it on a ledger "
+                   "the batch load has filled (snapshots as large as in a full run)")
     args = p.parse_args(argv)
+    if args.only is not None and args.write_results:
+        p.error("--write-results needs every phase (no --only)")
+    args.phases = set(PHASES if args.only is None else (x.strip() for x in args.only.split(",") if x.strip()))
+    if args.phases - set(PHASES):
+        p.error(f"--only: unknown phase(s) {sorted(args.phases - set(PHASES))}; known: {', '.join(PHASES)}")
+    args.rates = tuple(int(x) for x in args.rates.split(",")) if args.rates else LATENCY_RATES_PER_S
+    if args.rates != LATENCY_RATES_PER_S and args.write_results:
+        p.error("--write-results needs the default --rates")
     for name, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -712,28 +726,32 @@ def main(argv: list[str] | None = None) -> int:
         with Client(cluster.client_addresses) as setup:
             seconds = create_accounts(setup, args.accounts)
         print(f"cluster of {REPLICAS} up, {args.accounts:,} accounts created in {seconds:.1f} s", flush=True)
-        print(f"throughput ({args.connections} connections x {args.inflight} batches of {BATCH_RECORDS} "
-              f"in flight) ...", flush=True)
-        res["throughput"] = measured(cluster, status_client,
-                                     lambda: run_throughput(cluster.client_addresses, ids, args))
-        settle_s = settle()
-        print(f"settled after the batch load in {settle_s:.1f} s (dirty pages written back)", flush=True)
-        res["settle_s"] = settle_s
-        print(f"closed-loop latency, {args.closed_loop_requests:,} requests one at a time ...", flush=True)
-        res["closed_loop"] = run_closed_loop(cluster.client_addresses, ids, args)
-        print(f"  p50 {res['closed_loop']['p50_ms']:.2f}  p99 {res['closed_loop']['p99_ms']:.2f} ms", flush=True)
-        res["latency"] = []
-        for rate in LATENCY_RATES_PER_S:
-            print(f"latency at {rate:,}/s for {args.latency_s:g} s ...", flush=True)
-            leader_address = cluster.client_addr[find_leader(status_client, cluster)]
-            r = measured(cluster, status_client, lambda: run_latency(leader_address, ids, args, rate))
-            res["latency"].append(r)
-            print(f"  p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  p99.9 {r['p999_ms']:.2f}  "
-                  f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']})",
-                  flush=True)
+        if "throughput" in args.phases:
+            print(f"throughput ({args.connections} connections x {args.inflight} batches of {BATCH_RECORDS} "
+                  f"in flight) ...", flush=True)
+            res["throughput"] = measured(cluster, status_client,
+                                         lambda: run_throughput(cluster.client_addresses, ids, args))
+            settle_s = settle()
+            print(f"settled after the batch load in {settle_s:.1f} s (dirty pages written back)", flush=True)
+            res["settle_s"] = settle_s
+        if "latency" in args.phases:
+            print(f"closed-loop latency, {args.closed_loop_requests:,} requests one at a time ...", flush=True)
+            res["closed_loop"] = run_closed_loop(cluster.client_addresses, ids, args)
+            print(f"  p50 {res['closed_loop']['p50_ms']:.2f}  p99 {res['closed_loop']['p99_ms']:.2f} ms", flush=True)
+            res["latency"] = []
+            for rate in args.rates:
+                print(f"latency at {rate:,}/s for {args.latency_s:g} s ...", flush=True)
+                leader_address = cluster.client_addr[find_leader(status_client, cluster)]
+                r = measured(cluster, status_client, lambda: run_latency(leader_address, ids, args, rate))
+                res["latency"].append(r)
+                print(f"  p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  p99.9 {r['p999_ms']:.2f}  "
+                      f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']}; "
+                      f"sender late p99 {r['sender_late_ms_p99']:.2f} max {r['sender_late_ms_max']:.1f} ms; "
+                      f"terms {r['terms']})", flush=True)
         res["memory_mib"] = {"after_load": memory_mib(cluster)}
-        print(f"failover under load x{args.failovers} ...", flush=True)
-        res["failover"] = run_failovers(cluster, status_client, ids, args)
+        if "failover" in args.phases:
+            print(f"failover under load x{args.failovers} ...", flush=True)
+            res["failover"] = run_failovers(cluster, status_client, ids, args)
         res["memory_mib"]["end"] = memory_mib(cluster)
         res["digests_equal"] = digests_equal(cluster, status_client)
         res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -743,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
             status_client.close()
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
+    if args.phases != set(PHASES):
+        print(f"phases run: {', '.join(p for p in PHASES if p in args.phases)}; digests equal: {res['digests_equal']}")
+        bar = next((r for r in res.get("latency", []) if r["rate_per_s"] == LATENCY_BAR_RATE_PER_S), None)
+        ok = res["digests_equal"] and ("throughput" not in res or throughput_ok(res["throughput"])) \
+            and (bar is None or latency_ok(bar))
+        return 0 if ok else 1
     section = render(res, command, args)
     print()
     print(section)
@@ -752,7 +776,6 @@ def main(argv: list[str] | None = None) -> int:
     bar = next(r for r in res["latency"] if r["rate_per_s"] == LATENCY_BAR_RATE_PER_S)
     ok = throughput_ok(tp) and latency_ok(bar) and res["digests_equal"]
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
