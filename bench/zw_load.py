@@ -4,12 +4,16 @@ result dicts as ``bench.pg_ledger.run_batched`` / ``run_unbatched``, so the two 
 - ``run_batched``: ``connections`` ``engine.client.Client`` objects, one thread each, each keeping ``inflight``
   batches in flight (zwallet's protocol pipelines; PostgreSQL's connection runs one transaction at a time, so
   its driver has no such knob). Batch i of the stream is sent once; the replies' result records are checked.
-- ``run_unbatched``: one TRANSFER record per request from ``connections`` bare DEALER sockets (the wire
-  protocol of docs/protocol.md) in ``processes`` processes, closed loop or open loop at a fixed rate
-  (``bench.loadgen``). A bare socket, not ``Client``: the load generator shares the machine's cores with the
-  three replicas, and the Client's I/O thread and futures would cost a third of a core at 10K requests/s; the
-  PostgreSQL driver likewise uses asyncio psycopg, its lightest client. Requests go to the leader's address;
-  a NOT_LEADER or ERROR reply counts as a failed request (``loadgen.CODE_NO_RESULT``).
+- ``run_unbatched``: one TRANSFER record per request from ``connections`` concurrent clients in ``processes``
+  processes, closed loop (each client sends its next request when its previous one is answered) or open loop
+  at a fixed rate (``bench.loadgen``). The clients of a process share one bare DEALER socket (the wire
+  protocol of docs/protocol.md; requests are matched to replies by req_id), as the threads of an application
+  share one ``Client``: zwallet's protocol multiplexes, while a PostgreSQL connection runs one transaction at
+  a time, so its driver needs a connection per client. A bare socket, not ``Client``: the load generator
+  shares the machine's cores with the three replicas, and the Client's I/O thread and futures would cost a
+  third of a core at 10K requests/s (the PostgreSQL driver likewise uses asyncio psycopg, its lightest
+  client). Requests go to the leader's address; a NOT_LEADER or ERROR reply counts as a failed request
+  (``loadgen.CODE_NO_RESULT``).
 """
 from __future__ import annotations
 
@@ -106,7 +110,7 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
 
 def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
                      duration_s: float | None, address: str, ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
-    """A ``bench.loadgen`` child: closed loop over ``connections`` DEALERs, or open loop from one DEALER."""
+    """A ``bench.loadgen`` child: ``connections`` closed-loop clients, or an open loop, over one DEALER."""
     ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
     pos = np.frombuffer(positions, dtype=np.int64)
     m = len(ops)
@@ -116,30 +120,24 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
     dups = np.zeros(m, dtype=np.uint8)
     finished = np.zeros(m, dtype=bool)
     ctx = zmq.Context()
-    socks = []
-    for _ in range(connections if rate is None else 1):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 1_000_000)
-        s.setsockopt(zmq.RCVHWM, 1_000_000)
-        s.connect(address)
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
+    sock = ctx.socket(zmq.DEALER)                  # one connection, shared by this process's clients
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 1_000_000)
+    sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    sock.connect(address)
     encode, request, apply_op = W.encode, W.Request, W.Op.APPLY
     perf = time.perf_counter
-    state = {"next": 0, "inflight": 0}
+    state = {"inflight": 0}
 
-    def send(sock: zmq.Socket, j: int) -> None:
+    def send(j: int) -> None:
         sock.send(encode(request(j + 1, apply_op)), zmq.SNDMORE)
         sock.send(payloads[j])
         sent_at[j] = perf()
         state["inflight"] += 1
 
-    def receive(sock: zmq.Socket) -> list[int]:
-        """Every reply waiting on ``sock``; returns the local indexes answered."""
-        got = []
+    def receive() -> int:
+        """Every reply waiting; returns how many requests they answered."""
+        got = 0
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -159,50 +157,46 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
             svc[j] = now - sent_at[j]
             finished[j] = True
             state["inflight"] -= 1
-            got.append(j)
+            got += 1
 
-    time.sleep(0.2)                                    # let the connections come up
+    time.sleep(0.2)                                    # let the connection come up
     ready.put(os.getpid())
     go.wait()
     t0 = loadgen.start_time(t0_shared)
     stop_at = t0 + duration_s if duration_s else float("inf")
     start, cpu0 = perf(), time.process_time()
-    reply_deadline = float("inf")
-    if rate is None:                                   # closed loop: each socket sends again when answered
-        for s in socks:
-            if state["next"] < m:
-                send(s, state["next"])
-                state["next"] += 1
-        while state["inflight"] and perf() < reply_deadline:
-            for s, _ in poller.poll(100):
-                for _j in receive(s):
-                    if state["next"] < m and perf() < stop_at:
-                        send(s, state["next"])
-                        state["next"] += 1
-            if state["next"] >= m or perf() >= stop_at:
-                reply_deadline = min(reply_deadline, perf() + REPLY_WAIT_S)
+    if rate is None:            # closed loop: ``connections`` clients, each sends again when it is answered
+        k = 0
+        while k < min(connections, m):
+            send(k)
+            k += 1
+        while state["inflight"]:
+            if not sock.poll(int(REPLY_WAIT_S * 1000)):
+                break                                  # no reply for that long: the rest stay unanswered
+            for _ in range(receive()):
+                if k < m and perf() < stop_at:
+                    send(k)
+                    k += 1
     else:                                              # open loop: record k is due at t0 + pos[k] / rate
-        sock = socks[0]
         due_at[:] = t0 + pos / rate
         k = 0
         while k < m and due_at[k] < stop_at:
             now = perf()
             while k < m and due_at[k] <= now and due_at[k] < stop_at:
-                send(sock, k)                          # everything due goes now, even if late
+                send(k)                                # everything due goes now, even if late
                 lag[k] = sent_at[k] - due_at[k]
                 k += 1
-            receive(sock)
+            receive()
             if k < m:
                 wait_s = due_at[k] - perf()
                 if wait_s > 0 and sock.poll(max(1, int(wait_s * 1000))):   # never spin: replicas need the CPU
-                    receive(sock)
+                    receive()
         reply_deadline = perf() + REPLY_WAIT_S
         while state["inflight"] and perf() < reply_deadline:
             if sock.poll(50):
-                receive(sock)
+                receive()
     end, cpu = perf(), time.process_time() - cpu0
-    for s in socks:
-        s.close(0)
+    sock.close(0)
     ctx.term()
     out.put(loadgen.ChildResult.from_arrays(pos, finished, lat, svc, lag, done, codes, dups, start, end, 0,
                                             cpu, int(np.count_nonzero(sent_at))).as_tuple())
@@ -210,8 +204,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
 
 def run_unbatched(address: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
                   rate: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
-    """One record of ``ops`` per request to the node at ``address`` (the leader), closed loop over
-    ``connections`` sockets or open loop at ``rate`` (one socket per process), as ``bench.loadgen`` says.
+    """One record of ``ops`` per request to the node at ``address`` (the leader), closed loop with
+    ``connections`` clients or open loop at ``rate`` (one socket per process), as ``bench.loadgen`` says.
     Records never answered (a lost leader) are missing from the result: compare ``count`` with what was
     sent. Returns ``bench.loadgen.run_processes``'s dict."""
     if ops.dtype != R.OP_DTYPE:

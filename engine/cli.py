@@ -9,6 +9,7 @@ COMMANDS = {
     "cluster": ("engine.cluster", "run N local replicas on loopback until Ctrl-C (--replicas 3)"),
     "status": ("engine.status", "leader, terms, applied index and digests of every replica (--nodes)"),
     "demo": ("engine.demo", "a local 3-replica shard doing real work, with a failover"),
+    "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
     "replica": ("engine.raft.replica_main", "run one bare Raft replica of a counter (Raft tests/benchmark)"),
 }

@@ -33,13 +33,16 @@ class Workload:
     def create(self) -> list[np.ndarray]:
         return list(self.create_batches())
 
-    def create_batches(self, with_bank: bool = True) -> Iterator[np.ndarray]:
+    def create_batches(self, with_bank: bool = True, funded: bool = True) -> Iterator[np.ndarray]:
         """The bank (account BANK, no lower limit; unless ``with_bank`` is False: it exists already) and the
-        customers (first_account.., lower limit 0), then a transfer of FUNDING from the bank to every customer:
-        batches of at most BATCH_SIZE_MAX, made as they are consumed (10M accounts need not be in memory)."""
+        customers (first_account..), then a transfer of FUNDING from the bank to every customer: batches of at
+        most BATCH_SIZE_MAX, made as they are consumed (10M accounts need not be in memory at once).
+        ``funded=False``: customers with no lower limit instead and no funding transfers (half the commands:
+        for growing a ledger to measure its size, where what the money is does not matter)."""
         ids = np.arange(self.first_account, self.first_account + self.accounts, dtype=np.int64)
         if with_bank:
             ids = np.concatenate([np.array([BANK], dtype=np.int64), ids])
+        unbounded = R.OpFlag.HAS_EXPECTED_A | R.OpFlag.LOWER_UNBOUNDED
         for start in range(0, len(ids), R.BATCH_SIZE_MAX):
             chunk = ids[start:start + R.BATCH_SIZE_MAX]
             ops = R.empty_ops(len(chunk))
@@ -48,8 +51,10 @@ class Workload:
             ops["kind"] = R.Kind.CREATE_ACCOUNT
             ops["group_size"] = 1
             ops["currency"] = CURRENCY.encode()
-            ops["flags"] = np.where(chunk == BANK, R.OpFlag.HAS_EXPECTED_A | R.OpFlag.LOWER_UNBOUNDED, 0)
+            ops["flags"] = np.where((chunk == BANK) | (not funded), unbounded, 0)
             yield ops
+        if not funded:
+            return
         # fund every customer from the bank: transfers, so the total stays 0 (the bank holds the debt)
         customers = ids[1:] if with_bank else ids
         for start in range(0, len(customers), R.BATCH_SIZE_MAX):
