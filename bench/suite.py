@@ -287,11 +287,15 @@ class Suite:
     # ------------------------------------------------------------------------------------ workloads
     def system_row(self, r: dict[str, Any], cpu: dict[str, float], connections: int, batched: bool) -> dict[str, Any]:
         records = r["records"] if batched else r["count"]
-        not_ok = r["not_ok"] if batched else int(np.count_nonzero(r["codes"] != R.Code.OK))
+        # unbatched: a request refused at the protocol level (NOT_LEADER after an election, OVERLOADED) has no
+        # result record (loadgen.CODE_NO_RESULT): nothing was applied, so it is counted apart from a command
+        # the ledger answered with a code other than OK (a wrong answer, which fails the run)
+        refused = 0 if batched else int(np.count_nonzero(r["codes"] == loadgen.CODE_NO_RESULT))
+        not_ok = r["not_ok"] if batched else int(np.count_nonzero(r["codes"] != R.Code.OK)) - refused
         dups = r["duplicates"] if batched else int(r["duplicate"].sum())
         weights = r["sizes"] if batched else None
         row = {"per_s": records / r["wall_s"] if r["wall_s"] else 0.0, "ops": records, "wall_s": r["wall_s"],
-               "not_ok": not_ok, "duplicates": dups, "connections": connections,
+               "not_ok": not_ok, "refused": refused, "duplicates": dups, "connections": connections,
                "request_latency_ms": latency_summary(r["latency_s"]),
                "timeline": timeline(r["t0"], r["done_s"], weights), "cpu_cores": cpu}
         if batched:
@@ -416,12 +420,14 @@ class Suite:
             np.zeros(len(due_in_window), dtype=bool)
         lat_ms[have] = 1000 * r["latency_s"][k[have]]
         codes[have] = r["codes"][k[have]]
+        lat_ms[codes == loadgen.CODE_NO_RESULT] = np.inf     # refused (no result): not served, infinitely late
         cdf, hist = cdf_and_hist(lat_ms)
         in_window = (r["positions"] >= warm)
         span = r["done_s"][in_window].max() - r["done_s"][in_window].min() if in_window.sum() > 1 else 0.0
         return {"requests": len(due_in_window), "answered": int(have.sum()), "unanswered": int((~have).sum()),
                 "achieved_per_s": float(in_window.sum() / span) if span else 0.0,
-                "not_ok": int(np.count_nonzero(codes[have] != R.Code.OK)),
+                "not_ok": int(np.count_nonzero((codes[have] != R.Code.OK) & (codes[have] != loadgen.CODE_NO_RESULT))),
+                "refused": int(np.count_nonzero(codes[have] == loadgen.CODE_NO_RESULT)),
                 "p50_ms": pct(lat_ms, 50), "p90_ms": pct(lat_ms, 90), "p99_ms": pct(lat_ms, 99),
                 "p999_ms": pct(lat_ms, 99.9), "max_ms": pct(lat_ms, 100),
                 "sender_late_ms_p99": 1000 * float(np.percentile(r["send_lag_s"], 99)) if r["count"] else None,
