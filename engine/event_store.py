@@ -34,6 +34,28 @@ _LAST = struct.Struct("<Q")
 _REC = EVENT_DTYPE.itemsize
 
 
+WRITEBACK_INTERVAL_S = 0.05              # the node starts the event store's writeback this often
+
+
+def _start_writeback_fn():  # type: ignore[no-untyped-def]
+    """``fn(fd)``: start writing back every dirty page of the file, without waiting; None if unavailable."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+
+    def start(fd: int) -> None:
+        fn(fd, 0, 0, 2)         # SYNC_FILE_RANGE_WRITE over the whole file; an error only means no help
+    return start
+
+
+_START_WRITEBACK = _start_writeback_fn()
+
+
 def _last_seq_of(value: bytes) -> int:
     return _LAST.unpack_from(value, len(value) - _REC)[0]      # seq_num is a record's first field
 
@@ -59,6 +81,7 @@ class EventStore:
             raw = txn.get(b"floor")
             self._floor = _LAST.unpack(raw)[0] if raw else 1
         self.last_seq = max([self._scan_last()] + [h[1] for h in self._holes])
+        self._writeback_fd = os.open(self.data_file, os.O_RDONLY | os.O_CLOEXEC)
 
     def _scan_last(self) -> int:
         with self._env.begin(db=self._chunks) as txn:
@@ -69,6 +92,9 @@ class EventStore:
 
     def close(self) -> None:
         self._env.close()
+        if self._writeback_fd >= 0:
+            os.close(self._writeback_fd)
+            self._writeback_fd = -1
 
     def append(self, chunks: list[np.ndarray]) -> None:
         """Store event chunks (each contiguous in seq_num; consecutive chunks continue each other).
@@ -96,6 +122,17 @@ class EventStore:
 
     def sync(self) -> None:
         self._env.sync(True)
+
+    def start_writeback(self) -> None:
+        """Start writing the store's dirty pages back to the disk without waiting (Linux
+        ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op elsewhere). Writes are not fsynced one by one, so
+        left alone the kernel writes them back in bursts (every 5 s, what is older than 30 s: ~10 MB at 10K
+        transfers/s per replica), and every Raft fsync on the disk then waits behind the burst (measured:
+        25-120 ms fsyncs on all three replicas at once). Called every ``WRITEBACK_INTERVAL_S`` by the node,
+        it keeps that writeback small and continuous."""
+        if self._writeback_fd < 0 or _START_WRITEBACK is None:
+            return
+        _START_WRITEBACK(self._writeback_fd)
 
     @property
     def data_file(self) -> str:

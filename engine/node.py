@@ -43,7 +43,7 @@ import zmq
 
 from engine import records as R
 from engine._ledger import check_batch
-from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, EventStore, EventsUnavailable
+from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, WRITEBACK_INTERVAL_S, EventStore, EventsUnavailable
 from engine.ledger_machine import ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, LedgerMachine, ledger_entry
 from engine.raft.log_store import SnapshotFile
 from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
@@ -300,6 +300,8 @@ class Node:
         self.pub.bind(me["pub"])
         self.driver.start()
         self._driver_thread_ident = self.driver.thread_ident
+        self._writeback = threading.Thread(target=self._writeback_loop, name="event-writeback", daemon=True)
+        self._writeback.start()
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -333,7 +335,19 @@ class Node:
         finally:
             self._shutdown()
 
+    def _writeback_loop(self) -> None:
+        # the event store's pages go to the disk a little at a time (EventStore.start_writeback); its own
+        # thread, so the syscall (GIL released) never delays the Raft or the main thread
+        while not self._stopping.wait(WRITEBACK_INTERVAL_S):
+            try:
+                self.events.start_writeback()
+            except Exception:                  # closed meanwhile: the node is stopping
+                return
+
     def _shutdown(self) -> None:
+        self._stopping.set()
+        if getattr(self, "_writeback", None) is not None:
+            self._writeback.join()
         self.driver.stop()
         self._run_completions()
         for p in self._group:
