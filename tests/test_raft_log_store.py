@@ -136,13 +136,18 @@ def test_snapshot_compaction_and_install(path):
         s.save(hard_state=HS(3, 1, 20), entries=[E(i, 3) for i in range(1, 31)])
         # the app took a snapshot at applied index 20: the suffix after it stays
         s.save_snapshot(meta(20, 3), b"state@20")
-        assert (s.first_index, s.last_index) == (21, 30)
+        # the prefix it covers goes a step at a time with later writes (compact_later), not in its transaction
+        assert (s.first_index, s.last_index, s.compact_pending) == (1, 30, 20)
         with pytest.raises(LogStoreError):
             s.compact(25)                                # beyond the snapshot
+        with pytest.raises(LogStoreError):
+            s.compact_later(25)
+        s.save(hard_state=HS(3, 1, 25))                  # a write with other work takes a step along
+        assert (s.first_index, s.last_index, s.compact_pending) == (21, 30, 0)
         s.compact(20)                                    # no-op, already gone
     with _open(path) as s:
         hs, snap, entries = s.initial_state()
-        assert (snap.index, snap.term) == (20, 3) and hs.commit == 20
+        assert (snap.index, snap.term) == (20, 3) and hs.commit == 25
         assert [e.index for e in entries] == list(range(21, 31))
         assert s.snapshot()[1] == b"state@20"
         assert s.term(20) == 3
@@ -279,7 +284,7 @@ def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path
     meta = m.SnapshotMeta(index=6, term=1, config=[1, 2, 3])
     store.save_snapshot(meta, ls.SnapshotFile(str(made), len(data), zlib.crc32(data)))
     assert not made.exists() and os.path.dirname(store.snapshot_file_path) == store.path
-    assert store.snapshot() == (meta, data) and store.first_index == 7
+    assert store.snapshot() == (meta, data) and store.first_index == 1 and store.compact_pending == 6
     # a stray file (a save that crashed before its transaction) is removed at the next open
     stray = os.path.join(store.path, "snapshot-99-9.bin")
     open(stray, "wb").write(b"x")
@@ -301,3 +306,32 @@ def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path
     with pytest.raises(LogCorruption):
         again.snapshot()
     again.close()
+
+
+def test_compact_later_spreads_the_prefix_over_later_writes(path, monkeypatch):
+    """A snapshot's prefix is deleted COMPACT_STEP_ENTRIES at a time by the writes that follow (no extra
+    transaction, no extra fsync); a restart in the middle finds a consistent log and finishes the job; an
+    installed snapshot from a leader (not the replica's own) still replaces the prefix at once."""
+    monkeypatch.setattr(ls, "COMPACT_STEP_ENTRIES", 7)
+    with _open(path) as s:
+        s.save(hard_state=HS(2, 1, 30), entries=[E(i, 2) for i in range(1, 41)])
+        s.save_snapshot(meta(30, 2), b"state@30")
+        assert (s.first_index, s.compact_pending) == (1, 30)
+        s.append([E(41, 2)])
+        assert (s.first_index, s.compact_pending) == (8, 23)
+        s.append([E(42, 2)])
+        assert s.first_index == 15
+        assert [e.index for e in s.initial_state()[2]] == list(range(31, 43))   # after the snapshot only
+    with _open(path) as s:                                # restart half-way: bounds from disk, target again
+        assert (s.first_index, s.last_index, s.compact_pending) == (15, 42, 16)
+        assert s.term(15) == 2
+        for k in range(3):
+            s.append([E(43 + k, 2)])
+        assert (s.first_index, s.compact_pending) == (31, 0)
+        s.append([E(46, 2)])
+        assert s.first_index == 31                        # nothing more to do: entries after the snapshot stay
+    with _open(path) as s:
+        assert (s.first_index, s.last_index) == (31, 46)
+        # a leader's snapshot past our log: the whole log goes in its transaction, as before
+        s.save(snapshot=(meta(60, 3), b"state@60"), hard_state=HS(3, None if _vote_optional() else 0, 60))
+        assert (s.first_index, s.last_index, s.compact_pending) == (61, 60, 0)

@@ -515,7 +515,6 @@ class RaftDriver:
             self._release(len(gone))
 
     def _maybe_snapshot(self) -> None:
-        cfg = self.config
         if self._pending_snapshot is not None:
             index, pending = self._pending_snapshot
             try:
@@ -577,7 +576,7 @@ class RaftDriver:
             assert path is not None
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._store.compact(max(0, index - cfg.snapshot_keep_entries))
+        self._store.compact_later(max(0, index - cfg.snapshot_keep_entries))   # a step with each later save
         _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
         self._snapshot_index = index
 
