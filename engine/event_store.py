@@ -25,6 +25,7 @@ import lmdb
 import msgspec
 import numpy as np
 
+from engine import fileio
 from engine.records import EVENT_DTYPE
 
 EVENT_STORE_MAP_SIZE_BYTES_DEFAULT = 64 << 30
@@ -37,23 +38,6 @@ _REC = EVENT_DTYPE.itemsize
 WRITEBACK_INTERVAL_S = 0.05              # the node starts the event store's writeback this often
 
 
-def _start_writeback_fn():  # type: ignore[no-untyped-def]
-    """``fn(fd)``: start writing back every dirty page of the file, without waiting; None if unavailable."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        fn.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-
-    def start(fd: int) -> None:
-        fn(fd, 0, 0, 2)         # SYNC_FILE_RANGE_WRITE over the whole file; an error only means no help
-    return start
-
-
-_START_WRITEBACK = _start_writeback_fn()
 
 
 def _last_seq_of(value: bytes) -> int:
@@ -130,9 +114,9 @@ class EventStore:
         transfers/s per replica), and every Raft fsync on the disk then waits behind the burst (measured:
         25-120 ms fsyncs on all three replicas at once). Called every ``WRITEBACK_INTERVAL_S`` by the node,
         it keeps that writeback small and continuous."""
-        if self._writeback_fd < 0 or _START_WRITEBACK is None:
+        if self._writeback_fd < 0 or not fileio.AVAILABLE:
             return
-        _START_WRITEBACK(self._writeback_fd)
+        fileio.start_writeback(self._writeback_fd)
 
     @property
     def data_file(self) -> str:

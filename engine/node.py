@@ -41,6 +41,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from engine import fileio
 from engine import records as R
 from engine._ledger import check_batch
 from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, WRITEBACK_INTERVAL_S, EventStore, EventsUnavailable
@@ -819,36 +820,16 @@ def _ok_reply_parts(last_seq: int, node_id: int) -> tuple[bytes, bytes]:
     return prefix, whole[1 + len(zero):]
 
 
-def _sync_file_range_fn() -> Callable[[int, int, int], None]:
-    """``fn(fd, offset, nbytes)``: write that range back and wait for it (Linux ``sync_file_range`` with
-    WAIT_BEFORE | WRITE | WAIT_AFTER: no journal commit, unlike fdatasync); elsewhere ``os.fdatasync``."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        fn.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return lambda fd, offset, nbytes: os.fdatasync(fd)
-
-    def sync_range(fd: int, offset: int, nbytes: int) -> None:
-        if fn(fd, offset, nbytes, 1 | 2 | 4) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    return sync_range
-
-
 def _write_paced(fd: int, data: memoryview) -> None:
     """Write ``data`` at the start of ``fd`` chunk by chunk, each chunk on the disk before the next is
     written, pausing in between (see ForkedSnapshot). The caller still fsyncs (metadata)."""
-    sync_range = _sync_file_range_fn()
     offset = 0
     while offset < len(data):
         chunk = data[offset:offset + SNAPSHOT_WRITE_CHUNK_BYTES]
         done = 0
         while done < len(chunk):
             done += os.write(fd, chunk[done:])
-        sync_range(fd, offset, len(chunk))
+        fileio.write_back(fd, offset, len(chunk))
         offset += len(chunk)
         if offset < len(data):
             time.sleep(SNAPSHOT_WRITE_PAUSE_S)
