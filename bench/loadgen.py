@@ -5,7 +5,7 @@ to child k % processes), starts them with "spawn", waits until every child has c
 common start time t0 and collects what each completed. A child is a function
 
     child(rows: bytes, positions: bytes, connections: int, rate: float | None, duration_s: float | None,
-          *extra, ready, go, t0_shared, out)
+          drain_s: float, *extra, ready, go, t0_shared, out)
 
 that connects, ``ready.put(pid)``, waits for ``go``, reads t0 from ``t0_shared.value``, sends its records and
 finally ``out.put(ChildResult(...).as_tuple())``. Two modes, the same for every system measured:
@@ -17,7 +17,9 @@ finally ``out.put(ChildResult(...).as_tuple())``. Two modes, the same for every 
   omission). ``send_lag_s`` = send - due is the client's own lateness, reported so a reader can see it.
 
 ``duration_s``: no record is started after t0 + duration_s; what was started is waited for. Without it the
-whole stream is sent.
+whole stream is sent. In the open loop a record due inside the window but not yet sent when it ends (every
+connection busy: an overloaded system) may still be started for ``drain_s`` more, and replies are waited for
+that long; the rest is never answered (infinitely late).
 """
 from __future__ import annotations
 
@@ -80,9 +82,12 @@ def start_time(t0_shared: Any) -> float:
     return t0
 
 
+DRAIN_S_DEFAULT = 30.0
+
+
 def run_processes(child: Callable[..., None], ops: np.ndarray, *, connections: int, processes: int,
-                  rate: float | None = None, duration_s: float | None = None, extra: tuple = (),
-                  connect_timeout_s: float = 120.0) -> dict[str, Any]:
+                  rate: float | None = None, duration_s: float | None = None, drain_s: float = DRAIN_S_DEFAULT,
+                  extra: tuple = (), connect_timeout_s: float = 120.0) -> dict[str, Any]:
     """Run ``ops`` through ``processes`` children (see the module doc) and merge what they completed.
 
     Returns ``{"positions", "latency_s", "service_s", "send_lag_s", "done_s", "codes", "duplicate"}`` (arrays
@@ -99,8 +104,8 @@ def run_processes(child: Callable[..., None], ops: np.ndarray, *, connections: i
     for p in range(processes):
         idx = np.arange(p, n, processes, dtype=np.int64)
         conns = connections // processes + (1 if p < connections % processes else 0)
-        pr = ctx.Process(target=child, args=(ops[idx].tobytes(), idx.tobytes(), conns, rate, duration_s, *extra,
-                                             ready, go, t0_shared, out), daemon=True)
+        pr = ctx.Process(target=child, args=(ops[idx].tobytes(), idx.tobytes(), conns, rate, duration_s, drain_s,
+                                             *extra, ready, go, t0_shared, out), daemon=True)
         pr.start()
         procs.append(pr)
 

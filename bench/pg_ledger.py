@@ -880,7 +880,8 @@ async def apply_one_async(conn: psycopg.AsyncConnection, ops: np.ndarray) -> np.
 
 # ------------------------------------------------------------------------ unbatched, many connections
 def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
-                     duration_s: float | None, dsn: str, ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
+                     duration_s: float | None, drain_s: float, dsn: str, ready: Any, go: Any, t0_shared: Any,
+                     out: Any) -> None:
     """A ``bench.loadgen`` child: ``connections`` asyncio connections, one transfer per transaction."""
     ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
     pos = np.frombuffer(positions, dtype=np.int64)
@@ -920,8 +921,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                 nxt += 1
                 if rate:
                     due = t0 + pos[j] / rate
-                    if due >= stop_at:
-                        return
+                    if due >= stop_at or time.perf_counter() >= stop_at + drain_s:
+                        return                     # past the window (and its drain): never sent
                     delay = due - time.perf_counter()
                     if delay > 0:                  # a connection was free before it was due: send it then
                         await asyncio.sleep(delay)
@@ -966,7 +967,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
 
 
 def run_unbatched(dsn: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
-                  rate: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
+                  rate: float | None = None, duration_s: float | None = None,
+                  drain_s: float = loadgen.DRAIN_S_DEFAULT) -> dict[str, Any]:
     """Send ``ops`` (single TRANSFER records, one command each) one transfer per transaction over
     ``connections`` connections spread over ``processes`` processes (asyncio in each, so the Python client
     is not the bottleneck; ``client_cpu_s`` shows what it used), closed or open loop (``rate``), for the
@@ -979,7 +981,7 @@ def run_unbatched(dsn: str, ops: np.ndarray, connections: int = 64, processes: i
         raise ValueError("run_unbatched takes single TRANSFER records")
     check_batch(ops[: R.BATCH_SIZE_MAX]) if len(ops) else None
     return loadgen.run_processes(_unbatched_child, ops, connections=connections, processes=processes, rate=rate,
-                                 duration_s=duration_s, extra=(dsn,))
+                                 duration_s=duration_s, drain_s=drain_s, extra=(dsn,))
 
 
 # -------------------------------------------------------------------------- batched, many connections

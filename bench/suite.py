@@ -63,6 +63,9 @@ REPLICAS = 3
 SEED = 20261125
 STATUS_TIMEOUT_S = 2.0
 DIGEST_TIMEOUT_S = 120.0
+LATENCY_DRAIN_S = 5.0                 # open loop: after the window, how long a system may still answer (or, all
+                                      # its connections busy, start) what fell due in it; the rest counts as
+                                      # never answered
 TIMELINE_BIN_S = 0.25
 FAILOVER_PROBE_S = 30.0              # no commit by a new leader within this: the run fails
 FAILOVER_ATTEMPT_TIMEOUT_S = 0.5      # the failover load's clients re-send elsewhere after this (a light load:
@@ -208,8 +211,11 @@ class Suite:
         return base
 
     def settle(self) -> None:
-        """Before each measurement: the previous load's dirty pages written back (else every fsync queues
-        behind them) and a pause for snapshot children to finish."""
+        """Before each measurement: PostgreSQL checkpointed, the previous load's dirty pages written back (else
+        every fsync queues behind them) and a pause for snapshot children to finish."""
+        if self.pg is not None:           # PostgreSQL's checkpointer would otherwise write its dirty buffers
+            with self.led.connect() as conn:  # during the next measurement, whichever system it measures
+                conn.execute("CHECKPOINT")
         os.sync()
         time.sleep(self.args.settle_s)
         os.sync()
@@ -376,14 +382,16 @@ class Suite:
         ops = w.transfers(n)
         entry: dict[str, Any] = {"rate_per_s": rate, "duration_s": a.latency_s, "warmup_s": a.latency_warmup_s,
                                  "systems": {}}
+        window = a.latency_s + a.latency_warmup_s
         runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("zwallet", lambda: zw_load.run_unbatched(self.leader_address(), ops, connections=1,
-                                                      processes=1 if rate <= 10_000 else 2, rate=rate))]
+                                                      processes=1 if rate <= 10_000 else 2, rate=rate,
+                                                      duration_s=window, drain_s=LATENCY_DRAIN_S))]
         if self.pg is not None:
             from bench import pg_ledger
             runs.append(("postgresql", lambda: pg_ledger.run_unbatched(self.pg.dsn, ops, connections=a.clients,
-                                                                        processes=2, rate=rate,
-                                                                        duration_s=a.latency_s + a.latency_warmup_s)))
+                                                                        processes=2, rate=rate, duration_s=window,
+                                                                        drain_s=LATENCY_DRAIN_S)))
         for system, run in runs:
             self.settle()
             try:

@@ -32,7 +32,7 @@ from engine import records as R
 from engine import wire as W
 from engine.client import Client
 
-REPLY_WAIT_S = 30.0            # after the last send, how long replies are waited for
+REPLY_WAIT_S = 30.0            # run_batched: how long a batch's reply is waited for
 ATTEMPT_TIMEOUT_S = 5.0        # run_batched: a batch unanswered this long is re-sent (same bytes) elsewhere
 _CODE_AT = R.RESULT_DTYPE.fields["code"][1]
 _FLAGS_AT = R.RESULT_DTYPE.fields["flags"][1]
@@ -109,7 +109,8 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
 
 
 def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
-                     duration_s: float | None, address: str, ready: Any, go: Any, t0_shared: Any, out: Any) -> None:
+                     duration_s: float | None, drain_s: float, address: str, ready: Any, go: Any, t0_shared: Any,
+                     out: Any) -> None:
     """A ``bench.loadgen`` child: ``connections`` closed-loop clients, or an open loop, over one DEALER."""
     ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
     pos = np.frombuffer(positions, dtype=np.int64)
@@ -171,7 +172,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
             send(k)
             k += 1
         while state["inflight"]:
-            if not sock.poll(int(REPLY_WAIT_S * 1000)):
+            if not sock.poll(int(drain_s * 1000)):
                 break                                  # no reply for that long: the rest stay unanswered
             for _ in range(receive()):
                 if k < m and perf() < stop_at:
@@ -191,7 +192,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                 wait_s = due_at[k] - perf()
                 if wait_s > 0 and sock.poll(max(1, int(wait_s * 1000))):   # never spin: replicas need the CPU
                     receive()
-        reply_deadline = perf() + REPLY_WAIT_S
+        reply_deadline = max(perf(), stop_at) + drain_s
         while state["inflight"] and perf() < reply_deadline:
             if sock.poll(50):
                 receive()
@@ -203,7 +204,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
 
 
 def run_unbatched(address: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
-                  rate: float | None = None, duration_s: float | None = None) -> dict[str, Any]:
+                  rate: float | None = None, duration_s: float | None = None,
+                  drain_s: float = loadgen.DRAIN_S_DEFAULT) -> dict[str, Any]:
     """One record of ``ops`` per request to the node at ``address`` (the leader), closed loop with
     ``connections`` clients or open loop at ``rate`` (one socket per process), as ``bench.loadgen`` says.
     Records never answered (a lost leader) are missing from the result: compare ``count`` with what was
@@ -211,4 +213,4 @@ def run_unbatched(address: str, ops: np.ndarray, connections: int = 64, processe
     if ops.dtype != R.OP_DTYPE:
         raise ValueError("run_unbatched takes op records (engine.records.OP_DTYPE)")
     return loadgen.run_processes(_unbatched_child, ops, connections=connections, processes=processes, rate=rate,
-                                 duration_s=duration_s, extra=(address,))
+                                 duration_s=duration_s, drain_s=drain_s, extra=(address,))
