@@ -193,7 +193,7 @@ def bar_text(bar: Any) -> str:
     if num(bar.get("ratio_min")) is not None:
         parts.append(f">= {fmt_num(bar['ratio_min'])}x PostgreSQL")
     if num(bar.get("p99_ms_max")) is not None:
-        parts.append(f"p99 <= {fmt_ms(bar['p99_ms_max'])} ms")
+        parts.append(f"zwallet p99 < {fmt_ms(bar['p99_ms_max'])} ms")
     parts += [f"{k} {v}" for k, v in bar.items() if k not in ("ratio_min", "p99_ms_max", "pass")]
     return cell("; ".join(parts)) if parts else "-"
 
@@ -264,18 +264,19 @@ def unanswered(r: dict) -> float:
 
 
 def latency_table(res: dict) -> list[str]:
-    """One row per offered rate and system. A percentile that is missing while requests went unanswered is
-    one those requests reached (they count as infinitely late): it shows as "overloaded"."""
+    """One row per offered rate and system; the rate's bar (about zwallet) on zwallet's row. A percentile that
+    is missing while requests went unanswered is one those requests reached (they count as infinitely late):
+    it shows as "overloaded"."""
     pcts = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")
     rows = []
     for entry in entries(res.get("latency")):
         rate = fmt_num(entry.get("rate_per_s"))
-        bar = entry.get("bar")
         for s in systems_of(entry) or ["-"]:
+            bar = entry.get("bar") if s == "zwallet" else None
             r, err = system_result(entry, s)
             if err is not None:
                 rows.append([rate, label(s), "error: " + cell(err, 80)] + ["-"] * (2 + len(pcts))
-                            + [bar_text(bar), "-"])
+                            + [bar_text(bar), fmt_verdict(False) if bar else "-"])
                 continue
             r = r or {}
             answered = f"{fmt_num(r.get('answered'))} / {fmt_num(r.get('requests'))}"
@@ -301,7 +302,9 @@ def scaling_tables(res: dict) -> list[str]:
     if acc:
         rows = [[fmt_num(a.get("accounts")), fmt_num(a.get("per_s")), fmt_ms(a.get("p99_ms")),
                  rss_text(a.get("rss_mib")), fmt_s(a.get("create_s"))] for a in acc]
-        lines += ["By number of accounts:", ""]
+        rates = {fmt_num(a.get("p99_at_rate_per_s")) for a in acc} - {"-"}
+        lines += ["By number of accounts" + (f" (p99 at {', '.join(sorted(rates))}/s offered)" if rates else "")
+                  + ":", ""]
         lines += table(["accounts", "transfers/s", "p99 ms", "RSS per replica MiB", "create s"], rows, "rrrrr")
         lines.append("")
     bs = entries(sc.get("batch_size"))
@@ -482,6 +485,12 @@ def log_axis(ax, which: str = "x") -> None:
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
+def legend(ax, **kw) -> None:
+    """A legend, unless nothing labelled was drawn (a panel whose data was all unusable)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def save(fig, out_dir: str, name: str) -> str:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), dpi=110)
@@ -524,7 +533,7 @@ def plot_throughput(res: dict, out_dir: str) -> str | None:
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels([f"{w.get('name', '?')}\n({w.get('unit', 'ops/s')})" for w in workloads], fontsize=8)
     ax.set_ylabel("throughput per second (log scale)")
-    ax.legend()
+    legend(ax)
     return save(fig, out_dir, "throughput.png")
 
 
@@ -544,7 +553,7 @@ def plot_timelines(res: dict, out_dir: str) -> str | None:
         ax.set_ylabel(w.get("unit", "ops/s"))
         ax.set_ylim(bottom=0)
         thousands(ax)
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     return save(fig, out_dir, "timeline.png")
 
 
@@ -553,7 +562,7 @@ def plot_failover(res: dict, out_dir: str) -> str | None:
     tl = timeline_of(fo) if isinstance(fo, dict) else None
     if not tl:
         return None
-    system = fo.get("system", "zwallet")
+    system = str(fo.get("system") or "zwallet")
     fig, (ax,) = figure(f"Failover under load ({label(system)}): failover {fmt_ms(fo.get('failover_ms'))} ms, "
                         f"longest gap {fmt_ms(fo.get('longest_gap_ms'))} ms", 1, panel_size=(10.0, 4.5))
     ax.plot(*tl, color=COLORS.get(system, "tab:blue"), drawstyle="steps-post", label=f"{label(system)} throughput")
@@ -569,7 +578,7 @@ def plot_failover(res: dict, out_dir: str) -> str | None:
                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.85})
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("transfers/s")
-    ax.legend(loc="lower right", fontsize=8)
+    legend(ax, loc="lower right", fontsize=8)
     return save(fig, out_dir, "failover.png")
 
 
@@ -613,7 +622,7 @@ def plot_latency_cdf(res: dict, out_dir: str) -> str | None:
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("percentile")
         ax.set_title(rate_title(e), fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
+        legend(ax, fontsize=8, loc="upper left")
     return save(fig, out_dir, "latency_cdf.png")
 
 
@@ -633,7 +642,7 @@ def plot_latency_hist(res: dict, out_dir: str) -> str | None:
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("requests per bin")
         ax.set_title(rate_title(e), fontsize=10)
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     return save(fig, out_dir, "latency_hist.png")
 
 
@@ -669,8 +678,8 @@ def scaling_panel(ax, rows: list[dict], x_key: str, xlabel: str, title: str, rss
 
 def plot_scaling(res: dict, out_dir: str) -> str | None:
     sc = as_dict(res.get("scaling"))
-    panels = [(sc.get("accounts"), "accounts", "accounts (log scale)", "vs number of accounts", True),
-              (sc.get("batch_size"), "batch", "transfers per request (log scale)", "vs batch size", False)]
+    panels = [(entries(sc.get("accounts")), "accounts", "accounts (log scale)", "vs number of accounts", True),
+              (entries(sc.get("batch_size")), "batch", "transfers per request (log scale)", "vs batch size", False)]
     panels = [p for p in panels if p[0]]
     if not panels:
         return None
@@ -684,10 +693,21 @@ PLOTTERS = (plot_throughput, plot_timelines, plot_failover, plot_latency_cdf, pl
 
 
 def make_plots(res: dict, out_dir: str) -> list[str]:
-    """Write the PNGs whose data is present into ``out_dir``; return their file names."""
+    """Write the PNGs whose data is present into ``out_dir``; return their file names. A plot that fails on
+    malformed data is skipped with a warning on stderr, so the report is still written."""
     res = jsonable(res)
     os.makedirs(out_dir, exist_ok=True)
-    return [name for plot in PLOTTERS if (name := plot(res, out_dir))]
+    names = []
+    for plot in PLOTTERS:
+        try:
+            name = plot(res, out_dir)
+        except Exception as exc:  # noqa: BLE001 - one bad plot must not lose the report
+            plt.close("all")
+            print(f"bench.report: {plot.__name__} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        if name:
+            names.append(name)
+    return names
 
 
 def write_report(res: dict, out_dir: str) -> dict[str, Any]:
