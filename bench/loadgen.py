@@ -8,7 +8,7 @@ common start time t0 and collects what each completed. A child is a function
           drain_s: float, *extra, ready, go, t0_shared, out)
 
 that connects, ``ready.put(pid)``, waits for ``go``, reads t0 from ``t0_shared.value``, sends its records and
-finally ``out.put(ChildResult(...).as_tuple())``. Two modes, the same for every system measured:
+finally ``out.put(outcomes.result(...))`` (``Outcomes``: the per-record arrays it fills in). Two modes, the same for every system measured:
 
 - closed loop (``rate=None``): every connection sends its next record as soon as the previous one is
   answered; latency = reply - send.
@@ -51,15 +51,6 @@ class ChildResult:
     cpu_s: float
     sent: int                     # records sent (those not in ``positions`` were never answered)
 
-    @classmethod
-    def from_arrays(cls, positions: np.ndarray, finished: np.ndarray, latency_s: np.ndarray, service_s: np.ndarray,
-                    send_lag_s: np.ndarray, done_s: np.ndarray, codes: np.ndarray, duplicate: np.ndarray,
-                    start: float, end: float, retries: int, cpu_s: float, sent: int) -> "ChildResult":
-        """From per-record arrays over the child's whole slice, keeping the ``finished`` entries."""
-        f = finished.astype(bool)
-        return cls(positions[f], latency_s[f], service_s[f], send_lag_s[f], done_s[f], codes[f].astype(np.uint16),
-                   duplicate[f].astype(np.uint8), start, end, retries, cpu_s, sent)
-
     def as_tuple(self) -> tuple:
         return (self.positions.tobytes(), self.latency_s.tobytes(), self.service_s.tobytes(),
                 self.send_lag_s.tobytes(), self.done_s.tobytes(), self.codes.tobytes(), self.duplicate.tobytes(),
@@ -71,6 +62,30 @@ class ChildResult:
         return cls(np.frombuffer(pos, dtype=np.int64), np.frombuffer(lat), np.frombuffer(svc), np.frombuffer(lag),
                    np.frombuffer(done), np.frombuffer(codes, dtype=np.uint16), np.frombuffer(dups, dtype=np.uint8),
                    start, end, retries, cpu, sent)
+
+
+class Outcomes:
+    """What a child fills in, one entry per record of its slice (index = the record's place in the slice):
+    latency, service time, send lag, reply time, result code, duplicate flag, and whether it was answered."""
+
+    def __init__(self, m: int) -> None:
+        self.latency_s, self.service_s, self.send_lag_s, self.done_s = (np.zeros(m) for _ in range(4))
+        self.codes = np.full(m, CODE_NO_RESULT, dtype=np.uint16)
+        self.duplicate = np.zeros(m, dtype=np.uint8)
+        self.finished = np.zeros(m, dtype=bool)
+
+    def result(self, positions: np.ndarray, start: float, end: float, retries: int, cpu_s: float,
+               sent: int) -> tuple:
+        """The answered entries as a ChildResult, ready for ``out.put``."""
+        f = self.finished
+        return ChildResult(positions[f], self.latency_s[f], self.service_s[f], self.send_lag_s[f], self.done_s[f],
+                           self.codes[f], self.duplicate[f], start, end, retries, cpu_s, sent).as_tuple()
+
+
+def child_slice(rows: bytes, positions: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A child's records and their stream positions, from the bytes the parent passed."""
+    from engine.records import OP_DTYPE
+    return np.frombuffer(rows, dtype=OP_DTYPE), np.frombuffer(positions, dtype=np.int64)
 
 
 def start_time(t0_shared: Any) -> float:

@@ -883,8 +883,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                      duration_s: float | None, drain_s: float, dsn: str, ready: Any, go: Any, t0_shared: Any,
                      out: Any) -> None:
     """A ``bench.loadgen`` child: ``connections`` asyncio connections, one transfer per transaction."""
-    ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
-    pos = np.frombuffer(positions, dtype=np.int64)
+    ops, pos = loadgen.child_slice(rows, positions)
     m = len(ops)
     did = _u64(ops["dedup_id"], "dedup_id").tolist()
     fr = _u64(ops["account_id"], "account_id").tolist()
@@ -895,10 +894,9 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
     eb = _i64(ops["expected_b"], "expected_b").tolist()
     curs = {c: _currency_text(bytes(c)) for c in set(ops["currency"].tolist())}
     cur = [curs[c] for c in ops["currency"].tolist()]
-    lat, svc, lag, done = np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(m)
-    codes = np.zeros(m, dtype=np.uint16)
-    dups = np.zeros(m, dtype=np.uint8)
-    finished = np.zeros(m, dtype=bool)
+    o = loadgen.Outcomes(m)
+    lat, svc, lag, done, codes, dups, finished = (o.latency_s, o.service_s, o.send_lag_s, o.done_s, o.codes,
+                                                  o.duplicate, o.finished)
     retries = 0
     cpu = [0.0]
 
@@ -962,8 +960,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
         return start, end
 
     start, end = asyncio.run(main())
-    out.put(loadgen.ChildResult.from_arrays(pos, finished, lat, svc, lag, done, codes, dups, start, end, retries,
-                                            cpu[0], int(np.count_nonzero(finished))).as_tuple())
+    out.put(o.result(pos, start, end, retries, cpu[0], int(np.count_nonzero(finished))))
 
 
 def run_unbatched(dsn: str, ops: np.ndarray, connections: int = 64, processes: int = 2,

@@ -501,11 +501,12 @@ class Suite:
         self.settle()
         lat = zw_load.run_unbatched(self.leader_address(), w.transfers(int(1000 * a.scale_duration_s)),
                                     connections=1, processes=1, rate=1000)
+        mem = memory_mib(self.cluster)
         row = {"accounts": accounts, "per_s": r["records"] / r["wall_s"], "not_ok": r["not_ok"],
                "batch_p99_ms": pct(1000 * r["latency_s"], 99),
                "p99_ms": pct(1000 * lat["latency_s"], 99), "p99_at_rate_per_s": 1000, "create_s": create_s,
-               "rss_mib": {str(n): m["peak"] for n, m in memory_mib(self.cluster).items()},
-               "rss_now_mib": {str(n): m.get("anon", 0) + m.get("file", 0) for n, m in memory_mib(self.cluster).items()}}
+               "rss_mib": {str(n): m["peak"] for n, m in mem.items()},
+               "rss_now_mib": {str(n): m.get("anon", 0) + m.get("file", 0) for n, m in mem.items()}}
         self.res["scaling"]["accounts"].append(row)
         self.progress.say(f"  {accounts:,} accounts (created in {create_s:.1f} s): {row['per_s']:,.0f} transfers/s "
                           f"in 8190-batches; single-transfer p99 at 1K/s {fmt_ms(row['p99_ms'])} ms; peak RSS "

@@ -52,8 +52,7 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
     sizes: dict[int, int] = {}
     counts = {"not_ok": 0, "duplicates": 0}
     errors: list[str] = []
-    start = time.perf_counter()
-    stop_at = start + duration_s if duration_s else float("inf")
+    stop_at = float("inf")                 # set when the clients start, read by take()
 
     def take() -> int | None:
         with lock:
@@ -112,14 +111,13 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                      duration_s: float | None, drain_s: float, address: str, ready: Any, go: Any, t0_shared: Any,
                      out: Any) -> None:
     """A ``bench.loadgen`` child: ``connections`` closed-loop clients, or an open loop, over one DEALER."""
-    ops = np.frombuffer(rows, dtype=R.OP_DTYPE)
-    pos = np.frombuffer(positions, dtype=np.int64)
+    ops, pos = loadgen.child_slice(rows, positions)
     m = len(ops)
     payloads = [ops[k:k + 1].tobytes() for k in range(m)]
-    lat, svc, lag, done, sent_at, due_at = (np.zeros(m) for _ in range(6))
-    codes = np.full(m, loadgen.CODE_NO_RESULT, dtype=np.uint16)
-    dups = np.zeros(m, dtype=np.uint8)
-    finished = np.zeros(m, dtype=bool)
+    o = loadgen.Outcomes(m)
+    lat, svc, lag, done, codes, dups, finished = (o.latency_s, o.service_s, o.send_lag_s, o.done_s, o.codes,
+                                                  o.duplicate, o.finished)
+    sent_at, due_at = np.zeros(m), np.zeros(m)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)                  # one connection, shared by this process's clients
     sock.setsockopt(zmq.LINGER, 0)
@@ -199,8 +197,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
     end, cpu = perf(), time.process_time() - cpu0
     sock.close(0)
     ctx.term()
-    out.put(loadgen.ChildResult.from_arrays(pos, finished, lat, svc, lag, done, codes, dups, start, end, 0,
-                                            cpu, int(np.count_nonzero(sent_at))).as_tuple())
+    out.put(o.result(pos, start, end, 0, cpu, int(np.count_nonzero(sent_at))))
 
 
 def run_unbatched(address: str, ops: np.ndarray, connections: int = 64, processes: int = 2,
