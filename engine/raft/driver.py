@@ -576,7 +576,6 @@ class RaftDriver:
             assert path is not None
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._store.compact_later(max(0, index - cfg.snapshot_keep_entries))   # a step with each later save
         _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
         self._snapshot_index = index
 
