@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         conserved = held == 0 and bank == -args.accounts * FUNDING
         events_ok = counter.error is None and counter.seen == last_seq
         print(f"  workload: {applied_ops:,} operations in {args.batches} batches, {elapsed:.1f}s "
-              f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync, one batch at a time, most of the "
-              f"time spent building the mixed batches op by op; throughput: python -m bench.bench_node)")
+              f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync, one batch at a time and each waited "
+              f"for; throughput with batches in flight: zwallet bench, python -m bench.bench_node)")
         print("  results: " + ", ".join(f"{R.Code(c).name} {n:,}" for c, n in sorted(codes.items())))
         print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
               f"it restarted and caught up")
