@@ -93,6 +93,8 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint64_t event_count(uint64_t first, uint64_t last)
         void copy_events(uint64_t first, uint64_t last, EvRec* out)
         uint64_t dedup_size()
+        uint64_t dedup_overflow()
+        uint64_t dedup_bytes()
 
 
 cdef class _CommandApi:

@@ -611,9 +611,12 @@ cdef class Ledger(_CommandApi):
         return self.core.dedup_size()
 
     def memory_bytes(self):
-        """Bytes of the per-account structures: the account records and the id -> index table."""
+        """Bytes of the per-account structures (the account records and the id -> index table) and of
+        the dedup window (its ring and index); ``dedup_overflow`` counts the dedup ids whose index bucket
+        was full when they arrived (kept in a side map; a handful at most in normal operation)."""
         return {"accounts": int(self._accounts.nbytes), "index": int(self._slots.nbytes),
-                "account_capacity": int(self.core.acc_capacity)}
+                "account_capacity": int(self.core.acc_capacity), "dedup": int(self.core.dedup_bytes()),
+                "dedup_overflow": int(self.core.dedup_overflow())}
 
     # --------------------------------------------------------------------------- snapshot / digest
     def digest(self):

@@ -4,6 +4,7 @@
 // memory (numpy arrays) and grows it before a batch; everything else lives in C++ containers here.
 // The layouts of OpRec / ResRec / EvRec mirror engine/records.py (checked at import time).
 #pragma once
+#include <stdlib.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -119,6 +121,25 @@ static inline uint64_t hmix(u128 k) {
 }
 struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
 
+// A zeroed table of u64 words, aligned to a cache line (a 2 MB page when large, for the TLB).
+struct AlignedWords {
+    uint64_t* p = nullptr;
+    size_t n = 0;
+    AlignedWords() = default;
+    AlignedWords(const AlignedWords&) = delete;
+    AlignedWords& operator=(const AlignedWords&) = delete;
+    ~AlignedWords() { free(p); }
+    void reset(size_t words) {
+        free(p); p = nullptr; n = 0;
+        size_t bytes = words * sizeof(uint64_t), align = bytes >= (4u << 20) ? (2u << 20) : 64;
+        void* m = nullptr;
+        if (posix_memalign(&m, align, bytes) != 0) throw std::bad_alloc();
+        advise_huge(m, bytes);
+        memset(m, 0, bytes);
+        p = (uint64_t*)m; n = words;
+    }
+};
+
 // A sum of i128 values that may not fit in i128 (e.g. many large reservations): value = lo + carry * 2^128.
 struct Wide {
     i128 lo = 0;
@@ -133,6 +154,7 @@ struct Dedup {
     uint16_t code;
     uint8_t kind, flags;
     uint32_t from_idx, to_idx;  // TRANSFER applied OK: inverse data
+    uint8_t side;               // index bookkeeping (not state): kept in the side map, see Core::remember
     i128 amount;
 };
 struct Pending { i128 in, out; };
@@ -192,13 +214,19 @@ class Core {
     // ---- everything else ----
     uint64_t last_seq = 0;
     uint64_t dedup_retention, event_retention;
-    // dedup table: a FIFO ring of entries (oldest evicted past dedup_retention) indexed by an
-    // open-addressing table of u64 slots: (low 32 bits of the id's hash << 32) | (ring index + 1).
+    // dedup table: a FIFO ring of entries (oldest evicted past dedup_retention), found through an index
+    // of buckets, one cache line each, chosen by the id's hash. Word 0 of a bucket counts its ids that
+    // live in the side map (they arrived while the bucket's slots were all live); words 1..7 are slots:
+    // (tag << 48) | (absolute ring position mod 2^48), tag = 16 hash bits with the low bit set (0 = empty).
+    // Expiry is lazy: evicting only advances dhead, and a slot whose position has left [dhead, dtotal) is
+    // free for reuse. So an eviction touches no random memory, and a lookup and its insert share one line.
     struct DedupEntry { u128 id; Dedup d; };
     std::vector<DedupEntry> dring;
     uint64_t dhead = 0, dtotal = 0;      // absolute positions: oldest live, next to write
-    std::vector<uint64_t> dslots;
-    uint64_t dmask = 0;
+    static const uint64_t DSLOTS = 7, POS_MASK = (1ULL << 48) - 1;
+    AlignedWords dtab;                   // (dbmask + 1) buckets of 8 words
+    uint64_t dbmask = 0;
+    std::unordered_map<u128, uint64_t, H128> dside;   // id -> absolute position, for overflowed buckets
     std::unordered_map<u128, std::vector<Spec>, H128> batch_deltas; // BATCH_BALANCE applied OK: inverse
     std::map<IdxKey, i128> reservations;                           // (account index, reservation_id)
     std::map<IdxKey, Pending> pending;                             // (account index, txn_id)
@@ -307,39 +335,43 @@ class Core {
         return true;
     }
     uint64_t dedup_size() const { return dtotal - dhead; }
+    uint64_t dedup_overflow() const { return dside.size(); }
+    uint64_t dedup_bytes() const { return dring.size() * sizeof(DedupEntry) + dtab.n * sizeof(uint64_t); }
     DedupEntry& dentry(uint64_t abs) { return dring[abs & (dring.size() - 1)]; }
     const DedupEntry& dentry(uint64_t abs) const { return dring[abs & (dring.size() - 1)]; }
-    Dedup* dfind(u128 id) {
-        if (dslots.empty()) return nullptr;
-        uint64_t h = hmix(id), tag = h & 0xFFFFFFFFULL;
-        for (uint64_t i = h & dmask;; i = (i + 1) & dmask) {
-            uint64_t s = dslots[i];
-            if (s == 0) return nullptr;
-            if ((s >> 32) == tag && dring[(s & 0xFFFFFFFFULL) - 1].id == id) return &dring[(s & 0xFFFFFFFFULL) - 1].d;
+    uint64_t* dbucket(uint64_t h) const { return dtab.p + ((h & dbmask) << 3); }
+    static uint64_t dtag(uint64_t h) { return ((h >> 48) | 1) << 48; }
+    // Is the entry at this (48-bit) position still in the window [dhead, dtotal)?
+    bool dlive(uint64_t w) const { return ((dtotal - 1 - (w & POS_MASK)) & POS_MASK) < dtotal - dhead; }
+    Dedup* dfind(u128 id) { return dfind_h(id, hmix(id)); }
+    Dedup* dfind_h(u128 id, uint64_t h) {
+        if (!dtab.p) return nullptr;
+        const uint64_t* b = dbucket(h);
+        const uint64_t tag = dtag(h);
+        for (uint64_t k = 1; k <= DSLOTS; k++) {
+            uint64_t w = b[k];
+            if ((w & ~POS_MASK) == tag && dlive(w)) {
+                DedupEntry& e = dentry(w & POS_MASK);
+                if (e.id == id) return &e.d;
+            }
         }
-    }
-    void dslot_put(uint64_t ring_idx, u128 id) {
-        uint64_t h = hmix(id);
-        uint64_t i = h & dmask;
-        while (dslots[i] != 0) i = (i + 1) & dmask;
-        dslots[i] = ((h & 0xFFFFFFFFULL) << 32) | (ring_idx + 1);
-    }
-    void dslot_erase(uint64_t ring_idx, u128 id) {     // backward-shift deletion: no tombstones
-        uint64_t h = hmix(id);
-        uint64_t i = h & dmask;
-        while ((dslots[i] & 0xFFFFFFFFULL) != ring_idx + 1) i = (i + 1) & dmask;
-        uint64_t j = i;
-        for (;;) {
-            j = (j + 1) & dmask;
-            if (dslots[j] == 0) break;
-            uint64_t home = (dslots[j] >> 32) & dmask;
-            bool movable = (i <= j) ? (home <= i || home > j) : (home <= i && home > j);
-            if (movable) { dslots[i] = dslots[j]; i = j; }
+        if (b[0]) {
+            auto it = dside.find(id);
+            if (it != dside.end()) return &dentry(it->second).d;
         }
-        dslots[i] = 0;
+        return nullptr;
     }
+    // Index the entry at absolute position pos (the window must already include it).
+    void dindex(u128 id, uint64_t h, uint64_t pos) {
+        uint64_t* b = dbucket(h);
+        DedupEntry& e = dentry(pos);
+        for (uint64_t k = 1; k <= DSLOTS; k++) {
+            if (b[k] == 0 || !dlive(b[k])) { b[k] = dtag(h) | (pos & POS_MASK); e.d.side = 0; return; }
+        }
+        dside[id] = pos; b[0]++; e.d.side = 1;
+    }
+    // Grow the ring (by doubling, until it holds dedup_retention entries) and size the index for it.
     void dgrow() {
-        uint64_t live = dtotal - dhead;
         if (dring.size() < dedup_retention && dtotal == dring.size()) {   // not wrapped yet: grow in place
             uint64_t n = std::min<uint64_t>(std::max<uint64_t>(dring.size() * 2, 1024), dedup_retention);
             std::vector<DedupEntry> grown;
@@ -349,28 +381,26 @@ class Core {
             grown.resize(n);
             dring.swap(grown);
         }
-        if ((live + 1) * 2 > dslots.size()) {
-            uint64_t n = 2048;
-            while (n < (live + 1) * 2 || n < 2 * std::min<uint64_t>(dring.size(), dedup_retention)) n <<= 1;
-            std::vector<uint64_t>().swap(dslots);
-            dslots.reserve(n);
-            advise_huge(dslots.data(), n * sizeof(uint64_t));
-            dslots.assign(n, 0); dmask = n - 1;
-            for (uint64_t a = dhead; a < dtotal; a++) dslot_put(a & (dring.size() - 1), dentry(a).id);
-        }
+        uint64_t nb = 64;
+        while (nb * 2 < dring.size()) nb <<= 1;       // at most 2 live entries per bucket on average
+        if (dtab.p && dbmask + 1 == nb) return;
+        dtab.reset(nb * 8); dbmask = nb - 1;
+        dside.clear();
+        for (uint64_t a = dhead; a < dtotal; a++) dindex(dentry(a).id, hmix(dentry(a).id), a);
     }
-    void remember(u128 id, const Dedup& d) {
-        if (dtotal - dhead >= dedup_retention) {           // evict the oldest
+    void remember(u128 id, const Dedup& d) { remember_h(id, d, hmix(id)); }
+    void remember_h(u128 id, const Dedup& d, uint64_t h) {
+        if (dtotal - dhead >= dedup_retention) {           // evict the oldest: its slot just expires
             DedupEntry& old = dentry(dhead);
-            dslot_erase(dhead & (dring.size() - 1), old.id);
             if (old.d.kind == K_BATCH_BALANCE) batch_deltas.erase(old.id);
+            if (old.d.side) { dside.erase(old.id); dbucket(hmix(old.id))[0]--; }
             dhead++;
         }
-        if (dtotal - dhead >= dring.size() || dslots.empty() || (dtotal - dhead + 1) * 2 > dslots.size()) dgrow();
-        uint64_t idx = dtotal & (dring.size() - 1);
-        dring[idx].id = id; dring[idx].d = d;
-        dslot_put(idx, id);
-        dtotal++;
+        if (dtotal - dhead >= dring.size() || !dtab.p) dgrow();
+        uint64_t pos = dtotal++;
+        DedupEntry& e = dentry(pos);
+        e.id = id; e.d = d;
+        dindex(id, h, pos);
     }
     void txn_finished(u128 txn) {
         finished_txns.push_back(txn);
@@ -393,7 +423,7 @@ class Core {
     void prefetch_slots(const OpRec& o) const {
         prefetch(&slots[hmix(ld_u(o.account_id)) & slot_mask]);
         if (o.kind == K_TRANSFER) prefetch(&slots[hmix(ld_u(o.other_id)) & slot_mask]);
-        if (!dslots.empty()) prefetch(&dslots[hmix(ld_u(o.dedup_id)) & dmask]);
+        if (dtab.p) prefetch(dbucket(hmix(ld_u(o.dedup_id))));
     }
     void prefetch_account(u128 id) const {
         uint64_t h = hmix(id), tag = h >> 32;
@@ -417,8 +447,6 @@ class Core {
         while (i < n) {
             const OpRec* o = &ops[i];
             if (i + PREFETCH_FAR < n) prefetch_slots(ops[i + PREFETCH_FAR]);
-            if (dtotal - dhead >= dedup_retention)    // the slot the next evictions will clear
-                prefetch(&dslots[hmix(dentry(dhead + PREFETCH_FAR).id) & dmask]);
             if (i + PREFETCH_NEAR < n) prefetch_accounts(ops[i + PREFETCH_NEAR]);
             uint64_t g = o->group_size;
             uint64_t seq = 0;
@@ -436,7 +464,8 @@ class Core {
     uint16_t command(const OpRec* o, uint64_t g, uint64_t ts, uint64_t* seq_out, bool* dup) {
         u128 did = ld_u(o->dedup_id);
         if (did == 0) return INVALID_ID;
-        const Dedup* seen = dfind(did);
+        const uint64_t dh = hmix(did);
+        const Dedup* seen = dfind_h(did, dh);
         if (seen) {
             if (seen->flags & D_NULL_COMPENSATED) return ORIGINAL_COMPENSATED;  // refused, not a dup
             *dup = true; *seq_out = seen->seq;
@@ -465,7 +494,7 @@ class Core {
             d.seq = seq;
         }
         d.code = code;
-        remember(did, d);
+        remember_h(did, d, dh);
         return code;
     }
 

@@ -1,4 +1,6 @@
 """Unit tests of every ledger operation and every result code, through the per-call API and apply_batch."""
+import collections
+import random
 import uuid
 
 import numpy as np
@@ -231,6 +233,85 @@ def test_dedup_retention_window():
     assert led.result_of(139) is not None and led.result_of(100) is None
     assert led.transfer(139, 1, 2, 1, USD).duplicate
     assert not led.transfer(100, 1, 2, 1, USD).duplicate      # past the window: applied again (documented)
+
+
+M64 = (1 << 64) - 1
+
+
+def _hmix(k: int) -> int:
+    """engine/ledger_core.h's hmix, to build dedup ids that land in one index bucket."""
+    lo, hi = k & M64, k >> 64
+    x = lo ^ ((hi * 0x9E3779B97F4A7C15) & M64) ^ (hi >> 29)
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & M64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & M64
+    return x ^ (x >> 33)
+
+
+def _same_bucket_ids(count: int, buckets: int, start: int) -> list[int]:
+    out, k = [], start
+    while len(out) < count:
+        if _hmix(k) & (buckets - 1) == 0:
+            out.append(k)
+        k += 1
+    return out
+
+
+def test_dedup_index_full_bucket_overflows_and_drains():
+    # retention 1024: a ring of 1024 entries and 512 index buckets of 7 slots. Forty ids in one bucket:
+    # seven take its slots, the rest go to the side map, and all are found; once they leave the window
+    # they are all forgotten and the side map is empty again.
+    led = make((1, USD, None), (2, USD), dedup_retention=1024)
+    crowd = _same_bucket_ids(40, 512, 3 * 10 ** 6)
+    assert all(_hmix(1_000_000 + i) & 511 for i in range(2))     # make()'s two ids sit elsewhere
+    for i in crowd:
+        assert led.transfer(i, 1, 2, 1, USD).code == Code.OK
+    assert led.memory_bytes()["dedup_overflow"] == 33
+    for i in crowd:
+        r = led.transfer(i, 1, 2, 1, USD)
+        assert r.duplicate and r.code == Code.OK
+    assert led.get_account(2)["available"] == 40
+    snap = Ledger.restore(led.snapshot())
+    assert snap.digest() == led.digest() and snap.memory_bytes()["dedup_overflow"] == 33
+    assert all(snap.result_of(i) is not None for i in crowd)
+    # new ids, at most three per bucket and none in the crowded one (whose slots stay live until the
+    # crowd leaves): none of them overflows
+    spread, per_bucket, k = [], collections.Counter(), 5 * 10 ** 6
+    while len(spread) < 1024:
+        b = _hmix(k) & 511
+        if b and per_bucket[b] < 3:
+            per_bucket[b] += 1
+            spread.append(k)
+        k += 1
+    for i in spread:
+        assert led.transfer(i, 1, 2, 1, USD).code == Code.OK
+    assert led.memory_bytes()["dedup_overflow"] == 0
+    assert all(led.result_of(i) is None for i in crowd)
+    assert not led.transfer(crowd[0], 1, 2, 1, USD).duplicate       # past the window: applied again
+
+
+def test_dedup_window_matches_a_fifo_model():
+    # Random resends of old ids, many of them crowding one bucket, against a plain FIFO of the last
+    # `retention` new ids: the ledger says "duplicate" exactly when the model remembers the id.
+    rnd = random.Random(5)
+    retention = 64                    # a ring of 64, 64 buckets
+    led = make((1, USD, None), (2, USD), dedup_retention=retention)
+    crowd = _same_bucket_ids(60, 64, 10 ** 7)
+    pool = crowd + [rnd.getrandbits(127) + 1 for _ in range(140)]
+    window: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys([1_000_000, 1_000_001])
+    for step in range(6000):
+        i = rnd.choice(pool)
+        r = led.transfer(i, 1, 2, 1, USD)
+        assert r.duplicate == (i in window), step
+        if not r.duplicate:
+            window[i] = None
+            if len(window) > retention:
+                window.popitem(last=False)
+        assert led.dedup_count == len(window)
+    assert all(led.result_of(i) is not None for i in window)
+    assert sum(led.result_of(i) is not None for i in pool) == len(window)
+    assert led.get_account(2)["available"] == led.last_seq - 2        # every new id moved 1 (two creates)
 
 
 # --------------------------------------------------------------------------- batch balance operation
