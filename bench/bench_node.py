@@ -60,6 +60,7 @@ from engine import wire as W
 from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
+from engine.stalls import stall_delta, stall_text
 
 SETTLE_PAUSE_S = 2.0                  # after the batch load, before latency (see settle())
 SECTION_BEGIN = "<!-- node-bench:begin -->"
@@ -649,6 +650,9 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
     lines.append(f"CPU (cores busy of {m['cpus']}; replicas by id, * = leader; kernel = kernel threads and "
                  "interrupts, mostly disk writeback and loopback traffic; others = other users of the machine): "
                  + "; ".join(cpu_text(name, c) for name, c in phases) + ".  ")
+    lines.append("Stalls of 5 ms or more on the replicas' latency path (engine/stalls.py), during "
+                 + "; during ".join(stalls_text(f"latency {int(r['rate_per_s']):,}/s", r) for r in res["latency"])
+                 + ".  ")
     lines.append(f"Replicas' state digests equal at the end: {res['digests_equal']}")
     if res.get("note"):
         lines += ["", res["note"]]
@@ -701,12 +705,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def measured(cluster: NodeCluster, status_client: Client, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``run()``'s result with the CPU used meanwhile, the leader at the end and the elections meanwhile."""
     _, term_before = leader_and_term(status_client, cluster)
+    stalls_before = {n: st.get("stalls", {}) for n, st in statuses(status_client, cluster).items()}
     cpu = CpuShare(cluster)
     result = run()
     result["cpu"] = cpu.stop()
     result["cpu"]["leader"], term_after = leader_and_term(status_client, cluster)
     result["terms"] = (term_before, term_after)
+    result["stalls"] = {n: stall_delta(stalls_before.get(n, {}), st.get("stalls", {}))
+                        for n, st in statuses(status_client, cluster).items()}
     return result
+
+
+def stalls_text(phase: str, r: dict[str, Any]) -> str:
+    leader = r["cpu"]["leader"]
+    return f"{phase}: " + "; ".join(f"replica {n}{'*' if n == leader else ''}: {stall_text(d)}"
+                                    for n, d in sorted(r.get("stalls", {}).items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -748,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']}; "
                       f"sender late p99 {r['sender_late_ms_p99']:.2f} max {r['sender_late_ms_max']:.1f} ms; "
                       f"terms {r['terms']})", flush=True)
+                print("  cores " + cpu_text("used", r["cpu"]), flush=True)
+                print("  " + stalls_text("stalls >= 5 ms", r), flush=True)
         res["memory_mib"] = {"after_load": memory_mib(cluster)}
         if "failover" in args.phases:
             print(f"failover under load x{args.failovers} ...", flush=True)

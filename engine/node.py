@@ -50,6 +50,7 @@ from engine.raft.log_store import SnapshotFile
 from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
                                 RaftDriver)
 from engine import wire as W
+from engine.stalls import SchedulerProbe, StallLog
 from engine.zmq_io import Waker
 from engine.wire import ErrorCode, Op, Status
 
@@ -99,6 +100,7 @@ class NodeConfig:
     sync: bool = True
     map_size_gib: int = 64
     verbose: bool = False
+    stall_probe_ms: int = 0                       # > 0: a thread measures scheduling delay (engine/stalls.py)
 
     def validate(self) -> None:
         if self.node_id not in self.replicas:
@@ -118,6 +120,8 @@ class NodeConfig:
                      "pub_queue_messages_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_probe_ms < 0:
+            raise ValueError("stall_probe_ms must be >= 0 (0: off)")
         if self.pending_per_client_max > self.pending_requests_max:
             raise ValueError("pending_per_client_max exceeds pending_requests_max")
 
@@ -163,7 +167,7 @@ class NodeConfig:
 
     def to_toml(self) -> str:
         lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"', f"verbose = {str(self.verbose).lower()}",
-                 "", "[limits]"]
+                 f"stall_probe_ms = {self.stall_probe_ms}", "", "[limits]"]
         for name in ("batch_records_max", "frame_bytes_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
                      "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
                      "event_retention_seqs", "pub_queue_messages_max"):
@@ -210,6 +214,8 @@ class Node:
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
         self.machine = LedgerMachine(event_sink=self._on_events)
+        self.stalls = StallLog()
+        self._probe = SchedulerProbe(self.stalls, config.stall_probe_ms / 1000) if config.stall_probe_ms else None
         self.lock = threading.Lock()           # the ledger: applied by the driver thread, read by the main one
         self._completions: collections.deque[Callable[[], None]] = collections.deque()
         self._pub_queue: collections.deque[np.ndarray] = collections.deque()
@@ -217,7 +223,7 @@ class Node:
         self.driver = RaftDriver(config.node_id, {i: a["raft"] for i, a in config.replicas.items()},
                                  os.path.join(config.data_dir, "raft"), apply=self._apply,
                                  snapshot=self._snapshot, restore=self._restore, config=config.driver_config(),
-                                 after_ready=self._after_ready)
+                                 after_ready=self._after_ready, stalls=self.stalls)
         self._wake_wanted = False
         self._driver_thread_ident: int | None = None       # set once the driver thread runs
         self._group: list[_Pending] = []
@@ -303,6 +309,8 @@ class Node:
         self._driver_thread_ident = self.driver.thread_ident
         self._writeback = threading.Thread(target=self._writeback_loop, name="event-writeback", daemon=True)
         self._writeback.start()
+        if self._probe is not None:
+            self._probe.start()
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -311,12 +319,14 @@ class Node:
 
     def serve(self) -> None:
         poller = zmq.Poller()
+        stalls = self.stalls
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 timeout = 5 if (self._reads_follower or self._group) else 100
                 events = dict(poller.poll(timeout))
+                t_pass = time.monotonic()
                 if self._waker.fd in events:
                     self._waker.drain()
                 if self.router in events:
@@ -326,6 +336,7 @@ class Node:
                 self._start_linearizable_reads()
                 self._serve_follower_reads()
                 self._publish()
+                stalls.add("main-pass", time.monotonic() - t_pass)
                 if self.driver.failed:
                     # fail-stop: a replica whose Raft thread died (disk full, I/O error, a broken
                     # invariant) must not linger half-alive; exit so it is seen and restarted
@@ -349,6 +360,8 @@ class Node:
         self._stopping.set()
         if getattr(self, "_writeback", None) is not None:
             self._writeback.join()
+        if self._probe is not None and self._probe._thread.is_alive():
+            self._probe.stop()
         self.driver.stop()
         self._run_completions()
         for p in self._group:
@@ -697,6 +710,7 @@ class Node:
         st["counters"] = {f.name: getattr(self.counters, f.name) for f in fields(self.counters)}
         st["inflight_entries"] = self._inflight
         st["pending_requests"] = self._pending_total
+        st["stalls"] = self.stalls.report()
         return st
 
 

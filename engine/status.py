@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from engine.client import Client, ClientError
+from engine.stalls import stall_text
 
 
 def collect(addresses: list[str], with_digest: bool = True, timeout_s: float = 2.0) -> list[dict[str, Any] | None]:
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{s['node_id']:>7} {addr:<24} {s['role']:<10} {s['term']:>5} {str(s['leader']):>6} {s['commit']:>8} "
               f"{s['applied']:>8} {s['last_seq']:>10} {s.get('digest', '-')[:16]:<16}")
+    for s in statuses:
+        if s and s.get("stalls", {}).get("by_cause"):
+            print(f"replica {s['node_id']} stalls >= {s['stalls']['threshold_ms']:g} ms since start: " + stall_text(s["stalls"]["by_cause"]))
     alive = [s for s in statuses if s]
     leaders = {s["leader"] for s in alive}
     digests = {(s["sm_applied"], s.get("digest")) for s in alive}

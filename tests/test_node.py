@@ -224,3 +224,14 @@ def test_events_that_no_replica_holds_fail_fast(client):
     with pytest.raises(RequestRefused, match="EVENTS_UNAVAILABLE"):
         client.events(head + 1_000_000, head + 1_000_001)
     assert _time.monotonic() - t < 5
+
+
+def test_status_reports_the_stall_log_and_zwallet_status_prints_it(cluster, client, capsys):
+    from engine import status as status_cli
+    assert client.create_account(fresh()[0], fresh()[0], "USD").code == R.Code.OK    # a leader is elected
+    st = client.status(0)
+    assert st["stalls"]["threshold_ms"] == 5 and isinstance(st["stalls"]["by_cause"], dict)
+    assert all(set(v) == {"count", "total_ms", "max_ms"} for v in st["stalls"]["by_cause"].values())
+    assert status_cli.main(["--nodes", ",".join(cluster.client_addresses), "--no-digest"]) == 0
+    out = capsys.readouterr().out
+    assert "leader:" in out and out.count("follower") == 2

@@ -37,6 +37,7 @@ import zmq
 from engine.raft import messages as _msg
 from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore, SnapshotFile
 from engine.raft.transport import Transport
+from engine.stalls import StallLog
 from engine.zmq_io import Waker
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,11 @@ class RaftDriver:
 
     def __init__(self, node_id: int, peers: dict[int, str], data_dir: str, *, apply: ApplyFn,
                  snapshot: SnapshotFn, restore: RestoreFn, config: DriverConfig | None = None,
-                 after_ready: Callable[[], None] | None = None) -> None:
+                 after_ready: Callable[[], None] | None = None, stalls: StallLog | None = None) -> None:
         """``after_ready`` (optional) runs on the driver thread at the end of every ready round, after the
         round's applies: an app that must wake another thread for what ``apply`` produced does it there,
-        once, instead of in the middle of applying (where the woken thread takes the GIL from this one)."""
+        once, instead of in the middle of applying (where the woken thread takes the GIL from this one).
+        ``stalls`` (optional) receives the loop's long phases: raft-persist, raft-apply, raft-snapshot."""
         if node_id not in peers:
             raise ValueError(f"peers must include this replica's own address (id {node_id})")
         self.config = config or DriverConfig()
@@ -141,6 +143,7 @@ class RaftDriver:
         self._snapshot_fn = snapshot
         self._restore_fn = restore
         self._after_ready_fn = after_ready
+        self.stalls = stalls if stalls is not None else StallLog()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._waker = Waker()
         self._stop = threading.Event()
@@ -299,8 +302,11 @@ class RaftDriver:
                 t_ready = time.monotonic()
                 self._process_ready()
                 held_s = time.monotonic() - t_ready
+                sp = self._spent_s
+                if held_s >= self.stalls.threshold_s:
+                    for phase in ("persist", "apply", "snapshot"):
+                        self.stalls.add("raft-" + phase, sp[phase])
                 if held_s > LOOP_HELD_WARN_S:
-                    sp = self._spent_s
                     log.warning("raft %d: persist/send/apply/snapshot held the loop for %.0f ms (persist %.0f, "
                                 "apply %.0f, snapshot %.0f); heartbeats wait meanwhile", self.node_id,
                                 held_s * 1000, sp["persist"] * 1000, sp["apply"] * 1000, sp["snapshot"] * 1000)
