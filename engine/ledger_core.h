@@ -121,23 +121,31 @@ static inline uint64_t hmix(u128 k) {
 }
 struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
 
-// A zeroed table of u64 words, aligned to a cache line (a 2 MB page when large, for the TLB).
-struct AlignedWords {
-    uint64_t* p = nullptr;
+// A fixed-size array in its own anonymous mapping: zeroed, and backed by memory only where touched, so a
+// window sized for its full retention costs nothing until it fills, and never has to grow (growing by
+// doubling copied, and first touched, tens of megabytes in one apply call: stalls of 40-300 ms).
+template <class T> struct MappedArray {
+    T* p = nullptr;
     size_t n = 0;
-    AlignedWords() = default;
-    AlignedWords(const AlignedWords&) = delete;
-    AlignedWords& operator=(const AlignedWords&) = delete;
-    ~AlignedWords() { free(p); }
-    void reset(size_t words) {
-        free(p); p = nullptr; n = 0;
-        size_t bytes = words * sizeof(uint64_t), align = bytes >= (4u << 20) ? (2u << 20) : 64;
-        void* m = nullptr;
-        if (posix_memalign(&m, align, bytes) != 0) throw std::bad_alloc();
-        advise_huge(m, bytes);
-        memset(m, 0, bytes);
-        p = (uint64_t*)m; n = words;
+    MappedArray() = default;
+    MappedArray(const MappedArray&) = delete;
+    MappedArray& operator=(const MappedArray&) = delete;
+    ~MappedArray() { release(); }
+    void release() { if (p) munmap((void*)p, bytes()); p = nullptr; n = 0; }
+    size_t bytes() const { return n * sizeof(T); }
+    // huge: ask for transparent huge pages (for randomly accessed tables, where 4K pages cost a TLB miss
+    // per access; a sequentially written ring does not need them)
+    void allocate(size_t count, bool huge) {
+        release();
+        void* m = mmap(nullptr, count * sizeof(T), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        if (huge) advise_huge(m, count * sizeof(T));
+        p = (T*)m; n = count;
     }
+    T& operator[](size_t i) { return p[i]; }
+    const T& operator[](size_t i) const { return p[i]; }
+    size_t size() const { return n; }
 };
 
 // A sum of i128 values that may not fit in i128 (e.g. many large reservations): value = lo + carry * 2^128.
@@ -221,10 +229,10 @@ class Core {
     // Expiry is lazy: evicting only advances dhead, and a slot whose position has left [dhead, dtotal) is
     // free for reuse. So an eviction touches no random memory, and a lookup and its insert share one line.
     struct DedupEntry { u128 id; Dedup d; };
-    std::vector<DedupEntry> dring;
+    MappedArray<DedupEntry> dring;       // dedup_retention entries
     uint64_t dhead = 0, dtotal = 0;      // absolute positions: oldest live, next to write
     static const uint64_t DSLOTS = 7, POS_MASK = (1ULL << 48) - 1;
-    AlignedWords dtab;                   // (dbmask + 1) buckets of 8 words
+    MappedArray<uint64_t> dtab;          // (dbmask + 1) buckets of 8 words
     uint64_t dbmask = 0;
     std::unordered_map<u128, uint64_t, H128> dside;   // id -> absolute position, for overflowed buckets
     std::unordered_map<u128, std::vector<Spec>, H128> batch_deltas; // BATCH_BALANCE applied OK: inverse
@@ -233,17 +241,22 @@ class Core {
     std::unordered_map<u128, Txn, H128> txns;
     std::deque<u128> finished_txns;                                // confirmed/cancelled, for eviction
 
-    // events: ring of records, grown by doubling up to event_retention records, then wrapping
-    std::vector<EvRec> ev;
+    // events: a ring of event_retention records
+    MappedArray<EvRec> ev;
     uint64_t ev_total = 0;              // records ever written
-    std::vector<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
+    MappedArray<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
     uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
 
     // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
     Core(uint64_t dedup_retention_, uint64_t event_retention_)
         : dedup_retention(dedup_retention_), event_retention(event_retention_) {
-        ev.resize(std::min<uint64_t>(4096, event_retention));
-        seq_pos.resize(ev.size());
+        ev.allocate(event_retention, false);
+        seq_pos.allocate(event_retention, false);
+        dring.allocate(dedup_retention, false);
+        uint64_t nb = 64;
+        while (nb * 2 < dedup_retention) nb <<= 1;    // at most 2 live entries per bucket on average
+        dtab.allocate(nb * 8, true);
+        dbmask = nb - 1;
     }
 
     // ------------------------------------------------------------------------------- account index
@@ -279,18 +292,6 @@ class Core {
     uint64_t ev_cap() const { return ev.size(); }
     uint64_t cur_seq = 0;               // seq of the event being written
     EvRec* ev_slot() {
-        if (ev_total >= ev.size() && ev.size() < event_retention) {   // not wrapped yet: grow linearly
-            size_t n = std::min<uint64_t>(ev.size() * 2, event_retention);
-            std::vector<EvRec> grown;
-            grown.reserve(n);
-            advise_huge(grown.data(), n * sizeof(EvRec));
-            grown.resize(n);
-            for (uint64_t p = ev_total - ev.size(); p < ev_total; p++) grown[p & (n - 1)] = ev[p & (ev.size() - 1)];
-            ev.swap(grown);
-            std::vector<uint64_t> pos(n);
-            for (uint64_t s = seq_first_live; s <= cur_seq; s++) pos[s & (n - 1)] = seq_pos[s & (seq_pos.size() - 1)];
-            seq_pos.swap(pos);
-        }
         EvRec* r = &ev[ev_total & (ev.size() - 1)];
         ev_total++;
         return r;
@@ -336,7 +337,7 @@ class Core {
     }
     uint64_t dedup_size() const { return dtotal - dhead; }
     uint64_t dedup_overflow() const { return dside.size(); }
-    uint64_t dedup_bytes() const { return dring.size() * sizeof(DedupEntry) + dtab.n * sizeof(uint64_t); }
+    uint64_t dedup_bytes() const { return dring.bytes() + dtab.bytes(); }
     DedupEntry& dentry(uint64_t abs) { return dring[abs & (dring.size() - 1)]; }
     const DedupEntry& dentry(uint64_t abs) const { return dring[abs & (dring.size() - 1)]; }
     uint64_t* dbucket(uint64_t h) const { return dtab.p + ((h & dbmask) << 3); }
@@ -345,7 +346,6 @@ class Core {
     bool dlive(uint64_t w) const { return ((dtotal - 1 - (w & POS_MASK)) & POS_MASK) < dtotal - dhead; }
     Dedup* dfind(u128 id) { return dfind_h(id, hmix(id)); }
     Dedup* dfind_h(u128 id, uint64_t h) {
-        if (!dtab.p) return nullptr;
         const uint64_t* b = dbucket(h);
         const uint64_t tag = dtag(h);
         for (uint64_t k = 1; k <= DSLOTS; k++) {
@@ -370,24 +370,6 @@ class Core {
         }
         dside[id] = pos; b[0]++; e.d.side = 1;
     }
-    // Grow the ring (by doubling, until it holds dedup_retention entries) and size the index for it.
-    void dgrow() {
-        if (dring.size() < dedup_retention && dtotal == dring.size()) {   // not wrapped yet: grow in place
-            uint64_t n = std::min<uint64_t>(std::max<uint64_t>(dring.size() * 2, 1024), dedup_retention);
-            std::vector<DedupEntry> grown;
-            grown.reserve(n);
-            advise_huge(grown.data(), n * sizeof(DedupEntry));
-            grown.assign(dring.begin(), dring.end());
-            grown.resize(n);
-            dring.swap(grown);
-        }
-        uint64_t nb = 64;
-        while (nb * 2 < dring.size()) nb <<= 1;       // at most 2 live entries per bucket on average
-        if (dtab.p && dbmask + 1 == nb) return;
-        dtab.reset(nb * 8); dbmask = nb - 1;
-        dside.clear();
-        for (uint64_t a = dhead; a < dtotal; a++) dindex(dentry(a).id, hmix(dentry(a).id), a);
-    }
     void remember(u128 id, const Dedup& d) { remember_h(id, d, hmix(id)); }
     void remember_h(u128 id, const Dedup& d, uint64_t h) {
         if (dtotal - dhead >= dedup_retention) {           // evict the oldest: its slot just expires
@@ -396,7 +378,6 @@ class Core {
             if (old.d.side) { dside.erase(old.id); dbucket(hmix(old.id))[0]--; }
             dhead++;
         }
-        if (dtotal - dhead >= dring.size() || !dtab.p) dgrow();
         uint64_t pos = dtotal++;
         DedupEntry& e = dentry(pos);
         e.id = id; e.d = d;
@@ -423,7 +404,7 @@ class Core {
     void prefetch_slots(const OpRec& o) const {
         prefetch(&slots[hmix(ld_u(o.account_id)) & slot_mask]);
         if (o.kind == K_TRANSFER) prefetch(&slots[hmix(ld_u(o.other_id)) & slot_mask]);
-        if (dtab.p) prefetch(dbucket(hmix(ld_u(o.dedup_id))));
+        prefetch(dbucket(hmix(ld_u(o.dedup_id))));
     }
     void prefetch_account(u128 id) const {
         uint64_t h = hmix(id), tag = h >> 32;
@@ -972,6 +953,8 @@ class Core {
         uint64_t ver, n;
         if (!get(p, end, &ver) || ver != 1) return "unknown snapshot format version";
         if (!get(p, end, &dedup_retention) || !get(p, end, &event_retention) || !get(p, end, &last_seq)) return "truncated header";
+        if (dedup_retention != dring.size() || event_retention != ev.size())
+            return "retention is not the one this ledger was made with (or not a power of two)";
         if (!get(p, end, &n) || n > acc_capacity) return "bad account count";
         if ((size_t)(end - p) < n * sizeof(Account)) return "truncated accounts";
         memcpy(acc, p, n * sizeof(Account)); p += n * sizeof(Account); acc_count = (uint32_t)n;
@@ -1022,11 +1005,8 @@ class Core {
         uint64_t nev;
         if (!get(p, end, &seq_first_live) || !get(p, end, &nev)) return "truncated events";
         if ((size_t)(end - p) != nev * sizeof(EvRec)) return "bad event section size";
-        uint64_t cap = std::min<uint64_t>(4096, event_retention);
-        while (cap < nev && cap < event_retention) cap = std::min<uint64_t>(cap * 2, event_retention);
-        if (nev > cap) return "more events than the retention";
-        ev.assign(cap, EvRec());
-        seq_pos.assign(cap, 0);
+        if (nev > event_retention) return "more events than the retention";
+        const uint64_t cap = event_retention;
         ev_total = nev;
         uint64_t prev = 0;
         for (uint64_t k = 0; k < nev; k++) {
