@@ -3,13 +3,15 @@
 An entry is a group commit of client batches: ``ENTRY_HEADER`` = magic b"ZWL2", u64 leader timestamp (ms),
 u32 batch count; then one u32 record count per batch; then the batches' op records (``records.OP_DTYPE``)
 back to back. Apply is a pure function of (state, entry): the timestamp comes from the entry, never from
-the replica's clock, so every replica reaches the same digest. Each batch is applied by one
-``Ledger.apply_batch`` call; a batch the ledger refuses as malformed applies nothing and yields an error
-outcome on every replica alike (the leader checks batches before proposing, so this is a second line of
+the replica's clock, so every replica reaches the same digest. An entry whose batches are all well formed
+and hold at most BATCH_SIZE_MAX records in all is applied by one ``Ledger.apply_batch`` call (the same
+result as one call per batch, which is how any other entry goes); a batch the ledger refuses as malformed
+applies nothing and yields an error outcome on every replica alike (the leader checks batches before proposing, so this is a second line of
 defence). An entry that does not parse applies nothing at all.
 """
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -17,7 +19,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine import Ledger
-from engine.records import BATCH_SIZE_MAX, OP_DTYPE
+from engine._ledger import check_batch
+from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind
 
 LEDGER_MAGIC = b"ZWL2"
 ENTRY_HEADER = struct.Struct("<4sQI")
@@ -27,6 +30,9 @@ ENTRY_RECORDS_MAX = 32_768               # op records in one log entry (the node
 # event records, a group at most one per member), so events can be copied out after each entry.
 NODE_EVENT_RETENTION = 4 * ENTRY_RECORDS_MAX
 _COUNT = struct.Struct("<I")
+_GROUP_MEMBER_KINDS = (int(Kind.SPEC), int(Kind.PRECONDITION))
+_KIND_OFFSET = OP_DTYPE.fields["kind"][1]
+_OP_BYTES = OP_DTYPE.itemsize
 
 
 def ledger_entry(batches: Sequence[np.ndarray | bytes], timestamp_ms: int) -> bytes:
@@ -48,8 +54,9 @@ def ledger_entry(batches: Sequence[np.ndarray | bytes], timestamp_ms: int) -> by
     return b"".join(parts + bodies)
 
 
-def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
-    """(timestamp_ms, batches as read-only OP_DTYPE views). ValueError if the entry is not well formed."""
+def _entry_layout(data: bytes | memoryview) -> tuple[int, np.ndarray, int]:
+    """(timestamp_ms, record count of each batch, offset of the first record). ValueError if the entry is
+    not well formed."""
     if len(data) < ENTRY_HEADER.size:
         raise ValueError("entry shorter than its header")
     magic, ts, count = ENTRY_HEADER.unpack_from(data, 0)
@@ -58,9 +65,15 @@ def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
     offset = ENTRY_HEADER.size + 4 * count
     if len(data) < offset:
         raise ValueError("entry truncated in its batch counts")
-    counts = np.frombuffer(data, dtype="<u4", count=count, offset=ENTRY_HEADER.size)
+    counts = np.frombuffer(data, dtype="<u4", count=count, offset=ENTRY_HEADER.size).astype(np.int64)
     if int(counts.max()) > BATCH_SIZE_MAX or offset + int(counts.sum()) * OP_DTYPE.itemsize != len(data):
         raise ValueError("entry length does not match its batch counts")
+    return ts, counts, offset
+
+
+def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
+    """(timestamp_ms, batches as read-only OP_DTYPE views). ValueError if the entry is not well formed."""
+    ts, counts, offset = _entry_layout(data)
     batches = []
     for n in counts.tolist():
         batches.append(np.frombuffer(data, dtype=OP_DTYPE, count=n, offset=offset))
@@ -76,6 +89,42 @@ class BatchOutcome:
     error: str
     first_seq: int
     last_seq: int
+
+
+class EntryOutcomes(Sequence[BatchOutcome]):
+    """The outcomes of an entry applied in one call, one per batch, built when asked for (a follower never
+    asks): a batch's results are its slice of the entry's, and its events are the new seqs among them (a
+    duplicate carries its original, older seq; a rejection 0), so batch i's range starts after batch i-1's."""
+
+    __slots__ = ("results", "starts", "counts", "first_seq", "last_seq", "_built")
+
+    def __init__(self, results: np.ndarray, starts: list[int], counts: list[int], first_seq: int,
+                 last_seq: int) -> None:
+        self.results, self.starts, self.counts = results, starts, counts
+        self.first_seq, self.last_seq = first_seq, last_seq
+        self._built: list[BatchOutcome] | None = None
+
+    def _build(self) -> list[BatchOutcome]:
+        if self._built is None:
+            first, res = self.first_seq, self.results
+            seqs = res["seq_num"].astype(np.int64)
+            newest = np.maximum.reduceat(np.where(seqs >= first, seqs, first - 1), self.starts)
+            built, prev = [], first - 1
+            for a, n, last in zip(self.starts, self.counts, np.maximum.accumulate(newest).tolist()):
+                built.append(BatchOutcome(res[a:a + n], "", prev + 1, last))
+                prev = last
+            assert prev == self.last_seq, (prev, self.last_seq)
+            self._built = built
+        return self._built
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._build()[i]
+
+    def __iter__(self):
+        return iter(self._build())
 
 
 EventSink = Callable[[list[np.ndarray]], None]
@@ -96,35 +145,69 @@ class LedgerMachine:
         self.rejected_entries = 0
         self.event_sink = event_sink
 
-    def apply(self, entries: Sequence[Any]) -> list[list[BatchOutcome] | None]:
-        out: list[list[BatchOutcome] | None] = []
+    def apply(self, entries: Sequence[Any]) -> list[Sequence[BatchOutcome] | None]:
+        out: list[Sequence[BatchOutcome] | None] = []
         ledger = self.ledger
         for e in entries:
             assert e.index > self.applied, f"entry {e.index} applied after {self.applied}"
             self.applied = e.index
             try:
-                ts, batches = parse_entry(e.data)
+                ts, counts, body = _entry_layout(e.data)
             except ValueError:
                 self.rejected_entries += 1
                 out.append(None)
                 continue
             seq_before = ledger.last_seq
-            outcomes = []
-            for ops in batches:
-                first = ledger.last_seq + 1
-                try:
-                    res = ledger.apply_batch(ops, ts)
-                except (TypeError, ValueError) as exc:
-                    self.rejected_batches += 1
-                    outcomes.append(BatchOutcome(None, str(exc), first, first - 1))
-                    continue
-                self.ops += len(ops)
-                outcomes.append(BatchOutcome(res, "", first, ledger.last_seq))
+            outcomes = self._apply_whole(e.data, ts, counts, body) if len(counts) > 1 else None
+            if outcomes is None:
+                outcomes = []
+                offset = body
+                for n in counts.tolist():
+                    self._apply_one(np.frombuffer(e.data, dtype=OP_DTYPE, count=n, offset=offset), ts, outcomes)
+                    offset += n * OP_DTYPE.itemsize
             if ledger.last_seq > seq_before and self.event_sink is not None:
                 # handed over entry by entry: a replay of many entries never holds all their events
                 self.event_sink([ledger.events(seq_before + 1, ledger.last_seq)])
             out.append(outcomes)
         return out
+
+    def _apply_one(self, ops: np.ndarray, ts: int, outcomes: list[BatchOutcome]) -> None:
+        ledger = self.ledger
+        first = ledger.last_seq + 1
+        try:
+            res = ledger.apply_batch(ops, ts)
+        except (TypeError, ValueError) as exc:
+            self.rejected_batches += 1
+            outcomes.append(BatchOutcome(None, str(exc), first, first - 1))
+            return
+        self.ops += len(ops)
+        outcomes.append(BatchOutcome(res, "", first, ledger.last_seq))
+
+    def _apply_whole(self, data: Any, ts: int, counts: np.ndarray, body: int) -> "EntryOutcomes | None":
+        """An entry of several batches, none empty, at most BATCH_SIZE_MAX records in all, every batch
+        well formed on its own, applied by ONE apply_batch call: the same records in the same order as a
+        call per batch, so the same state, events and result records, at a fraction of the cost (a call
+        costs ~2.6 us; a latency-bound entry holds tens of one-transfer batches, on every replica). Each
+        batch is well formed on its own iff the whole is and no batch starts inside a group (with a group
+        member). None (nothing applied) if the entry does not qualify: then it goes batch by batch."""
+        sizes = counts.tolist()
+        total = sum(sizes)
+        if total > BATCH_SIZE_MAX or 0 in sizes:
+            return None
+        starts = [0, *itertools.accumulate(sizes[:-1])]
+        kind_at = body + _KIND_OFFSET
+        if any(data[kind_at + k * _OP_BYTES] in _GROUP_MEMBER_KINDS for k in starts):   # plain ints: numpy
+            return None                                                  # calls cost ~1 us each here
+        ops = np.frombuffer(data, dtype=OP_DTYPE, count=total, offset=body)
+        try:
+            check_batch(ops)
+        except (TypeError, ValueError):
+            return None
+        ledger = self.ledger
+        first = ledger.last_seq + 1
+        res = ledger.apply_batch(ops, ts)
+        self.ops += total
+        return EntryOutcomes(res, starts, sizes, first, ledger.last_seq)
 
     def snapshot(self) -> bytes:
         return struct.pack("<QQQQ", self.applied, self.ops, self.rejected_batches, self.rejected_entries) \

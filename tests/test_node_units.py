@@ -12,7 +12,7 @@ from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder, check_batch
 from engine.event_store import EventStore, EventsUnavailable
-from engine.ledger_machine import LedgerMachine, ledger_entry, parse_entry
+from engine.ledger_machine import NODE_EVENT_RETENTION, LedgerMachine, ledger_entry, parse_entry
 from engine.node import NodeConfig
 from engine.raft.messages import Entry
 
@@ -109,6 +109,54 @@ def test_machine_applies_groups_and_refuses_a_bad_batch_alike_everywhere():
     m3 = LedgerMachine()
     m3.restore(m1.snapshot())
     assert m3.ledger.digest() == m1.ledger.digest() and m3.applied == 3
+
+
+def test_machine_applies_a_run_of_batches_in_one_call_exactly_as_one_call_each():
+    # An entry of many small client batches (mixed commands, groups, duplicates, rejections, one malformed
+    # batch, one batch too big to join a run): the machine's outcomes, seq ranges, events and digest equal
+    # those of applying every batch by itself on a plain ledger.
+    from engine.workload import Workload
+    rng = np.random.default_rng(3)
+    work = Workload(300, seed=9, first_account=1)
+    setup = list(work.create_batches())
+    ops = np.concatenate([work.mixed(400) for _ in range(3)])
+    ops = np.concatenate([ops, ops[:50]])                          # duplicates of earlier commands
+    cuts, k = [], 0
+    while k < len(ops):                                            # split at group boundaries into 1..9 records
+        n = int(rng.integers(1, 10))
+        end = min(k + n, len(ops))
+        while end < len(ops) and ops["kind"][end] in (R.Kind.SPEC, R.Kind.PRECONDITION):
+            end += 1
+        cuts.append(ops[k:end])
+        k = end
+    bad = R.transfers([10 ** 9], [1], [2], [5], "USD")
+    bad["reserved"][0] = 1
+    big = np.concatenate([R.transfers(np.arange(2 * 10 ** 9, 2 * 10 ** 9 + 8000), np.full(8000, 1), np.full(8000, 2),
+                                      np.full(8000, 1), "USD")])
+    batches = cuts[:40] + [bad] + cuts[40:80] + [big] + cuts[80:]
+    seen = []
+    machine = LedgerMachine(event_sink=seen.append)
+    plain = Ledger(event_retention=NODE_EVENT_RETENTION)     # the digest covers the retained events
+    entries = [Entry(term=1, index=i + 1, kind=0, data=ledger_entry([b], 5)) for i, b in enumerate(setup)]
+    machine.apply(entries)
+    for b in setup:
+        plain.apply_batch(b, 5)
+    [outcomes] = machine.apply([Entry(term=1, index=len(entries) + 1, kind=0, data=ledger_entry(batches, 6))])
+    assert len(outcomes) == len(batches)
+    refused = 0
+    for b, o in zip(batches, outcomes):
+        first = plain.last_seq + 1
+        try:
+            expect = plain.apply_batch(b, 6)
+        except ValueError as exc:
+            assert o.results is None and o.error == str(exc) and o.first_seq == first and o.last_seq == first - 1
+            refused += 1
+            continue
+        assert o.error == "" and o.results.tobytes() == expect.tobytes()
+        assert (o.first_seq, o.last_seq) == (first, plain.last_seq)
+    assert machine.ledger.digest() == plain.digest() and machine.rejected_batches == refused >= 1
+    events = np.concatenate([c for chunks in seen for c in chunks])
+    assert events.tobytes() == plain.events(1, plain.last_seq).tobytes()
 
 
 def _ledger_events(n_transfers):
