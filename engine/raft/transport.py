@@ -173,15 +173,16 @@ class Transport:
     def recv_frames(self) -> tuple[int | None, list[memoryview]] | None:
         """One raw message (sender id from the connection identity, payload frames), or None if none is
         waiting. Messages with too many frames are drained and dropped (returns (None, []))."""
-        sock = self.socket
+        recv = self.socket.recv
         try:
-            identity = sock.recv(zmq.NOBLOCK)
+            frame = recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        identity = frame.bytes
         frames: list[memoryview] = []
         too_many = False
-        while sock.getsockopt(zmq.RCVMORE):
-            frame = sock.recv(copy=False)
+        while frame.more:              # (not getsockopt(RCVMORE): pyzmq builds an enum on every call)
+            frame = recv(copy=False)
             if len(frames) >= self._message_frames_max:
                 too_many = True
                 continue
@@ -199,7 +200,9 @@ class Transport:
         got = self.recv_frames()
         if got is None:
             return None
-        peer, frames = got
+        return self._decode_checked(*got)
+
+    def _decode_checked(self, peer: int | None, frames: list[memoryview]) -> Any | None:
         if peer is None:
             return None
         try:
@@ -222,9 +225,10 @@ class Transport:
         """Drain up to `limit` waiting messages without blocking."""
         out: list[Any] = []
         for _ in range(limit):
-            if not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            got = self.recv_frames()
+            if got is None:
                 break
-            msg = self.recv()
+            msg = self._decode_checked(*got)
             if msg is not None:
                 out.append(msg)
         return out
