@@ -54,6 +54,7 @@ import numpy as np
 import zmq
 
 from bench.bench_raft import machine_info
+from bench.loadgen import wait_for_reply_or
 from bench.results import write_section
 from engine import records as R
 from engine import wire as W
@@ -313,9 +314,8 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
                 sent_late_s[i] = now - due
                 i += 1
             answered += drain(0)
-            wait_s = t0 + i / rate - time.perf_counter()
-            if i < total and wait_s > 0:
-                answered += drain(max(1, math.ceil(wait_s * 1000)))   # never spin: the replicas need the CPU
+            if i < total and wait_for_reply_or(sock, t0 + i / rate):
+                answered += drain(0)
         send_s = time.perf_counter() - t0
         deadline = time.perf_counter() + REPLY_WAIT_S
         while answered < total and time.perf_counter() < deadline:

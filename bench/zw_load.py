@@ -186,10 +186,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                 lag[k] = sent_at[k] - due_at[k]
                 k += 1
             receive()
-            if k < m:
-                wait_s = due_at[k] - perf()
-                if wait_s > 0 and sock.poll(max(1, int(wait_s * 1000))):   # never spin: replicas need the CPU
-                    receive()
+            if k < m and loadgen.wait_for_reply_or(sock, due_at[k]):
+                receive()
         reply_deadline = max(perf(), stop_at) + drain_s
         while state["inflight"] and perf() < reply_deadline:
             if sock.poll(50):
