@@ -1,11 +1,15 @@
 """The node's event store: the golden copy of the ledger's events, in LMDB, range-readable.
 
 Layout (one LMDB environment ``<data_dir>/events``):
-- ``chunks``: key = big-endian u64 first seq_num of a chunk; value = the chunk's event records
-  (``records.EVENT_DTYPE``, every part of every seq in first..last, in order; the last record's seq_num is
-  the chunk's last). One chunk is what one log entry produced, so a write is one put (straight from the
-  array's buffer, no copy) however many events it holds.
-- ``meta``: ``holes`` (msgpack list of [first, last] seq ranges this replica never received: it was brought
+- ``chunks``: key = big-endian u64 first seq_num of a chunk; value = u64 last seq_num, u32 byte size of
+  the records, then the chunk's event records (``records.EVENT_DTYPE``, every part of every seq in
+  first..last, in order) compressed as one LZ4 block. One chunk is what one log entry produced, so a write
+  is one put however many events it holds. LZ4 because writing the records raw was 45% of the batch
+  throughput (bench_node: ~425K transfers/s with the events stored raw, ~755K with none stored): two
+  128-byte records per transfer copied into new page-cache pages, which costs far more than compressing
+  them (LZ4, 1.6 GB/s here, shrinks a batch's events about 5.8x). A store written by an earlier version
+  (no ``format`` in meta, raw records as values) is still read and appended to in its own format.
+- ``meta``: ``format`` (u64 2: compressed chunks), ``holes`` (msgpack list of [first, last] seq ranges this replica never received: it was brought
   back by a snapshot of the ledger that was newer than its events) and ``floor`` (seqs below it were pruned
   by retention).
 
@@ -22,6 +26,7 @@ import struct
 import threading
 
 import lmdb
+import lz4.block
 import msgspec
 import numpy as np
 
@@ -40,8 +45,8 @@ WRITEBACK_INTERVAL_S = 0.05              # the node starts the event store's wri
 
 
 
-def _last_seq_of(value: bytes) -> int:
-    return _LAST.unpack_from(value, len(value) - _REC)[0]      # seq_num is a record's first field
+_CHUNK_HEADER = struct.Struct("<QI")     # last seq_num, byte size of the records (format 2)
+FORMAT_RAW, FORMAT_LZ4 = 1, 2
 
 
 class EventsUnavailable(LookupError):
@@ -59,7 +64,15 @@ class EventStore:
         self._chunks = self._env.open_db(b"chunks")
         self._meta = self._env.open_db(b"meta")
         self._lock = threading.Lock()     # writers: the apply thread; readers use their own read txns
-        with self._env.begin(db=self._meta) as txn:
+        with self._env.begin(write=True, db=self._meta) as txn:
+            fmt = txn.get(b"format")
+            if fmt is None:             # new store: compressed; an old one holds raw chunks and stays so
+                empty = txn.stat(self._chunks)["entries"] == 0
+                fmt = _LAST.pack(FORMAT_LZ4 if empty else FORMAT_RAW)
+                txn.put(b"format", fmt)
+            self.format = _LAST.unpack(fmt)[0]
+            if self.format not in (FORMAT_RAW, FORMAT_LZ4):
+                raise ValueError(f"event store {path}: unknown format {self.format}")
             raw = txn.get(b"holes")
             self._holes: list[list[int]] = msgspec.msgpack.decode(raw) if raw else []
             raw = txn.get(b"floor")
@@ -72,7 +85,27 @@ class EventStore:
             cur = txn.cursor()
             if not cur.last():
                 return 0
-            return _last_seq_of(cur.value())
+            return self._last_seq_of(cur.value())
+
+    def _last_seq_of(self, value: bytes) -> int:
+        if self.format == FORMAT_LZ4:
+            return _CHUNK_HEADER.unpack_from(value, 0)[0]
+        return _LAST.unpack_from(value, len(value) - _REC)[0]      # seq_num is a record's first field
+
+    def _encode(self, evs: np.ndarray) -> "bytes | memoryview":
+        raw = memoryview(np.ascontiguousarray(evs)).cast("B")
+        if self.format == FORMAT_RAW:
+            return raw
+        return _CHUNK_HEADER.pack(int(evs["seq_num"][-1]), raw.nbytes) + lz4.block.compress(raw, store_size=False)
+
+    def _decode(self, value: "bytes | memoryview") -> np.ndarray:
+        if self.format == FORMAT_RAW:
+            return np.frombuffer(value, dtype=EVENT_DTYPE)
+        _, size = _CHUNK_HEADER.unpack_from(value, 0)
+        raw = lz4.block.decompress(memoryview(value)[_CHUNK_HEADER.size:], uncompressed_size=size)
+        if len(raw) != size or size % _REC:
+            raise ValueError(f"event store {self._path}: a chunk does not decompress to whole records")
+        return np.frombuffer(raw, dtype=EVENT_DTYPE)
 
     def close(self) -> None:
         self._env.close()
@@ -91,7 +124,7 @@ class EventStore:
                 last = int(evs["seq_num"][-1])
                 assert first <= last and (self.last_seq == 0 or first <= self.last_seq + 1 or self._holes), \
                     f"event gap: store ends at {self.last_seq}, chunk starts at {first}"
-                txn.put(_KEY.pack(first), memoryview(np.ascontiguousarray(evs)).cast("B"))
+                txn.put(_KEY.pack(first), self._encode(evs))
                 self.last_seq = max(self.last_seq, last)
 
     def note_restored(self, ledger_last_seq: int) -> None:
@@ -134,7 +167,7 @@ class EventStore:
             new_floor = self._floor
             if cur.first():
                 while True:
-                    last = _last_seq_of(cur.value())
+                    last = self._last_seq_of(cur.value())
                     if last >= cutoff:
                         new_floor = _KEY.unpack(cur.key())[0]
                         break
@@ -178,8 +211,7 @@ class EventStore:
                 if not (cur.prev() if cur.key() else cur.last()):
                     raise EventsUnavailable(f"event {first_seq} not found")
             while True:
-                value = cur.value()
-                evs = np.frombuffer(value, dtype=EVENT_DTYPE)
+                evs = self._decode(cur.value())
                 seqs = evs["seq_num"]
                 lo = int(np.searchsorted(seqs, first_seq, "left"))
                 hi = int(np.searchsorted(seqs, last_seq, "right"))
@@ -200,7 +232,8 @@ class EventStore:
                     count += len(part)
                 if int(seqs[-1]) >= last_seq or not cur.next():
                     break
-        result = np.concatenate(out) if out else np.zeros(0, dtype=EVENT_DTYPE)
+        # (np.concatenate of structured arrays is slow: ~9 us an array, field by field)
+        result = out[0] if len(out) == 1 else np.frombuffer(bytearray(b"".join(out)), dtype=EVENT_DTYPE)
         if not len(result) or int(result["seq_num"][0]) != first_seq:
             raise EventsUnavailable(f"event {first_seq} is not in this replica's store")
         return result

@@ -209,6 +209,33 @@ def test_event_store_prunes_below_retention(tmp_path):
     es.close()
 
 
+def test_event_store_compresses_new_stores_and_still_reads_raw_ones(tmp_path):
+    import lmdb
+    import struct
+    led = _ledger_events(2000)
+    es = EventStore(str(tmp_path / "new"))
+    assert es.format == 2
+    es.append([led.events(1, 1000)])
+    es.append([led.events(1001, led.last_seq)])
+    with es._env.begin(db=es._chunks) as txn:
+        stored = sum(len(v) for _, v in txn.cursor())
+    assert stored * 3 < led.events(1, led.last_seq).nbytes          # LZ4: a batch's events shrink ~6x
+    assert es.read(1, led.last_seq, 10 ** 6).tobytes() == led.events(1, led.last_seq).tobytes()
+    es.close()
+    # a store written before compression: raw records as values, no format in meta
+    env = lmdb.open(str(tmp_path / "old"), map_size=1 << 26, max_dbs=4)
+    chunks = env.open_db(b"chunks")
+    with env.begin(write=True, db=chunks) as txn:
+        txn.put(struct.pack(">Q", 1), led.events(1, 500).tobytes())
+    env.close()
+    old = EventStore(str(tmp_path / "old"))
+    assert old.format == 1 and old.last_seq == 500
+    old.append([led.events(501, 900)])
+    assert old.read(400, 900, 10 ** 6).tobytes() == led.events(400, 900).tobytes()
+    old.close()
+    assert EventStore(str(tmp_path / "old")).format == 1                     # stays raw across reopen
+
+
 def test_node_config_toml_round_trip_and_errors(tmp_path):
     replicas = {i: {"raft": f"tcp://127.0.0.1:{7000 + i}", "client": f"tcp://127.0.0.1:{7100 + i}",
                     "pub": f"tcp://127.0.0.1:{7200 + i}"} for i in (1, 2, 3)}
