@@ -62,6 +62,7 @@ from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
 from engine.stalls import stall_delta, stall_text
+from engine.zmq_io import recv_message
 
 SETTLE_PAUSE_S = 2.0                  # after the batch load, before latency (see settle())
 SECTION_BEGIN = "<!-- node-bench:begin -->"
@@ -285,10 +286,9 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
     def drain(block_ms: int) -> int:
         got = 0
         while sock.poll(block_ms if got == 0 else 0):
-            head = sock.recv()
-            body = sock.recv() if sock.getsockopt(zmq.RCVMORE) else b""
-            while sock.getsockopt(zmq.RCVMORE):
-                sock.recv()
+            frames = recv_message(sock)        # (getsockopt(RCVMORE) pays pyzmq's enum on every call)
+            head = frames[0]
+            body = frames[1].bytes if len(frames) > 1 else b""
             now = time.perf_counter()
             reply = W.decode_reply(head)
             i = reply.req_id - 1

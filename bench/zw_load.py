@@ -31,11 +31,15 @@ from bench import loadgen
 from engine import records as R
 from engine import wire as W
 from engine.client import Client
+from engine.zmq_io import recv_message
 
 REPLY_WAIT_S = 30.0            # run_batched: how long a batch's reply is waited for
 ATTEMPT_TIMEOUT_S = 5.0        # run_batched: a batch unanswered this long is re-sent (same bytes) elsewhere
 _CODE_AT = R.RESULT_DTYPE.fields["code"][1]
 _FLAGS_AT = R.RESULT_DTYPE.fields["flags"][1]
+_RESULT_BYTES = R.RESULT_DTYPE.itemsize
+_OK = int(W.Status.OK)
+_DUPLICATE = int(R.ResultFlag.DUPLICATE)
 
 
 def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, connections: int = 4, inflight: int = 4,
@@ -139,7 +143,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
         got = 0
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(sock)          # (recv_multipart pays pyzmq's enum per frame)
             except zmq.Again:
                 return got
             now = perf()
@@ -148,9 +152,10 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
             if not 0 <= j < m or finished[j]:
                 continue
             body = frames[1] if len(frames) > 1 else b""
-            if reply.status == W.Status.OK and len(body) >= R.RESULT_DTYPE.itemsize:
+            if reply.status == _OK and len(body) >= _RESULT_BYTES:
+                body = body.bytes
                 codes[j] = int.from_bytes(body[_CODE_AT:_CODE_AT + 2], "little")
-                dups[j] = 1 if body[_FLAGS_AT] & R.ResultFlag.DUPLICATE else 0
+                dups[j] = 1 if body[_FLAGS_AT] & _DUPLICATE else 0
             done[j] = now
             lat[j] = now - (due_at[j] if rate else sent_at[j])
             svc[j] = now - sent_at[j]
