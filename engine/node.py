@@ -68,6 +68,7 @@ SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it 
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
+RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken at most this late (see serve)
 
 
 @dataclass
@@ -317,20 +318,30 @@ class Node:
         self._wake()
 
     def serve(self) -> None:
+        # Two pollers: while the leader has as many entries in flight as it may (group commit), requests
+        # only wait for the next entry, so the loop does not wake for each one: it waits for the entry's
+        # completion (the waker) or RECEIVE_DEFER_MS, then takes every request queued meanwhile in one
+        # pass. Woken per request instead, at 10K requests/s, the main thread spent most of its time
+        # waking up (measured: 63% of a core).
         poller = zmq.Poller()
-        stalls = self.stalls
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
+        poller_busy = zmq.Poller()
+        poller_busy.register(self._waker.fd, zmq.POLLIN)
+        stalls = self.stalls
+        waker_fd = self._waker.fd
+        inflight_max = self.config.inflight_entries_max
         try:
             while not self._stopping.is_set():
-                timeout = 5 if (self._reads_follower or self._group) else 100
-                events = dict(poller.poll(timeout))
+                if self._inflight >= inflight_max:
+                    events = dict(poller_busy.poll(RECEIVE_DEFER_MS))
+                else:
+                    events = dict(poller.poll(5 if (self._reads_follower or self._group) else 100))
                 t_pass = time.monotonic()
-                if self._waker.fd in events:
+                if waker_fd in events:
                     self._waker.drain()
-                if self.router in events:
-                    self._receive()
                 self._run_completions()
+                self._receive()
                 self._flush_group()
                 self._start_linearizable_reads()
                 self._serve_follower_reads()
