@@ -96,6 +96,7 @@ class NodeConfig:
     snapshot_threshold_entries: int = 20_000
     snapshot_threshold_bytes: int = 256 << 20     # log payload since the last snapshot (held in memory)
     snapshot_keep_entries: int = 2_000
+    leader_snapshot_defer: int = 4               # the leader snapshots this many times less often (by entries)
     snapshot_in_child: bool = True                # serialize snapshots in a forked child (no Raft stall)
     sync: bool = True
     map_size_gib: int = 64
@@ -130,7 +131,8 @@ class NodeConfig:
                             heartbeat_ticks=self.heartbeat_ticks,
                             snapshot_threshold_entries=self.snapshot_threshold_entries,
                             snapshot_threshold_bytes=self.snapshot_threshold_bytes,
-                            snapshot_keep_entries=self.snapshot_keep_entries, sync=self.sync,
+                            snapshot_keep_entries=self.snapshot_keep_entries,
+                            leader_snapshot_defer=self.leader_snapshot_defer, sync=self.sync,
                             map_size_bytes=self.map_size_gib << 30)
 
     @classmethod
@@ -174,7 +176,7 @@ class NodeConfig:
             lines.append(f"{name} = {getattr(self, name)}")
         lines += ["", "[raft]"]
         for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
-                     "snapshot_threshold_bytes", "snapshot_keep_entries", "map_size_gib"):
+                     "snapshot_threshold_bytes", "snapshot_keep_entries", "leader_snapshot_defer", "map_size_gib"):
             lines.append(f"{name} = {getattr(self, name)}")
         lines.append(f"sync = {str(self.sync).lower()}")
         lines.append(f"snapshot_in_child = {str(self.snapshot_in_child).lower()}")

@@ -335,3 +335,19 @@ def test_ok_reply_header_parts_match_the_encoded_reply():
             assert prefix + _INT_ENCODER.encode(req_id) + suffix == \
                 W.encode(W.Reply(req_id, W.Status.OK, last_seq=last_seq, node_id=3))
             assert W.decode_reply(prefix + _INT_ENCODER.encode(req_id) + suffix).req_id == req_id
+
+
+def test_leader_defers_its_entry_count_snapshots_but_not_the_bytes_bound():
+    from types import SimpleNamespace
+    from engine.raft.driver import DriverConfig, RaftDriver
+    cfg = DriverConfig(snapshot_threshold_entries=1000, snapshot_keep_entries=10, leader_snapshot_defer=4)
+    def due(is_leader, applied, snapshot_index=0, bytes_since=0, phase=0):
+        me = SimpleNamespace(config=cfg, is_leader=is_leader, _applied=applied, _snapshot_index=snapshot_index,
+                             _bytes_since_snapshot=bytes_since, _snapshot_phase=phase)
+        return RaftDriver._snapshot_due(me)
+    assert due(False, 1000) and not due(True, 1000) and not due(True, 3999) and due(True, 4000)
+    assert due(False, 1500, snapshot_index=900, phase=500)          # a follower's phase point
+    assert not due(True, 1500, snapshot_index=900, phase=500)
+    assert due(True, 10, bytes_since=cfg.snapshot_threshold_bytes)   # memory stays bounded on the leader
+    with pytest.raises(ValueError):
+        DriverConfig(leader_snapshot_defer=0).validate()

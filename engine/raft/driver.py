@@ -87,6 +87,8 @@ class DriverConfig:
     snapshot_threshold_bytes: int = 256 << 20  # ... or applied payload bytes: the core keeps the log since
                                                # the last snapshot in memory, so this bounds its memory
     snapshot_keep_entries: int = 5_000         # entries kept below the snapshot for slow followers
+    leader_snapshot_defer: int = 4             # a leader takes its entry-count snapshots this many times
+                                               # further apart (see _snapshot_due); the bytes bound stays
     read_timeout_ms: int = 2_000
     sync: bool = True
     map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT
@@ -100,6 +102,8 @@ class DriverConfig:
             raise ValueError("election_ticks must exceed 2 * heartbeat_ticks >= 2")
         if self.snapshot_keep_entries >= self.snapshot_threshold_entries:
             raise ValueError("snapshot_keep_entries must be below snapshot_threshold_entries")
+        if self.leader_snapshot_defer < 1:
+            raise ValueError("leader_snapshot_defer must be >= 1 (1: like any replica)")
         if self.snapshot_threshold_bytes < 1 << 20:
             raise ValueError("snapshot_threshold_bytes must be at least 1 MiB")
 
@@ -557,12 +561,20 @@ class RaftDriver:
         theirs a fraction of it apart from each other instead of all at the same index (a snapshot costs a
         fork, ~1-2 s of CPU and a file write for a large ledger: three at once on a small machine made the
         latency's tail). After a restart or an installed snapshot the next one waits for at least half the
-        threshold."""
+        threshold.
+
+        A leader counts ``leader_snapshot_defer`` times the entries before its next one: the fork of a
+        snapshot stops the whole process for tens of milliseconds on a large ledger (the stall log's
+        raft-snapshot), and on the leader every client request waits meanwhile, while a follower's pause
+        delays nothing as long as the other follower acknowledges. The bytes threshold is not deferred, so
+        the log held in memory stays bounded."""
         cfg = self.config
         if self._bytes_since_snapshot >= cfg.snapshot_threshold_bytes:
             return True
         every = cfg.snapshot_threshold_entries
         since = self._applied - self._snapshot_index
+        if self.is_leader and cfg.leader_snapshot_defer > 1:
+            return since >= every * cfg.leader_snapshot_defer
         if since >= every:
             return True
         if since < every // 2:
