@@ -289,6 +289,25 @@ def latency_table(res: dict) -> list[str]:
     return table(header, rows, "rlrrrrrrrr") if rows else []
 
 
+def stall_lines(res: dict) -> list[str]:
+    """Under the latency table: the pauses of 5 ms or more each zwallet replica recorded during each rate's
+    run (engine/stalls.py), the usual cause of a tail."""
+    out = []
+    for entry in entries(res.get("latency")):
+        r, err = system_result(entry, "zwallet")
+        stalls = as_dict(r).get("stalls") if err is None else None
+        if not isinstance(stalls, dict):
+            continue
+        parts = []
+        for node, by_cause in sorted(stalls.items(), key=lambda kv: str(kv[0])):
+            causes = [f"{c} {fmt_num(v.get('count'))} ({fmt_num(v.get('total_ms'))} ms)"
+                      for c, v in sorted(as_dict(by_cause).items()) if isinstance(v, dict)]
+            parts.append(f"replica {node}: {', '.join(causes) or 'none'}")
+        out.append(f"zwallet stalls of 5 ms or more during {fmt_num(entry.get('rate_per_s'))}/s: "
+                   + "; ".join(parts) + "  ")
+    return out + [""] if out else []
+
+
 def rss_text(rss: Any) -> str:
     if not isinstance(rss, dict) or not rss:
         return "-"
@@ -401,7 +420,8 @@ def render_markdown(res: dict) -> str:
         lines += ["## Latency (open loop, one transfer per request)", "",
                   ("Each request's latency runs from its due time, so a late sender counts against the system "
                    "(no coordinated omission)."), ""]
-        lines += latency_table(res) + [""] + plot_link("latency_cdf.png") + plot_link("latency_hist.png")
+        lines += latency_table(res) + [""] + stall_lines(res) + plot_link("latency_cdf.png") \
+            + plot_link("latency_hist.png")
     if failover_lines(res):
         lines += ["## Failover", ""] + failover_lines(res) + [""] + plot_link("failover.png")
     if scaling_tables(res):
@@ -424,6 +444,7 @@ def results_section(res: dict, command: str, markers: bool = True) -> str:
     lines += throughput_table(res) + [""]
     if latency_table(res):
         lines += ["Latency, open loop, one transfer per request:", ""] + latency_table(res) + [""]
+        lines += stall_lines(res)
     lines += failover_lines(res) + ([""] if failover_lines(res) else [])
     lines += scaling_tables(res)
     if anchors_table(res):

@@ -197,3 +197,13 @@ def test_cli_rerenders(res: dict, tmp_path) -> None:
     assert "![Latency CDF (open loop)](latency_cdf.png)" in md
     assert md == report.render_markdown(json.loads((tmp_path / "b" / "report.json").read_text()))
     assert_png(str(tmp_path / "b" / "latency_cdf.png"))
+
+
+def test_stall_lines_under_the_latency_table(res: dict) -> None:
+    res = report.jsonable(res)
+    entry = res["latency"][0]
+    entry["systems"]["zwallet"]["stalls"] = {"1": {"raft-snapshot": {"count": 2, "total_ms": 51.5}}, "2": {}}
+    lines = report.stall_lines(res)
+    assert lines[0].startswith(f"zwallet stalls of 5 ms or more during {report.fmt_num(entry['rate_per_s'])}/s:")
+    assert "replica 1: raft-snapshot 2 (51.5 ms); replica 2: none" in lines[0]
+    assert lines[0] in report.render_markdown(res) and lines[0] in report.results_section(res, "zwallet bench")
