@@ -335,11 +335,12 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
             "sender_late_ms_max": 1000 * float(sent_late_s[warmup:].max())}
 
 
-def settle() -> float:
-    """Let the batch load's aftermath pass before latency is measured: the replicas wrote gigabytes of log
-    and events that the kernel is still writing back, and an fsync queued behind that writeback takes tens
-    of milliseconds. ``os.sync()`` waits for it; a short pause lets snapshot children finish."""
+def settle(status_client: Client, cluster: NodeCluster) -> float:
+    """Let the batch load's aftermath pass before latency is measured: snapshots the load triggered finish
+    (wait_snapshots_done), and the gigabytes of log and events the kernel is still writing back reach the
+    disk (an fsync queued behind that writeback takes tens of milliseconds): ``os.sync()``, a pause, again."""
     t = time.perf_counter()
+    wait_snapshots_done(status_client, cluster)
     os.sync()
     time.sleep(SETTLE_PAUSE_S)
     os.sync()
@@ -403,6 +404,19 @@ def wait_caught_up(status_client: Client, cluster: NodeCluster) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError("the replicas did not reach the same applied index")
+
+
+def wait_snapshots_done(status_client: Client, cluster: NodeCluster, timeout_s: float = 60.0) -> float:
+    """Wait until no replica is making a snapshot (a child serializing and writing it: seconds of CPU and a
+    large file write after a heavy load, which a latency measurement would otherwise share the machine
+    with); returns the seconds waited. Gives up quietly after ``timeout_s``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        sts = statuses(status_client, cluster)
+        if not any(st.get("snapshot_in_progress") for st in sts.values()):
+            break
+        time.sleep(0.1)
+    return time.monotonic() - t0
 
 
 def probe_new_leader(probe: Client, ops: np.ndarray, t_kill: float) -> float:
@@ -744,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"in flight) ...", flush=True)
             res["throughput"] = measured(cluster, status_client,
                                          lambda: run_throughput(cluster.client_addresses, ids, args))
-            settle_s = settle()
+            settle_s = settle(status_client, cluster)
             print(f"settled after the batch load in {settle_s:.1f} s (dirty pages written back)", flush=True)
             res["settle_s"] = settle_s
         if "latency" in args.phases:

@@ -49,7 +49,7 @@ import numpy as np
 
 from bench import loadgen, zw_load
 from bench.bench_node import PROBE_ATTEMPT_TIMEOUT_S, PROBE_INTERVAL_S, digests_equal, find_leader, leader_and_term, \
-    memory_mib, probe_new_leader, process_cpu_s, statuses, wait_caught_up
+    memory_mib, probe_new_leader, process_cpu_s, statuses, wait_caught_up, wait_snapshots_done
 from bench.bench_raft import machine_info
 from bench.results import write_section
 from engine import records as R
@@ -68,6 +68,7 @@ LATENCY_DRAIN_S = 5.0                 # open loop: after the window, how long a 
                                       # its connections busy, start) what fell due in it; the rest counts as
                                       # never answered
 TIMELINE_BIN_S = 0.25
+SETTLE_WAIT_MAX_S = 60.0              # settle(): the longest wait for autovacuum / snapshots to finish
 FAILOVER_PROBE_S = 30.0              # no commit by a new leader within this: the run fails
 FAILOVER_ATTEMPT_TIMEOUT_S = 0.5      # the failover load's clients re-send elsewhere after this (a light load:
                                       # its batches are answered in ~0.1 s when a leader is there)
@@ -212,13 +213,22 @@ class Suite:
         return base
 
     def settle(self) -> None:
-        """Before each measurement: PostgreSQL checkpointed, every zwallet replica caught up, the previous load's
-        dirty pages written back (else every fsync queues behind them) and a pause for snapshot children."""
-        if self.pg is not None:           # PostgreSQL's checkpointer would otherwise write its dirty buffers
-            with self.led.connect() as conn:  # during the next measurement, whichever system it measures
-                conn.execute("CHECKPOINT")
+        """Before each measurement, the background work the previous load left in both systems is done, so
+        neither measurement shares the machine with it: PostgreSQL's autovacuum workers finished (after
+        millions of updates and inserts they vacuum for seconds) and a checkpoint taken; every zwallet
+        replica caught up and no snapshot in progress; the dirty pages written back (else every fsync
+        queues behind them); a pause."""
+        if self.pg is not None:
+            with self.led.connect() as conn:
+                deadline = time.monotonic() + SETTLE_WAIT_MAX_S
+                while time.monotonic() < deadline and conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+                        ).fetchone()[0]:
+                    time.sleep(0.2)
+                conn.execute("CHECKPOINT")    # else the checkpointer writes its dirty buffers meanwhile
         if self.status is not None:       # followers still applying a heavy load's backlog delay every commit
             wait_caught_up(self.status, self.cluster)
+            wait_snapshots_done(self.status, self.cluster, SETTLE_WAIT_MAX_S)
         os.sync()
         time.sleep(self.args.settle_s)
         os.sync()

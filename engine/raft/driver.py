@@ -223,6 +223,7 @@ class RaftDriver:
               "applied": applied, "last_index": last_index}
         if self._transport_stats is not None:
             st.update(snapshot_index=snapshot_index, pending_proposals=pending,
+                      snapshot_in_progress=self._pending_snapshot is not None,
                       transport=dict(self._transport_stats))
         return st
 
