@@ -409,7 +409,8 @@ class Suite:
             self.settle()
             stalls_before = self.stall_reports() if system == "zwallet" else {}
             try:
-                with self.progress.timed(system, a.latency_s + a.latency_warmup_s):
+                with self.progress.timed(system, a.latency_s + a.latency_warmup_s), \
+                        self.pg_autovacuum_paused(system == "zwallet"):
                     r = run()
             except Exception as exc:          # noqa: BLE001 - reported
                 entry["systems"][system] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -434,6 +435,26 @@ class Suite:
                 if s.get("stalls") is not None:
                     self.progress.say("  zwallet stalls >= 5 ms: " + "; ".join(
                         f"replica {node}: {stall_text(d)}" for node, d in sorted(s["stalls"].items())))
+
+    @contextmanager
+    def pg_autovacuum_paused(self, pause: bool) -> Iterator[None]:
+        """While zwallet's latency is measured, PostgreSQL (idle then, but on the same disk) starts no
+        autovacuum worker: after the workloads' millions of updates and inserts one would otherwise start in
+        the middle of the run and vacuum for seconds, and every zwallet fsync queued behind its writes (the
+        stall lines showed 15-17 fsyncs of ~12 ms per replica in one 10K/s run; 1-2 with no PostgreSQL on
+        the machine). settle() has already waited for running workers."""
+        if not pause or self.pg is None:
+            yield
+            return
+        with self.led.connect() as conn:
+            conn.execute("ALTER SYSTEM SET autovacuum = off")
+            conn.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            with self.led.connect() as conn:
+                conn.execute("ALTER SYSTEM RESET autovacuum")
+                conn.execute("SELECT pg_reload_conf()")
 
     def stall_reports(self) -> dict[str, Any]:
         """Every live replica's stall log (engine/stalls.py), by node id; a replica that does not answer is
