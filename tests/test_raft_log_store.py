@@ -335,33 +335,3 @@ def test_compact_later_spreads_the_prefix_over_later_writes(path, monkeypatch):
         # a leader's snapshot past our log: the whole log goes in its transaction, as before
         s.save(snapshot=(meta(60, 3), b"state@60"), hard_state=HS(3, None if _vote_optional() else 0, 60))
         assert (s.first_index, s.last_index, s.compact_pending) == (61, 60, 0)
-
-
-def test_a_file_left_mostly_free_by_compaction_is_rewritten_compactly(path, monkeypatch):
-    """Compactions that leave the data file mostly free pages (which LMDB 0.9 makes every later commit
-    rewrite, bench/lmdb_freelist.py) end with a compact copy renamed over it: everything committed is still
-    there, before and after a restart, and the file shrinks; a copy left by a crash mid-rewrite is removed."""
-    monkeypatch.setattr(ls, "SHRINK_FREE_PAGES_MIN", 256)
-    with _open(path) as s:
-        s.save(hard_state=HS(2, 1, 60), entries=[E(i, 2, size=64 << 10) for i in range(1, 61)])
-        s.save_snapshot(meta(50, 2), b"state@50")
-        big = os.path.getsize(os.path.join(path, "data.mdb"))
-        s.compact(50)                                        # at once: ~3.2 MB of pages freed
-        assert s.shrinks == 1
-        assert os.path.getsize(os.path.join(path, "data.mdb")) < big // 4
-        assert [e.data for e in s.entries(51, 61)] == [payload(i, 64 << 10) for i in range(51, 61)]
-        s.save(hard_state=HS(2, 1, 61), entries=[E(61, 2)])
-        s.save_snapshot(meta(61, 2), b"state@61")
-        s.compact_later(61)                                  # spread out: the last step checks again
-        for k in range(62, 66):
-            s.append([E(k, 2)])
-        assert s.compact_pending == 0
-        used, span = s.page_counts()
-        assert span - used < 256 or s.shrinks == 2
-    os.makedirs(path + ".shrink-tmp")                         # as a crash between copy and rename leaves it
-    with _open(path) as s:
-        assert not os.path.exists(path + ".shrink-tmp")
-        assert (s.first_index, s.last_index) == (62, 65)
-        assert s.hard_state.commit == 61 and s.snapshot_meta.index == 61
-        assert s.snapshot()[1] == b"state@61"
-        assert [e.index for e in s.entries(62, 66)] == [62, 63, 64, 65]

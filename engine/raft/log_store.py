@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ ENTRY_SIZE_BYTES_MAX = 64 << 20          # one entry's payload; the ledger's lar
 SNAPSHOT_SIZE_BYTES_MAX = 8 << 30        # one snapshot value in LMDB
 APPEND_BATCH_ENTRIES_MAX = 1 << 16       # entries in one save() call (bounds one write transaction)
 COMPACT_STEP_ENTRIES = 256               # compact_later(): entries deleted per write transaction
-SHRINK_FREE_PAGES_MIN = 16_384           # after a compaction, a file with this many free pages (64 MiB) ...
-SHRINK_FREE_RATIO = 4                    # ... and this many times the pages in use is rewritten compactly
 READ_BATCH_BYTES_DEFAULT = 64 << 20      # entries(lo, hi, size_bytes_max=...) default
 
 # crc32 (u32), term (u64), kind (u8), data length (u32); little-endian, no padding.
@@ -151,11 +148,13 @@ class LogStore:
             raise ValueError(f"map_size_bytes={map_size_bytes} is below 1 MiB")
         self.path = os.fspath(path)
         self.sync = sync
-        self._map_size = map_size_bytes
         os.makedirs(self.path, exist_ok=True)
-        shutil.rmtree(self._shrink_dir, ignore_errors=True)   # a rewrite interrupted before its swap
-        self._open_env()
-        self.shrinks = 0
+        # metasync/sync follow `sync`; readahead off: the log is read mostly at its tail.
+        self._env = lmdb.open(self.path, map_size=map_size_bytes, max_dbs=4, sync=sync, metasync=sync,
+                              readahead=False, lock=True, subdir=True)
+        self._entries = self._env.open_db(b"entries")
+        self._state = self._env.open_db(b"state")
+        self._snapshot = self._env.open_db(b"snapshot")
         self._hs_encoder = msgspec.msgpack.Encoder()
         self._hs_decoder = msgspec.msgpack.Decoder(_msg.HardState)
         self._meta_decoder = msgspec.msgpack.Decoder(_msg.SnapshotMeta)
@@ -171,56 +170,6 @@ class LogStore:
         self._load_and_verify_bounds()
         self._snapshot_file = self._referenced_snapshot_file()
         self._remove_unreferenced_snapshot_files()
-
-    def _open_env(self) -> None:
-        # metasync/sync follow `sync`; readahead off: the log is read mostly at its tail.
-        self._env = lmdb.open(self.path, map_size=self._map_size, max_dbs=4, sync=self.sync,
-                              metasync=self.sync, readahead=False, lock=True, subdir=True)
-        self._entries = self._env.open_db(b"entries")
-        self._state = self._env.open_db(b"state")
-        self._snapshot = self._env.open_db(b"snapshot")
-
-    # --- file size -----------------------------------------------------------------------------------
-    @property
-    def _shrink_dir(self) -> str:
-        return self.path.rstrip("/") + ".shrink-tmp"
-
-    def page_counts(self) -> tuple[int, int]:
-        """(pages in use by the log's trees, pages the data file spans)."""
-        used = 0
-        with self._env.begin() as txn:
-            for db in (None, self._entries, self._state, self._snapshot):
-                st = txn.stat(db) if db is not None else self._env.stat()
-                used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-        return used, self._env.info()["last_pgno"] + 1
-
-    def shrink_if_fragmented(self) -> bool:
-        """Rewrite the data file compactly if compactions left it mostly free pages. LMDB 0.9 keeps freed
-        pages in a freelist that every write transaction rewrites: after ~360 MB of entries were compacted
-        away a one-entry commit wrote ~360 KB instead of ~37 KB (bench/lmdb_freelist.py), which under load
-        meant hundreds of MB/s per replica and fsyncs queued behind them. The rewrite is a consistent copy
-        of everything committed (``copy(compact=True)``: ms for a compacted log), fsynced, then renamed over
-        the data file: a crash before the rename leaves the old file, after it the new one, both whole."""
-        used, span = self.page_counts()
-        free = span - used
-        if free < SHRINK_FREE_PAGES_MIN or free < SHRINK_FREE_RATIO * used:
-            return False
-        tmp = self._shrink_dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self._env.copy(tmp, compact=True)
-        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._env.close()
-        os.replace(os.path.join(tmp, "data.mdb"), os.path.join(self.path, "data.mdb"))
-        _fsync_dir(self.path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._open_env()
-        self.shrinks += 1
-        return True
 
     # --- recovery ------------------------------------------------------------------------------------
     def _load_and_verify_bounds(self) -> None:
@@ -392,7 +341,6 @@ class LogStore:
         if len(entries) > APPEND_BATCH_ENTRIES_MAX:
             raise LogStoreError(f"{len(entries)} entries in one save: APPEND_BATCH_ENTRIES_MAX={APPEND_BATCH_ENTRIES_MAX}")
         first, last, last_term = self._first_index, self._last_index, self._last_term
-        first_before = first
         snap_meta = self._snapshot_meta
         snap_value = None
         moved_to = None
@@ -452,8 +400,6 @@ class LogStore:
             self._deferred_hard_state = None
         assert self._hard_state.commit <= self._last_index
         assert self._first_index <= self._last_index + 1
-        if first_before <= self._compact_target < self._first_index:   # this save ended a compact_later
-            self.shrink_if_fragmented()
 
     def _save_txn(self, hard_state: Any, entries: list[Any], values: list[tuple[bytes, bytes]],
                   snapshot: Any, snap_meta: Any, snap_value: Any, first: int, last: int, last_term: int,
@@ -528,7 +474,6 @@ class LogStore:
         if self._last_index < upto_index:
             self._last_index = upto_index
         assert self._first_index <= self._last_index + 1
-        self.shrink_if_fragmented()
 
     def compact_later(self, upto_index: int) -> None:
         """Like ``compact`` but spread out: each later write transaction that has other work (``save`` with
