@@ -38,7 +38,6 @@ make the numbers noisy, and the "others" column says how much.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import statistics
@@ -61,7 +60,7 @@ from engine import wire as W
 from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
 from engine.cluster import NodeCluster
-from engine.stalls import stall_delta, stall_text
+from engine.stalls import replicas_text, stall_delta
 from engine.zmq_io import recv_message
 
 SETTLE_PAUSE_S = 2.0                  # after the batch load, before latency (see settle())
@@ -719,21 +718,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def measured(cluster: NodeCluster, status_client: Client, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``run()``'s result with the CPU used meanwhile, the leader at the end and the elections meanwhile."""
     _, term_before = leader_and_term(status_client, cluster)
-    stalls_before = {n: st.get("stalls", {}) for n, st in statuses(status_client, cluster).items()}
+    stalls_before = stall_reports(status_client, cluster)
     cpu = CpuShare(cluster)
     result = run()
     result["cpu"] = cpu.stop()
     result["cpu"]["leader"], term_after = leader_and_term(status_client, cluster)
     result["terms"] = (term_before, term_after)
-    result["stalls"] = {n: stall_delta(stalls_before.get(n, {}), st.get("stalls", {}))
-                        for n, st in statuses(status_client, cluster).items()}
+    result["stalls"] = stalls_since(stalls_before, status_client, cluster)
     return result
 
 
+def stall_reports(status_client: Client, cluster: NodeCluster) -> dict[int, dict[str, Any]]:
+    """Every live replica's stall log (engine/stalls.py), by node id."""
+    return {n: st.get("stalls", {}) for n, st in statuses(status_client, cluster).items()}
+
+
+def stalls_since(before: dict[int, dict[str, Any]], status_client: Client,
+                 cluster: NodeCluster) -> dict[int, dict[str, Any]]:
+    """Each replica's stalls recorded since ``before`` (a ``stall_reports``), by cause."""
+    return {n: stall_delta(before.get(n, {}), rep) for n, rep in stall_reports(status_client, cluster).items()}
+
+
 def stalls_text(phase: str, r: dict[str, Any]) -> str:
-    leader = r["cpu"]["leader"]
-    return f"{phase}: " + "; ".join(f"replica {n}{'*' if n == leader else ''}: {stall_text(d)}"
-                                    for n, d in sorted(r.get("stalls", {}).items()))
+    return f"{phase}: " + replicas_text(r.get("stalls", {}), r["cpu"]["leader"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,13 +49,13 @@ import numpy as np
 
 from bench import loadgen, zw_load
 from bench.bench_node import PROBE_ATTEMPT_TIMEOUT_S, PROBE_INTERVAL_S, digests_equal, find_leader, leader_and_term, \
-    memory_mib, probe_new_leader, process_cpu_s, statuses, wait_caught_up, wait_snapshots_done
+    memory_mib, probe_new_leader, process_cpu_s, stall_reports, stalls_since, wait_caught_up, wait_snapshots_done
 from bench.bench_raft import machine_info
 from bench.results import write_section
 from engine import records as R
 from engine.client import Client
 from engine.cluster import NodeCluster
-from engine.stalls import stall_delta, stall_text
+from engine.stalls import replicas_text
 from engine.workload import BANK, CURRENCY, FUNDING, BatchStream, Workload
 
 SECTION_BEGIN = "<!-- suite-bench:begin -->"
@@ -407,7 +407,7 @@ class Suite:
                                                                         drain_s=LATENCY_DRAIN_S)))
         for system, run in runs:
             self.settle()
-            stalls_before = self.stall_reports() if system == "zwallet" else {}
+            stalls_before = stall_reports(self.status, self.cluster) if system == "zwallet" and self.status else {}
             try:
                 with self.progress.timed(system, a.latency_s + a.latency_warmup_s), \
                         self.pg_autovacuum_paused(system == "zwallet"):
@@ -416,10 +416,9 @@ class Suite:
                 entry["systems"][system] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             entry["systems"][system] = self.latency_row(r, rate, n)
-            if system == "zwallet":
-                after = self.stall_reports()
-                entry["systems"][system]["stalls"] = {str(node): stall_delta(stalls_before.get(node, {}), rep)
-                                                      for node, rep in after.items()}
+            if system == "zwallet" and self.status is not None:
+                entry["systems"][system]["stalls"] = {
+                    str(n): d for n, d in stalls_since(stalls_before, self.status, self.cluster).items()}
         zw = entry["systems"].get("zwallet", {})
         entry["bar"] = ({"p99_ms_max": LATENCY_BAR[1], "pass": zw.get("p99_ms") is not None
                          and zw["p99_ms"] < LATENCY_BAR[1] and zw.get("not_ok") == 0}
@@ -433,8 +432,7 @@ class Suite:
                                   f"p99 {fmt_ms(s['p99_ms'])} p99.9 {fmt_ms(s['p999_ms'])} max {fmt_ms(s['max_ms'])} ms"
                                   f"; unanswered {s['unanswered']}, not OK {s['not_ok']}")
                 if s.get("stalls") is not None:
-                    self.progress.say("  zwallet stalls >= 5 ms: " + "; ".join(
-                        f"replica {node}: {stall_text(d)}" for node, d in sorted(s["stalls"].items())))
+                    self.progress.say("  zwallet stalls >= 5 ms: " + replicas_text(s["stalls"]))
 
     @contextmanager
     def pg_autovacuum_paused(self, pause: bool) -> Iterator[None]:
@@ -455,13 +453,6 @@ class Suite:
             with self.led.connect() as conn:
                 conn.execute("ALTER SYSTEM RESET autovacuum")
                 conn.execute("SELECT pg_reload_conf()")
-
-    def stall_reports(self) -> dict[str, Any]:
-        """Every live replica's stall log (engine/stalls.py), by node id; a replica that does not answer is
-        left out."""
-        if self.status is None:
-            return {}
-        return {node: st.get("stalls", {}) for node, st in statuses(self.status, self.cluster).items()}
 
     def latency_row(self, r: dict[str, Any], rate: int, n: int) -> dict[str, Any]:
         """Every request due in the measured window (after the warm-up), answered or not: one never answered

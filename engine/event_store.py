@@ -41,10 +41,6 @@ _REC = EVENT_DTYPE.itemsize
 
 
 WRITEBACK_INTERVAL_S = 0.05              # the node starts the event store's writeback this often
-
-
-
-
 _CHUNK_HEADER = struct.Struct("<QI")     # last seq_num, byte size of the records (format 2)
 FORMAT_RAW, FORMAT_LZ4 = 1, 2
 

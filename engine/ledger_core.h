@@ -289,7 +289,6 @@ class Core {
     }
 
     // ------------------------------------------------------------------------------------ events
-    uint64_t ev_cap() const { return ev.size(); }
     uint64_t cur_seq = 0;               // seq of the event being written
     EvRec* ev_slot() {
         EvRec* r = &ev[ev_total & (ev.size() - 1)];

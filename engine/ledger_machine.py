@@ -6,8 +6,8 @@ back to back. Apply is a pure function of (state, entry): the timestamp comes fr
 the replica's clock, so every replica reaches the same digest. An entry whose batches are all well formed
 and hold at most BATCH_SIZE_MAX records in all is applied by one ``Ledger.apply_batch`` call (the same
 result as one call per batch, which is how any other entry goes); a batch the ledger refuses as malformed
-applies nothing and yields an error outcome on every replica alike (the leader checks batches before proposing, so this is a second line of
-defence). An entry that does not parse applies nothing at all.
+applies nothing and yields an error outcome on every replica alike (the leader checks batches before
+proposing, so this is a second line of defence). An entry that does not parse applies nothing at all.
 """
 from __future__ import annotations
 
@@ -71,14 +71,18 @@ def _entry_layout(data: bytes | memoryview) -> tuple[int, np.ndarray, int]:
     return ts, counts, offset
 
 
-def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
-    """(timestamp_ms, batches as read-only OP_DTYPE views). ValueError if the entry is not well formed."""
-    ts, counts, offset = _entry_layout(data)
+def _batch_views(data: bytes | memoryview, counts: np.ndarray, offset: int) -> list[np.ndarray]:
     batches = []
     for n in counts.tolist():
         batches.append(np.frombuffer(data, dtype=OP_DTYPE, count=n, offset=offset))
         offset += n * OP_DTYPE.itemsize
-    return ts, batches
+    return batches
+
+
+def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
+    """(timestamp_ms, batches as read-only OP_DTYPE views). ValueError if the entry is not well formed."""
+    ts, counts, offset = _entry_layout(data)
+    return ts, _batch_views(data, counts, offset)
 
 
 @dataclass(slots=True)
@@ -161,10 +165,8 @@ class LedgerMachine:
             outcomes = self._apply_whole(e.data, ts, counts, body) if len(counts) > 1 else None
             if outcomes is None:
                 outcomes = []
-                offset = body
-                for n in counts.tolist():
-                    self._apply_one(np.frombuffer(e.data, dtype=OP_DTYPE, count=n, offset=offset), ts, outcomes)
-                    offset += n * OP_DTYPE.itemsize
+                for ops in _batch_views(e.data, counts, body):
+                    self._apply_one(ops, ts, outcomes)
             if ledger.last_seq > seq_before and self.event_sink is not None:
                 # handed over entry by entry: a replay of many entries never holds all their events
                 self.event_sink([ledger.events(seq_before + 1, ledger.last_seq)])

@@ -372,7 +372,7 @@ class Node:
         self._stopping.set()
         if getattr(self, "_writeback", None) is not None:
             self._writeback.join()
-        if self._probe is not None and self._probe._thread.is_alive():
+        if self._probe is not None:
             self._probe.stop()
         self.driver.stop()
         self._run_completions()

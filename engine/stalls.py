@@ -77,6 +77,12 @@ def stall_text(by_cause: dict[str, dict[str, float]]) -> str:
     return ", ".join(parts) or "none"
 
 
+def replicas_text(deltas: dict, leader: int | None = None) -> str:
+    """One line for several replicas: "replica 1*: raft-persist 2 (...); replica 2: none" (* = leader)."""
+    return "; ".join(f"replica {n}{'*' if n == leader else ''}: {stall_text(d)}"
+                     for n, d in sorted(deltas.items(), key=lambda kv: str(kv[0])))
+
+
 class SchedulerProbe:
     """Sleeps ``interval_s`` at a time on its own thread and records, as cause ``not-scheduled``, how much
     later than asked it woke up."""
@@ -92,7 +98,8 @@ class SchedulerProbe:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _run(self) -> None:
         interval = self.interval_s
