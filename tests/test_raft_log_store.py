@@ -1,4 +1,4 @@
-"""The LMDB Raft log store: round trips, conflict truncation, compaction under a snapshot, invariants that
+"""The Raft log store (segment files for the log, LMDB for hard state and snapshot): round trips, conflict truncation, compaction under a snapshot, invariants that
 reject bad writes without changing anything, checksums that catch corruption, and recovery after
 kill -9 in the middle of an append loop (nothing reported durable is ever lost)."""
 from __future__ import annotations
@@ -56,6 +56,7 @@ def path(tmp_path):
 
 
 def _open(path, **kw):
+    kw.setdefault("segment_bytes", 1 << 20)       # spares of zeros are made per store: keep them small here
     return LogStore(path, map_size_bytes=MAP_SIZE, **kw)
 
 
@@ -136,14 +137,12 @@ def test_snapshot_compaction_and_install(path):
         s.save(hard_state=HS(3, 1, 20), entries=[E(i, 3) for i in range(1, 31)])
         # the app took a snapshot at applied index 20: the suffix after it stays
         s.save_snapshot(meta(20, 3), b"state@20")
-        # the prefix it covers goes a step at a time with later writes (compact_later), not in its transaction
-        assert (s.first_index, s.last_index, s.compact_pending) == (1, 30, 20)
+        # the prefix it covers is dropped from the index at once (no write: segments go as whole files)
+        assert (s.first_index, s.last_index) == (21, 30)
         with pytest.raises(LogStoreError):
             s.compact(25)                                # beyond the snapshot
-        with pytest.raises(LogStoreError):
-            s.compact_later(25)
-        s.save(hard_state=HS(3, 1, 25))                  # a write with other work takes a step along
-        assert (s.first_index, s.last_index, s.compact_pending) == (21, 30, 0)
+        s.save(hard_state=HS(3, 1, 25))
+        assert (s.first_index, s.last_index) == (21, 30)
         s.compact(20)                                    # no-op, already gone
     with _open(path) as s:
         hs, snap, entries = s.initial_state()
@@ -168,22 +167,47 @@ def _vote_optional():
     return f.default is None
 
 
+def _segments(path):
+    return sorted(glob.glob(os.path.join(path, "log-*.seg")))
+
+
+def _flip_byte_after(path_of_file, marker, delta=5):
+    blob = open(path_of_file, "rb").read()
+    at = blob.find(marker)
+    assert at >= 0
+    _flip_at(path_of_file, at + delta)
+    return at + delta
+
+
+def _flip_at(path_of_file, at):
+    with open(path_of_file, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
 def test_corruption_is_detected(path):
+    """A flipped bit is caught by the checksums: at open (in any segment, the last one too: damage is not
+    a torn write, so it is never cut off silently) and on a read of a store already open."""
     marker = b"CORRUPT-ME-PLEASE" * 8
     with _open(path) as s:
         s.append([E(1, 1), m.Entry(term=1, index=2, kind=_kind(), data=marker), E(3, 1)])
-    data_file = os.path.join(path, "data.mdb")
-    blob = bytearray(open(data_file, "rb").read())
-    at = blob.find(marker)
-    assert at >= 0
-    blob[at + 5] ^= 0x01
-    with open(data_file, "r+b") as f:
-        f.seek(at + 5)
-        f.write(bytes([blob[at + 5]]))
     with _open(path) as s:
+        s.append([E(4, 1)])                               # a second segment: the first is no longer the tail
+        flipped = _flip_byte_after(_segments(path)[0], marker)
         assert s.entries(1, 2)[0].index == 1
         with pytest.raises(LogCorruption, match="entry 2: checksum"):
             s.entries(1, 4)
+    with pytest.raises(LogCorruption, match="bad record"):
+        _open(path)
+    _flip_at(_segments(path)[0], flipped)                 # mend it
+    marker2 = b"DAMAGE-IN-THE-LAST-SEGMENT" * 4
+    with _open(path) as s:
+        s.append([m.Entry(term=1, index=5, kind=_kind(), data=marker2), E(6, 1)])
+    _flip_byte_after(_segments(path)[-1], marker2)
+    with pytest.raises(LogCorruption, match="bad record"):
+        _open(path)
 
 
 _WRITER = textwrap.dedent("""
@@ -195,7 +219,7 @@ _WRITER = textwrap.dedent("""
     def payload(i, size):
         seed = hashlib.blake2b(i.to_bytes(8, "big"), digest_size=16).digest()
         return (seed * (size // 16 + 1))[:size]
-    s = LogStore(sys.argv[1], map_size_bytes=1 << 30)
+    s = LogStore(sys.argv[1], map_size_bytes=1 << 30, segment_bytes=1 << 18)
     term = s.hard_state.term + 1
     n = 0
     while True:
@@ -263,7 +287,7 @@ def test_commit_only_changes_are_deferred_to_the_next_durable_write(path):
     store.save(entries=[E(4, 2)])                       # the deferred commit rides along
     assert store.hard_state.commit == 2 and not store.commit_deferred
     store.defer_commit(HS(2, 1, 4))
-    store._env.close()                                  # a crash: the deferred commit is lost, nothing else
+    store._close_files()                                # a crash: the deferred commit is lost, nothing else
     again = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
     hs, _, entries = again.initial_state()
     assert hs.commit == 2 and [e.index for e in entries] == [1, 2, 3, 4]
@@ -284,7 +308,7 @@ def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path
     meta = m.SnapshotMeta(index=6, term=1, config=[1, 2, 3])
     store.save_snapshot(meta, ls.SnapshotFile(str(made), len(data), zlib.crc32(data)))
     assert not made.exists() and os.path.dirname(store.snapshot_file_path) == store.path
-    assert store.snapshot() == (meta, data) and store.first_index == 1 and store.compact_pending == 6
+    assert store.snapshot() == (meta, data) and store.first_index == 7
     # a stray file (a save that crashed before its transaction) is removed at the next open
     stray = os.path.join(store.path, "snapshot-99-9.bin")
     open(stray, "wb").write(b"x")
@@ -308,30 +332,122 @@ def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path
     again.close()
 
 
-def test_compact_later_spreads_the_prefix_over_later_writes(path, monkeypatch):
-    """A snapshot's prefix is deleted COMPACT_STEP_ENTRIES at a time by the writes that follow (no extra
-    transaction, no extra fsync); a restart in the middle finds a consistent log and finishes the job; an
-    installed snapshot from a leader (not the replica's own) still replaces the prefix at once."""
-    monkeypatch.setattr(ls, "COMPACT_STEP_ENTRIES", 7)
+def test_compaction_deletes_whole_segments_and_survives_restarts(path):
+    """Compaction writes nothing: the index forgets the prefix and the oldest segments whose entries are all
+    below it are deleted as files. A leader's snapshot past the log replaces it (a TRUNCATE record first)."""
+    with _open(path, segment_bytes=1 << 16) as s:
+        for lo in range(1, 101, 5):
+            s.save(hard_state=HS(2, 1, lo - 1), entries=[E(i, 2, size=5000) for i in range(lo, lo + 5)])
+        made = len(_segments(path))
+        assert made >= 6 and s.segment_count == made
+        s.save_snapshot(meta(60, 2), b"state@60")
+        assert (s.first_index, s.last_index) == (61, 100)
+        left = _segments(path)
+        assert 2 <= len(left) < made and s.segments_removed == made - len(left)
+        assert [e.index for e in s.entries(61, 101)] == list(range(61, 101))
+    with _open(path, segment_bytes=1 << 16) as s:
+        hs, snap, entries = s.initial_state()
+        assert (s.first_index, s.last_index, snap.index, hs.commit) == (61, 100, 60, 95)
+        assert [e.index for e in entries] == list(range(61, 101))
+        assert all(e.data == payload(e.index, 5000) for e in entries) and s.term(61) == 2
+        # a leader's snapshot that our log does not hold: the log goes, and stays gone after a restart
+        s.save(snapshot=(meta(150, 3), b"state@150"), hard_state=HS(3, None if _vote_optional() else 0, 150))
+        assert (s.first_index, s.last_index, s.last_term) == (151, 150, 3)
+        s.append([E(151, 3)])
+    with _open(path, segment_bytes=1 << 16) as s:
+        hs, snap, entries = s.initial_state()
+        assert (s.first_index, s.last_index, snap.index, hs.commit) == (151, 151, 150, 150)
+        assert [e.index for e in entries] == [151]
+        assert len(_segments(path)) <= 2
+
+
+def test_a_crash_between_the_truncate_record_and_the_snapshot_leaves_a_valid_log(path):
     with _open(path) as s:
-        s.save(hard_state=HS(2, 1, 30), entries=[E(i, 2) for i in range(1, 41)])
-        s.save_snapshot(meta(30, 2), b"state@30")
-        assert (s.first_index, s.compact_pending) == (1, 30)
-        s.append([E(41, 2)])
-        assert (s.first_index, s.compact_pending) == (8, 23)
-        s.append([E(42, 2)])
-        assert s.first_index == 15
-        assert [e.index for e in s.initial_state()[2]] == list(range(31, 43))   # after the snapshot only
-    with _open(path) as s:                                # restart half-way: bounds from disk, target again
-        assert (s.first_index, s.last_index, s.compact_pending) == (15, 42, 16)
-        assert s.term(15) == 2
-        for k in range(3):
-            s.append([E(43 + k, 2)])
-        assert (s.first_index, s.compact_pending) == (31, 0)
-        s.append([E(46, 2)])
-        assert s.first_index == 31                        # nothing more to do: entries after the snapshot stay
+        s.save(hard_state=HS(2, 1, 10), entries=[E(i, 2) for i in range(1, 31)])
+        s._write_records([], None, 11)        # what installing a snapshot that replaces the log writes first
+        s._close_files()                      # killed before the snapshot's LMDB commit
     with _open(path) as s:
-        assert (s.first_index, s.last_index) == (31, 46)
-        # a leader's snapshot past our log: the whole log goes in its transaction, as before
-        s.save(snapshot=(meta(60, 3), b"state@60"), hard_state=HS(3, None if _vote_optional() else 0, 60))
-        assert (s.first_index, s.last_index, s.compact_pending) == (61, 60, 0)
+        hs, snap, entries = s.initial_state()
+        assert snap is None and hs.commit == 10 and [e.index for e in entries] == list(range(1, 11))
+
+
+def test_a_torn_tail_is_cut_and_a_bad_record_elsewhere_is_corruption(path):
+    with _open(path) as s:
+        s.save(hard_state=HS(1, 1, 3), entries=[E(i, 1) for i in range(1, 6)])
+        end = s._active.end
+    last = _segments(path)[-1]
+    record = ls._record(ls.REC_ENTRY, int(_kind()), 6, 1, payload(6, 9000)) + payload(6, 9000)
+    cut = (end // 4096 + 1) * 4096 - end      # a kill stops the copy into the page cache at a page boundary
+    with open(last, "r+b") as f:              # part of a record: a save killed before its fdatasync returned
+        f.seek(end)
+        f.write(record[:cut])
+    with _open(path) as s:
+        assert s.last_index == 5 and os.path.getsize(last) == end
+        s.append([E(6, 1)])                   # goes to a new segment; the cut one is now in the middle
+    with _open(path) as s:
+        assert [e.index for e in s.initial_state()[2]] == list(range(1, 7))
+    with open(last, "r+b") as f:              # damage a record header in a segment that is not the last
+        f.seek(ls.SEGMENT_HEADER.size + ls.RECORD_HEADER.size + 8)
+        f.write(b"\xff")
+    with pytest.raises(LogCorruption, match="bad record"):
+        _open(path)
+
+
+def test_a_segment_whose_roll_was_cut_short_is_removed(path):
+    with _open(path) as s:
+        s.save(hard_state=HS(1, 1, 2), entries=[E(i, 1) for i in range(1, 4)])
+    empty = os.path.join(path, "log-00000000000000ff.seg")
+    open(empty, "wb").close()                 # created, killed before its header was written
+    with _open(path) as s:
+        assert not os.path.exists(empty) and s.last_index == 3
+        s.append([E(4, 1)])
+    with _open(path) as s:
+        assert [e.index for e in s.initial_state()[2]] == [1, 2, 3, 4]
+
+
+def test_segments_are_made_from_zero_filled_spares(path):
+    """New segments come from spare files of written zeros made by a background thread (an fdatasync into
+    fallocated blocks waits on the filesystem journal); a spare renamed in but killed before its header was
+    written is a zero-filled last segment, removed at the next open; no spare outlives the store."""
+    with _open(path, segment_bytes=1 << 18) as s:
+        for lo in range(1, 200, 10):
+            s.save(hard_state=HS(1, 1, lo - 1), entries=[E(i, 1, size=5000) for i in range(lo, lo + 10)])
+        made = _segments(path)
+        assert len(made) >= 3 and s._spares._made >= len(made)
+        for seg in made:
+            assert os.path.getsize(seg) == 1 << 18      # renamed spares, not files that grew
+    assert not glob.glob(os.path.join(path, "spare-*.tmp"))
+    zeroed = os.path.join(path, "log-00000000000000ff.seg")
+    with open(zeroed, "wb") as f:
+        f.write(bytes(1 << 18))
+    with _open(path, segment_bytes=1 << 18) as s:
+        assert not os.path.exists(zeroed) and s.last_index == 200
+        assert [e.index for e in s.initial_state()[2]] == list(range(1, 201))
+
+
+def test_a_store_with_its_log_in_lmdb_is_moved_into_segments(path):
+    """Stores written before the segment log kept entries in an LMDB table: the first open moves them."""
+    import lmdb
+    import zlib
+    os.makedirs(path)
+    env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True)
+    entries_db, state_db = env.open_db(b"entries"), env.open_db(b"state")
+    with env.begin(write=True) as txn:
+        for i in range(1, 21):
+            data = payload(i)
+            crc = zlib.crc32(data, zlib.crc32(__import__("struct").pack("<QQB", i, 2, int(_kind()))))
+            txn.put(i.to_bytes(8, "big"), ls.ENTRY_HEADER.pack(crc, 2, int(_kind()), len(data)) + data,
+                    db=entries_db)
+        hs = __import__("msgspec").msgpack.encode(HS(2, 1, 15))
+        txn.put(b"hard_state", ls._wrap(hs), db=state_db)
+    env.close()
+    for _ in range(2):
+        with _open(path) as s:
+            hs, snap, entries = s.initial_state()
+            assert hs.commit == 15 and snap is None
+            assert [(e.index, e.term) for e in entries] == [(i, 2) for i in range(1, 21)]
+            assert all(e.data == payload(e.index) for e in entries)
+    env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True)
+    with env.begin() as txn:
+        assert txn.get(b"entries") is None
+    env.close()

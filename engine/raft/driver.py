@@ -1,4 +1,4 @@
-"""The Raft driver: one thread that owns the pure core, the LMDB log store and the ZeroMQ transport, and gives
+"""The Raft driver: one thread that owns the pure core, the log store and the ZeroMQ transport, and gives
 them a real clock.
 
 Loop (one iteration; everything below runs on the driver thread only):
@@ -8,7 +8,7 @@ Loop (one iteration; everything below runs on the driver thread only):
 3. drain ``ready()`` until it is empty, each time in this order:
    a. send the messages the core released: the core holds back every message that depends on state not
       yet durable (persist-before-acknowledge), so these never depend on what this ready persists;
-   b. persist: incoming snapshot + entries + hard state in ONE LMDB write transaction (one fsync), then tell
+   b. persist: incoming snapshot + entries + hard state with ONE store save (one fdatasync), then tell
       the core (``persisted``) -- messages that depend on this state are released by the core after it;
    c. install an incoming snapshot into the app (``restore``), apply committed entries (``apply``), resolve
       proposal futures by (index, term), and serve ReadIndex requests whose index is now applied;
@@ -436,7 +436,7 @@ class RaftDriver:
             if not sent:
                 for msg in messages:
                     transport.send(msg)
-            # (b) persist: one write transaction, one fsync
+            # (b) persist: one save, one fdatasync
             t_phase = time.monotonic()
             if snapshot is not None or entries or hard_state is not None:
                 snap_arg = _snapshot_pair(snapshot)

@@ -1,32 +1,47 @@
-"""Durable Raft storage on LMDB: log entries, hard state and the latest snapshot.
+"""Durable Raft storage: the log in append-only segment files, the hard state and the snapshot in LMDB.
 
-One LMDB environment per replica (``<data_dir>/``) with three named databases:
+A replica's data directory holds:
 
-``entries``   key = big-endian u64 index (so LMDB's byte order is log order),
-              value = ``ENTRY_HEADER`` (crc32, term, kind, data length) followed by the raw payload.
-              The crc32 covers the index, the header fields and the payload; it is verified on every
-              read, so a flipped bit or a record moved under the wrong key is a ``LogCorruption`` error,
-              never a silently wrong entry handed to the core.
-``state``     ``hard_state`` and ``snapshot_meta`` (msgpack of the core's structs, with a crc32 prefix).
-``snapshot``  the state machine's snapshot bytes for ``snapshot_meta`` (one value; LMDB stores it on
-              overflow pages), with a crc32 prefix.
+``log-<seq:016x>.seg``  the log: segment files of records, appended in order and never rewritten. A record
+              is ``RECORD_HEADER`` (crc32, type, kind, index, term, length) followed by ``length`` payload
+              bytes; the crc32 covers everything after itself. Types: ENTRY (a log entry), TRUNCATE (entries
+              >= index are gone: a conflicting suffix or a log replaced by a leader's snapshot) and COMMIT (the
+              commit index, written with the next append instead of costing a sync of its own). A segment
+              starts with ``SEGMENT_HEADER`` (magic, its sequence number) and is preallocated; an all-zero
+              header marks the end of what was written.
+``data.mdb``  one LMDB environment with two named databases: ``state`` (``hard_state`` and
+              ``snapshot_meta``, msgpack of the core's structs with a crc32 prefix) and ``snapshot`` (the
+              state machine's snapshot bytes, or a reference to ``snapshot-<index>-<term>.bin`` beside it).
 
-Durability: every mutating call is ONE write transaction. With ``sync=True`` (the default) LMDB
-fsyncs the data and the meta page before ``commit`` returns, so when a method returns the change is
-on disk; LMDB's copy-on-write B+tree with two alternating meta pages makes a transaction all or
-nothing across a kill -9 or a power cut. ``save(hard_state=..., entries=...)`` writes what one
-``Ready`` asks for in one transaction, so the driver pays one fsync per Ready (group commit).
+Why the log is not in LMDB (it was until the ninth session): an LMDB commit costs two flushes (data pages,
+then the meta page) and writes ~30-38 KB for one small entry; a segment append costs one ``fdatasync`` and
+~6 KB (``python -m bench.log_store_writes``: p50 0.13-0.18 vs 0.27-0.34 ms on this machine, alone). Under
+three replicas on one disk the difference is larger. Compaction of a segment log is deleting whole files.
+New segments are spare files of written zeros made ahead by a background thread (``_SpareSegments``).
 
-Invariants kept (and asserted): entries are contiguous from ``first_index`` to ``last_index``; the
-entry just before ``first_index`` is covered by the snapshot (``first_index == 1`` or
-``first_index <= snapshot.index + 1``); ``hard_state.commit <= last_index``.
+Durability: with ``sync=True`` (the default) every mutating call is on disk when it returns. ``save`` of
+what one ``Ready`` asks for costs one ``fdatasync`` of the active segment for entries (group commit) and an
+LMDB commit only when the term or vote changes or a snapshot arrives (rare). Order, so that a crash between
+two steps always leaves a valid state: a new term/vote (LMDB) before entries of that term (segment); a
+TRUNCATE of a replaced log (segment) before the snapshot that replaces it (LMDB); the snapshot before the
+entries that follow it. A torn write can only be the tail of the last segment (a save returns after its
+``fdatasync``): a bad record there that looks unfinished (zeros where the rest of it should be; see
+``_looks_torn``) is cut off at open. Any other bad record is ``LogCorruption``: never silently dropped.
+
+Invariants kept (and asserted): entries are contiguous from ``first_index`` to ``last_index``; the entry just
+before ``first_index`` is covered by the snapshot (``first_index == 1`` or ``first_index <= snapshot.index +
+1``); ``hard_state.commit <= last_index``; a committed entry is never truncated.
 """
 from __future__ import annotations
 
 import glob
+import mmap
 import os
+import re
 import struct
+import threading
 import zlib
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,21 +51,31 @@ import msgspec
 from engine.raft import messages as _msg
 
 # --- named limits -----------------------------------------------------------------------------------
-MAP_SIZE_BYTES_DEFAULT = 64 << 30        # sparse file: only pages written occupy disk
+MAP_SIZE_BYTES_DEFAULT = 64 << 30        # LMDB map (sparse): hard state, snapshot meta, small snapshots
 ENTRY_SIZE_BYTES_MAX = 64 << 20          # one entry's payload; the ledger's largest batch is ~1 MiB
 SNAPSHOT_SIZE_BYTES_MAX = 8 << 30        # one snapshot value in LMDB
-APPEND_BATCH_ENTRIES_MAX = 1 << 16       # entries in one save() call (bounds one write transaction)
-COMPACT_STEP_ENTRIES = 256               # compact_later(): entries deleted per write transaction
+APPEND_BATCH_ENTRIES_MAX = 1 << 16       # entries in one save() call
+SEGMENT_BYTES_DEFAULT = 64 << 20         # a segment is preallocated to this and rolled when full
 READ_BATCH_BYTES_DEFAULT = 64 << 20      # entries(lo, hi, size_bytes_max=...) default
+_WRITE_BUFFERS_MAX = 1024                # buffers per pwritev (Linux IOV_MAX)
+_COALESCE_BYTES = 64 << 10               # payloads below this are copied into one buffer with their headers
 
-# crc32 (u32), term (u64), kind (u8), data length (u32); little-endian, no padding.
-ENTRY_HEADER = struct.Struct("<IQBI")
-_INDEX_KEY = struct.Struct(">Q")
+# crc32 (u32), type (u8), kind (u8), reserved (u16), index (u64), term (u64), payload length (u32).
+RECORD_HEADER = struct.Struct("<IBBHQQI")
+_REC_BODY = struct.Struct("<BBHQQI")     # the header after its crc32
+REC_ENTRY, REC_TRUNCATE, REC_COMMIT = 1, 2, 3
+SEGMENT_MAGIC = b"ZWRAFTL1"
+SEGMENT_HEADER = struct.Struct("<8sQ")   # magic, segment sequence number
+_SEGMENT_NAME = re.compile(r"^log-([0-9a-f]{16})\.seg$")
 _CRC = struct.Struct("<I")
 
 _KEY_HARD_STATE = b"hard_state"
 _KEY_SNAPSHOT_META = b"snapshot_meta"
 _KEY_SNAPSHOT_DATA = b"snapshot_data"
+# ENTRY_HEADER is the value layout of the LMDB ``entries`` table of stores written before the segment log;
+# such a store is moved into segments once, at its first open (``_migrate_lmdb_entries``).
+ENTRY_HEADER = struct.Struct("<IQBI")
+_INDEX_KEY = struct.Struct(">Q")
 
 
 class LogStoreError(Exception):
@@ -61,37 +86,20 @@ class LogCorruption(LogStoreError):
     """Bytes on disk fail their checksum or break a log invariant; the replica must not start on them."""
 
 
-def _index_key(index: int) -> bytes:
-    return _INDEX_KEY.pack(index)
+def _record(rtype: int, kind: int, index: int, term: int, data: bytes | memoryview = b"") -> bytes:
+    """Header of one record (the payload is written after it); the crc32 covers header body + payload."""
+    body = _REC_BODY.pack(rtype, kind, 0, index, term, len(data))
+    return _CRC.pack(zlib.crc32(data, zlib.crc32(body))) + body
 
 
-def _entry_crc(index: int, term: int, kind: int, data: bytes | memoryview) -> int:
-    head = struct.pack("<QQB", index, term, kind)
-    return zlib.crc32(data, zlib.crc32(head))
-
-
-def encode_entry_value(entry: Any) -> list[bytes | memoryview]:
-    """The stored value of ``entry`` as parts (header, payload) to avoid concatenating big payloads."""
-    data = entry.data
-    size = len(data)
-    if size > ENTRY_SIZE_BYTES_MAX:
-        raise LogStoreError(f"entry {entry.index}: {size} bytes exceeds ENTRY_SIZE_BYTES_MAX={ENTRY_SIZE_BYTES_MAX}")
-    kind = int(entry.kind)
-    if not 0 <= kind <= 255:
-        raise LogStoreError(f"entry {entry.index}: kind {kind} does not fit in one byte")
-    crc = _entry_crc(entry.index, entry.term, kind, data)
-    return [ENTRY_HEADER.pack(crc, entry.term, kind, size), data]
-
-
-def decode_entry_value(index: int, value: bytes | memoryview) -> Any:
-    """Verify and decode one stored entry; raises LogCorruption on any mismatch."""
+def _legacy_entry(index: int, value: bytes | memoryview) -> Any:
+    """Verify and decode one entry of the old LMDB ``entries`` table; raises LogCorruption on a mismatch."""
     if len(value) < ENTRY_HEADER.size:
         raise LogCorruption(f"entry {index}: stored value of {len(value)} bytes is shorter than its header")
     crc, term, kind, size = ENTRY_HEADER.unpack_from(value, 0)
     data = bytes(value[ENTRY_HEADER.size:])
-    if len(data) != size:
-        raise LogCorruption(f"entry {index}: header says {size} payload bytes, found {len(data)}")
-    if _entry_crc(index, term, kind, data) != crc:
+    head = struct.pack("<QQB", index, term, kind)
+    if len(data) != size or zlib.crc32(data, zlib.crc32(head)) != crc:
         raise LogCorruption(f"entry {index}: checksum mismatch (stored crc32 {crc:#010x})")
     return _msg.Entry(term=term, index=index, kind=_entry_kind(kind), data=data)
 
@@ -139,40 +147,172 @@ def _unwrap(what: str, value: bytes | memoryview) -> memoryview:
     return payload
 
 
+SPARE_GLOB = "spare-*.tmp"
+FIRST_ROLL_WAIT_S = 2.0                  # the first roll after open waits this long for the first spare
+
+
+class _SpareSegments:
+    """Segment files of written zeros, made one at a time by a background thread ahead of need.
+
+    Why not fallocate: an fdatasync of an append into fallocated blocks (unwritten extents) must also commit
+    the filesystem's journal, and waits behind whatever else the journal holds; at 10K transfers/s that
+    stalled every replica's log sync for ~66 ms several times in 10 s. Into blocks already written, it is a
+    plain data flush (p99 at 10K/s: 4.5 ms, no stall over 5 ms; bench/RESULTS.md)."""
+
+    def __init__(self, directory: str, size: int) -> None:
+        self._dir, self._size = directory, size
+        self._lock = threading.Lock()
+        self._ready: str | None = None
+        self._done = threading.Event()
+        self._closed = False
+        self._made = 0
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._done.clear()
+        self._made += 1
+        path = os.path.join(self._dir, f"spare-{self._made}.tmp")
+        self._thread = threading.Thread(target=self._fill, args=(path,), name="raft-log-spare", daemon=True)
+        self._thread.start()
+
+    def _fill(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                zero = bytes(1 << 20)
+                for off in range(0, self._size, len(zero)):
+                    if self._closed:
+                        raise InterruptedError
+                    os.pwrite(fd, zero[:min(len(zero), self._size - off)], off)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                if not self._closed:
+                    self._ready, path = path, ""
+        except OSError:
+            pass                                  # a full disk: rolls fall back to fallocate
+        finally:
+            if path:
+                _unlink_quietly(path)
+            self._done.set()
+
+    def take(self, wait_s: float) -> str | None:
+        """The path of a ready spare (the caller renames it), or None; starts making the next one."""
+        if wait_s > 0:
+            self._done.wait(wait_s)
+        with self._lock:
+            path, self._ready = self._ready, None
+        if self._done.is_set() and not self._closed:
+            self._start()
+        return path
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            path, self._ready = self._ready, None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if path:
+            _unlink_quietly(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+_SECTOR = 512
+
+
+def _looks_torn(view: memoryview, off: int, end: int, past_eof: bool) -> bool:
+    """Is the bad record at [off, end) a write that did not finish (cut off at the tail of the last segment)
+    rather than damage? A save is one pwritev then one fdatasync; a kill stops the copy at a page boundary
+    and a power cut loses whole sectors, and what was never written reads as zeros (the segment is
+    preallocated). So: the record runs past the end of the file, or a whole sector inside it is zeros,
+    or it ends in zeros from a sector boundary on. Anything else is corruption, never silently cut."""
+    if past_eof:
+        return True
+    first = -(-off // _SECTOR) * _SECTOR
+    zeros = bytes(_SECTOR)
+    for z in range(first, end - _SECTOR + 1, _SECTOR):
+        if view[z:z + _SECTOR] == zeros:
+            return True
+    tail = bytes(view[off:end]).rstrip(b"\0")
+    last_nonzero = off + len(tail) - 1
+    boundary = (last_nonzero // _SECTOR + 1) * _SECTOR
+    return boundary < end
+
+
+class _Segment:
+    """One segment file: its descriptor, where the next record goes, and the highest entry index in it."""
+    __slots__ = ("seq", "path", "fd", "end", "max_index")
+
+    def __init__(self, seq: int, path: str, fd: int, end: int) -> None:
+        self.seq, self.path, self.fd, self.end, self.max_index = seq, path, fd, end, 0
+
+
 class LogStore:
     """The replica's durable Raft state. Not thread-safe: one thread (the driver's) owns it."""
 
     def __init__(self, path: str | os.PathLike[str], *, sync: bool = True,
-                 map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT) -> None:
+                 map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
+                 segment_bytes: int = SEGMENT_BYTES_DEFAULT) -> None:
         if map_size_bytes < (1 << 20):
             raise ValueError(f"map_size_bytes={map_size_bytes} is below 1 MiB")
+        if segment_bytes < (1 << 16):
+            raise ValueError(f"segment_bytes={segment_bytes} is below 64 KiB")
         self.path = os.fspath(path)
         self.sync = sync
+        self.segment_bytes = segment_bytes
         os.makedirs(self.path, exist_ok=True)
-        # metasync/sync follow `sync`; readahead off: the log is read mostly at its tail.
         self._env = lmdb.open(self.path, map_size=map_size_bytes, max_dbs=4, sync=sync, metasync=sync,
                               readahead=False, lock=True, subdir=True)
-        self._entries = self._env.open_db(b"entries")
         self._state = self._env.open_db(b"state")
         self._snapshot = self._env.open_db(b"snapshot")
         self._hs_encoder = msgspec.msgpack.Encoder()
         self._hs_decoder = msgspec.msgpack.Decoder(_msg.HardState)
         self._meta_decoder = msgspec.msgpack.Decoder(_msg.SnapshotMeta)
-        # Cached from disk and kept in step with every committed write transaction.
-        self._hard_state: Any = None
-        self._deferred_hard_state: Any = None      # a commit-only change not yet written (defer_commit)
-        self._snapshot_meta: Any = None
+        # Where each live entry is: position i holds index first_index + i.
+        self._seg = array("q")          # segment sequence number
+        self._off = array("q")          # record offset in that segment
+        self._term = array("q")
+        self._len = array("q")          # payload length
         self._first_index = 1
-        self._last_index = 0
-        self._last_term = 0
+        self._snap_index = 0
+        self._snap_term = 0
+        self._segments: dict[int, _Segment] = {}   # oldest first
+        self._active: _Segment | None = None        # created at the first append after open
+        self._next_seq = 1
+        self._hard_state: Any = None                # term and vote durable in LMDB; commit see below
+        self._durable_commit = 0                    # the commit index on disk (LMDB or a COMMIT record)
+        self._deferred_hard_state: Any = None       # a commit-only change not yet written (defer_commit)
+        self._snapshot_meta: Any = None
         self._snapshot_file: str | None = None
-        self._compact_target = 0                   # compact_later(): drop entries <= this, a step per save
-        self._load_and_verify_bounds()
+        self.bytes_written = 0                      # to segments, since open
+        self.segments_removed = 0
+        self._spares: _SpareSegments | None = None
+        self._rolled = False
+        try:
+            self._load_state()
+            self._scan_segments()
+            self._migrate_lmdb_entries()
+            self._settle_after_load()
+        except BaseException:
+            self._close_files()
+            raise
         self._snapshot_file = self._referenced_snapshot_file()
         self._remove_unreferenced_snapshot_files()
+        for leftover in glob.glob(os.path.join(self.path, SPARE_GLOB)):
+            _unlink_quietly(leftover)
+        if sync:
+            self._spares = _SpareSegments(self.path, segment_bytes)
 
     # --- recovery ------------------------------------------------------------------------------------
-    def _load_and_verify_bounds(self) -> None:
+    def _load_state(self) -> None:
         with self._env.begin(buffers=True) as txn:
             raw = txn.get(_KEY_HARD_STATE, db=self._state)
             self._hard_state = (self._hs_decoder.decode(_unwrap("hard state", raw)) if raw is not None
@@ -180,36 +320,140 @@ class LogStore:
             raw = txn.get(_KEY_SNAPSHOT_META, db=self._state)
             self._snapshot_meta = (self._meta_decoder.decode(_unwrap("snapshot meta", raw))
                                    if raw is not None else None)
-            cursor = txn.cursor(db=self._entries)
-            snap_index = self._snapshot_meta.index if self._snapshot_meta is not None else 0
-            snap_term = self._snapshot_meta.term if self._snapshot_meta is not None else 0
-            if cursor.first():
-                first = _INDEX_KEY.unpack(cursor.key())[0]
-                cursor.last()
-                last = _INDEX_KEY.unpack(cursor.key())[0]
-                tail = decode_entry_value(last, cursor.value())
-                count = txn.stat(self._entries)["entries"]
-                if count != last - first + 1:
-                    raise LogCorruption(f"log has {count} entries between {first} and {last}: not contiguous")
-                if first > snap_index + 1:
-                    raise LogCorruption(f"log starts at {first} but the snapshot covers only up to {snap_index}")
-                self._first_index, self._last_index = first, last
-                self._last_term = tail.term
-                if last < snap_index:  # the snapshot covers the whole log
-                    self._first_index, self._last_index, self._last_term = snap_index + 1, snap_index, snap_term
+        if self._snapshot_meta is not None:
+            self._snap_index, self._snap_term = self._snapshot_meta.index, self._snapshot_meta.term
+        self._durable_commit = self._hard_state.commit
+
+    def _scan_segments(self) -> None:
+        """Replay every segment's records, oldest first, into the in-memory index of entries."""
+        found = []
+        for name in os.listdir(self.path):
+            m = _SEGMENT_NAME.match(name)
+            if m:
+                found.append((int(m.group(1), 16), name))
+        found.sort()
+        for pos, (seq, name) in enumerate(found):
+            last = pos == len(found) - 1
+            path = os.path.join(self.path, name)
+            fd = os.open(path, os.O_RDWR)
+            seg = _Segment(seq, path, fd, 0)
+            self._segments[seq] = seg
+            self._next_seq = seq + 1
+            end = self._replay(seg, os.fstat(fd).st_size, tail_may_tear=last)
+            if end is None:               # created, then killed before its header was durable: nothing in it
+                del self._segments[seq]
+                os.close(fd)
+                os.unlink(path)
             else:
-                self._first_index, self._last_index, self._last_term = snap_index + 1, snap_index, snap_term
-        commit = self._hard_state.commit
-        if commit > self._last_index:
-            raise LogCorruption(f"hard state commit {commit} is past the last stored index {self._last_index}")
-        if self._snapshot_meta is not None:       # a prefix compact_later() had not finished deleting
-            self._compact_target = self._snapshot_meta.index
+                seg.end = end
+
+    def _replay(self, seg: _Segment, size: int, *, tail_may_tear: bool) -> int | None:
+        """Apply one segment's records to the index; returns the offset after its last good record (None:
+        the last segment has no header, a roll cut short by a crash). Every record's checksum is verified
+        (a flipped bit in an index or a length would misplace everything after it); reads verify again."""
+        name = os.path.basename(seg.path)
+        if size < SEGMENT_HEADER.size:
+            if tail_may_tear:
+                return None
+            raise LogCorruption(f"segment {name}: {size} bytes, shorter than its header")
+        with mmap.mmap(seg.fd, size, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                magic, seq = SEGMENT_HEADER.unpack_from(view, 0)
+                if magic != SEGMENT_MAGIC or seq != seg.seq:
+                    if tail_may_tear and magic == b"\0" * 8:
+                        return None
+                    raise LogCorruption(f"segment {name}: bad header (magic {magic!r}, sequence {seq})")
+                off = SEGMENT_HEADER.size
+                hsize = RECORD_HEADER.size
+                while off + hsize <= size:
+                    crc, rtype, kind, _, index, term, length = RECORD_HEADER.unpack_from(view, off)
+                    if rtype == 0 and crc == 0 and index == 0 and length == 0:
+                        break                                       # preallocated, never written
+                    end = off + hsize + length
+                    bad = (rtype not in (REC_ENTRY, REC_TRUNCATE, REC_COMMIT) or end > size
+                           or zlib.crc32(view[off + 4:end]) != crc)
+                    if bad:
+                        if tail_may_tear and _looks_torn(view, off, min(max(end, off + hsize), size), end > size):
+                            self._cut_tail(seg, off)
+                            return off
+                        raise LogCorruption(f"segment {name}: bad record at offset {off} (checksum, type "
+                                            f"{rtype} or length {length})")
+                    if rtype == REC_ENTRY:
+                        self._index_entry(index, term, seg, off, length, name)
+                    elif rtype == REC_TRUNCATE:
+                        self._drop_from(index)
+                    else:
+                        self._durable_commit = max(self._durable_commit, index)
+                    off = end
+                return off
+            finally:
+                view.release()
+
+    def _cut_tail(self, seg: _Segment, off: int) -> None:
+        """Drop a torn write at the end of the last segment (it was never reported durable)."""
+        os.ftruncate(seg.fd, off)
+        os.fsync(seg.fd)
+
+    def _index_entry(self, index: int, term: int, seg: _Segment, off: int, length: int, name: str) -> None:
+        last = self._first_index + len(self._term) - 1
+        if self._term and index <= last:
+            if index < self._first_index:
+                raise LogCorruption(f"segment {name}: entry {index} is below the log's first index "
+                                    f"{self._first_index}")
+            self._drop_from(index)                 # a rewrite of a conflicting suffix
+        elif self._term and index > last + 1:
+            self._drop_from(self._first_index)     # a gap: a snapshot replaced the log before this entry
+        if not self._term:
+            self._first_index = index
+        self._seg.append(seg.seq)
+        self._off.append(off)
+        self._term.append(term)
+        self._len.append(length)
+        seg.max_index = max(seg.max_index, index)
+
+    def _drop_from(self, index: int) -> None:
+        """Forget entries >= index (in memory)."""
+        keep = max(0, index - self._first_index)
+        if keep < len(self._term):
+            del self._seg[keep:], self._off[keep:], self._term[keep:], self._len[keep:]
+
+    def _migrate_lmdb_entries(self) -> None:
+        """A store written before the segment log kept its entries in LMDB: append them to a segment once
+        (synced), then drop that table. A crash in between repeats the copy, which rewrites the same entries."""
+        with self._env.begin(buffers=True) as txn:
+            if txn.get(b"entries") is None:        # named databases are keys of the main database
+                return
+        old = self._env.open_db(b"entries")
+        with self._env.begin(db=old, buffers=True) as txn:
+            entries = [_legacy_entry(_INDEX_KEY.unpack(k)[0], v) for k, v in txn.cursor()]
+        for lo in range(0, len(entries), APPEND_BATCH_ENTRIES_MAX):
+            self._write_records(entries[lo:lo + APPEND_BATCH_ENTRIES_MAX], None, None)
+        with self._env.begin(write=True) as txn:
+            txn.drop(old, delete=True)
+
+    def _settle_after_load(self) -> None:
+        snap_index = self._snap_index
+        if self._term:
+            first, last = self._first_index, self._first_index + len(self._term) - 1
+            if first > snap_index + 1:
+                raise LogCorruption(f"log starts at {first} but the snapshot covers only up to {snap_index}")
+        if snap_index >= self._first_index:          # entries the snapshot covers are gone
+            self._drop_prefix_to(snap_index)
+        commit = max(self._durable_commit, self._hard_state.commit)
+        if commit > self.last_index:
+            raise LogCorruption(f"hard state commit {commit} is past the last stored index {self.last_index}")
+        self._durable_commit = commit
+        if commit != self._hard_state.commit:
+            hs = self._hard_state
+            self._hard_state = _msg.HardState(term=hs.term, vote=hs.vote, commit=commit)
+        for seq in list(self._segments):
+            self._maybe_remove_segment(seq)
 
     def initial_state(self) -> tuple[Any, Any, list[Any]]:
         """(hard_state, snapshot_meta or None, entries after the snapshot) -- what RaftCore starts from."""
-        snap_index = self._snapshot_meta.index if self._snapshot_meta is not None else 0
-        lo = max(self._first_index, snap_index + 1)
-        entries = self.entries(lo, self._last_index + 1, size_bytes_max=None)
+        lo = max(self._first_index, self._snap_index + 1)
+        entries = self.entries(lo, self.last_index + 1, size_bytes_max=None)
         return self._hard_state, self._snapshot_meta, entries
 
     # --- reads ---------------------------------------------------------------------------------------
@@ -219,11 +463,11 @@ class LogStore:
 
     @property
     def last_index(self) -> int:
-        return self._last_index
+        return self._first_index + len(self._term) - 1 if self._term else self._snap_index
 
     @property
     def last_term(self) -> int:
-        return self._last_term
+        return self._term[-1] if self._term else self._snap_term
 
     @property
     def hard_state(self) -> Any:
@@ -233,44 +477,49 @@ class LogStore:
     def snapshot_meta(self) -> Any:
         return self._snapshot_meta
 
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
     def entries(self, lo: int, hi: int, *, size_bytes_max: int | None = READ_BATCH_BYTES_DEFAULT) -> list[Any]:
         """Entries with lo <= index < hi (checksums verified). With size_bytes_max, stops once the payloads
         reach that many bytes (always returns at least one entry when the range is non-empty)."""
-        if lo < self._first_index or hi > self._last_index + 1 or lo > hi:
+        if lo < self._first_index or hi > self.last_index + 1 or lo > hi:
             raise LogStoreError(f"entries [{lo}, {hi}) outside the stored log [{self._first_index}, "
-                                f"{self._last_index + 1})")
+                                f"{self.last_index + 1})")
         out: list[Any] = []
-        if lo == hi:
-            return out
         total = 0
-        with self._env.begin(db=self._entries, buffers=True) as txn:
-            cursor = txn.cursor()
-            if not cursor.set_key(_index_key(lo)):
-                raise LogCorruption(f"entry {lo} missing inside the stored log")
-            expected = lo
-            for key, value in cursor:
-                index = _INDEX_KEY.unpack(key)[0]
-                if index >= hi:
-                    break
-                if index != expected:
-                    raise LogCorruption(f"entry {expected} missing (next stored is {index})")
-                entry = decode_entry_value(index, value)
-                out.append(entry)
-                expected += 1
-                total += len(entry.data)
-                if size_bytes_max is not None and total >= size_bytes_max:
-                    break
-        if size_bytes_max is None and len(out) != hi - lo:
-            raise LogCorruption(f"entries [{lo}, {hi}): found only {len(out)}")
+        hsize = RECORD_HEADER.size
+        base = self._first_index
+        for index in range(lo, hi):
+            i = index - base
+            seg = self._segments[self._seg[i]]
+            length = self._len[i]
+            raw = os.pread(seg.fd, hsize + length, self._off[i])
+            name = os.path.basename(seg.path)
+            if len(raw) != hsize + length:
+                raise LogCorruption(f"entry {index}: segment {name} ends inside it")
+            crc, rtype, kind, _, r_index, r_term, r_len = RECORD_HEADER.unpack_from(raw, 0)
+            if zlib.crc32(memoryview(raw)[4:]) != crc:
+                raise LogCorruption(f"entry {index}: checksum mismatch in segment {name}")
+            if rtype != REC_ENTRY or r_index != index or r_term != self._term[i] or r_len != length:
+                raise LogCorruption(f"entry {index}: segment {name} holds another record there")
+            out.append(_msg.Entry(term=r_term, index=index, kind=_entry_kind(kind), data=raw[hsize:]))
+            total += length
+            if size_bytes_max is not None and total >= size_bytes_max:
+                break
         return out
 
     def term(self, index: int) -> int:
         """The term of the entry at index (the snapshot's term at its index; 0 at index 0)."""
-        if self._snapshot_meta is not None and index == self._snapshot_meta.index:
-            return self._snapshot_meta.term
+        if self._snapshot_meta is not None and index == self._snap_index:
+            return self._snap_term
         if index == 0:
             return 0
-        return self.entries(index, index + 1)[0].term
+        if not self._first_index <= index <= self.last_index:
+            raise LogStoreError(f"term of {index}: outside the stored log [{self._first_index}, "
+                                f"{self.last_index + 1})")
+        return self._term[index - self._first_index]
 
     def snapshot(self) -> tuple[Any, bytes] | None:
         """(meta, data) of the latest saved snapshot, or None."""
@@ -326,173 +575,183 @@ class LogStore:
     def set_hard_state(self, hard_state: Any) -> None:
         self.save(hard_state=hard_state)
 
-    def save(self, *, hard_state: Any = None, entries: Sequence[Any] = (), snapshot: tuple[Any, bytes] | None = None,
-             defer_prefix: bool = False) -> None:
-        """Persist what one Ready asks for, in ONE write transaction (one fsync when sync=True).
+    def save(self, *, hard_state: Any = None, entries: Sequence[Any] = (),
+             snapshot: tuple[Any, "bytes | SnapshotFile"] | None = None) -> None:
+        """Persist what one Ready asks for: durable when it returns (with sync=True).
 
-        Order inside the transaction: snapshot (replaces the log prefix it covers), then entries (an
-        append starting at or below last_index first drops the conflicting suffix), then hard state.
-        ``defer_prefix``: a snapshot that keeps the log's suffix leaves the prefix it covers to
-        ``compact_later`` instead of deleting it in this transaction (the replica's own snapshots).
+        Meaning: the snapshot first (it replaces the log prefix it covers, or the whole log when the log
+        does not hold its last entry), then the entries (an append starting at or below last_index first
+        drops the conflicting suffix), then the hard state. Costs one fdatasync of the active segment when
+        there are entries, plus an LMDB commit when the term or vote changes or there is a snapshot.
         Raises LogStoreError and changes nothing when the request breaks a log invariant."""
         entries = list(entries)
-        if hard_state is None and self._deferred_hard_state is not None and (entries or snapshot is not None):
-            hard_state = self._deferred_hard_state       # rides along with the next durable write
         if len(entries) > APPEND_BATCH_ENTRIES_MAX:
             raise LogStoreError(f"{len(entries)} entries in one save: APPEND_BATCH_ENTRIES_MAX={APPEND_BATCH_ENTRIES_MAX}")
-        first, last, last_term = self._first_index, self._last_index, self._last_term
+        if hard_state is None and self._deferred_hard_state is not None and (entries or snapshot is not None):
+            hard_state = self._deferred_hard_state       # rides along with the next durable write
         snap_meta = self._snapshot_meta
-        snap_value = None
-        moved_to = None
         if snapshot is not None:
-            snap_meta, snap_data = snapshot
-            size = snap_data.size if isinstance(snap_data, SnapshotFile) else len(snap_data)
+            snap_meta = snapshot[0]
+            size = snapshot[1].size if isinstance(snapshot[1], SnapshotFile) else len(snapshot[1])
             if size > SNAPSHOT_SIZE_BYTES_MAX:
                 raise LogStoreError(f"snapshot of {size} bytes: SNAPSHOT_SIZE_BYTES_MAX={SNAPSHOT_SIZE_BYTES_MAX}")
             if self._snapshot_meta is not None and snap_meta.index < self._snapshot_meta.index:
                 raise LogStoreError(f"snapshot at {snap_meta.index} is older than the stored one at "
                                     f"{self._snapshot_meta.index}")
-            if isinstance(snap_data, SnapshotFile):
-                name = f"snapshot-{snap_meta.index}-{snap_meta.term}.bin"
-                moved_to = os.path.join(self.path, name)
-                os.replace(snap_data.path, moved_to)          # the bytes are durable already: move them in
-                _fsync_dir(self.path)
-                snap_value = _wrap(SNAPSHOT_FILE_MAGIC + msgspec.msgpack.encode([name, snap_data.size,
-                                                                                 snap_data.crc32]))
-            else:
-                snap_value = _wrap(bytes(snap_data))
-        values: list[tuple[bytes, bytes]] = []
+        keeps_log = snapshot is not None and self._holds(snap_meta.index, snap_meta.term)
+        last = self.last_index
+        if snapshot is not None and not keeps_log:
+            last = snap_meta.index
+        floor = snap_meta.index if snap_meta is not None else 0
+        committed = max(self._hard_state.commit, floor)
         if entries:
             lo = entries[0].index
-            floor = snap_meta.index if snap_meta is not None else 0
             if lo <= floor:
                 raise LogStoreError(f"append at {lo} is not above the snapshot index {floor}")
+            if lo > last + 1:
+                raise LogStoreError(f"append at {lo} leaves a gap after last index {last}")
+            for e in entries:
+                if len(e.data) > ENTRY_SIZE_BYTES_MAX:
+                    raise LogStoreError(f"entry {e.index}: {len(e.data)} bytes exceeds "
+                                        f"ENTRY_SIZE_BYTES_MAX={ENTRY_SIZE_BYTES_MAX}")
+                if not 0 <= int(e.kind) <= 255:
+                    raise LogStoreError(f"entry {e.index}: kind {int(e.kind)} does not fit in one byte")
             for prev, cur in zip(entries, entries[1:]):
                 if cur.index != prev.index + 1:
                     raise LogStoreError(f"entries not contiguous: {prev.index} then {cur.index}")
                 if cur.term < prev.term:
                     raise LogStoreError(f"entry terms go back: {prev.term} at {prev.index}, {cur.term} at {cur.index}")
-            for entry in entries:
-                header, data = encode_entry_value(entry)
-                values.append((_index_key(entry.index), b"".join((header, data))))
+            if lo - 1 > floor and lo - 1 <= last:
+                prev_term = self._term[lo - 1 - self._first_index]
+                if entries[0].term < prev_term:
+                    raise LogStoreError(f"entry {lo} term {entries[0].term} below its predecessor's {prev_term}")
+            if lo <= last and lo <= committed:
+                raise LogStoreError(f"append at {lo} would overwrite committed entries (commit {committed})")
+            last = entries[-1].index
         if hard_state is not None:
             if hard_state.term < self._hard_state.term:
                 raise LogStoreError(f"hard state term goes back: {self._hard_state.term} -> {hard_state.term}")
-        self._pending_hard_state = None
+            if hard_state.commit > last:
+                raise LogStoreError(f"hard state commit {hard_state.commit} past last index {last}")
+        # checked: now write, in an order that leaves a valid store after a crash between any two steps
+        if hard_state is not None and (hard_state.term != self._hard_state.term
+                                       or hard_state.vote != self._hard_state.vote):
+            self._put_hard_state(hard_state)            # a term's entries never reach disk before the term
+        if snapshot is not None:
+            self._install_snapshot(snap_meta, snapshot[1], keeps_log)
+        if entries or (hard_state is not None and hard_state.commit > self._durable_commit):
+            self._write_records(entries, hard_state.commit if hard_state is not None else None, None)
+        if hard_state is not None:
+            merged = _msg.HardState(term=hard_state.term, vote=hard_state.vote,
+                                    commit=max(hard_state.commit, self._hard_state.commit))
+            self._hard_state = merged
+        if self._deferred_hard_state is not None and self._hard_state.commit >= self._deferred_hard_state.commit:
+            self._deferred_hard_state = None
+        assert self._hard_state.commit <= self.last_index
+        assert self._first_index <= self.last_index + 1
+
+    def _holds(self, index: int, term: int) -> bool:
+        return self._first_index <= index <= self.last_index and self._term[index - self._first_index] == term
+
+    def _put_hard_state(self, hard_state: Any) -> None:
+        # never a commit past what the segments hold: the entries of this save are written after it
+        commit = min(hard_state.commit, self._durable_commit)
+        stored = _msg.HardState(term=hard_state.term, vote=hard_state.vote, commit=commit)
+        with self._env.begin(write=True) as txn:
+            txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(stored)), db=self._state)
+
+    def _install_snapshot(self, meta: Any, data: "bytes | SnapshotFile", keeps_log: bool) -> None:
+        """Raft §7: keep the log after meta.index only if it holds meta.index with meta.term; otherwise the
+        whole log goes (a TRUNCATE record, synced, before the snapshot that replaces it is committed)."""
+        if not keeps_log:
+            cut = max(self._hard_state.commit, self._first_index - 1) + 1   # committed entries never go
+            if self._term and cut <= self.last_index:
+                self._write_records([], None, cut)
+        moved_to = None
+        if isinstance(data, SnapshotFile):
+            name = f"snapshot-{meta.index}-{meta.term}.bin"
+            moved_to = os.path.join(self.path, name)
+            os.replace(data.path, moved_to)          # the bytes are durable already: move them in
+            _fsync_dir(self.path)
+            value = _wrap(SNAPSHOT_FILE_MAGIC + msgspec.msgpack.encode([name, data.size, data.crc32]))
+        else:
+            value = _wrap(bytes(data))
+        hs = self._hard_state
+        new_hs = None
+        if hs.commit < meta.index:                    # a snapshot is committed state by definition
+            new_hs = _msg.HardState(term=hs.term, vote=hs.vote, commit=meta.index)
         try:
-            first, last, last_term, snap_meta = self._save_txn(hard_state, entries, values, snapshot, snap_meta,
-                                                               snap_value, first, last, last_term, defer_prefix)
+            with self._env.begin(write=True) as txn:
+                txn.put(_KEY_SNAPSHOT_META, _wrap(self._hs_encoder.encode(meta)), db=self._state)
+                txn.put(_KEY_SNAPSHOT_DATA, value, db=self._snapshot)
+                if new_hs is not None:
+                    txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(new_hs)), db=self._state)
         except lmdb.MapFullError as exc:
             raise LogStoreError(f"log store full: raise map_size_bytes (now {self._env.info()['map_size']})"
                                 ) from exc
-        # committed (and fsynced when sync=True): update the cache
-        self._first_index, self._last_index, self._last_term = first, last, last_term
-        self._snapshot_meta = snap_meta
-        if snapshot is not None:
-            self._snapshot_file = moved_to if isinstance(snapshot[1], SnapshotFile) else None
-            self._remove_unreferenced_snapshot_files()
-        if hard_state is not None:
-            self._hard_state = hard_state
-        elif self._pending_hard_state is not None:
-            self._hard_state = self._pending_hard_state
-        self._pending_hard_state = None
-        if self._deferred_hard_state is not None and self._hard_state.commit >= self._deferred_hard_state.commit:
-            self._deferred_hard_state = None
-        assert self._hard_state.commit <= self._last_index
-        assert self._first_index <= self._last_index + 1
-
-    def _save_txn(self, hard_state: Any, entries: list[Any], values: list[tuple[bytes, bytes]],
-                  snapshot: Any, snap_meta: Any, snap_value: Any, first: int, last: int, last_term: int,
-                  defer_prefix: bool = False) -> tuple[int, int, int, Any]:
-        with self._env.begin(write=True) as txn:
-            if snapshot is not None:
-                first, last, last_term = self._install_snapshot_txn(txn, snap_meta, snap_value, first, last,
-                                                                    defer_prefix)
-            if entries:
-                lo = entries[0].index
-                if lo > last + 1:
-                    raise LogStoreError(f"append at {lo} leaves a gap after last index {last}")
-                if lo > first and lo - 1 <= last:
-                    prev_term = self._term_in_txn(txn, lo - 1, snap_meta)
-                    if entries[0].term < prev_term:
-                        raise LogStoreError(f"entry {lo} term {entries[0].term} below its predecessor's {prev_term}")
-                committed = max(self._hard_state.commit, snap_meta.index if snap_meta is not None else 0)
-                if lo <= last and lo <= committed:
-                    raise LogStoreError(f"append at {lo} would overwrite committed entries (commit {committed})")
-                if lo <= last:  # conflicting suffix: drop [lo, last]
-                    self._delete_range_txn(txn, lo, last)
-                put = txn.put
-                for key, value in values:
-                    put(key, value, db=self._entries)
-                last, last_term = entries[-1].index, entries[-1].term
-                if first > lo:
-                    first = lo
-            if hard_state is not None:
-                if hard_state.commit > last:
-                    raise LogStoreError(f"hard state commit {hard_state.commit} past last index {last}")
-                txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(hard_state)), db=self._state)
-            elif self._hard_state.commit > last:
-                raise LogStoreError(f"truncating to {last} would drop committed entries up to {self._hard_state.commit}")
-            floor = snap_meta.index if snap_meta is not None else 0
-            step_to = min(self._compact_target, floor, last, first + COMPACT_STEP_ENTRIES - 1)
-            if step_to >= first:                  # a step of compact_later(), in the same transaction
-                self._delete_range_txn(txn, first, step_to)
-                first = step_to + 1
-        return first, last, last_term, snap_meta
+        self._snapshot_meta = meta
+        self._snap_index, self._snap_term = meta.index, meta.term
+        if new_hs is not None:
+            self._hard_state = new_hs
+            self._durable_commit = max(self._durable_commit, meta.index)
+        if not keeps_log:
+            self._drop_from(self._first_index)
+            self._first_index = meta.index + 1
+        self._drop_prefix_to(meta.index)
+        self._snapshot_file = moved_to
+        self._remove_unreferenced_snapshot_files()
+        for seq in list(self._segments):
+            self._maybe_remove_segment(seq)
 
     def save_snapshot(self, meta: Any, data: "bytes | SnapshotFile") -> None:
-        """The replica's own snapshot (its log holds meta.index with meta.term): the prefix it covers is
-        deleted a step at a time by later saves (``compact_later``), not all in this transaction."""
-        self.save(snapshot=(meta, data), defer_prefix=True)
-        self.compact_later(meta.index)
+        """The replica's own snapshot (its log holds meta.index with meta.term): saved, and the log prefix
+        it covers dropped (whole segments below it are deleted; no record is written for it)."""
+        self.save(snapshot=(meta, data))
 
     def truncate_suffix(self, from_index: int) -> None:
         """Drop entries with index >= from_index (a conflicting suffix). Committed entries are never dropped."""
-        if from_index > self._last_index:
+        if from_index > self.last_index:
             return
         if from_index <= self._hard_state.commit:
             raise LogStoreError(f"truncate from {from_index} would drop committed entries (commit "
                                 f"{self._hard_state.commit})")
         if from_index < self._first_index:
             raise LogStoreError(f"truncate from {from_index} is below first index {self._first_index}")
-        with self._env.begin(write=True) as txn:
-            self._delete_range_txn(txn, from_index, self._last_index)
-            new_last = from_index - 1
-            new_term = self._term_in_txn(txn, new_last, self._snapshot_meta)
-        self._last_index, self._last_term = new_last, new_term
+        self._write_records([], None, from_index)
 
     def compact(self, upto_index: int) -> None:
-        """Drop entries with index <= upto_index; they must be covered by the saved snapshot."""
-        snap_index = self._snapshot_meta.index if self._snapshot_meta is not None else 0
-        if upto_index > snap_index:
-            raise LogStoreError(f"compact up to {upto_index} past the snapshot index {snap_index}")
+        """Drop entries with index <= upto_index; they must be covered by the saved snapshot. Costs no write:
+        the index forgets them and segments holding nothing newer are deleted."""
+        if upto_index > self._snap_index:
+            raise LogStoreError(f"compact up to {upto_index} past the snapshot index {self._snap_index}")
+        self._drop_prefix_to(upto_index)
+        for seq in list(self._segments):
+            self._maybe_remove_segment(seq)
+
+    def _drop_prefix_to(self, upto_index: int) -> None:
         if upto_index < self._first_index:
             return
-        with self._env.begin(write=True) as txn:
-            self._delete_range_txn(txn, self._first_index, min(upto_index, self._last_index))
+        n = min(upto_index - self._first_index + 1, len(self._term))
+        del self._seg[:n], self._off[:n], self._term[:n], self._len[:n]
         self._first_index = upto_index + 1
-        if self._last_index < upto_index:
-            self._last_index = upto_index
-        assert self._first_index <= self._last_index + 1
 
-    def compact_later(self, upto_index: int) -> None:
-        """Like ``compact`` but spread out: each later write transaction that has other work (``save`` with
-        entries, a hard state or a snapshot) also deletes up to COMPACT_STEP_ENTRIES of the entries <=
-        upto_index, so no fsync is added and no transaction grows large. Deleting a whole compacted prefix
-        at once (20,000 entries of up to 1 MiB) held the Raft thread for 30-190 ms after each snapshot.
-        The entries waiting to go are below the snapshot: keeping them a while longer is harmless."""
-        snap_index = self._snapshot_meta.index if self._snapshot_meta is not None else 0
-        if upto_index > snap_index:
-            raise LogStoreError(f"compact up to {upto_index} past the snapshot index {snap_index}")
-        self._compact_target = max(self._compact_target, upto_index)
-
-    @property
-    def compact_pending(self) -> int:
-        """Entries still waiting for ``compact_later`` to delete them."""
-        return max(0, min(self._compact_target, self._last_index) - self._first_index + 1)
+    def _maybe_remove_segment(self, seq: int) -> None:
+        """Delete the oldest segment once every entry in it is below first_index. Only the oldest: a
+        TRUNCATE record must not outlive the records it cancels."""
+        if not self._segments or next(iter(self._segments)) != seq:
+            return
+        seg = self._segments[seq]
+        if seg is self._active or seg.max_index >= self._first_index:
+            return
+        del self._segments[seq]
+        os.close(seg.fd)
+        os.unlink(seg.path)
+        self.segments_removed += 1
 
     def sync_now(self) -> None:
-        """Force an fsync (useful when opened with sync=False)."""
+        """Force everything to disk (useful when opened with sync=False)."""
+        if self._active is not None:
+            os.fdatasync(self._active.fd)
         self._env.sync(True)
 
     def defer_commit(self, hard_state: Any) -> None:
@@ -503,8 +762,8 @@ class LogStore:
         hs = self._hard_state
         if hard_state.term != hs.term or hard_state.vote != hs.vote:
             raise LogStoreError("only a commit-index change may be deferred; term and vote are written durably")
-        if hard_state.commit > self._last_index:
-            raise LogStoreError(f"hard state commit {hard_state.commit} past last index {self._last_index}")
+        if hard_state.commit > self.last_index:
+            raise LogStoreError(f"hard state commit {hard_state.commit} past last index {self.last_index}")
         if hard_state.commit > hs.commit:
             self._deferred_hard_state = hard_state
 
@@ -515,12 +774,20 @@ class LogStore:
     def close(self) -> None:
         if self._deferred_hard_state is not None:
             try:
-                with self._env.begin(write=True) as txn:
-                    txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(self._deferred_hard_state)),
-                            db=self._state)
+                self._write_records([], self._deferred_hard_state.commit, None)
                 self._hard_state, self._deferred_hard_state = self._deferred_hard_state, None
-            except lmdb.Error:
+            except OSError:
                 pass        # best effort: the commit index is relearned from the leader
+        self._close_files()
+
+    def _close_files(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
+            self._spares = None
+        for seg in self._segments.values():
+            os.close(seg.fd)
+        self._segments.clear()
+        self._active = None
         self._env.close()
 
     def __enter__(self) -> "LogStore":
@@ -529,61 +796,94 @@ class LogStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- helpers inside a write transaction ----------------------------------------------------------
-    def _install_snapshot_txn(self, txn: lmdb.Transaction, meta: Any, value: bytes, first: int, last: int,
-                              defer_prefix: bool = False) -> tuple[int, int, int]:
-        """Raft §7: keep the log suffix after meta.index only if the entry at meta.index has meta.term;
-        otherwise discard the whole log. Entries <= meta.index are dropped: here, or with ``defer_prefix``
-        and a kept suffix, later by ``compact_later`` (returning the unchanged first index)."""
-        keep_suffix = False
-        if first <= meta.index <= last:
-            raw = txn.get(_index_key(meta.index), db=self._entries)
-            keep_suffix = raw is not None and decode_entry_value(meta.index, raw).term == meta.term
-        if keep_suffix:
-            new_first = first if defer_prefix else meta.index + 1
-            if not defer_prefix:
-                self._delete_range_txn(txn, first, meta.index)
-            new_last = last
-            new_last_term = self._last_term
+    # --- segment writes ------------------------------------------------------------------------------
+    def _write_records(self, entries: list[Any], commit: int | None, truncate_from: int | None) -> None:
+        """Append records (a TRUNCATE, then entries, then a COMMIT), in one pwritev series and one
+        fdatasync, to the active segment (rolling to a new one when they do not fit); then update the index."""
+        bufs: list[bytes | memoryview] = []
+        small = bytearray()
+        size = 0
+        if truncate_from is not None:
+            small += _record(REC_TRUNCATE, 0, truncate_from, 0)
+        offsets = []
+        for e in entries:
+            data = e.data
+            offsets.append(size + len(small))
+            small += _record(REC_ENTRY, int(e.kind), e.index, e.term, data)
+            if len(data) < _COALESCE_BYTES:
+                small += data
+            else:
+                bufs.append(bytes(small))
+                size += len(small)
+                small = bytearray()
+                bufs.append(data)
+                size += len(data)
+        new_commit = commit is not None and commit > self._durable_commit
+        if new_commit:
+            small += _record(REC_COMMIT, 0, commit, 0)
+        if small:
+            bufs.append(bytes(small))
+            size += len(small)
+        if not bufs:
+            return
+        seg = self._active
+        if seg is None or (seg.end + size > self.segment_bytes and seg.end > SEGMENT_HEADER.size):
+            seg = self._roll(size)
+        base = seg.end
+        if len(bufs) > _WRITE_BUFFERS_MAX:       # one syscall per save: a kill cuts it at a page boundary
+            bufs = [b"".join(bufs)]
+        wrote = os.pwritev(seg.fd, bufs, base)
+        if wrote != size:                        # a short write to a regular file: only on a full disk
+            raise OSError(f"segment {os.path.basename(seg.path)}: wrote {wrote} of {size} bytes")
+        if self.sync:
+            os.fdatasync(seg.fd)
+        seg.end = base + size
+        self.bytes_written += size
+        # durable: update the index
+        if truncate_from is not None:
+            self._drop_from(truncate_from)
+        for e, off in zip(entries, offsets):
+            self._index_entry(e.index, e.term, seg, base + off, len(e.data), "")
+        if new_commit:
+            self._durable_commit = commit
+
+    def _roll(self, need: int) -> _Segment:
+        """Start a new segment (preallocated, header synced, directory entry synced); the COMMIT record
+        of the durable commit opens it, so deleting older segments never loses the commit index."""
+        seq = self._next_seq
+        self._next_seq += 1
+        path = os.path.join(self.path, f"log-{seq:016x}.seg")
+        head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, seq) + _record(REC_COMMIT, 0, self._durable_commit, 0)
+        spare = None
+        if self._spares is not None and len(head) + need <= self.segment_bytes:
+            spare = self._spares.take(0.0 if self._rolled else FIRST_ROLL_WAIT_S)
+        self._rolled = True
+        if spare is not None:
+            os.rename(spare, path)               # durable with the directory sync below
+            fd = os.open(path, os.O_RDWR)
         else:
-            if last >= first:
-                self._delete_range_txn(txn, first, last)
-            new_last, new_last_term = meta.index, meta.term
-            new_first = meta.index + 1
-        txn.put(_KEY_SNAPSHOT_META, _wrap(self._hs_encoder.encode(meta)), db=self._state)
-        txn.put(_KEY_SNAPSHOT_DATA, value, db=self._snapshot)
-        if self._hard_state.commit < meta.index:
-            # a snapshot is committed state by definition; keep commit <= last index consistent
-            hs = self._hard_state
-            new_hs = _msg.HardState(term=hs.term, vote=hs.vote, commit=meta.index)
-            txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(new_hs)), db=self._state)
-            self._pending_hard_state = new_hs
-        return new_first, new_last, new_last_term
-
-    def _term_in_txn(self, txn: lmdb.Transaction, index: int, snap_meta: Any) -> int:
-        if snap_meta is not None and index == snap_meta.index:
-            return snap_meta.term
-        if index == 0:
-            return 0
-        raw = txn.get(_index_key(index), db=self._entries)
-        if raw is None:
-            raise LogCorruption(f"entry {index} missing")
-        return decode_entry_value(index, raw).term
-
-    def _delete_range_txn(self, txn: lmdb.Transaction, lo: int, hi: int) -> None:
-        """Delete entries lo..hi inclusive."""
-        if hi < lo:
-            return
-        cursor = txn.cursor(db=self._entries)
-        if not cursor.set_range(_index_key(lo)):
-            return
-        hi_key = _index_key(hi)
-        while True:
-            key = cursor.key()
-            if not key or key > hi_key:
-                break
-            if not cursor.delete():
-                break
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if spare is None:
+                try:
+                    os.posix_fallocate(fd, 0, max(self.segment_bytes, len(head) + need))
+                except OSError:
+                    pass                         # a filesystem without fallocate: the file just grows
+            os.pwrite(fd, head, 0)
+            if self.sync:
+                os.fdatasync(fd)
+                _fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        seg = _Segment(seq, path, fd, len(head))
+        self._segments[seq] = seg
+        old = self._active
+        self._active = seg
+        if old is not None:
+            self._maybe_remove_segment(old.seq)
+        return seg
 
 
 def _no_vote() -> Any:
