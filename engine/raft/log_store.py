@@ -152,29 +152,45 @@ FIRST_ROLL_WAIT_S = 2.0                  # the first roll after open waits this 
 
 
 class _SpareSegments:
-    """Segment files of written zeros, made one at a time by a background thread ahead of need.
+    """Slow file work kept off the Raft thread, by one background thread: making the next segment (a file
+    of written zeros) ahead of need, and deleting compacted segments.
 
     Why not fallocate: an fdatasync of an append into fallocated blocks (unwritten extents) must also commit
     the filesystem's journal, and waits behind whatever else the journal holds; at 10K transfers/s that
     stalled every replica's log sync for ~66 ms several times in 10 s. Into blocks already written, it is a
-    plain data flush (p99 at 10K/s: 4.5 ms, no stall over 5 ms; bench/RESULTS.md)."""
+    plain data flush (p99 at 10K/s: 4.5 ms, no stall over 5 ms; bench/RESULTS.md). Why not unlink on the
+    Raft thread: freeing a 64 MiB file's extents after a snapshot took tens of ms per file."""
 
     def __init__(self, directory: str, size: int) -> None:
         self._dir, self._size = directory, size
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._ready: str | None = None
-        self._done = threading.Event()
+        self._want_spare = True
+        self._filled = threading.Event()            # set when a fill attempt ends (made or failed)
+        self._doomed: list[str] = []
         self._closed = False
         self._made = 0
-        self._thread: threading.Thread | None = None
-        self._start()
-
-    def _start(self) -> None:
-        self._done.clear()
-        self._made += 1
-        path = os.path.join(self._dir, f"spare-{self._made}.tmp")
-        self._thread = threading.Thread(target=self._fill, args=(path,), name="raft-log-spare", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="raft-log-files", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._doomed or self._want_spare):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                doomed, self._doomed = self._doomed, []
+                fill = self._want_spare and not doomed
+                if fill:
+                    self._want_spare = False
+                    self._made += 1
+                    path = os.path.join(self._dir, f"spare-{self._made}.tmp")
+            for old in doomed:                      # deletions first: they free the space a spare takes
+                _unlink_quietly(old)
+            if fill:
+                self._fill(path)
 
     def _fill(self, path: str) -> None:
         try:
@@ -196,26 +212,35 @@ class _SpareSegments:
         finally:
             if path:
                 _unlink_quietly(path)
-            self._done.set()
+            self._filled.set()
 
     def take(self, wait_s: float) -> str | None:
-        """The path of a ready spare (the caller renames it), or None; starts making the next one."""
+        """The path of a ready spare (the caller renames it), or None; asks for the next one."""
         if wait_s > 0:
-            self._done.wait(wait_s)
+            self._filled.wait(wait_s)
         with self._lock:
             path, self._ready = self._ready, None
-        if self._done.is_set() and not self._closed:
-            self._start()
+            if path is not None or self._filled.is_set():
+                self._filled.clear()
+                self._want_spare = True
+                self._wake.notify()
         return path
+
+    def discard(self, path: str) -> None:
+        """Delete a file (a compacted segment, already closed) in the background."""
+        with self._lock:
+            self._doomed.append(path)
+            self._wake.notify()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             path, self._ready = self._ready, None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if path:
-            _unlink_quietly(path)
+            doomed, self._doomed = self._doomed, []
+            self._wake.notify()
+        self._thread.join(timeout=5)
+        for old in doomed + ([path] if path else []):
+            _unlink_quietly(old)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -745,7 +770,10 @@ class LogStore:
             return
         del self._segments[seq]
         os.close(seg.fd)
-        os.unlink(seg.path)
+        if self._spares is not None:
+            self._spares.discard(seg.path)        # freeing 64 MiB of extents: not on this thread
+        else:
+            os.unlink(seg.path)
         self.segments_removed += 1
 
     def sync_now(self) -> None:
