@@ -572,6 +572,17 @@ def memory_mib(cluster: NodeCluster) -> dict[int, dict[str, float]]:
     return out
 
 
+def log_store_text(stores: dict[int, dict[str, int] | None]) -> str:
+    """One line on each replica's Raft log files (engine/raft/log_store.py) after the batch load."""
+    parts = []
+    for rid, ls in sorted(stores.items()):
+        if ls:
+            parts.append(f"replica {rid}: {ls['segments']} segments, {ls['segments_removed']} removed, "
+                         f"{ls['segments_without_spare']} made without a spare, "
+                         f"{ls['bytes_written'] / 1e9:.2f} GB written")
+    return "log store: " + ("; ".join(parts) or "no report")
+
+
 def digests_equal(cluster: NodeCluster, status_client: Client) -> bool:
     wait_caught_up(status_client, cluster)
     digests = {status_client.status(k, with_digest=True)["digest"] for k in range(len(cluster.ids))}
@@ -768,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
             settle_s = settle(status_client, cluster)
             print(f"settled after the batch load in {settle_s:.1f} s (dirty pages written back)", flush=True)
             res["settle_s"] = settle_s
+            res["log_store"] = {rid: st.get("log_store") for rid, st in statuses(status_client, cluster).items()}
+            print("  " + log_store_text(res["log_store"]), flush=True)
         if "latency" in args.phases:
             print(f"closed-loop latency, {args.closed_loop_requests:,} requests one at a time ...", flush=True)
             res["closed_loop"] = run_closed_loop(cluster.client_addresses, ids, args)

@@ -225,6 +225,10 @@ class RaftDriver:
             st.update(snapshot_index=snapshot_index, pending_proposals=pending,
                       snapshot_in_progress=self._pending_snapshot is not None,
                       transport=dict(self._transport_stats))
+            store = self._store            # counters only (plain ints): safe to read from another thread
+            st["log_store"] = {"segments": store.segment_count, "segments_removed": store.segments_removed,
+                               "segments_without_spare": store.segments_fallocated,
+                               "bytes_written": store.bytes_written}
         return st
 
     @property

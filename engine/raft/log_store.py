@@ -226,6 +226,10 @@ class _SpareSegments:
                 self._wake.notify()
         return path
 
+    @property
+    def has_ready(self) -> bool:
+        return self._ready is not None
+
     def discard(self, path: str) -> None:
         """Delete a file (a compacted segment, already closed) in the background."""
         with self._lock:
@@ -274,10 +278,11 @@ def _looks_torn(view: memoryview, off: int, end: int, past_eof: bool) -> bool:
 
 class _Segment:
     """One segment file: its descriptor, where the next record goes, and the highest entry index in it."""
-    __slots__ = ("seq", "path", "fd", "end", "max_index")
+    __slots__ = ("seq", "path", "fd", "end", "max_index", "fallocated")
 
     def __init__(self, seq: int, path: str, fd: int, end: int) -> None:
         self.seq, self.path, self.fd, self.end, self.max_index = seq, path, fd, end, 0
+        self.fallocated = False            # made without a spare: its syncs wait on the journal
 
 
 class LogStore:
@@ -319,6 +324,7 @@ class LogStore:
         self._snapshot_file: str | None = None
         self.bytes_written = 0                      # to segments, since open
         self.segments_removed = 0
+        self.segments_fallocated = 0                # rolls that found no spare ready (sync=True only)
         self._spares: _SpareSegments | None = None
         self._rolled = False
         try:
@@ -857,6 +863,8 @@ class LogStore:
         seg = self._active
         if seg is None or (seg.end + size > self.segment_bytes and seg.end > SEGMENT_HEADER.size):
             seg = self._roll(size)
+        elif seg.fallocated and self._spares is not None and self._spares.has_ready:
+            seg = self._roll(size)             # leave a fallocated segment as soon as a spare is ready
         base = seg.end
         if len(bufs) > _WRITE_BUFFERS_MAX:       # one syscall per save: a kill cuts it at a page boundary
             bufs = [b"".join(bufs)]
@@ -906,6 +914,9 @@ class LogStore:
             os.unlink(path)
             raise
         seg = _Segment(seq, path, fd, len(head))
+        seg.fallocated = spare is None and self._spares is not None
+        if seg.fallocated:
+            self.segments_fallocated += 1
         self._segments[seq] = seg
         old = self._active
         self._active = seg
