@@ -93,7 +93,7 @@ class NodeConfig:
     tick_ms: int = 10
     election_ticks: int = 30
     heartbeat_ticks: int = 3
-    snapshot_threshold_entries: int = 20_000
+    snapshot_threshold_entries: int = 200_000      # a snapshot forks and writes the ledger: not often (docs)
     snapshot_threshold_bytes: int = 256 << 20     # log payload since the last snapshot (held in memory)
     snapshot_keep_entries: int = 2_000
     leader_snapshot_defer: int = 4               # the leader snapshots this many times less often (by entries)
