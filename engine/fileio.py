@@ -5,6 +5,7 @@ pile up and then make every fsync on the disk wait behind their writeback.
   which is not fsynced per entry, every WRITEBACK_INTERVAL_S); a no-op where unavailable.
 - ``write_back(fd, offset, nbytes)``: write that range back and wait for it, without a journal commit (the
   snapshot child, chunk by chunk); ``os.fdatasync`` where ``sync_file_range`` is unavailable.
+- ``unlink_quietly(path)``: delete a file that may already be gone (leftovers, compacted log segments).
 """
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def write_back(fd: int, offset: int, nbytes: int) -> None:
     if _SYNC_FILE_RANGE(fd, offset, nbytes, WAIT_BEFORE | WRITE | WAIT_AFTER) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -212,7 +212,7 @@ class Node:
         self.node_id = config.node_id
         os.makedirs(config.data_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(config.data_dir, "snapshot-*.tmp*")):
-            _unlink_quietly(stale)             # left by a snapshot child when the node died mid-snapshot
+            fileio.unlink_quietly(stale)             # left by a snapshot child when the node died mid-snapshot
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
         self.machine = LedgerMachine(event_sink=self._on_events)
@@ -795,10 +795,10 @@ class ForkedSnapshot:
             with open(self.path + ".meta", "rb") as f:
                 size, crc = struct.unpack("<QI", f.read())
         except BaseException:
-            _unlink_quietly(self.path)
+            fileio.unlink_quietly(self.path)
             raise
         finally:
-            _unlink_quietly(self.path + ".meta")
+            fileio.unlink_quietly(self.path + ".meta")
         return SnapshotFile(self.path, size, crc)
 
     def cancel(self) -> None:
@@ -809,8 +809,8 @@ class ForkedSnapshot:
             except (ProcessLookupError, ChildProcessError):
                 pass
             self.pid = -1
-        _unlink_quietly(self.path)
-        _unlink_quietly(self.path + ".meta")
+        fileio.unlink_quietly(self.path)
+        fileio.unlink_quietly(self.path + ".meta")
 
 
 def _detach_from_parent() -> None:
@@ -856,13 +856,6 @@ def _write_paced(fd: int, data: memoryview) -> None:
         offset += len(chunk)
         if offset < len(data):
             time.sleep(SNAPSHOT_WRITE_PAUSE_S)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class _RequestError(Exception):

@@ -232,6 +232,9 @@ def test_status_reports_the_stall_log_and_zwallet_status_prints_it(cluster, clie
     st = client.status(0)
     assert st["stalls"]["threshold_ms"] == 5 and isinstance(st["stalls"]["by_cause"], dict)
     assert all(set(v) == {"count", "total_ms", "max_ms"} for v in st["stalls"]["by_cause"].values())
+    log_files = st["log_store"]          # the Raft log's segment files (engine/raft/log_store.py)
+    assert log_files["segments"] >= 1 and log_files["bytes_written"] > 0
+    assert log_files["segments_removed"] >= 0 and log_files["segments_without_spare"] >= 0
     assert status_cli.main(["--nodes", ",".join(cluster.client_addresses), "--no-digest"]) == 0
     out = capsys.readouterr().out
     assert "leader:" in out and out.count("follower") == 2

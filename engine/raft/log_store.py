@@ -48,6 +48,7 @@ from typing import Any, Sequence
 import lmdb
 import msgspec
 
+from engine.fileio import unlink_quietly
 from engine.raft import messages as _msg
 
 # --- named limits -----------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class _SpareSegments:
                     self._made += 1
                     path = os.path.join(self._dir, f"spare-{self._made}.tmp")
             for old in doomed:                      # deletions first: they free the space a spare takes
-                _unlink_quietly(old)
+                unlink_quietly(old)
             if fill:
                 self._fill(path)
 
@@ -211,7 +212,7 @@ class _SpareSegments:
             pass                                  # a full disk: rolls fall back to fallocate
         finally:
             if path:
-                _unlink_quietly(path)
+                unlink_quietly(path)
             self._filled.set()
 
     def take(self, wait_s: float) -> str | None:
@@ -244,14 +245,7 @@ class _SpareSegments:
             self._wake.notify()
         self._thread.join(timeout=5)
         for old in doomed + ([path] if path else []):
-            _unlink_quietly(old)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+            unlink_quietly(old)
 
 
 _SECTOR = 512
@@ -338,7 +332,7 @@ class LogStore:
         self._snapshot_file = self._referenced_snapshot_file()
         self._remove_unreferenced_snapshot_files()
         for leftover in glob.glob(os.path.join(self.path, SPARE_GLOB)):
-            _unlink_quietly(leftover)
+            unlink_quietly(leftover)
         if sync:
             self._spares = _SpareSegments(self.path, segment_bytes)
 
@@ -594,10 +588,7 @@ class LogStore:
         """Files of older snapshots, or of one moved in by a save that did not commit (a crash between)."""
         for f in glob.glob(os.path.join(self.path, SNAPSHOT_FILE_GLOB)):
             if f != self._snapshot_file:
-                try:
-                    os.unlink(f)
-                except FileNotFoundError:
-                    pass
+                unlink_quietly(f)
 
     # --- writes --------------------------------------------------------------------------------------
     def append(self, entries: Sequence[Any]) -> None:
