@@ -454,3 +454,119 @@ def test_a_store_with_its_log_in_lmdb_is_moved_into_segments(path):
     with env.begin() as txn:
         assert txn.get(b"entries") is None
     env.close()
+
+
+class _Model:
+    """What the store must hold: the log after the snapshot, the snapshot, and the commit that must survive
+    a crash (written with an append, a snapshot or a close) next to the one only in memory (deferred)."""
+
+    def __init__(self):
+        self.log = {}                 # index -> (term, size)
+        self.snap = (0, 0)
+        self.commit = 0
+        self.durable_commit = 0
+        self.term = 1
+
+    @property
+    def last(self):
+        return max(self.log) if self.log else self.snap[0]
+
+    def term_at(self, index):
+        return self.snap[1] if index == self.snap[0] else self.log[index][0]
+
+
+def _check(s, model):
+    assert s.last_index == model.last, (s.last_index, model.last, s.first_index)
+    assert s.last_term == (model.term_at(model.last) if model.last else 0)
+    snap = s.snapshot_meta
+    assert (snap.index, snap.term) if snap is not None else (0, 0) == model.snap
+    assert model.durable_commit <= s.hard_state.commit <= s.last_index
+    lo = model.snap[0] + 1
+    got = s.entries(lo, model.last + 1, size_bytes_max=None)
+    assert [(e.index, e.term, len(e.data)) for e in got] == [(i, *model.log[i]) for i in range(lo, model.last + 1)]
+    assert all(e.data == payload(e.index * 7 + e.term, len(e.data)) for e in got)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_operations_crashes_and_torn_tails_match_a_model(path, seed):
+    """Random appends (with conflicting suffixes), commits (durable and deferred), own and leaders'
+    snapshots, truncations, clean reopens, crashes and crashes in the middle of a write (half a record at
+    the tail), over segments of 64 KiB: after every step the store holds exactly what the model says, and
+    no commit that was written is ever lost."""
+    import random
+    rng = random.Random(seed)
+    model = _Model()
+
+    def entry(i, t):
+        size = rng.choice([8, 100, 3000, 20000])
+        return m.Entry(term=t, index=i, kind=_kind(), data=payload(i * 7 + t, size))
+
+    s = _open(path, segment_bytes=1 << 16)
+    for step in range(250):
+        op = rng.random()
+        floor = max(model.commit, model.snap[0])
+        if op < 0.45:                                              # append, maybe over an uncommitted suffix
+            lo = rng.randint(floor + 1, model.last + 1)
+            if rng.random() < 0.1:
+                model.term += 1
+            es = [entry(i, model.term) for i in range(lo, lo + rng.randint(1, 6))]
+            commit = rng.randint(model.commit, es[-1].index) if rng.random() < 0.5 else None
+            hs = HS(model.term, 1, commit) if commit is not None else None
+            s.save(hard_state=hs, entries=es)
+            for i in [i for i in model.log if i >= lo]:
+                del model.log[i]
+            for e in es:
+                model.log[e.index] = (e.term, len(e.data))
+            if commit is not None:
+                model.commit = max(model.commit, commit)
+            model.durable_commit = max(model.durable_commit, model.commit)   # rides along with entries
+        elif op < 0.55 and model.last > model.commit:              # commit only: deferred, no sync
+            model.commit = rng.randint(model.commit + 1, model.last)
+            s.defer_commit(HS(s.hard_state.term, s.hard_state.vote, model.commit))
+        elif op < 0.63 and model.commit > model.snap[0]:           # own snapshot at a committed index
+            at = rng.randint(model.snap[0] + 1, model.commit)
+            s.save_snapshot(meta(at, model.term_at(at)), b"state@%d" % at)
+            model.snap = (at, model.term_at(at))
+            for i in [i for i in model.log if i <= at]:
+                del model.log[i]
+            model.durable_commit = max(model.durable_commit, model.commit)
+        elif op < 0.67:                                            # a leader's snapshot past our log
+            model.term += 1
+            at = model.last + rng.randint(1, 50)
+            s.save(snapshot=(meta(at, model.term), b"leader@%d" % at),
+                   hard_state=HS(model.term, None if _vote_optional() else 0, at))
+            model.log.clear()
+            model.snap = (at, model.term)
+            model.commit = model.durable_commit = at
+        elif op < 0.73 and model.last > floor:                     # drop an uncommitted suffix
+            frm = rng.randint(floor + 1, model.last)
+            s.truncate_suffix(frm)
+            for i in [i for i in model.log if i >= frm]:
+                del model.log[i]
+            model.durable_commit = model.commit                    # a deferred commit rides along
+        elif op < 0.8:                                             # clean reopen: the deferred commit is kept
+            s.close()
+            model.durable_commit = model.commit
+            s = _open(path, segment_bytes=1 << 16)
+        elif op < 0.9:                                             # crash: the deferred commit may be lost
+            s._close_files()
+            s = _open(path, segment_bytes=1 << 16)
+            model.commit = s.hard_state.commit
+        else:                                                      # crash in the middle of a write
+            end = s._active.end if s._active is not None else None
+            seg = s._active.path if s._active is not None else None
+            s._close_files()
+            if end is not None and seg is not None:
+                torn = payload(1, 9000)
+                rec = ls._record(ls.REC_ENTRY, int(_kind()), model.last + 1, model.term, torn) + torn
+                cut = (end // 4096 + 1) * 4096 - end
+                with open(seg, "r+b") as f:
+                    f.seek(end)
+                    f.write(rec[:cut])
+            s = _open(path, segment_bytes=1 << 16)
+            model.commit = s.hard_state.commit
+        _check(s, model)
+    s.close()
+    with _open(path, segment_bytes=1 << 16) as s:
+        model.durable_commit = model.commit
+        _check(s, model)

@@ -405,7 +405,7 @@ class LogStore:
                         raise LogCorruption(f"segment {name}: bad record at offset {off} (checksum, type "
                                             f"{rtype} or length {length})")
                     if rtype == REC_ENTRY:
-                        self._index_entry(index, term, seg, off, length, name)
+                        self._index_entry(index, term, seg, off, length)
                     elif rtype == REC_TRUNCATE:
                         self._drop_from(index)
                     else:
@@ -420,13 +420,13 @@ class LogStore:
         os.ftruncate(seg.fd, off)
         os.fsync(seg.fd)
 
-    def _index_entry(self, index: int, term: int, seg: _Segment, off: int, length: int, name: str) -> None:
+    def _index_entry(self, index: int, term: int, seg: _Segment, off: int, length: int) -> None:
         last = self._first_index + len(self._term) - 1
         if self._term and index <= last:
-            if index < self._first_index:
-                raise LogCorruption(f"segment {name}: entry {index} is below the log's first index "
-                                    f"{self._first_index}")
-            self._drop_from(index)                 # a rewrite of a conflicting suffix
+            # a rewrite of a conflicting suffix; below the first index known here when the entries it kept
+            # were in a segment deleted since (all below a snapshot): whatever is missing is checked once
+            # every segment is read (the log must start at or below snapshot index + 1)
+            self._drop_from(index)
         elif self._term and index > last + 1:
             self._drop_from(self._first_index)     # a gap: a snapshot replaced the log before this entry
         if not self._term:
@@ -465,7 +465,9 @@ class LogStore:
                 raise LogCorruption(f"log starts at {first} but the snapshot covers only up to {snap_index}")
         if snap_index >= self._first_index:          # entries the snapshot covers are gone
             self._drop_prefix_to(snap_index)
-        commit = max(self._durable_commit, self._hard_state.commit)
+        # a snapshot is committed state: its index is a floor even when the COMMIT records that said so
+        # were in segments deleted since
+        commit = max(self._durable_commit, self._hard_state.commit, snap_index)
         if commit > self.last_index:
             raise LogCorruption(f"hard state commit {commit} is past the last stored index {self.last_index}")
         self._durable_commit = commit
@@ -625,7 +627,7 @@ class LogStore:
         if snapshot is not None and not keeps_log:
             last = snap_meta.index
         floor = snap_meta.index if snap_meta is not None else 0
-        committed = max(self._hard_state.commit, floor)
+        committed = max(self._commit_known, floor)
         if entries:
             lo = entries[0].index
             if lo <= floor:
@@ -734,12 +736,15 @@ class LogStore:
         """Drop entries with index >= from_index (a conflicting suffix). Committed entries are never dropped."""
         if from_index > self.last_index:
             return
-        if from_index <= self._hard_state.commit:
+        if from_index <= self._commit_known:
             raise LogStoreError(f"truncate from {from_index} would drop committed entries (commit "
-                                f"{self._hard_state.commit})")
+                                f"{self._commit_known})")
         if from_index < self._first_index:
             raise LogStoreError(f"truncate from {from_index} is below first index {self._first_index}")
-        self._write_records([], None, from_index)
+        deferred = self._deferred_hard_state
+        self._write_records([], deferred.commit if deferred is not None else None, from_index)
+        if deferred is not None:                   # it rode along with this durable write
+            self._hard_state, self._deferred_hard_state = deferred, None
 
     def compact(self, upto_index: int) -> None:
         """Drop entries with index <= upto_index; they must be covered by the saved snapshot. Costs no write:
@@ -791,6 +796,12 @@ class LogStore:
             raise LogStoreError(f"hard state commit {hard_state.commit} past last index {self.last_index}")
         if hard_state.commit > hs.commit:
             self._deferred_hard_state = hard_state
+
+    @property
+    def _commit_known(self) -> int:
+        """The commit index this store has been told, durable or deferred: nothing at or below it is dropped."""
+        deferred = self._deferred_hard_state
+        return max(self._hard_state.commit, deferred.commit if deferred is not None else 0)
 
     @property
     def commit_deferred(self) -> bool:
@@ -870,7 +881,7 @@ class LogStore:
         if truncate_from is not None:
             self._drop_from(truncate_from)
         for e, off in zip(entries, offsets):
-            self._index_entry(e.index, e.term, seg, base + off, len(e.data), "")
+            self._index_entry(e.index, e.term, seg, base + off, len(e.data))
         if new_commit:
             self._durable_commit = commit
 
