@@ -50,7 +50,6 @@ import lmdb
 import msgspec
 
 from engine import fileio
-from engine.fileio import unlink_quietly
 from engine.raft import messages as _msg
 
 # --- named limits -----------------------------------------------------------------------------------
@@ -198,7 +197,7 @@ class _SpareSegments:
                     self._made += 1
                     path = os.path.join(self._dir, f"spare-{self._made}.tmp")
             for old in doomed:                      # deletions first: they free the space a spare takes
-                unlink_quietly(old)
+                fileio.unlink_quietly(old)
             if fill:
                 self._fill(path)
 
@@ -224,7 +223,7 @@ class _SpareSegments:
             pass                                  # a full disk: rolls fall back to fallocate
         finally:
             if path:
-                unlink_quietly(path)
+                fileio.unlink_quietly(path)
             self._filled.set()
 
     def take(self, wait_s: float) -> str | None:
@@ -257,7 +256,7 @@ class _SpareSegments:
             self._wake.notify()
         self._thread.join(timeout=5)
         for old in doomed + ([path] if path else []):
-            unlink_quietly(old)
+            fileio.unlink_quietly(old)
 
 
 _SECTOR = 512
@@ -344,7 +343,7 @@ class LogStore:
         self._snapshot_file = self._referenced_snapshot_file()
         self._remove_unreferenced_snapshot_files()
         for leftover in glob.glob(os.path.join(self.path, SPARE_GLOB)):
-            unlink_quietly(leftover)
+            fileio.unlink_quietly(leftover)
         if sync:
             self._spares = _SpareSegments(self.path, segment_bytes)
 
@@ -602,7 +601,7 @@ class LogStore:
         """Files of older snapshots, or of one moved in by a save that did not commit (a crash between)."""
         for f in glob.glob(os.path.join(self.path, SNAPSHOT_FILE_GLOB)):
             if f != self._snapshot_file:
-                unlink_quietly(f)
+                fileio.unlink_quietly(f)
 
     # --- writes --------------------------------------------------------------------------------------
     def append(self, entries: Sequence[Any]) -> None:
