@@ -212,7 +212,7 @@ class Node:
         self.node_id = config.node_id
         os.makedirs(config.data_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(config.data_dir, "snapshot-*.tmp*")):
-            fileio.unlink_quietly(stale)             # left by a snapshot child when the node died mid-snapshot
+            fileio.unlink_quietly(stale)       # left by a snapshot child when the node died mid-snapshot
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
         self.machine = LedgerMachine(event_sink=self._on_events)

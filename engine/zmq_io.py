@@ -5,6 +5,7 @@ import os
 
 import zmq
 
+
 def recv_message(sock: zmq.Socket) -> list:
     """One whole multipart message without blocking (raises zmq.Again if none): the first frame as bytes,
     the others as zero-copy ``zmq.Frame``. Faster than ``recv_multipart`` for a hot loop: a Frame's

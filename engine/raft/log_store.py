@@ -61,6 +61,7 @@ SEGMENT_BYTES_DEFAULT = 64 << 20         # a segment is preallocated to this and
 READ_BATCH_BYTES_DEFAULT = 64 << 20      # entries(lo, hi, size_bytes_max=...) default
 _WRITE_BUFFERS_MAX = 1024                # buffers per pwritev (Linux IOV_MAX)
 _COALESCE_BYTES = 64 << 10               # payloads below this are copied into one buffer with their headers
+_READ_RUN_BYTES_MAX = 8 << 20            # entries(): records read back to back with one pread, up to this
 
 # crc32 (u32), type (u8), kind (u8), reserved (u16), index (u64), term (u64), payload length (u32).
 RECORD_HEADER = struct.Struct("<IBBHQQI")
@@ -485,8 +486,7 @@ class LogStore:
         if commit != self._hard_state.commit:
             hs = self._hard_state
             self._hard_state = _msg.HardState(term=hs.term, vote=hs.vote, commit=commit)
-        for seq in list(self._segments):
-            self._maybe_remove_segment(seq)
+        self._remove_compacted_segments()
 
     def initial_state(self) -> tuple[Any, Any, list[Any]]:
         """(hard_state, snapshot_meta or None, entries after the snapshot) -- what RaftCore starts from."""
@@ -529,21 +529,39 @@ class LogStore:
         total = 0
         hsize = RECORD_HEADER.size
         base = self._first_index
-        for index in range(lo, hi):
+        index = lo
+        while index < hi:
+            # one pread for a run of entries written back to back in one segment
             i = index - base
-            seg = self._segments[self._seg[i]]
-            length = self._len[i]
-            raw = os.pread(seg.fd, hsize + length, self._off[i])
+            seq, start = self._seg[i], self._off[i]
+            end = start + hsize + self._len[i]
+            run_bytes = total + self._len[i]
+            stop = index + 1
+            while (stop < hi and end - start < _READ_RUN_BYTES_MAX
+                   and (size_bytes_max is None or run_bytes < size_bytes_max)):
+                k = stop - base
+                if self._seg[k] != seq or self._off[k] != end:
+                    break
+                end += hsize + self._len[k]
+                run_bytes += self._len[k]
+                stop += 1
+            seg = self._segments[seq]
             name = os.path.basename(seg.path)
-            if len(raw) != hsize + length:
-                raise LogCorruption(f"entry {index}: segment {name} ends inside it")
-            crc, rtype, kind, _, r_index, r_term, r_len = RECORD_HEADER.unpack_from(raw, 0)
-            if zlib.crc32(memoryview(raw)[4:]) != crc:
-                raise LogCorruption(f"entry {index}: checksum mismatch in segment {name}")
-            if rtype != REC_ENTRY or r_index != index or r_term != self._term[i] or r_len != length:
-                raise LogCorruption(f"entry {index}: segment {name} holds another record there")
-            out.append(_msg.Entry(term=r_term, index=index, kind=_entry_kind(kind), data=raw[hsize:]))
-            total += length
+            buf = memoryview(os.pread(seg.fd, end - start, start))
+            for index in range(index, stop):
+                i = index - base
+                at, length = self._off[i] - start, self._len[i]
+                if at + hsize + length > len(buf):
+                    raise LogCorruption(f"entry {index}: segment {name} ends inside it")
+                crc, rtype, kind, _, r_index, r_term, r_len = RECORD_HEADER.unpack_from(buf, at)
+                if zlib.crc32(buf[at + 4:at + hsize + length]) != crc:
+                    raise LogCorruption(f"entry {index}: checksum mismatch in segment {name}")
+                if rtype != REC_ENTRY or r_index != index or r_term != self._term[i] or r_len != length:
+                    raise LogCorruption(f"entry {index}: segment {name} holds another record there")
+                out.append(_msg.Entry(term=r_term, index=index, kind=_entry_kind(kind),
+                                      data=bytes(buf[at + hsize:at + hsize + length])))
+                total += length
+            index = stop
             if size_bytes_max is not None and total >= size_bytes_max:
                 break
         return out
@@ -735,8 +753,7 @@ class LogStore:
         self._drop_prefix_to(meta.index)
         self._snapshot_file = moved_to
         self._remove_unreferenced_snapshot_files()
-        for seq in list(self._segments):
-            self._maybe_remove_segment(seq)
+        self._remove_compacted_segments()
 
     def save_snapshot(self, meta: Any, data: "bytes | SnapshotFile") -> None:
         """The replica's own snapshot (its log holds meta.index with meta.term): saved, and the log prefix
@@ -763,8 +780,7 @@ class LogStore:
         if upto_index > self._snap_index:
             raise LogStoreError(f"compact up to {upto_index} past the snapshot index {self._snap_index}")
         self._drop_prefix_to(upto_index)
-        for seq in list(self._segments):
-            self._maybe_remove_segment(seq)
+        self._remove_compacted_segments()
 
     def _drop_prefix_to(self, upto_index: int) -> None:
         if upto_index < self._first_index:
@@ -773,21 +789,20 @@ class LogStore:
         del self._seg[:n], self._off[:n], self._term[:n], self._len[:n]
         self._first_index = upto_index + 1
 
-    def _maybe_remove_segment(self, seq: int) -> None:
-        """Delete the oldest segment once every entry in it is below first_index. Only the oldest: a
-        TRUNCATE record must not outlive the records it cancels."""
-        if not self._segments or next(iter(self._segments)) != seq:
-            return
-        seg = self._segments[seq]
-        if seg is self._active or seg.max_index >= self._first_index:
-            return
-        del self._segments[seq]
-        os.close(seg.fd)
-        if self._spares is not None:
-            self._spares.discard(seg.path)        # freeing 64 MiB of extents: not on this thread
-        else:
-            os.unlink(seg.path)
-        self.segments_removed += 1
+    def _remove_compacted_segments(self) -> None:
+        """Delete the oldest segments while every entry in them is below first_index (never the active one).
+        Only from the oldest on: a TRUNCATE record must not outlive the records it cancels."""
+        while self._segments:
+            seg = next(iter(self._segments.values()))
+            if seg is self._active or seg.max_index >= self._first_index:
+                return
+            del self._segments[seg.seq]
+            os.close(seg.fd)
+            if self._spares is not None:
+                self._spares.discard(seg.path)    # freeing 64 MiB of extents: not on this thread
+            else:
+                os.unlink(seg.path)
+            self.segments_removed += 1
 
     def sync_now(self) -> None:
         """Force everything to disk (useful when opened with sync=False)."""
@@ -931,10 +946,8 @@ class LogStore:
         if seg.fallocated:
             self.segments_fallocated += 1
         self._segments[seq] = seg
-        old = self._active
         self._active = seg
-        if old is not None:
-            self._maybe_remove_segment(old.seq)
+        self._remove_compacted_segments()
         return seg
 
 
