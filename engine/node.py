@@ -246,10 +246,14 @@ class Node:
             return self.machine.apply(entries)
 
     def _on_events(self, chunks: list[np.ndarray]) -> None:
-        # runs inside machine.apply, under the lock: store first (the golden copy), then publish
+        # runs inside machine.apply, under the lock: store first (the golden copy); the Raft thread
+        # publishes them at the end of its ready round (_after_ready). The main thread is woken only if
+        # follower reads wait for a newer seq (otherwise a follower's main thread would wake for every
+        # entry just to publish; it polls at most 5 ms apart while reads are parked)
         self.events.append(chunks)
         self._pub_queue.extend(chunks)
-        self._wake_soon()
+        if self._reads_follower:
+            self._wake_soon()
 
     def _snapshot(self) -> "bytes | ForkedSnapshot":
         # every event below the snapshot is durable before the snapshot is (the log below it may go)
@@ -283,9 +287,13 @@ class Node:
             self._waker.wake()
 
     def _after_ready(self) -> None:
+        # the Raft thread, at the end of each ready round: wake the main thread for the completions, then
+        # publish what was applied (the PUB socket is this thread's)
         if self._wake_wanted:
             self._wake_wanted = False
             self._waker.wake()
+        if self._pub_queue:
+            self._publish()
 
     def _complete(self, fn: Callable[[], None]) -> None:
         self._completions.append(fn)
@@ -347,7 +355,6 @@ class Node:
                 self._flush_group()
                 self._start_linearizable_reads()
                 self._serve_follower_reads()
-                self._publish()
                 stalls.add("main-pass", time.monotonic() - t_pass)
                 if self.driver.failed:
                     # fail-stop: a replica whose Raft thread died (disk full, I/O error, a broken
