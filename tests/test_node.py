@@ -140,6 +140,56 @@ def test_binary_batches_with_events(client):
     assert fetched.tobytes() == events.tobytes()
 
 
+def test_batches_that_share_an_entry_get_their_own_results_and_events(cluster, client):
+    """Requests pipelined on one connection are grouped into few log entries, applied in one call each;
+    every reply carries exactly its own batch's results (and events, when asked), duplicates included."""
+    from engine import wire as W
+    from tests.node_helpers import RawPeer, find_leader, header
+    a, b = fresh(2)
+    client.create_account(fresh()[0], a, "USD", lower_limit=None)
+    client.create_account(fresh()[0], b, "USD")
+    leader = find_leader(client, cluster)
+    dedups = fresh(60)
+    amounts = list(range(1, 61))
+    batches = [R.transfers([d], [a], [b], [m], "USD") for d, m in zip(dedups, amounts)]
+    batches.append(batches[7].copy())                       # the same dedup id again: a duplicate
+    batches.append(R.transfers(fresh(3), [a] * 3, [b] * 3, [1, 2, 3], "USD"))    # a batch of three
+    before = client.status(leader)["counters"]
+    peer = RawPeer(cluster.client_addr[cluster.ids[leader]])
+    try:
+        for k, ops in enumerate(batches):
+            peer.send(header(k + 1, int(W.Op.APPLY), want_events=k % 2 == 0), ops.tobytes())
+        replies = {}
+        for _ in batches:
+            got = peer.recv(10.0)
+            assert got is not None, "a request was not answered"
+            replies[got[0].req_id] = got
+    finally:
+        peer.close()
+    after = client.status(leader)["counters"]
+    assert after["entries_proposed"] - before["entries_proposed"] < len(batches) // 2   # they were grouped
+    seen = set()
+    for k, ops in enumerate(batches):
+        reply, frames = replies[k + 1]
+        assert reply.status == W.Status.OK
+        res = np.frombuffer(frames[0], dtype=R.RESULT_DTYPE)
+        assert len(res) == len(ops) and (res["code"] == R.Code.OK).all()
+        assert np.array_equal(R.get_u128(res["dedup_id"]), R.get_u128(ops["dedup_id"]))
+        if k == 60:
+            assert res["flags"][0] & R.ResultFlag.DUPLICATE
+            assert res["seq_num"][0] == np.frombuffer(replies[8][1][0], dtype=R.RESULT_DTYPE)["seq_num"][0]
+        else:
+            assert not (res["flags"] & R.ResultFlag.DUPLICATE).any()
+            seen.update(res["seq_num"].tolist())
+        if k % 2 == 0:
+            evs = np.frombuffer(frames[1], dtype=R.EVENT_DTYPE)
+            assert len(frames) == 2 and set(evs["seq_num"].tolist()) == set(res["seq_num"].tolist())
+        else:
+            assert len(frames) == 1
+    assert len(seen) == 60 + 3                                # one seq per transfer applied once
+    assert client.get_account(b)["available"] == sum(amounts) + 6
+
+
 def test_concurrent_calls_share_batches(cluster):
     a, b = fresh(2)
 
