@@ -282,6 +282,7 @@ class RaftDriver:
         self._started.set()
         tick_s = self.config.tick_interval_ms / 1000.0
         next_tick = time.monotonic() + tick_s
+        transport_socket = self._transport.socket
         try:
             while not self._stop.is_set():
                 # whole milliseconds, rounded UP: zmq.Poller truncates a float timeout, and a timeout
@@ -292,8 +293,9 @@ class RaftDriver:
                 events = dict(self._poller.poll(timeout_ms))
                 if self._waker.fd in events:
                     self._waker.drain()
-                for msg in self._transport.recv_batch():
-                    self._core.step(msg)
+                if transport_socket in events:         # (level-triggered: what is left is reported again)
+                    for msg in self._transport.recv_batch():
+                        self._core.step(msg)
                 self._drain_commands()
                 now = time.monotonic()
                 ticks = 0

@@ -41,6 +41,8 @@ RECONNECT_IVL_MAX_MS = 500
 HEARTBEAT_IVL_MS = 1000                 # ZMTP heartbeats detect a silently dead connection
 HEARTBEAT_TIMEOUT_MS = 3000
 COPY_THRESHOLD_BYTES = 64 << 10         # frames at least this big are sent zero-copy
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 Frames = Sequence[bytes | memoryview | zmq.Frame]
 Encoder = Callable[[Any], Sequence[bytes | memoryview]]
@@ -158,7 +160,7 @@ class Transport:
         last = len(frames) - 1
         try:
             for i, frame in enumerate(frames):
-                flags = zmq.NOBLOCK | (zmq.SNDMORE if i < last else 0)
+                flags = _NOBLOCK_MORE if i < last else _NOBLOCK     # plain ints: an enum | costs ~1 us
                 big = len(frame) >= COPY_THRESHOLD_BYTES if not isinstance(frame, zmq.Frame) else True
                 sock.send(frame, flags, copy=not big)
         except zmq.Again:
@@ -175,7 +177,7 @@ class Transport:
         waiting. Messages with too many frames are drained and dropped (returns (None, []))."""
         recv = self.socket.recv
         try:
-            frame = recv(zmq.NOBLOCK, copy=False)
+            frame = recv(_NOBLOCK, copy=False)
         except zmq.Again:
             return None
         identity = frame.bytes
