@@ -654,9 +654,15 @@ def _core_is_leader(core: Any) -> bool:
     return _core_role(core) == "leader"
 
 
+_ROLE_NAMES: dict[Any, str] = {}
+
+
 def _core_role(core: Any) -> str:
     role = core.role
-    return getattr(role, "name", str(role)).lower()
+    name = _ROLE_NAMES.get(role)          # an Enum's name is a slow property: read once per role
+    if name is None:
+        name = _ROLE_NAMES[role] = getattr(role, "name", str(role)).lower()
+    return name
 
 
 def _core_term(core: Any) -> int:
