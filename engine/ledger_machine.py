@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import lz4.block
 import numpy as np
 
 from engine import Ledger
@@ -23,6 +24,14 @@ from engine._ledger import check_batch
 from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind
 
 LEDGER_MAGIC = b"ZWL2"
+# A snapshot is stored and sent LZ4-compressed: SNAPSHOT_LZ4_MAGIC, u64 raw size, then chunks of at most
+# SNAPSHOT_CHUNK_BYTES raw bytes, each u32 compressed size + u32 raw size + an LZ4 block. At 1M accounts
+# the raw snapshot is ~280 MB and mostly zeros and small numbers (~9x smaller compressed, ~0.1 s of the
+# forked child's CPU); written raw, its writeback and fsync held the other replicas' log fsyncs back.
+SNAPSHOT_LZ4_MAGIC = b"ZWSNLZ4\x01"
+SNAPSHOT_CHUNK_BYTES = 64 << 20             # (an LZ4 block holds less than 2 GiB; a 10M-account one is ~3 GB)
+_SNAP_HEADER = struct.Struct("<8sQ")
+_SNAP_CHUNK = struct.Struct("<II")
 ENTRY_HEADER = struct.Struct("<4sQI")
 ENTRY_BATCHES_MAX = 4096                 # client batches grouped into one log entry
 ENTRY_RECORDS_MAX = 32_768               # op records in one log entry (the node groups up to this)
@@ -52,6 +61,46 @@ def ledger_entry(batches: Sequence[np.ndarray | bytes], timestamp_ms: int) -> by
         parts.append(_COUNT.pack(n))
         bodies.append(b)
     return b"".join(parts + bodies)
+
+
+def compress_snapshot(raw: "bytes | memoryview") -> bytes:
+    raw = memoryview(raw).cast("B")
+    parts = [_SNAP_HEADER.pack(SNAPSHOT_LZ4_MAGIC, len(raw))]
+    for at in range(0, len(raw), SNAPSHOT_CHUNK_BYTES):
+        chunk = raw[at:at + SNAPSHOT_CHUNK_BYTES]
+        block = lz4.block.compress(chunk, store_size=False)
+        parts += [_SNAP_CHUNK.pack(len(block), len(chunk)), block]
+    return b"".join(parts)
+
+
+def decompress_snapshot(data: "bytes | memoryview") -> "bytes | memoryview":
+    """The raw snapshot of ``compress_snapshot``'s output; data without its magic is returned as it is (a
+    snapshot written raw by an earlier version). ValueError if it does not decompress to its stated size."""
+    data = memoryview(data).cast("B")
+    if len(data) < _SNAP_HEADER.size or bytes(data[:8]) != SNAPSHOT_LZ4_MAGIC:
+        return data
+    _, size = _SNAP_HEADER.unpack_from(data, 0)
+    out = bytearray(size)
+    at, filled = _SNAP_HEADER.size, 0
+    while filled < size:
+        if at + _SNAP_CHUNK.size > len(data):
+            raise ValueError("compressed snapshot truncated")
+        clen, rlen = _SNAP_CHUNK.unpack_from(data, at)
+        at += _SNAP_CHUNK.size
+        if rlen == 0 or rlen > size - filled or at + clen > len(data):
+            raise ValueError("compressed snapshot: a chunk's sizes do not fit")
+        try:
+            chunk = lz4.block.decompress(data[at:at + clen], uncompressed_size=rlen)
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"compressed snapshot: a chunk does not decompress: {exc}") from None
+        if len(chunk) != rlen:
+            raise ValueError("compressed snapshot: a chunk decompressed to the wrong size")
+        out[filled:filled + rlen] = chunk
+        filled += rlen
+        at += clen
+    if at != len(data):
+        raise ValueError("compressed snapshot: bytes after its last chunk")
+    return out
 
 
 def _entry_layout(data: bytes | memoryview) -> tuple[int, np.ndarray, int]:
@@ -212,9 +261,12 @@ class LedgerMachine:
         return EntryOutcomes(res, starts, sizes, first, ledger.last_seq)
 
     def snapshot(self) -> bytes:
-        return struct.pack("<QQQQ", self.applied, self.ops, self.rejected_batches, self.rejected_entries) \
-            + self.ledger.snapshot()
+        """The machine's counters and the ledger's snapshot, LZ4-compressed (``compress_snapshot``)."""
+        return compress_snapshot(struct.pack("<QQQQ", self.applied, self.ops, self.rejected_batches,
+                                             self.rejected_entries) + self.ledger.snapshot())
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: "bytes | memoryview") -> None:
+        """Replace the state with a snapshot: compressed, or raw as written before snapshots were."""
+        data = decompress_snapshot(data)
         self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", data, 0)
-        self.ledger = Ledger.restore(data[32:])
+        self.ledger = Ledger.restore(memoryview(data)[32:])

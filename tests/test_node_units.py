@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -109,6 +110,28 @@ def test_machine_applies_groups_and_refuses_a_bad_batch_alike_everywhere():
     m3 = LedgerMachine()
     m3.restore(m1.snapshot())
     assert m3.ledger.digest() == m1.ledger.digest() and m3.applied == 3
+
+
+def test_snapshots_are_compressed_in_chunks_and_raw_ones_still_restore(monkeypatch):
+    import engine.ledger_machine as lm
+    enc = OpEncoder()
+    m = LedgerMachine()
+    ops = np.concatenate([enc.create_account(k, 100 + k, "USD", lower_limit=None) for k in range(1, 200)])
+    m.apply([Entry(term=1, index=1, kind=0, data=ledger_entry([ops], 10))])
+    raw = struct.pack("<QQQQ", m.applied, m.ops, m.rejected_batches, m.rejected_entries) + m.ledger.snapshot()
+    monkeypatch.setattr(lm, "SNAPSHOT_CHUNK_BYTES", 4096)          # many chunks, the last one partial
+    snap = m.snapshot()
+    assert snap.startswith(lm.SNAPSHOT_LZ4_MAGIC) and len(snap) < len(raw) // 2
+    assert bytes(lm.decompress_snapshot(snap)) == raw
+    for data in (snap, raw):                                        # raw: written before compression
+        other = LedgerMachine()
+        other.restore(data)
+        assert other.ledger.digest() == m.ledger.digest() and other.applied == 1
+    damaged = bytearray(snap)
+    damaged[len(damaged) // 2] ^= 0xFF
+    for bad in (snap[:-1], snap + b"x", bytes(damaged), snap[:20]):
+        with pytest.raises(ValueError):
+            LedgerMachine().restore(bad)
 
 
 def test_machine_applies_a_run_of_batches_in_one_call_exactly_as_one_call_each():
