@@ -260,6 +260,7 @@ class Node:
         # every event below the snapshot is durable before the snapshot is (the log below it may go)
         with self.lock:
             if self.config.snapshot_in_child:
+                self.events.flush()                # in LMDB's file before the fork: the child fsyncs that
                 made: bytes | ForkedSnapshot = ForkedSnapshot(self.machine.snapshot, self.config.data_dir,
                                                               fsync_first=[self.events.data_file])
             else:
@@ -368,12 +369,17 @@ class Node:
             self._shutdown()
 
     def _writeback_loop(self) -> None:
-        # the event store's pages go to the disk a little at a time (EventStore.start_writeback); its own
-        # thread, so the syscall (GIL released) never delays the Raft or the main thread
+        # the events appended meanwhile go into LMDB in one transaction (EventStore.flush), and the store's
+        # pages to the disk a little at a time (EventStore.start_writeback); its own thread, so the syscalls
+        # (GIL released) never delay the Raft or the main thread
         while not self._stopping.wait(WRITEBACK_INTERVAL_S):
             try:
+                self.events.flush()
                 self.events.start_writeback()
-            except Exception:                  # closed meanwhile: the node is stopping
+            except Exception:
+                # the store is closed only after this thread is joined: this is a real failure (a full
+                # disk or map); the Raft thread's next flush meets it too and stops the replica
+                log.exception("node %d: the event store's flush or writeback failed", self.node_id)
                 return
 
     def _shutdown(self) -> None:

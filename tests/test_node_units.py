@@ -219,6 +219,38 @@ def test_event_store_ranges_limits_holes_and_reopen(tmp_path):
     es.close()
 
 
+def test_event_store_groups_appends_into_few_transactions_and_reads_see_them(tmp_path, monkeypatch):
+    import engine.event_store as es_mod
+    led = _ledger_events(60)                       # seqs 1..62
+    es = EventStore(str(tmp_path))
+
+    def in_lmdb():
+        with es._env.begin(db=es._chunks) as txn:
+            return txn.stat(es._chunks)["entries"]
+    es.append([led.events(1, 5)])
+    es.append([led.events(6, 9)])
+    assert in_lmdb() == 0 and es.last_seq == 9     # waiting in memory, counted
+    assert es.read(7, 9, 100).tobytes() == led.events(7, 9).tobytes()    # a read of them flushes first
+    assert in_lmdb() == 2
+    es.append([led.events(10, 12)])
+    assert es.read(1, 12, 1000).tobytes() == led.events(1, 12).tobytes()
+    monkeypatch.setattr(es_mod, "PENDING_CHUNKS_MAX", 4)                    # the count bound
+    for first in range(13, 33, 2):
+        es.append([led.events(first, first + 1)])
+        assert len(es._pending) < 4
+    monkeypatch.setattr(es_mod, "PENDING_BYTES_MAX", 1)                     # the bytes bound
+    es.append([led.events(33, 40)])
+    assert not es._pending
+    es.append([led.events(41, 50)])
+    es.close()                                     # close flushes what waits
+    es = EventStore(str(tmp_path))
+    assert es.last_seq == 50 and es.read(1, 50, 10_000).tobytes() == led.events(1, 50).tobytes()
+    es.append([led.events(51, 62)])
+    es.sync()                                      # sync (before a snapshot) flushes too
+    assert not es._pending
+    es.close()
+
+
 def test_event_store_prunes_below_retention(tmp_path):
     led = _ledger_events(40)
     es = EventStore(str(tmp_path), retention_seqs=10)
