@@ -79,6 +79,9 @@ LATENCY_BAR_RATE_PER_S = 10_000
 LATENCY_BAR_P99_MS = 5.0
 LATENCY_RATES_PER_S = (1_000, 10_000)
 PHASES = ("throughput", "latency", "failover")
+EXTRA_PHASES = ("unbatched",)                    # run only when named in --only (not part of the recorded run)
+UNBATCHED_CLIENTS = 64                           # unbatched: closed-loop clients (zwallet bench's number) ...
+UNBATCHED_PROCESSES = 2                          # ... in this many load processes
 REPLY_WAIT_S = 30.0                              # how long the end of a phase waits for outstanding replies
 
 PROBE_INTERVAL_S = 0.010                         # failover: a new probe request this often
@@ -91,7 +94,7 @@ STATUS_TIMEOUT_S = 2.0
 
 DEFAULTS = dict(accounts=100_000, connections=4, inflight=4, warmup_s=2.0, window_s=2.0, windows=10,
                 closed_loop_requests=2_000, latency_s=15.0, latency_warmup_s=1.0,
-                failovers=5, failover_connections=2, failover_inflight=2)
+                failovers=5, failover_connections=2, failover_inflight=2, unbatched_s=10.0)
 QUICK = dict(accounts=20_000, warmup_s=1.0, window_s=1.0, windows=4, closed_loop_requests=300,
              latency_s=3.0, latency_warmup_s=0.5, failovers=2)
 
@@ -388,6 +391,27 @@ def leader_and_term(status_client: Client, cluster: NodeCluster,
             return node, term
         time.sleep(0.02)
     raise TimeoutError("no leader")
+
+
+def run_unbatched(cluster: NodeCluster, status_client: Client, ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
+    """zwallet bench's unbatched workload against this cluster: UNBATCHED_CLIENTS closed-loop clients, one
+    transfer per request (``bench.zw_load.run_unbatched``); with the leader's counters around it, the
+    requests each log entry carried."""
+    from bench import zw_load
+    rng = np.random.default_rng(SEED + 7)
+    ops = single_transfers(ids, rng, int(args.unbatched_s * 60_000), args.accounts)
+    leader = find_leader(status_client, cluster)                  # a node id
+    before = status_client.status(cluster.ids.index(leader))["counters"]
+    r = zw_load.run_unbatched(cluster.client_addr[leader], ops, connections=UNBATCHED_CLIENTS,
+                              processes=UNBATCHED_PROCESSES, duration_s=args.unbatched_s)
+    after = status_client.status(cluster.ids.index(leader))["counters"]
+    entries = after["entries_proposed"] - before["entries_proposed"]
+    lat = r["latency_s"] * 1000
+    return {"requests": r["count"], "wall_s": r["wall_s"], "per_s": r["count"] / r["wall_s"] if r["wall_s"] else 0.0,
+            "requests_per_entry": (after["entries_batches"] - before["entries_batches"]) / max(1, entries),
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "not_ok": int(np.count_nonzero(r["codes"] != R.Code.OK)), "client_cpu_s": r["client_cpu_s"]}
 
 
 def find_leader(status_client: Client, cluster: NodeCluster) -> int:
@@ -708,15 +732,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--failover-inflight", type=int, help="failover: batches in flight per load connection")
     p.add_argument("--rates", help="latency: comma-separated offered rates per second (default "
                    f"{','.join(str(r) for r in LATENCY_RATES_PER_S)}); the bar is judged at {LATENCY_BAR_RATE_PER_S:,}/s")
+    p.add_argument("--unbatched-s", type=float, help="unbatched: seconds of closed-loop load")
     p.add_argument("--only", help="comma-separated phases to run (throughput, latency, failover; default all): "
                    "e.g. 'latency' to iterate on latency alone, 'throughput,latency' to measure it on a ledger "
-                   "the batch load has filled (snapshots as large as in a full run)")
+                   "the batch load has filled (snapshots as large as in a full run); also 'unbatched' (only "
+                   f"when named): {UNBATCHED_CLIENTS} closed-loop clients, one transfer per request, as in "
+                   "zwallet bench, with the leader's requests per log entry")
     args = p.parse_args(argv)
     if args.only is not None and args.write_results:
         p.error("--write-results needs every phase (no --only)")
     args.phases = set(PHASES if args.only is None else (x.strip() for x in args.only.split(",") if x.strip()))
-    if args.phases - set(PHASES):
-        p.error(f"--only: unknown phase(s) {sorted(args.phases - set(PHASES))}; known: {', '.join(PHASES)}")
+    if args.phases - set(PHASES + EXTRA_PHASES):
+        p.error(f"--only: unknown phase(s) {sorted(args.phases - set(PHASES + EXTRA_PHASES))}; known: "
+                f"{', '.join(PHASES + EXTRA_PHASES)}")
     args.rates = tuple(int(x) for x in args.rates.split(",")) if args.rates else LATENCY_RATES_PER_S
     if args.rates != LATENCY_RATES_PER_S and args.write_results:
         p.error("--write-results needs the default --rates")
@@ -797,6 +825,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"terms {r['terms']})", flush=True)
                 print("  cores " + cpu_text("used", r["cpu"]), flush=True)
                 print("  " + stalls_text("stalls >= 5 ms", r), flush=True)
+        if "unbatched" in args.phases:
+            print(f"unbatched: {UNBATCHED_CLIENTS} closed-loop clients for {args.unbatched_s:g} s ...", flush=True)
+            res["unbatched"] = r = measured(cluster, status_client, lambda: run_unbatched(cluster, status_client, ids,
+                                                                                         args))
+            print(f"  {r['requests']:,} requests in {r['wall_s']:.1f} s: {r['per_s']:,.0f}/s; "
+                  f"{r['requests_per_entry']:.1f} requests per log entry; latency p50 {r['p50_ms']:.2f} "
+                  f"p99 {r['p99_ms']:.2f} ms; not OK {r['not_ok']}", flush=True)
+            print("  cores " + cpu_text("used", r["cpu"]) + f" (the {UNBATCHED_PROCESSES} load processes, among the "
+                  f"others: {r['client_cpu_s'] / max(r['wall_s'], 1e-9):.2f})", flush=True)
         res["memory_mib"] = {"after_load": memory_mib(cluster)}
         if "failover" in args.phases:
             print(f"failover under load x{args.failovers} ...", flush=True)
@@ -811,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster.close()
         shutil.rmtree(base, ignore_errors=True)
     if args.phases != set(PHASES):
-        print(f"phases run: {', '.join(p for p in PHASES if p in args.phases)}; digests equal: {res['digests_equal']}")
+        print(f"phases run: {', '.join(p for p in PHASES + EXTRA_PHASES if p in args.phases)}; "
+              f"digests equal: {res['digests_equal']}")
         bar = next((r for r in res.get("latency", []) if r["rate_per_s"] == LATENCY_BAR_RATE_PER_S), None)
         ok = res["digests_equal"] and ("throughput" not in res or throughput_ok(res["throughput"])) \
             and (bar is None or latency_ok(bar))
