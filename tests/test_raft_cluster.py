@@ -232,3 +232,63 @@ def test_driver_leadership_transfer(members):
         assert time.monotonic() < deadline, "transfer did not happen"
         time.sleep(0.02)
     assert target.driver.propose(counter_entry([2])).result(timeout=WAIT_S)[1] == 3
+
+
+def test_the_driver_serves_an_attached_socket_on_its_own_thread(tmp_path):
+    """attach_io: the app's socket is polled by the driver loop and served on the driver thread, where a
+    proposal made in on_io is committed and applied; want_io(False) keeps its input from waking the loop."""
+    import threading
+
+    import zmq
+
+    from engine.raft.driver import RaftDriver, RaftDriverError
+    from engine.raft.local_cluster import free_ports
+    from engine.raft.replica_main import CounterMachine
+    raft_port, app_port = free_ports(2)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{app_port}")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{app_port}")
+    sm = CounterMachine()
+    seen, threads, futures = [], set(), []
+    driver = RaftDriver(1, {1: f"tcp://127.0.0.1:{raft_port}"}, str(tmp_path), apply=sm.apply,
+                        snapshot=sm.snapshot, restore=sm.restore)
+
+    def on_io(readable):
+        threads.add(threading.get_ident())
+        while readable:
+            try:
+                msg = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            seen.append(msg)
+            futures.append(driver.propose(counter_entry([1])))
+            driver.want_io(msg != b"stop-polling")
+    driver.attach_io(pull, on_io)
+    driver.start()
+    try:
+        with pytest.raises(RaftDriverError):
+            driver.attach_io(pull, on_io)
+        deadline = time.monotonic() + 10
+        while not driver.is_leader and time.monotonic() < deadline:      # a group of one elects itself
+            time.sleep(0.01)
+        for msg in (b"a", b"b", b"stop-polling"):
+            push.send(msg)
+        while len(futures) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for f in futures:
+            f.result(10)
+        assert seen == [b"a", b"b", b"stop-polling"] and sm.counter == 3
+        assert threads == {driver.thread_ident}
+        push.send(b"late")                         # not polled now: it waits in the queue
+        time.sleep(0.3)
+        assert seen[-1] == b"stop-polling"
+        driver.wake()                              # an iteration still calls on_io (readable False)
+        time.sleep(0.1)
+        assert seen[-1] == b"stop-polling"
+    finally:
+        driver.stop()
+        push.close(0)
+        pull.close(0)
+        ctx.term()
