@@ -2,16 +2,13 @@
 
     zwallet node --config node.toml [--id 1] [--data-dir DIR] [--verbose]
 
-Threads. The **Raft driver thread** (`engine/raft/driver.py`) owns the core, the Raft log and the peer
-transport, applies committed entries to the ledger (`engine/ledger_machine.py`), writing their events to
-the event store (`engine/event_store.py`), and, through ``RaftDriver.attach_io``, serves the clients too: it
-receives requests on the ROUTER, checks them, groups the APPLY batches that arrive while earlier log entries
-are in flight into one entry (group commit), proposes it, and sends the replies and the PUB messages when
-the entry is applied. (They were the main thread's until the tenth session; every entry then cost two
-wake-ups of another thread, ~50-70 us each on this VM, and GIL hand-offs.) The **main thread** waits for
-the node to stop. Small helpers: the event store's flush and writeback, the Raft log's spare segments, and
-a thread per STATUS that asks for the state digest (a full serialization: it must not hold up Raft), whose
-reply the driver thread sends.
+Threads. The **main thread** owns every client-facing socket: it receives requests on the ROUTER, checks
+them, groups the APPLY batches that arrive while earlier log entries are in flight into one entry (group
+commit), proposes it, and sends replies and PUB messages. The **Raft driver thread** (`engine/raft/driver.py`)
+owns the core, the LMDB log and the peer transport, and applies committed entries to the ledger
+(`engine/ledger_machine.py`), writing their events to the event store (`engine/event_store.py`). The two
+meet in three places only: the driver's futures (their callbacks queue completions and wake the main
+thread through an eventfd), the ledger lock (the main thread reads the ledger under it), and the PUB queue.
 
 Request handling (protocol: `engine/wire.py`, docs/protocol.md):
 - APPLY: the payload must be whole op records, at most ``batch_records_max``, well formed (``check_batch``);
@@ -54,7 +51,7 @@ from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloa
                                 RaftDriver)
 from engine import wire as W
 from engine.stalls import SchedulerProbe, StallLog
-from engine.zmq_io import recv_message
+from engine.zmq_io import Waker, recv_message
 from engine.wire import ErrorCode, Op, Status
 
 log = logging.getLogger("zwallet.node")
@@ -72,8 +69,7 @@ SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it 
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
-RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken about this late (_io_pass)
-MAIN_CHECK_INTERVAL_S = 0.1           # the main thread checks this often whether the driver thread died
+RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken at most this late (see serve)
 
 
 @dataclass
@@ -225,13 +221,14 @@ class Node:
         self._probe = SchedulerProbe(self.stalls, config.stall_probe_ms / 1000) if config.stall_probe_ms else None
         self.lock = threading.Lock()           # the ledger: applied by the driver thread, read by the main one
         self._completions: collections.deque[Callable[[], None]] = collections.deque()
-        self._io_polled = True                 # whether client input wakes the driver thread (want_io)
-        self._next_deferred_receive = 0.0
         self._pub_queue: collections.deque[np.ndarray] = collections.deque()
+        self._waker = Waker()
         self.driver = RaftDriver(config.node_id, {i: a["raft"] for i, a in config.replicas.items()},
                                  os.path.join(config.data_dir, "raft"), apply=self._apply,
                                  snapshot=self._snapshot, restore=self._restore, config=config.driver_config(),
                                  after_ready=self._after_ready, stalls=self.stalls)
+        self._wake_wanted = False
+        self._driver_thread_ident: int | None = None       # set once the driver thread runs
         self._group: list[_Pending] = []
         self._group_records = 0
         self._inflight = 0
@@ -250,10 +247,14 @@ class Node:
             return self.machine.apply(entries)
 
     def _on_events(self, chunks: list[np.ndarray]) -> None:
-        # runs inside machine.apply, under the lock: store first (the golden copy); they are published at
-        # the end of the ready round (_after_ready)
+        # runs inside machine.apply, under the lock: store first (the golden copy); the Raft thread
+        # publishes them at the end of its ready round (_after_ready). The main thread is woken only if
+        # follower reads wait for a newer seq (otherwise a follower's main thread would wake for every
+        # entry just to publish; it polls at most 5 ms apart while reads are parked)
         self.events.append(chunks)
         self._pub_queue.extend(chunks)
+        if self._reads_follower:
+            self._wake_soon()
 
     def _snapshot(self) -> "bytes | ForkedSnapshot":
         # every event below the snapshot is durable before the snapshot is (the log below it may go)
@@ -273,17 +274,32 @@ class Node:
             self.machine.restore(data)
             self.events.note_restored(self.machine.ledger.last_seq)
 
+    def _wake(self) -> None:
+        self._waker.wake()
+
+    def _wake_soon(self) -> None:
+        """Wake the main thread: at once from any thread but the Raft driver's; from the driver thread, at
+        the end of its ready round (``_after_ready``). Woken in the middle of applying, the main thread took
+        the GIL for its replies or PUB sends while the driver thread waited for it back (measured on a
+        follower at 10K requests/s: ~85 us of the driver thread per entry, the eventfd write the largest
+        item of its profile after the fsync)."""
+        if threading.get_ident() == self._driver_thread_ident:
+            self._wake_wanted = True
+        else:
+            self._waker.wake()
+
     def _after_ready(self) -> None:
-        # the driver thread, at the end of each ready round: answer what it applied, take what waited
-        # meanwhile (the next group), then publish the round's events
-        self._io_pass()
+        # the Raft thread, at the end of each ready round: wake the main thread for the completions, then
+        # publish what was applied (the PUB socket is this thread's)
+        if self._wake_wanted:
+            self._wake_wanted = False
+            self._waker.wake()
         if self._pub_queue:
             self._publish()
 
     def _complete(self, fn: Callable[[], None]) -> None:
-        # a future's callback: on the driver thread (or, at shutdown, the thread that stops it); the next
-        # client pass, or _shutdown, runs it
         self._completions.append(fn)
+        self._wake_soon()
 
     # ------------------------------------------------------------------------------------ main loop
     def start(self) -> None:
@@ -301,8 +317,8 @@ class Node:
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, cfg.pub_queue_messages_max)
         self.pub.bind(me["pub"])
-        self.driver.attach_io(self.router, self._io_pass)
         self.driver.start()
+        self._driver_thread_ident = self.driver.thread_ident
         self._writeback = threading.Thread(target=self._writeback_loop, name="event-writeback", daemon=True)
         self._writeback.start()
         if self._probe is not None:
@@ -311,44 +327,46 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake()
 
     def serve(self) -> None:
-        """The main thread: wait until the node is told to stop, or its driver thread dies (fail-stop: a
-        replica whose Raft thread died, on a full disk, an I/O error or a broken invariant, must not linger
-        half-alive; it exits so it is seen and restarted)."""
+        # Two pollers: while the leader has as many entries in flight as it may (group commit), requests
+        # only wait for the next entry, so the loop does not wake for each one: it waits for the entry's
+        # completion (the waker) or RECEIVE_DEFER_MS, then takes every request queued meanwhile in one
+        # pass. Woken per request instead, at 10K requests/s, the main thread spent most of its time
+        # waking up (measured: 63% of a core).
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
+        poller_busy = zmq.Poller()
+        poller_busy.register(self._waker.fd, zmq.POLLIN)
+        stalls = self.stalls
+        waker_fd = self._waker.fd
+        inflight_max = self.config.inflight_entries_max
         try:
-            while not self._stopping.wait(MAIN_CHECK_INTERVAL_S):
+            while not self._stopping.is_set():
+                if self._inflight >= inflight_max:
+                    events = dict(poller_busy.poll(RECEIVE_DEFER_MS))
+                else:
+                    events = dict(poller.poll(5 if (self._reads_follower or self._group) else 100))
+                t_pass = time.monotonic()
+                if waker_fd in events:
+                    self._waker.drain()
+                self._run_completions()
+                self._receive()
+                self._flush_group()
+                self._start_linearizable_reads()
+                self._serve_follower_reads()
+                stalls.add("main-pass", time.monotonic() - t_pass)
                 if self.driver.failed:
+                    # fail-stop: a replica whose Raft thread died (disk full, I/O error, a broken
+                    # invariant) must not linger half-alive; exit so it is seen and restarted
                     log.critical("node %d: the Raft driver thread failed; stopping (see its traceback above)",
                                  self.node_id)
                     self.exit_code = 3
                     break
         finally:
             self._shutdown()
-
-    def _io_pass(self, readable: bool = False) -> None:
-        """One pass over the clients, on the driver thread: once per loop iteration (``readable``: requests
-        are waiting) and at the end of each ready round. While the leader has as many entries in flight as it
-        may (group commit) the ROUTER does not wake the loop: requests wait in ZeroMQ's queue for the entry's
-        completion (or RECEIVE_DEFER_MS, at the loop's next iteration), then are all taken in one pass. Woken
-        per request instead, at 10K requests/s, a thread spent most of its time waking up (measured: 63% of a
-        core)."""
-        t_pass = time.monotonic()
-        completed = bool(self._completions)
-        self._run_completions()
-        if readable or (not self._io_polled and (completed or t_pass >= self._next_deferred_receive)):
-            self._receive()
-            self._next_deferred_receive = t_pass + RECEIVE_DEFER_MS / 1000
-        self._flush_group()
-        if self._reads_linearizable:
-            self._start_linearizable_reads()
-        if self._reads_follower:
-            self._serve_follower_reads()
-        polled = self._inflight < self.config.inflight_entries_max
-        if polled != self._io_polled:
-            self._io_polled = polled
-            self.driver.want_io(polled)
-        self.stalls.add("client-pass", time.monotonic() - t_pass)
 
     def _writeback_loop(self) -> None:
         # the events appended meanwhile go into LMDB in one transaction (EventStore.flush), and the store's
@@ -380,6 +398,7 @@ class Node:
         if self.ctx is not None:
             self.ctx.term()
         self.events.close()
+        self._waker.close()
 
     def _run_completions(self) -> None:
         while self._completions:
@@ -444,29 +463,13 @@ class Node:
         self._pending_total += 1
         pending_by_client[ident] = of_client + 1
         try:
-            if op is Op.STATUS and req.with_digest:
-                threading.Thread(target=self._status_with_digest, args=(p,), name="status-digest",
-                                 daemon=True).start()
-            elif op is Op.STATUS:
-                self._reply(p, payload=msgspec.msgpack.encode(self.status()))
+            if op is Op.STATUS:
+                self._reply(p, payload=msgspec.msgpack.encode(self.status(with_digest=req.with_digest)))
             else:
                 self._accept_read(p, op, payload)
         except _RequestError as exc:
             self.counters.bad_requests += 1
             self._error(p, exc.code, str(exc))
-
-    def _status_with_digest(self, p: _Pending) -> None:
-        # its own thread: the digest serializes the whole ledger (under the ledger lock, like an apply), which
-        # on the driver thread would hold up heartbeats; the driver thread sends the reply (_io_pass)
-        try:
-            payload = msgspec.msgpack.encode(self.status(with_digest=True))
-            reply = W.Reply(p.req.req_id, Status.OK, last_seq=self.machine.ledger.last_seq, node_id=self.node_id)
-        except Exception as exc:                 # (the node stopping meanwhile)
-            payload = b""
-            reply = W.Reply(p.req.req_id, Status.ERROR, ErrorCode.SHUTTING_DOWN, f"status failed: {exc}")
-        self._completions.append(lambda: (self._finish(p), self._send_reply(p.ident, W.encode(reply), payload,
-                                                                             None)))
-        self.driver.wake()
 
     def _accept_apply(self, p: _Pending, payload: Any) -> None:
         size = len(payload)

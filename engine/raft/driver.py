@@ -147,8 +147,6 @@ class RaftDriver:
         self._snapshot_fn = snapshot
         self._restore_fn = restore
         self._after_ready_fn = after_ready
-        self._io: tuple[Any, Callable[[bool], None]] | None = None     # attach_io
-        self._io_polled = True
         self.stalls = stalls if stalls is not None else StallLog()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._waker = Waker()
@@ -167,32 +165,6 @@ class RaftDriver:
         self._read_ids = itertools.count(1)
 
     # --- public API (any thread) --------------------------------------------------------------------
-    def attach_io(self, sock: Any, on_io: Callable[[bool], None]) -> None:
-        """Before ``start``: serve an app's own ZeroMQ socket (a node's client ROUTER) on the driver thread.
-        The driver polls ``sock`` beside its peers and calls ``on_io(readable)`` once per loop iteration,
-        before it takes the proposals queued meanwhile, so what the app proposes there goes out in the same
-        iteration. ``sock`` then belongs to the driver thread (the app uses it only from ``on_io`` and
-        ``after_ready``, and from other threads only once the driver has stopped). Serving clients here
-        saves two thread hand-offs per log entry (request -> Raft thread, commit -> replies), each a wake-up
-        of another thread (~50-70 us of the waker's time on a 2-vCPU VM) and a wait for the GIL."""
-        if self._thread is not None:
-            raise RaftDriverError("attach_io must come before start")
-        self._io = (sock, on_io)
-
-    def wake(self) -> None:
-        """Any thread: make the driver loop iterate now (and call ``on_io``), e.g. after queueing work
-        for it."""
-        self._wake()
-
-    def want_io(self, wanted: bool) -> None:
-        """Driver thread only (from ``on_io`` or ``after_ready``): whether input on the attached socket
-        wakes the loop. An app with a group of requests in flight turns it off, so arriving requests wait
-        in ZeroMQ's queue (``on_io`` still runs each iteration and may read them) instead of waking this
-        thread once each."""
-        if self._io is not None and wanted != self._io_polled:
-            self._io_polled = wanted
-            self._poller.register(self._io[0], zmq.POLLIN if wanted else 0)
-
     def start(self) -> None:
         if self._thread is not None:
             raise RaftDriverError("already started")
@@ -289,9 +261,6 @@ class RaftDriver:
         self._poller = zmq.Poller()
         self._poller.register(self._transport.socket, zmq.POLLIN)
         self._poller.register(self._waker.fd, zmq.POLLIN)
-        if self._io is not None:
-            self._poller.register(self._io[0], zmq.POLLIN)
-            self._io_polled = True
         self._proposals: dict[int, tuple[int, Future]] = {}   # index -> (term, future)
         self._reads_waiting_quorum: dict[bytes, tuple[float, Future]] = {}
         self._reads_waiting_apply: list[tuple[int, Future]] = []
@@ -314,7 +283,6 @@ class RaftDriver:
         tick_s = self.config.tick_interval_ms / 1000.0
         next_tick = time.monotonic() + tick_s
         transport_socket = self._transport.socket
-        io_socket, on_io = self._io if self._io is not None else (None, None)
         try:
             while not self._stop.is_set():
                 # whole milliseconds, rounded UP: zmq.Poller truncates a float timeout, and a timeout
@@ -328,8 +296,6 @@ class RaftDriver:
                 if transport_socket in events:         # (level-triggered: what is left is reported again)
                     for msg in self._transport.recv_batch():
                         self._core.step(msg)
-                if on_io is not None:
-                    on_io(io_socket in events)
                 self._drain_commands()
                 now = time.monotonic()
                 ticks = 0
