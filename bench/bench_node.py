@@ -409,8 +409,7 @@ def run_unbatched(cluster: NodeCluster, status_client: Client, ids: Ids, args: a
     lat = r["latency_s"] * 1000
     return {"requests": r["count"], "wall_s": r["wall_s"], "per_s": r["count"] / r["wall_s"] if r["wall_s"] else 0.0,
             "requests_per_entry": (after["entries_batches"] - before["entries_batches"]) / max(1, entries),
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "not_ok": int(np.count_nonzero(r["codes"] != R.Code.OK)), "client_cpu_s": r["client_cpu_s"]}
 
 

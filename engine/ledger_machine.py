@@ -266,7 +266,7 @@ class LedgerMachine:
                                              self.rejected_entries) + self.ledger.snapshot())
 
     def restore(self, data: "bytes | memoryview") -> None:
-        """Replace the state with a snapshot: compressed, or raw as written before snapshots were."""
+        """Replace the state with a snapshot: compressed, or raw as earlier versions wrote them."""
         data = decompress_snapshot(data)
         self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", data, 0)
         self.ledger = Ledger.restore(memoryview(data)[32:])

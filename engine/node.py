@@ -554,47 +554,22 @@ class Node:
         encode_int = _INT_ENCODER.encode
         counters = self.counters
         if isinstance(outcomes, EntryOutcomes):
-            self._reply_entry(group, outcomes, prefix, suffix)
-            return
-        for p, o in zip(group, outcomes):
-            if o.results is None:
-                self._error(p, ErrorCode.BAD_REQUEST, o.error)
+            # applied in one call (every batch accepted): each batch's results are its slice of the entry's,
+            # cut from one bytes copy, with no per-batch array or outcome object unless it asked for events
+            # (this runs between an entry's commit and the next proposal, for tens of one-transfer batches)
+            raw = outcomes.results.tobytes()
+            bodies = (raw[a * _RESULT_BYTES:(a + n) * _RESULT_BYTES]
+                      for a, n in zip(outcomes.starts, outcomes.counts))
+        else:
+            bodies = (None if o.results is None else o.results.tobytes() for o in outcomes)
+        for i, (p, body) in enumerate(zip(group, bodies)):
+            if body is None:
+                self._error(p, ErrorCode.BAD_REQUEST, outcomes[i].error)
                 continue
             counters.applied_batches += 1
-            extra = self._events_of(o) if p.req.want_events else None
+            extra = self._events_of(outcomes[i]) if p.req.want_events else None
             self._finish(p)
-            self._send_reply(p.ident, prefix + encode_int(p.req.req_id) + suffix, o.results.tobytes(), extra)
-
-    def _reply_entry(self, group: list[_Pending], outcomes: EntryOutcomes, prefix: bytes, suffix: bytes) -> None:
-        """The replies of an entry applied in one call (every batch accepted): each batch's result records
-        are its slice of the entry's, cut from one bytes copy. The leader's main thread runs this between an
-        entry's commit and the next proposal, for tens of one-transfer batches: no per-batch array or
-        outcome object is made unless the batch asked for its events."""
-        raw = outcomes.results.tobytes()
-        encode_int = _INT_ENCODER.encode
-        by_client = self._pending_by_client
-        send = self.router.send
-        self._pending_total -= len(group)
-        self.counters.applied_batches += len(group)
-        for i, (p, a, n) in enumerate(zip(group, outcomes.starts, outcomes.counts)):
-            req, ident = p.req, p.ident
-            left = by_client[ident] - 1
-            if left > 0:
-                by_client[ident] = left
-            else:
-                del by_client[ident]
-            body = raw[a * _RESULT_BYTES:(a + n) * _RESULT_BYTES]
-            try:
-                send(ident, _SNDMORE | _NOBLOCK)
-                send(prefix + encode_int(req.req_id) + suffix, _SNDMORE)
-                if req.want_events:
-                    extra = self._events_of(outcomes[i])
-                    send(body, _SNDMORE, copy=len(body) < 65536)
-                    send(extra, copy=len(extra) < 65536)
-                else:
-                    send(body, copy=len(body) < 65536)
-            except zmq.ZMQError:
-                pass        # the client is gone or not reading: it will time out and retry
+            self._send_reply(p.ident, prefix + encode_int(p.req.req_id) + suffix, body, extra)
 
     def _events_of(self, o: Any) -> bytes:
         """The events of every command in a batch: its new ones (one range) and those of duplicates
@@ -812,7 +787,9 @@ class ForkedSnapshot:
                 data = produce()
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
-                    _write_paced(fd, memoryview(data).cast("B"))
+                    view = memoryview(data).cast("B")
+                    fileio.write_paced(fd, len(view), lambda at, n: view[at:at + n], SNAPSHOT_WRITE_CHUNK_BYTES,
+                                       SNAPSHOT_WRITE_PAUSE_S)
                     os.fsync(fd)                       # durable before the store refers to it
                 finally:
                     os.close(fd)
@@ -889,21 +866,6 @@ def _ok_reply_parts(last_seq: int, node_id: int) -> tuple[bytes, bytes]:
     prefix, zero = whole[:1], _INT_ENCODER.encode(0)
     assert whole[1:1 + len(zero)] == zero and 0x90 <= whole[0] <= 0x9F, "Reply is no longer a small msgpack array"
     return prefix, whole[1 + len(zero):]
-
-
-def _write_paced(fd: int, data: memoryview) -> None:
-    """Write ``data`` at the start of ``fd`` chunk by chunk, each chunk on the disk before the next is
-    written, pausing in between (see ForkedSnapshot). The caller still fsyncs (metadata)."""
-    offset = 0
-    while offset < len(data):
-        chunk = data[offset:offset + SNAPSHOT_WRITE_CHUNK_BYTES]
-        done = 0
-        while done < len(chunk):
-            done += os.write(fd, chunk[done:])
-        fileio.write_back(fd, offset, len(chunk))
-        offset += len(chunk)
-        if offset < len(data):
-            time.sleep(SNAPSHOT_WRITE_PAUSE_S)
 
 
 class _RequestError(Exception):

@@ -40,7 +40,6 @@ import os
 import re
 import struct
 import threading
-import time
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -206,14 +205,9 @@ class _SpareSegments:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                zero = bytes(SPARE_WRITE_CHUNK_BYTES)
-                for off in range(0, self._size, len(zero)):
-                    if self._closed:
-                        raise InterruptedError
-                    chunk = zero[:min(len(zero), self._size - off)]
-                    os.pwrite(fd, chunk, off)
-                    fileio.write_back(fd, off, len(chunk))   # on the disk before the next one is written
-                    time.sleep(SPARE_WRITE_PAUSE_S)
+                zero = memoryview(bytes(SPARE_WRITE_CHUNK_BYTES))
+                fileio.write_paced(fd, self._size, lambda _at, n: zero[:n], SPARE_WRITE_CHUNK_BYTES,
+                                   SPARE_WRITE_PAUSE_S, cancelled=lambda: self._closed)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -472,7 +466,7 @@ class LogStore:
     def _settle_after_load(self) -> None:
         snap_index = self._snap_index
         if self._term:
-            first, last = self._first_index, self._first_index + len(self._term) - 1
+            first = self._first_index
             if first > snap_index + 1:
                 raise LogCorruption(f"log starts at {first} but the snapshot covers only up to {snap_index}")
         if snap_index >= self._first_index:          # entries the snapshot covers are gone
