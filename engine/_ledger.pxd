@@ -23,6 +23,8 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint8_t flags
         uint16_t group_size
         uint32_t reserved
+        uint64_t issued_ms
+        uint64_t reserved2
 
     cdef packed struct ResRec:
         unsigned char dedup_id[16]
@@ -46,7 +48,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint8_t state
         uint16_t part
         uint16_t parts
-        uint16_t reserved
+        uint16_t code
         uint64_t reserved2
 
     int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why)
@@ -74,15 +76,21 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         unsigned char b[16]
 
     cdef cppclass Core:
-        Core(uint64_t dedup_retention, uint64_t event_retention) except +
+        Core(uint64_t dedup_retention, uint64_t event_retention, uint32_t accounts_max,
+             uint64_t initial_capacity) except +
         uint32_t acc_count
         uint32_t acc_capacity
         uint64_t last_seq
         uint64_t dedup_retention
         uint64_t event_retention
+        uint64_t horizon
+        uint64_t last_ts
+        uint64_t chain_a
+        uint64_t chain_b
+        uint64_t oldest_issued()
+        uint64_t index_bytes()
         int64_t validate(const OpRec* ops, uint64_t n, const char** why)
         void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) except +
-        void attach(void* accounts, uint32_t capacity, uint64_t* slots, uint64_t nslots)
         void reservations_of(const unsigned char* id, vector[KV]& out) except +
         void pending_of(const unsigned char* id, vector[KV]& out) except +
         void totals(const char* currency8, unsigned char* lo4x16, int64_t* carry4)
@@ -115,18 +123,13 @@ cdef class OpEncoder(_CommandApi):
 
 cdef class Ledger(_CommandApi):
     cdef Core* core
-    cdef object _accounts          # numpy uint8 buffer holding the Account structs (96 bytes each)
-    cdef object _slots             # numpy uint32 open-addressing table: account index + 1
     cdef object _resbuf            # scratch result records for the per-call API
     cdef ResRec* _res
     cdef readonly uint64_t dedup_retention
     cdef readonly uint64_t event_retention
 
-    cdef int _reserve_accounts(self, uint64_t extra) except -1
     cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1
     # Validate, make room, apply: the C-level entry point for embedders. Raises ValueError on a malformed
     # batch (nothing applied). Runs without the GIL-free guarantee: the ledger is single-threaded.
     cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1
-    cdef _grow(self, uint64_t capacity)
-    cdef uintptr_t _account_ptr(self)
     cdef object _lookup(self, const unsigned char* key)

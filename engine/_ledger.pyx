@@ -25,7 +25,7 @@ from engine.records import (Code, Kind, State, OpFlag, ResultFlag, OP_DTYPE, RES
 cnp.import_array()
 
 __all__ = ["Ledger", "OpEncoder", "check_batch", "Result", "Code", "Kind", "State", "UNCHANGED",
-           "DEDUP_RETENTION_DEFAULT", "EVENT_RETENTION_DEFAULT"]
+           "DEDUP_RETENTION_DEFAULT", "EVENT_RETENTION_DEFAULT", "ACCOUNTS_MAX_DEFAULT"]
 
 DEDUP_RETENTION_DEFAULT = 1 << 20      # dedup ids remembered (FIFO); also finished TCC txns remembered
 EVENT_RETENTION_DEFAULT = 1 << 20      # event records kept in memory (ring)
@@ -33,6 +33,7 @@ DEDUP_RETENTION_MIN = 16
 EVENT_RETENTION_MIN = 4096             # must hold the largest single event (1 + GROUP_SPECS_MAX parts)
 ACCOUNT_RECORD_BYTES = 96
 ACCOUNT_CAPACITY_MAX = (1 << 31) - 1
+ACCOUNTS_MAX_DEFAULT = 1 << 26         # account records reserved (address space only until created: 6 GiB)
 _SNAPSHOT_MAGIC = b"ZWLSNAP1"
 
 _CODES = tuple(sorted(Code, key=int))
@@ -68,7 +69,8 @@ def _check_layouts():
         "expected_a": <char*>&_op_probe.expected_a[0] - base, "expected_b": <char*>&_op_probe.expected_b[0] - base,
         "currency": <char*>&_op_probe.currency[0] - base, "kind": <char*>&_op_probe.kind - base,
         "flags": <char*>&_op_probe.flags - base, "group_size": <char*>&_op_probe.group_size - base,
-        "reserved": <char*>&_op_probe.reserved - base,
+        "reserved": <char*>&_op_probe.reserved - base, "issued_ms": <char*>&_op_probe.issued_ms - base,
+        "reserved2": <char*>&_op_probe.reserved2 - base,
     }
     for name, off in offs.items():
         assert OP_DTYPE.fields[name][1] == off, f"OpRec.{name} offset"
@@ -379,10 +381,12 @@ cdef class OpEncoder(_CommandApi):
     """Builds the op records of a per-call command without applying it: ``OpEncoder().transfer(d, a, b,
     100, "USD")`` returns a numpy array of ``OP_DTYPE`` records (1 record, or 1 + members for a group),
     exactly what ``Ledger.transfer`` would apply. Clients use it to put per-call commands into batches.
-    Input is checked as the ledger checks it (ValueError/TypeError); ``timestamp`` is accepted and ignored
-    (a replicated shard stamps commands with its leader's clock)."""
+    Input is checked as the ledger checks it (ValueError/TypeError); ``timestamp`` becomes the command's
+    ``issued_ms`` (a client passes the time it first issues the command and retries the same records; a
+    replicated shard stamps each entry with its leader's clock)."""
 
     cdef object _call(self, uint64_t n, uint64_t timestamp):
+        self._ops[0].issued_ms = timestamp
         return self._opbuf[:n].copy()
 
 
@@ -414,54 +418,29 @@ cdef class Ledger(_CommandApi):
     """One shard's ledger, in memory. Single-threaded: do not call it from two threads at once."""
 
     def __cinit__(self, *, dedup_retention=DEDUP_RETENTION_DEFAULT, event_retention=EVENT_RETENTION_DEFAULT,
-                  initial_capacity=1024):
+                  initial_capacity=1024, accounts_max=ACCOUNTS_MAX_DEFAULT):
         if int(dedup_retention) < DEDUP_RETENTION_MIN:
             raise ValueError(f"dedup_retention must be >= {DEDUP_RETENTION_MIN}")
         if int(event_retention) < EVENT_RETENTION_MIN:
             raise ValueError(f"event_retention must be >= {EVENT_RETENTION_MIN}")
+        if not 1 <= int(accounts_max) <= ACCOUNT_CAPACITY_MAX:
+            raise ValueError(f"accounts_max must be in 1..{ACCOUNT_CAPACITY_MAX}")
         if not 1 <= int(initial_capacity) <= ACCOUNT_CAPACITY_MAX:
             raise ValueError("initial_capacity out of range")
         self.dedup_retention = 1 << (int(dedup_retention) - 1).bit_length()   # rounded up to a power of two
         self.event_retention = 1 << (int(event_retention) - 1).bit_length()
-        self.core = new Core(self.dedup_retention, self.event_retention)
+        try:
+            self.core = new Core(self.dedup_retention, self.event_retention, <uint32_t>int(accounts_max),
+                                 min(int(initial_capacity), int(accounts_max)))
+        except MemoryError:
+            raise MemoryError(f"cannot reserve address space for {int(accounts_max)} accounts "
+                              f"({int(accounts_max) * ACCOUNT_RECORD_BYTES} bytes) and the dedup window; "
+                              "lower accounts_max or dedup_retention") from None
         self._resbuf = np.zeros(BATCH_SIZE_MAX, dtype=RESULT_DTYPE)
         self._res = <ResRec*><uintptr_t>self._resbuf.ctypes.data
-        self._accounts = None
-        self._grow(int(initial_capacity))
 
     def __dealloc__(self):
         del self.core
-
-    # ------------------------------------------------------------------------------------ storage
-    cdef _grow(self, uint64_t capacity):
-        cdef uint64_t nslots = 16
-        while nslots < 2 * capacity:
-            nslots <<= 1
-        buf = np.zeros(capacity * ACCOUNT_RECORD_BYTES + 64, dtype=np.uint8)
-        cdef uintptr_t base = <uintptr_t>buf.ctypes.data
-        cdef uintptr_t aligned = (base + 63) & ~(<uintptr_t>63)
-        if self._accounts is not None and self.core.acc_count:
-            memcpy(<void*>aligned, <void*>self._account_ptr(), self.core.acc_count * ACCOUNT_RECORD_BYTES)
-        slots = np.zeros(nslots, dtype=np.uint64)
-        self.core.attach(<void*>aligned, <uint32_t>capacity, <uint64_t*><uintptr_t>slots.ctypes.data, nslots)
-        self._accounts = buf
-        self._slots = slots
-
-    cdef uintptr_t _account_ptr(self):
-        cdef uintptr_t base = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>self._accounts)
-        return (base + 63) & ~(<uintptr_t>63)
-
-    cdef int _reserve_accounts(self, uint64_t extra) except -1:
-        cdef uint64_t need = self.core.acc_count + extra
-        cdef uint64_t cap = self.core.acc_capacity
-        if need <= cap:
-            return 0
-        if need > ACCOUNT_CAPACITY_MAX:
-            raise ValueError(f"account capacity limit ({ACCOUNT_CAPACITY_MAX}) reached")
-        while cap < need:
-            cap = min(cap * 2, ACCOUNT_CAPACITY_MAX)
-        self._grow(cap)
-        return 0
 
     cdef int _check_batch(self, const OpRec* ops, uint64_t n) except -1:
         cdef const char* why = NULL
@@ -471,12 +450,7 @@ cdef class Ledger(_CommandApi):
         return 0
 
     cdef int apply_records(self, const OpRec* ops, uint64_t n, ResRec* out, uint64_t timestamp) except -1:
-        cdef uint64_t i, creates = 0
         self._check_batch(ops, n)
-        for i in range(n):
-            if ops[i].kind == 1:  # CREATE_ACCOUNT: each adds at most one account
-                creates += 1
-        self._reserve_accounts(creates)
         self.core.apply(ops, n, out, timestamp)
         return 0
 
@@ -505,6 +479,7 @@ cdef class Ledger(_CommandApi):
 
     # ---------------------------------------------------------------------------- per-call API
     cdef object _call(self, uint64_t n, uint64_t timestamp):
+        self._ops[0].issued_ms = timestamp          # an embedded command is issued at its timestamp
         self.apply_records(self._ops, n, self._res, timestamp)
         cdef ResRec* r = &self._res[0]
         cdef Result res = Result.__new__(Result)
@@ -614,9 +589,23 @@ cdef class Ledger(_CommandApi):
         """Bytes of the per-account structures (the account records and the id -> index table) and of
         the dedup window (its ring and index); ``dedup_overflow`` counts the dedup ids whose index bucket
         was full when they arrived (kept in a side map; a handful at most in normal operation)."""
-        return {"accounts": int(self._accounts.nbytes), "index": int(self._slots.nbytes),
+        return {"accounts": int(self.core.acc_count) * ACCOUNT_RECORD_BYTES, "index": int(self.core.index_bytes()),
                 "account_capacity": int(self.core.acc_capacity), "dedup": int(self.core.dedup_bytes()),
                 "dedup_overflow": int(self.core.dedup_overflow())}
+
+    def dedup_window(self):
+        """The exactly-once window: ``size`` ids remembered of ``retention``; ``oldest_issued_ms``, the issue
+        time of the oldest remembered command (0 if none); ``horizon_ms``: a command the window does not
+        hold that was issued before it is refused with DEDUP_EXPIRED (it may have been applied before)."""
+        size = int(self.core.dedup_size())
+        return {"size": size, "retention": int(self.dedup_retention), "horizon_ms": int(self.core.horizon),
+                "oldest_issued_ms": int(self.core.oldest_issued()) if size else 0,
+                "last_timestamp_ms": int(self.core.last_ts)}
+
+    def chain_digest(self):
+        """A 16-byte running hash of every result and event in order, kept in O(1) per command: equal on
+        two ledgers that applied the same commands (cheap, unlike ``digest``, which hashes the whole state)."""
+        return struct.pack("<QQ", self.core.chain_a, self.core.chain_b)
 
     # --------------------------------------------------------------------------- snapshot / digest
     def digest(self):
@@ -631,7 +620,7 @@ cdef class Ledger(_CommandApi):
         return _SNAPSHOT_MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
 
     @classmethod
-    def restore(cls, snapshot):
+    def restore(cls, snapshot, *, accounts_max=ACCOUNTS_MAX_DEFAULT):
         if not isinstance(snapshot, (bytes, bytearray, memoryview)):
             raise TypeError("snapshot must be bytes")
         data = bytes(snapshot)
@@ -641,8 +630,10 @@ cdef class Ledger(_CommandApi):
         if hashlib.blake2b(body, digest_size=32).digest() != data[8:40]:
             raise ValueError("snapshot checksum mismatch: corrupted or truncated")
         _, dedup_ret, event_ret, _, count = struct.unpack_from("<5Q", body, 0)
+        if int(count) > int(accounts_max):
+            raise ValueError(f"snapshot holds {int(count)} accounts, more than accounts_max={int(accounts_max)}")
         cdef Ledger led = cls(dedup_retention=dedup_ret, event_retention=event_ret,
-                              initial_capacity=max(int(count), 1024))
+                              initial_capacity=max(int(count), 1024), accounts_max=accounts_max)
         cdef const char* p = body
         cdef const char* err = led.core.deserialize(p, p + len(body))
         if err != NULL:

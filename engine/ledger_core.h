@@ -4,6 +4,7 @@
 // memory (numpy arrays) and grows it before a batch; everything else lives in C++ containers here.
 // The layouts of OpRec / ResRec / EvRec mirror engine/records.py (checked at import time).
 #pragma once
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 
@@ -40,7 +41,8 @@ enum Code : uint16_t {
     TXN_ALREADY_CONFIRMED = 12, TXN_ALREADY_CANCELLED = 13, BALANCE_NOT_ZERO = 14,
     INVALID_STATE_TRANSITION = 15, OVERFLOW = 16, SAME_ACCOUNT = 17, ORIGINAL_COMPENSATED = 18,
     BATCH_TOO_LARGE = 19, NULL_COMPENSATED = 20, NOT_COMPENSATABLE = 21, INVALID_LIMITS = 22,
-    INVALID_CURRENCY = 23, INVALID_ID = 24
+    INVALID_CURRENCY = 23, INVALID_ID = 24, DEDUP_EXPIRED = 25, ISSUED_IN_FUTURE = 26,
+    OPEN_ITEMS_LIMIT_EXCEEDED = 27, ACCOUNT_CAPACITY_EXCEEDED = 28
 };
 
 enum State : uint8_t { NORMAL = 0, LOCKED = 1, DELETED = 2 };
@@ -52,6 +54,12 @@ enum AccountFlag : uint8_t { A_LOWER_UNBOUNDED = 1, A_UPPER_UNBOUNDED = 2 };
 
 static const uint32_t BATCH_SIZE_MAX = 8190;
 static const uint32_t GROUP_SPECS_MAX = 1024;
+// A command may say it was issued at most this far ahead of the entry's (leader's) time: bounds how far one
+// command can push the dedup horizon (see Core::horizon) ahead of honest clients' clocks.
+static const uint64_t ISSUED_AHEAD_MAX_MS = 60000;
+// Reservations plus open TCC pending entries on one account (each is a node in an ordered map; the
+// account's delete and every read of it walk them).
+static const uint32_t OPEN_ITEMS_MAX_DEFAULT = 4096;
 
 #pragma pack(push, 1)
 struct OpRec {
@@ -60,6 +68,8 @@ struct OpRec {
     uint8_t kind, flags;
     uint16_t group_size;
     uint32_t reserved;
+    uint64_t issued_ms;         // when the command was first issued (kept across retries); group: header's
+    uint64_t reserved2;
 };
 struct ResRec {
     unsigned char dedup_id[16];
@@ -74,11 +84,11 @@ struct EvRec {
     uint64_t version;
     char currency[8];
     uint8_t kind, state;
-    uint16_t part, parts, reserved;
+    uint16_t part, parts, code;     // code: the command's result, OK or NULL_COMPENSATED
     uint64_t reserved2;
 };
 #pragma pack(pop)
-static_assert(sizeof(OpRec) == 112, "op record layout");
+static_assert(sizeof(OpRec) == 128, "op record layout");
 static_assert(sizeof(ResRec) == 32, "result record layout");
 static_assert(sizeof(EvRec) == 128, "event record layout");
 
@@ -163,8 +173,10 @@ struct Dedup {
     uint8_t kind, flags;
     uint32_t from_idx, to_idx;  // TRANSFER applied OK: inverse data
     uint8_t side;               // index bookkeeping (not state): kept in the side map, see Core::remember
+    uint64_t issued;            // the command's issued_ms: evicting it moves the horizon past it
     i128 amount;
 };
+static_assert(sizeof(Dedup) == 48, "dedup entry: one cache line with its id");
 struct Pending { i128 in, out; };
 enum TxnState : uint8_t { TXN_TRIED = 1, TXN_CONFIRMED = 2, TXN_CANCELLED = 3 };
 struct Spec { uint32_t idx; i128 amount; };
@@ -187,7 +199,7 @@ inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
     while (i < n) {
         const OpRec& o = ops[i];
         if (o.kind == 0 || o.kind > K_MAX) { *why = "unknown operation kind"; return (int64_t)i; }
-        if (o.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
+        if (o.reserved != 0 || o.reserved2 != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
         if (o.kind == K_SPEC || o.kind == K_PRECONDITION) {
             *why = "SPEC/PRECONDITION record outside a group"; return (int64_t)i;
         }
@@ -198,7 +210,10 @@ inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
                 const OpRec& m = ops[j];
                 bool ok_kind = m.kind == K_SPEC || (m.kind == K_PRECONDITION && o.kind == K_BATCH_BALANCE);
                 if (!ok_kind) { *why = "group member of the wrong kind"; return (int64_t)j; }
-                if (m.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                if (m.reserved != 0 || m.reserved2 != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                if (m.issued_ms != 0 && m.issued_ms != o.issued_ms) {
+                    *why = "group member's issued_ms is neither 0 nor its header's"; return (int64_t)j;
+                }
                 if (memcmp(m.dedup_id, o.dedup_id, 16) != 0) {
                     *why = "group member's dedup_id differs from its header's"; return (int64_t)j;
                 }
@@ -213,15 +228,35 @@ inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
 
 class Core {
   public:
-    // ---- account storage (memory owned by the caller) ----
+    // ---- account storage ----
+    // The records live in one mapping reserved for accounts_max of them (virtual, backed by memory only as
+    // accounts are created), so it never moves or grows. The id -> index table is NSEG independent
+    // open-addressing tables chosen by the id hash's top bits, each doubled on its own when half full: a
+    // growth rehashes 1/256 of the accounts (~4K at 1M accounts, tens of microseconds), where doubling one
+    // table (and copying the records) stalled apply for hundreds of milliseconds on every replica at once.
+    MappedArray<Account> accs;
     Account* acc = nullptr;
     uint32_t acc_count = 0, acc_capacity = 0;
-    uint64_t* slots = nullptr;   // open addressing, see find()
-    uint64_t slot_mask = 0;
+    struct Seg { uint64_t* slots = nullptr; uint64_t mask = 0; uint64_t used = 0; };
+    static const int SEG_SHIFT = 56;
+    static const uint64_t NSEG = 256, SEG_SLOTS_MIN = 16;
+    Seg segs[NSEG];
 
     // ---- everything else ----
     uint64_t last_seq = 0;
     uint64_t dedup_retention, event_retention;
+    // Exactly-once past the window: a command that is not in the window and was issued (its issued_ms)
+    // before `horizon` is refused with DEDUP_EXPIRED, never applied: every command evicted from the window
+    // was issued before the horizon, so a late retry of it (the same record, the same issued_ms) is refused
+    // however late it comes. The horizon only moves forward, at evictions, deterministically.
+    uint64_t horizon = 0;
+    uint64_t last_ts = 0;                // newest entry timestamp applied: the ledger's time never goes back
+    // A running hash of every command's result and every event record, in order: equal on two ledgers that
+    // applied the same commands, kept up to date in O(1) per command (the STATUS digest; the full
+    // serialization hash, digest(), is O(state)).
+    uint64_t chain_a = 0, chain_b = 0;
+    uint32_t open_items_max = OPEN_ITEMS_MAX_DEFAULT;
+    std::unordered_map<uint32_t, Wide> pin_sum;   // account index -> sum of its pending_in (open tries)
     // dedup table: a FIFO ring of entries (oldest evicted past dedup_retention), found through an index
     // of buckets, one cache line each, chosen by the id's hash. Word 0 of a bucket counts its ids that
     // live in the side map (they arrived while the bucket's slots were all live); words 1..7 are slots:
@@ -248,8 +283,11 @@ class Core {
     uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
 
     // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
-    Core(uint64_t dedup_retention_, uint64_t event_retention_)
+    Core(uint64_t dedup_retention_, uint64_t event_retention_, uint32_t accounts_max, uint64_t initial_capacity)
         : dedup_retention(dedup_retention_), event_retention(event_retention_) {
+        accs.allocate(accounts_max, false);
+        acc = accs.p; acc_capacity = accounts_max;
+        seg_init(initial_capacity);
         ev.allocate(event_retention, false);
         seq_pos.allocate(event_retention, false);
         dring.allocate(dedup_retention, false);
@@ -259,33 +297,79 @@ class Core {
         dbmask = nb - 1;
     }
 
+    ~Core() { seg_free(); }
+    Core(const Core&) = delete;
+    Core& operator=(const Core&) = delete;
+
     // ------------------------------------------------------------------------------- account index
     // A slot is (high 32 bits of the id's hash) << 32 | (account index + 1); 0 is empty. The tag lets a
     // probe skip colliding slots without touching their (cold) account records.
+    const Seg& seg_of(uint64_t h) const { return segs[h >> SEG_SHIFT]; }
     int64_t find(u128 id) const {
         uint64_t h = hmix(id), tag = h >> 32;
-        for (uint64_t i = h & slot_mask;; i = (i + 1) & slot_mask) {
-            uint64_t s = slots[i];
+        const Seg& g = seg_of(h);
+        for (uint64_t i = h & g.mask;; i = (i + 1) & g.mask) {
+            uint64_t s = g.slots[i];
             if (s == 0) return -1;
             if ((s >> 32) == tag && acc[(uint32_t)s - 1].id == id) return (int64_t)((uint32_t)s - 1);
         }
     }
+    static void seg_put(Seg& g, uint64_t h, uint32_t idx) {
+        uint64_t i = h & g.mask;
+        while (g.slots[i] != 0) i = (i + 1) & g.mask;
+        g.slots[i] = ((h >> 32) << 32) | ((uint64_t)idx + 1);
+        g.used++;
+    }
+    static void seg_alloc(Seg& g, uint64_t nslots) {
+        g.slots = (uint64_t*)calloc(nslots, sizeof(uint64_t));
+        if (!g.slots) throw std::bad_alloc();
+        g.mask = nslots - 1; g.used = 0;
+    }
+    void seg_grow(Seg& g) {
+        Seg old = g;
+        seg_alloc(g, (old.mask + 1) * 2);
+        for (uint64_t i = 0; i <= old.mask; i++) {
+            uint64_t s = old.slots[i];
+            if (s) seg_put(g, hmix(acc[(uint32_t)s - 1].id), (uint32_t)s - 1);
+        }
+        free(old.slots);
+    }
     void slot_insert(uint32_t idx) {
         uint64_t h = hmix(acc[idx].id);
-        uint64_t i = h & slot_mask;
-        while (slots[i] != 0) i = (i + 1) & slot_mask;
-        slots[i] = ((h >> 32) << 32) | ((uint64_t)idx + 1);
+        Seg& g = segs[h >> SEG_SHIFT];
+        if ((g.used + 1) * 2 > g.mask + 1) seg_grow(g);    // load factor at most 1/2
+        seg_put(g, h, idx);
     }
-    // The caller owns the memory: accounts (capacity * 96 bytes, 16-byte aligned, holding acc_count valid
-    // accounts) and a zeroed power-of-two slot table of at least 2 * capacity entries.
-    void attach(void* accounts, uint32_t capacity, uint64_t* slot_table, uint64_t nslots) {
-        acc = (Account*)accounts; acc_capacity = capacity;
-        slots = slot_table; slot_mask = nslots - 1;
-        rehash();
+    void seg_free() { for (auto& g : segs) { free(g.slots); g.slots = nullptr; } }
+    // Size every table for `accounts` ids (a hint: they grow on their own).
+    void seg_init(uint64_t accounts) {
+        seg_free();
+        uint64_t per = SEG_SLOTS_MIN;
+        while (per < 2 * (accounts / NSEG + 1) + 8) per <<= 1;
+        for (auto& g : segs) seg_alloc(g, per);
     }
     void rehash() {
-        memset(slots, 0, (slot_mask + 1) * sizeof(uint64_t));
+        seg_init(acc_count);
         for (uint32_t k = 0; k < acc_count; k++) slot_insert(k);
+    }
+    uint64_t index_bytes() const {
+        uint64_t b = 0;
+        for (auto& g : segs) b += (g.mask + 1) * sizeof(uint64_t);
+        return b;
+    }
+
+    // ------------------------------------------------------------------------------- chain digest
+    void fold(uint64_t a, uint64_t b) {
+        chain_a = (chain_a ^ a) * 0x9E3779B97F4A7C15ULL; chain_a ^= chain_a >> 29;
+        chain_b = (chain_b + b) * 0xD6E8FEB86659FD93ULL; chain_b ^= chain_b >> 32;
+    }
+    void fold_record(const void* rec, size_t bytes) {
+        const unsigned char* p = (const unsigned char*)rec;
+        for (size_t k = 0; k + 16 <= bytes; k += 16) {
+            uint64_t a, b;
+            memcpy(&a, p + k, 8); memcpy(&b, p + k + 8, 8);
+            fold(a, b);
+        }
     }
 
     // ------------------------------------------------------------------------------------ events
@@ -307,6 +391,7 @@ class Core {
             EvRec& r = ev[p & (ev.size() - 1)];
             r.part = (uint16_t)(p - ev_begin_pos);
             r.parts = (uint16_t)parts;
+            fold_record(&r, sizeof r);
         }
         // seqs whose first record was overwritten, or whose slot in seq_pos was reused, are gone
         uint64_t oldest_pos = ev_total > ev.size() ? ev_total - ev.size() : 0;
@@ -335,6 +420,7 @@ class Core {
         return true;
     }
     uint64_t dedup_size() const { return dtotal - dhead; }
+    uint64_t oldest_issued() const { return dtotal > dhead ? dentry(dhead).d.issued : 0; }
     uint64_t dedup_overflow() const { return dside.size(); }
     uint64_t dedup_bytes() const { return dring.bytes() + dtab.bytes(); }
     DedupEntry& dentry(uint64_t abs) { return dring[abs & (dring.size() - 1)]; }
@@ -373,6 +459,7 @@ class Core {
     void remember_h(u128 id, const Dedup& d, uint64_t h) {
         if (dtotal - dhead >= dedup_retention) {           // evict the oldest: its slot just expires
             DedupEntry& old = dentry(dhead);
+            if (old.d.issued >= horizon) horizon = old.d.issued + 1;
             if (old.d.kind == K_BATCH_BALANCE) batch_deltas.erase(old.id);
             if (old.d.side) { dside.erase(old.id); dbucket(hmix(old.id))[0]--; }
             dhead++;
@@ -400,15 +487,21 @@ class Core {
     // Random access into 100+ MB of accounts dominates: prefetch the hash slots of the records
     // PREFETCH_FAR ahead and, once those are cached, the account records PREFETCH_NEAR ahead.
     static const uint64_t PREFETCH_FAR = 16, PREFETCH_NEAR = 8;
+    void prefetch_slot(u128 id) const {
+        uint64_t h = hmix(id);
+        const Seg& g = seg_of(h);
+        prefetch(&g.slots[h & g.mask]);
+    }
     void prefetch_slots(const OpRec& o) const {
-        prefetch(&slots[hmix(ld_u(o.account_id)) & slot_mask]);
-        if (o.kind == K_TRANSFER) prefetch(&slots[hmix(ld_u(o.other_id)) & slot_mask]);
+        prefetch_slot(ld_u(o.account_id));
+        if (o.kind == K_TRANSFER) prefetch_slot(ld_u(o.other_id));
         prefetch(dbucket(hmix(ld_u(o.dedup_id))));
     }
     void prefetch_account(u128 id) const {
         uint64_t h = hmix(id), tag = h >> 32;
-        for (uint64_t i = h & slot_mask;; i = (i + 1) & slot_mask) {
-            uint64_t s = slots[i];
+        const Seg& g = seg_of(h);
+        for (uint64_t i = h & g.mask;; i = (i + 1) & g.mask) {
+            uint64_t s = g.slots[i];
             if (s == 0) return;
             if ((s >> 32) == tag) {
                 const char* p = (const char*)&acc[(uint32_t)s - 1];
@@ -421,7 +514,10 @@ class Core {
         prefetch_account(ld_u(o.account_id));
         if (o.kind == K_TRANSFER) prefetch_account(ld_u(o.other_id));
     }
+    // ts: the entry's time (ms; the leader's clock in a replicated shard). A ts older than one already
+    // applied (a new leader whose clock is behind) is taken as the newest seen: time never goes back.
     void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) {
+        if (ts < last_ts) ts = last_ts; else last_ts = ts;
         uint64_t i = 0;
         for (uint64_t r = 0; r < n && r < PREFETCH_FAR; r++) prefetch_slots(ops[r]);
         while (i < n) {
@@ -451,8 +547,13 @@ class Core {
             *dup = true; *seq_out = seen->seq;
             return seen->code;
         }
+        // Not in the window: refuse what may have been applied before it (nothing remembered, so the
+        // window is not spent on refusals).
+        if (o->issued_ms < horizon) return DEDUP_EXPIRED;
+        if (o->issued_ms > ts && o->issued_ms - ts > ISSUED_AHEAD_MAX_MS) return ISSUED_IN_FUTURE;
         Dedup d; memset(&d, 0, sizeof d);
         d.kind = o->kind;
+        d.issued = o->issued_ms;
         uint64_t seq = last_seq + 1;
         uint16_t code;
         switch (o->kind) {
@@ -475,6 +576,7 @@ class Core {
         }
         d.code = code;
         remember_h(did, d, dh);
+        fold((uint64_t)did ^ ((uint64_t)code << 48), (uint64_t)(did >> 64) ^ seq);   // what the window now holds
         return code;
     }
 
@@ -490,7 +592,7 @@ class Core {
         if (!(o->flags & F_HAS_B)) upper_unb = true;
         if (!lower_unb && lower > 0) return INVALID_LIMITS;          // a new account holds 0
         if (!upper_unb && upper < 0) return INVALID_LIMITS;
-        if (acc_count >= acc_capacity) return OVERFLOW;             // caller failed to grow: never happens
+        if (acc_count >= acc_capacity) return ACCOUNT_CAPACITY_EXCEEDED;
         uint32_t idx = acc_count++;
         Account& a = acc[idx];
         memset(&a, 0, sizeof a);
@@ -557,6 +659,7 @@ class Core {
         Account& f = acc[fk];
         Account& t = acc[tk];
         if (f.state != NORMAL || t.state != NORMAL) return INVALID_ACCOUNT_STATE;
+        if (!valid_currency(o->currency)) return INVALID_CURRENCY;
         if (memcmp(f.currency, o->currency, 8) != 0 || memcmp(t.currency, o->currency, 8) != 0)
             return CURRENCY_MISMATCH;
         if ((o->flags & F_HAS_A) && f.available != ld_i(o->expected_a)) return PRECONDITION_FAILED;
@@ -613,6 +716,7 @@ class Core {
             int64_t k = find(ld_u(m.account_id));
             if (k < 0) return ACCOUNT_NOT_FOUND;
             if (acc[k].state != NORMAL) return INVALID_ACCOUNT_STATE;
+            if (!valid_currency(m.currency)) return INVALID_CURRENCY;
             if (memcmp(acc[k].currency, m.currency, 8) != 0) return CURRENCY_MISMATCH;
             specbuf.push_back(Spec{(uint32_t)k, amount});
         }
@@ -648,6 +752,7 @@ class Core {
         i128 cur = it == reservations.end() ? 0 : it->second;
         if (__builtin_sub_overflow(a.available, amount, &na) || __builtin_add_overflow(cur, amount, &nr)) return OVERFLOW;
         if (!within_limits(a, na)) return BALANCE_LIMIT_EXCEEDED;
+        if (it == reservations.end() && a.open_items >= open_items_max) return OPEN_ITEMS_LIMIT_EXCEEDED;
         if (it == reservations.end()) { reservations.emplace(IdxKey((uint32_t)k, rid), nr); a.open_items++; }
         else it->second = nr;
         a.available = na; a.version++;
@@ -694,6 +799,7 @@ class Core {
             int64_t k = find(ld_u(m.account_id));
             if (k < 0) return ACCOUNT_NOT_FOUND;
             if (acc[k].state != NORMAL) return INVALID_ACCOUNT_STATE;
+            if (!valid_currency(m.currency)) return INVALID_CURRENCY;
             if (memcmp(acc[k].currency, m.currency, 8) != 0) return CURRENCY_MISMATCH;
             if (amount == I128_MIN) return OVERFLOW;
             specbuf.push_back(Spec{(uint32_t)k, amount});
@@ -716,10 +822,11 @@ class Core {
         for (size_t j = 0; j < scratch.size(); j++) {
             const Account& a = acc[scratch[j].first];
             if (!(a.flags & A_LOWER_UNBOUNDED) && scratch[j].second < a.lower) return BALANCE_LIMIT_EXCEEDED;
+            if (a.open_items >= open_items_max) return OPEN_ITEMS_LIMIT_EXCEEDED;
             Wide top;                       // available + every pending_in + this try's incoming
+            auto ps = pin_sum.find(scratch[j].first);
+            if (ps != pin_sum.end()) top = ps->second;
             top.add(a.available);
-            for (auto it = pending.lower_bound(IdxKey(scratch[j].first, 0));
-                 it != pending.end() && it->first.first == scratch[j].first; ++it) top.add(it->second.in);
             top.add(incoming[j]);
             if (top.carry != 0) return OVERFLOW;
             if (!(a.flags & A_UPPER_UNBOUNDED) && top.lo > a.upper) return BALANCE_LIMIT_EXCEEDED;
@@ -735,7 +842,7 @@ class Core {
             auto it = pending.find(key);
             if (it == pending.end()) { it = pending.emplace(key, Pending{0, 0}).first; a.open_items++; }
             if (s.amount < 0) { a.available += s.amount; it->second.out -= s.amount; }
-            else it->second.in += s.amount;
+            else { it->second.in += s.amount; pin_sum[s.idx].add(s.amount); }
             ev_add(seq, ts, o->dedup_id, K_TCC_TRY, &a, txn, s.amount);
         }
         ev_end(seq);
@@ -768,7 +875,9 @@ class Core {
         for (auto& p : scratch) {
             Account& a = acc[p.first];
             a.available = p.second; a.version++;
-            pending.erase(IdxKey(p.first, txn));
+            auto pit = pending.find(IdxKey(p.first, txn));
+            if (pit->second.in != 0) pin_sub(p.first, pit->second.in);
+            pending.erase(pit);
             a.open_items--;
         }
         for (auto& s : t.specs)    // amount: the spec as tried (confirm) or its reversal (cancel)
@@ -780,6 +889,16 @@ class Core {
         return OK;
     }
 
+    void pin_sub(uint32_t idx, i128 in) {
+        auto it = pin_sum.find(idx);
+        assert_or_abort(it != pin_sum.end(), "pending_in sum missing for an account with pending_in");
+        it->second.add(-in);
+        if (it->second.lo == 0 && it->second.carry == 0) pin_sum.erase(it);
+    }
+    static void assert_or_abort(bool ok, const char* what) {
+        if (!ok) { fprintf(stderr, "zwallet ledger invariant broken: %s\n", what); abort(); }
+    }
+
     // ---------------------------------------------------------------------------------- compensate
     uint16_t compensate(const OpRec* o, uint64_t seq, uint64_t ts) {
         u128 orig = ld_u(o->other_id);
@@ -789,8 +908,12 @@ class Core {
             // never seen: remember it so the original is refused if it arrives later
             Dedup m; memset(&m, 0, sizeof m);
             m.kind = K_COMPENSATE; m.code = ORIGINAL_COMPENSATED; m.flags = D_NULL_COMPENSATED; m.seq = seq;
+            // once this is evicted the original must still be refused: it was issued before now
+            m.issued = std::max(o->issued_ms, ts);
             remember(orig, m);
-            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0); ev_end(seq);
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0);
+            ev[(ev_total - 1) & (ev.size() - 1)].code = NULL_COMPENSATED;
+            ev_end(seq);
             return NULL_COMPENSATED;
         }
         Dedup& d = *found;
@@ -900,7 +1023,7 @@ class Core {
     template <class T> static void put(std::string& s, const T& v) { s.append((const char*)&v, sizeof(T)); }
     std::string serialize() const {
         std::string s;
-        put(s, (uint64_t)1);  // format version
+        put(s, (uint64_t)2);  // format version (1: no issued times, horizon, clock or chain)
         put(s, dedup_retention); put(s, event_retention); put(s, last_seq);
         put(s, (uint64_t)acc_count);
         s.append((const char*)acc, (size_t)acc_count * sizeof(Account));
@@ -909,7 +1032,7 @@ class Core {
             const u128 id = dentry(a).id;
             const Dedup& d = dentry(a).d;
             put(s, id); put(s, d.seq); put(s, d.code); put(s, d.kind); put(s, d.flags);
-            put(s, d.from_idx); put(s, d.to_idx); put(s, d.amount);
+            put(s, d.from_idx); put(s, d.to_idx); put(s, d.amount); put(s, d.issued);
             auto b = batch_deltas.find(id);
             uint64_t nb = b == batch_deltas.end() ? 0 : b->second.size();
             put(s, nb);
@@ -935,6 +1058,7 @@ class Core {
         uint64_t pos0 = seq_first_live <= last_seq ? seq_pos[seq_first_live & (seq_pos.size() - 1)] : ev_total;
         put(s, ev_total - pos0);
         for (uint64_t p = pos0; p < ev_total; p++) put(s, ev[p & (ev.size() - 1)]);
+        put(s, horizon); put(s, last_ts); put(s, chain_a); put(s, chain_b);
         return s;
     }
 
@@ -950,7 +1074,7 @@ class Core {
     }
     const char* deserialize(const char* p, const char* end) {
         uint64_t ver, n;
-        if (!get(p, end, &ver) || ver != 1) return "unknown snapshot format version";
+        if (!get(p, end, &ver) || (ver != 1 && ver != 2)) return "unknown snapshot format version";
         if (!get(p, end, &dedup_retention) || !get(p, end, &event_retention) || !get(p, end, &last_seq)) return "truncated header";
         if (dedup_retention != dring.size() || event_retention != ev.size())
             return "retention is not the one this ledger was made with (or not a power of two)";
@@ -964,7 +1088,8 @@ class Core {
             memset(&d, 0, sizeof d);
             if (!get(p, end, &id) || !get(p, end, &d.seq) || !get(p, end, &d.code) || !get(p, end, &d.kind) ||
                 !get(p, end, &d.flags) || !get(p, end, &d.from_idx) || !get(p, end, &d.to_idx) ||
-                !get(p, end, &d.amount) || !get(p, end, &nb)) return "truncated dedup entry";
+                !get(p, end, &d.amount) || (ver >= 2 && !get(p, end, &d.issued)) || !get(p, end, &nb))
+                return "truncated dedup entry";
             if (nb > GROUP_SPECS_MAX) return "bad batch deltas";
             if (d.from_idx >= acc_count && d.kind == K_TRANSFER && d.code == OK) return "bad dedup entry";
             if (nb) {
@@ -1003,7 +1128,8 @@ class Core {
         }
         uint64_t nev;
         if (!get(p, end, &seq_first_live) || !get(p, end, &nev)) return "truncated events";
-        if ((size_t)(end - p) != nev * sizeof(EvRec)) return "bad event section size";
+        const size_t tail = ver >= 2 ? 4 * sizeof(uint64_t) : 0;
+        if ((size_t)(end - p) != nev * sizeof(EvRec) + tail) return "bad event section size";
         if (nev > event_retention) return "more events than the retention";
         const uint64_t cap = event_retention;
         ev_total = nev;
@@ -1012,6 +1138,9 @@ class Core {
             memcpy(&ev[k], p, sizeof(EvRec)); p += sizeof(EvRec);
             if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num & (cap - 1)] = k; prev = ev[k].seq_num; }
         }
+        if (ver >= 2 && (!get(p, end, &horizon) || !get(p, end, &last_ts) || !get(p, end, &chain_a) ||
+                         !get(p, end, &chain_b))) return "truncated clock section";
+        for (auto& pd : pending) if (pd.second.in != 0) pin_sum[pd.first.first].add(pd.second.in);
         return nullptr;
     }
 };

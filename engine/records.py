@@ -26,6 +26,8 @@ import numpy as np
 BATCH_SIZE_MAX = 8190            # records in one apply_batch call / one wire frame
 GROUP_SPECS_MAX = 1024           # specs + preconditions in one batch balance operation or TCC try
 CURRENCY_SIZE_MAX = 8            # bytes of an ASCII asset code ("USD", "BTC", "USDC")
+ISSUED_AHEAD_MAX_MS = 60_000     # a command's issued_ms may be at most this far past its entry's time
+OPEN_ITEMS_MAX = 4096            # reservations + open TCC tries on one account
 U128_MAX = (1 << 128) - 1
 I128_MAX = (1 << 127) - 1
 I128_MIN = -(1 << 127)
@@ -78,6 +80,11 @@ class Code(IntEnum):
     INVALID_LIMITS = 22            # lower_limit > upper_limit, or current balance outside new limits
     INVALID_CURRENCY = 23          # empty, non-ASCII or too long asset code
     INVALID_ID = 24                # an id that must be non-zero is zero
+    DEDUP_EXPIRED = 25             # not in the dedup window and issued before its horizon: may have been
+                                   # applied before; never (re)applied (ask RESULT_OF for the outcome)
+    ISSUED_IN_FUTURE = 26          # issued_ms more than ISSUED_AHEAD_MAX_MS past the entry's time
+    OPEN_ITEMS_LIMIT_EXCEEDED = 27  # the account already has OPEN_ITEMS_MAX reservations + open TCC tries
+    ACCOUNT_CAPACITY_EXCEEDED = 28  # the ledger holds accounts_max accounts
 
 
 SUCCESS_CODES = frozenset({Code.OK, Code.NULL_COMPENSATED})
@@ -106,7 +113,7 @@ class ResultFlag(IntFlag):
 
 _U128 = ("<u8", (2,))
 
-# Operation record: 112 bytes. Field meaning by kind:
+# Operation record: 128 bytes. Field meaning by kind:
 #   account_id  CREATE/DELETE/LOCK/UNLOCK/UPDATE/RESERVE/RELEASE: the account; TRANSFER: from; SPEC/PRECONDITION: the account
 #   other_id    TRANSFER: to; RESERVE/RELEASE: reservation_id; TCC_*: txn_id; COMPENSATE: original_dedup_id
 #   amount      TRANSFER/RESERVE/RELEASE/SPEC: amount (signed for SPEC); PRECONDITION: expected balance;
@@ -115,6 +122,9 @@ _U128 = ("<u8", (2,))
 #   expected_b  TRANSFER: expected_to_balance
 #   currency    CREATE/TRANSFER/SPEC: ASCII asset code, NUL padded
 #   group_size  records in the command (1 for single-record kinds; header of a group: 1 + members)
+#   issued_ms   when the command was first issued, ms since the Unix epoch; a retry re-sends the same value.
+#               Only a group's header's is read (members: 0 or the header's). See docs/ledger.md, exactly-once.
+#   reserved, reserved2  must be zero
 OP_DTYPE = np.dtype(
     [
         ("dedup_id", _U128),
@@ -128,10 +138,12 @@ OP_DTYPE = np.dtype(
         ("flags", "u1"),
         ("group_size", "<u2"),
         ("reserved", "<u4"),
+        ("issued_ms", "<u8"),
+        ("reserved2", "<u8"),
     ],
     align=False,
 )
-assert OP_DTYPE.itemsize == 112
+assert OP_DTYPE.itemsize == 128
 
 # Result record: 32 bytes, one per op record, in the same order (members of a group repeat the header's).
 RESULT_DTYPE = np.dtype(
@@ -167,7 +179,7 @@ EVENT_DTYPE = np.dtype(
         ("state", "u1"),         # account state after
         ("part", "<u2"),
         ("parts", "<u2"),
-        ("reserved", "<u2"),
+        ("code", "<u2"),         # the command's result: OK, or NULL_COMPENSATED (a compensate of an unseen id)
         ("reserved2", "<u8"),
     ]
 )
@@ -256,8 +268,9 @@ def empty_ops(n: int) -> np.ndarray:
     return np.zeros(n, dtype=OP_DTYPE)
 
 
-def transfers(dedup_ids, from_ids, to_ids, amounts, currency: str | bytes) -> np.ndarray:
-    """Build a batch of TRANSFER records from integer arrays (ids < 2**63 when given as int64 arrays)."""
+def transfers(dedup_ids, from_ids, to_ids, amounts, currency: str | bytes, issued_ms: int = 0) -> np.ndarray:
+    """Build a batch of TRANSFER records from integer arrays (ids < 2**63 when given as int64 arrays),
+    issued at ``issued_ms`` (0 leaves it for the client to stamp when it first sends the batch)."""
     n = len(dedup_ids)
     ops = empty_ops(n)
     put_u128(ops["dedup_id"], np.asarray(dedup_ids) if not isinstance(dedup_ids, np.ndarray) else dedup_ids)
@@ -267,4 +280,5 @@ def transfers(dedup_ids, from_ids, to_ids, amounts, currency: str | bytes) -> np
     ops["currency"] = encode_currency(currency)
     ops["kind"] = Kind.TRANSFER
     ops["group_size"] = 1
+    ops["issued_ms"] = issued_ms
     return ops

@@ -228,11 +228,54 @@ def test_dedup_retention_window():
     led = make((1, USD, None), (2, USD), dedup_retention=16)
     assert led.dedup_retention == 16
     for i in range(100, 140):
-        assert led.transfer(i, 1, 2, 1, USD).code == Code.OK
+        assert led.transfer(i, 1, 2, 1, USD, timestamp=1000 + i).code == Code.OK
     assert led.dedup_count == 16
     assert led.result_of(139) is not None and led.result_of(100) is None
-    assert led.transfer(139, 1, 2, 1, USD).duplicate
-    assert not led.transfer(100, 1, 2, 1, USD).duplicate      # past the window: applied again (documented)
+    assert led.transfer(139, 1, 2, 1, USD, timestamp=1139).duplicate
+    window = led.dedup_window()
+    assert window["horizon_ms"] == 1124 and window["oldest_issued_ms"] == 1124 and window["size"] == 16
+    before = led.get_account(2)["available"], led.last_seq
+    # past the window: the identical command (same issued time) is refused, never applied again
+    r = led.transfer(100, 1, 2, 1, USD, timestamp=1100)
+    assert r.code == Code.DEDUP_EXPIRED and not r.duplicate and r.seq_num == 0
+    assert (led.get_account(2)["available"], led.last_seq) == before
+    assert led.dedup_count == 16 and led.result_of(100) is None        # a refusal spends no window
+    # a new command issued now is applied; one issued before the horizon is refused whatever its id
+    assert led.transfer(1000, 1, 2, 1, USD, timestamp=1140).code == Code.OK
+    assert led.transfer(1001, 1, 2, 1, USD, timestamp=1123).code == Code.DEDUP_EXPIRED
+
+
+def test_past_the_window_a_retry_never_moves_money_after_many_commands():
+    """The reported hole: a transfer re-sent after more than a window of other commands was applied again."""
+    led = make((1, USD, None), (2, USD), dedup_retention=1 << 10)
+    first = led.transfer(7, 1, 2, 5, USD, timestamp=5_000)
+    assert first.code == Code.OK
+    for k in range(12 * (1 << 10)):
+        assert led.transfer(10_000 + k, 1, 2, 1, USD, timestamp=5_000 + k // 100).code == Code.OK
+    before = led.get_account(2)["available"]
+    for ts in (5_000, 0):                      # the same command; and the default (no timestamp) one
+        r = led.transfer(7, 1, 2, 5, USD, timestamp=ts)
+        assert r.code == Code.DEDUP_EXPIRED
+    assert led.get_account(2)["available"] == before
+
+
+def test_issued_in_the_future_is_refused():
+    led = make((1, USD, None), (2, USD))
+    ops = R.transfers([9], [1], [2], [3], USD, issued_ms=10_000 + R.ISSUED_AHEAD_MAX_MS + 1)
+    res = led.apply_batch(ops, 10_000)
+    assert res["code"][0] == Code.ISSUED_IN_FUTURE and led.result_of(9) is None
+    ops["issued_ms"] = 10_000 + R.ISSUED_AHEAD_MAX_MS
+    assert led.apply_batch(ops, 10_000)["code"][0] == Code.OK
+
+
+def test_time_never_goes_back():
+    """A leader whose clock is behind (after a failover) stamps older entries: events keep the newest time."""
+    led = make((1, USD, None), (2, USD))
+    led.apply_batch(R.transfers([50], [1], [2], [1], USD, issued_ms=9_000), 9_000)
+    led.apply_batch(R.transfers([51], [1], [2], [1], USD, issued_ms=8_000), 8_000)
+    evs = led.events(led.last_seq - 1, led.last_seq)
+    assert evs["timestamp"].tolist() == [9_000] * 4
+    assert led.dedup_window()["last_timestamp_ms"] == 9_000
 
 
 M64 = (1 << 64) - 1
@@ -266,10 +309,10 @@ def test_dedup_index_full_bucket_overflows_and_drains():
     crowd = _same_bucket_ids(40, 512, 3 * 10 ** 6)
     assert all(_hmix(1_000_000 + i) & 511 for i in range(2))     # make()'s two ids sit elsewhere
     for i in crowd:
-        assert led.transfer(i, 1, 2, 1, USD).code == Code.OK
+        assert led.transfer(i, 1, 2, 1, USD, timestamp=1).code == Code.OK
     assert led.memory_bytes()["dedup_overflow"] == 33
     for i in crowd:
-        r = led.transfer(i, 1, 2, 1, USD)
+        r = led.transfer(i, 1, 2, 1, USD, timestamp=1)
         assert r.duplicate and r.code == Code.OK
     assert led.get_account(2)["available"] == 40
     snap = Ledger.restore(led.snapshot())
@@ -285,10 +328,11 @@ def test_dedup_index_full_bucket_overflows_and_drains():
             spread.append(k)
         k += 1
     for i in spread:
-        assert led.transfer(i, 1, 2, 1, USD).code == Code.OK
+        assert led.transfer(i, 1, 2, 1, USD, timestamp=2).code == Code.OK
     assert led.memory_bytes()["dedup_overflow"] == 0
     assert all(led.result_of(i) is None for i in crowd)
-    assert not led.transfer(crowd[0], 1, 2, 1, USD).duplicate       # past the window: applied again
+    assert led.transfer(crowd[0], 1, 2, 1, USD, timestamp=1).code == Code.DEDUP_EXPIRED   # past the window
+    assert led.transfer(crowd[0], 1, 2, 1, USD, timestamp=2).code == Code.OK     # a new command, reusing the id
 
 
 def test_dedup_window_matches_a_fifo_model():
@@ -302,7 +346,7 @@ def test_dedup_window_matches_a_fifo_model():
     window: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys([1_000_000, 1_000_001])
     for step in range(6000):
         i = rnd.choice(pool)
-        r = led.transfer(i, 1, 2, 1, USD)
+        r = led.transfer(i, 1, 2, 1, USD, timestamp=step + 1)    # a resend of a forgotten id is a new command
         assert r.duplicate == (i in window), step
         if not r.duplicate:
             window[i] = None
@@ -561,7 +605,8 @@ def test_apply_batch_matches_per_call_api():
         led.create_account(1, 1, USD, None)
         led.create_account(2, 2, USD)
     n = 1000
-    ops = R.transfers(np.arange(10, 10 + n), np.ones(n, np.int64), np.full(n, 2), np.arange(1, n + 1), USD)
+    ops = R.transfers(np.arange(10, 10 + n), np.ones(n, np.int64), np.full(n, 2), np.arange(1, n + 1), USD,
+                      issued_ms=5)
     res = a.apply_batch(ops, timestamp=5)
     assert (res["code"] == 0).all() and list(res["seq_num"]) == list(range(3, 3 + n))
     for k in range(n):
@@ -664,6 +709,72 @@ def test_every_code_is_reached_by_these_tests():
         Code.TXN_ALREADY_CONFIRMED, Code.TXN_ALREADY_CANCELLED, Code.BALANCE_NOT_ZERO,
         Code.INVALID_STATE_TRANSITION, Code.OVERFLOW, Code.SAME_ACCOUNT, Code.ORIGINAL_COMPENSATED,
         Code.BATCH_TOO_LARGE, Code.NULL_COMPENSATED, Code.NOT_COMPENSATABLE, Code.INVALID_LIMITS,
-        Code.INVALID_CURRENCY, Code.INVALID_ID,
+        Code.INVALID_CURRENCY, Code.INVALID_ID, Code.DEDUP_EXPIRED, Code.ISSUED_IN_FUTURE,
+        Code.OPEN_ITEMS_LIMIT_EXCEEDED, Code.ACCOUNT_CAPACITY_EXCEEDED,
     }
     assert produced == set(Code)
+
+
+def test_open_items_per_account_are_limited():
+    led = make((1, USD, None), (2, USD, None))
+    for k in range(R.OPEN_ITEMS_MAX - 1):
+        assert led.reserve(1000 + k, 1, 5000 + k, 1).code == Code.OK
+    assert led.tcc_try(10, 77, [(1, -1, USD), (2, 1, USD)]).code == Code.OK      # the last open item
+    assert led.reserve(11, 1, 9, 1).code == Code.OPEN_ITEMS_LIMIT_EXCEEDED
+    assert led.tcc_try(12, 78, [(1, -1, USD), (2, 1, USD)]).code == Code.OPEN_ITEMS_LIMIT_EXCEEDED
+    assert led.reserve(13, 1, 5000, 1).code == Code.OK                  # adding to an open one is fine
+    assert led.tcc_confirm(14, 77).code == Code.OK
+    assert led.reserve(15, 1, 9, 1).code == Code.OK                     # room again
+    assert Ledger.restore(led.snapshot()).digest() == led.digest()
+
+
+def test_tcc_try_upper_limit_counts_every_open_pending_in():
+    """The aggregate of pending_in kept per account gives the same answers as summing them per try."""
+    led = make((1, USD, None), (2, USD, 0, 100))
+    for k in range(4):
+        assert led.tcc_try(20 + k, 300 + k, [(1, -25, USD), (2, 25, USD)]).code == Code.OK
+    assert led.tcc_try(30, 400, [(1, -1, USD), (2, 1, USD)]).code == Code.BALANCE_LIMIT_EXCEEDED
+    assert led.tcc_cancel(31, 300).code == Code.OK
+    r = Ledger.restore(led.snapshot())
+    for x in (led, r):
+        assert x.tcc_try(32, 401, [(1, -25, USD), (2, 25, USD)]).code == Code.OK
+        assert x.tcc_try(33, 402, [(1, -1, USD), (2, 1, USD)]).code == Code.BALANCE_LIMIT_EXCEEDED
+        assert x.tcc_confirm(34, 301).code == Code.OK                  # 25 moves into available
+        assert x.tcc_try(35, 403, [(1, -1, USD), (2, 1, USD)]).code == Code.BALANCE_LIMIT_EXCEEDED
+    assert r.digest() == led.digest()
+
+
+def test_account_capacity_is_a_refusal_and_growth_keeps_every_account():
+    led = Ledger(accounts_max=3000, initial_capacity=1)
+    for k in range(3000):
+        assert led.create_account(k + 1, 10 ** 20 + k, USD).code == Code.OK
+    r = led.create_account(5000, 7, USD)
+    assert r.code == Code.ACCOUNT_CAPACITY_EXCEEDED and led.account_count == 3000
+    assert all(led.get_account(10 ** 20 + k)["version"] == 1 for k in range(0, 3000, 7))
+    assert led.get_account(7) is None
+    with pytest.raises(ValueError, match="accounts_max"):
+        Ledger.restore(led.snapshot(), accounts_max=100)
+    assert Ledger.restore(led.snapshot()).digest() == led.digest()
+
+
+def test_spec_with_an_empty_currency_is_invalid_currency():
+    led = make((1, USD, None), (2, USD))
+    ops = _group(R.Kind.BATCH_BALANCE, 40, [(R.Kind.SPEC, 1, 5, b"")])
+    assert led.apply_batch(ops)["code"][0] == Code.INVALID_CURRENCY
+    ops = _group(R.Kind.TCC_TRY, 41, [(R.Kind.SPEC, 1, -5, b""), (R.Kind.SPEC, 2, 5, USD)], other=9)
+    assert led.apply_batch(ops)["code"][0] == Code.INVALID_CURRENCY
+    t = R.transfers([42], [1], [2], [1], USD)
+    t["currency"] = b""
+    assert led.apply_batch(t)["code"][0] == Code.INVALID_CURRENCY
+
+
+def test_chain_digest_follows_state_changes_only():
+    a, b = make((1, USD, None), (2, USD)), make((1, USD, None), (2, USD))
+    for led in (a, b):
+        led.transfer(50, 1, 2, 5, USD)
+    assert a.chain_digest() == b.chain_digest()
+    a.transfer(50, 1, 2, 5, USD)                       # a duplicate changes nothing
+    assert a.chain_digest() == b.chain_digest()
+    a.transfer(51, 1, 2, 5, USD)
+    assert a.chain_digest() != b.chain_digest()
+    assert Ledger.restore(a.snapshot()).chain_digest() == a.chain_digest()

@@ -40,8 +40,9 @@ def _commands(e):
 def test_op_encoder_builds_exactly_what_the_ledger_applies():
     enc, direct, batched = OpEncoder(), Ledger(), Ledger()
     for name, args, kw in _commands(enc):
-        recs = getattr(enc, name)(*args, **kw)
+        recs = getattr(enc, name)(*args, timestamp=5, **kw)          # timestamp: the records' issued_ms
         check_batch(recs)
+        assert int(recs["issued_ms"][0]) == 5
         r1 = getattr(direct, name)(*args, timestamp=5, **kw)
         res = batched.apply_batch(recs, 5)
         assert int(res["code"][0]) == int(r1.code), name
