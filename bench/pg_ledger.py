@@ -61,7 +61,8 @@ import struct
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import psycopg
@@ -532,7 +533,7 @@ class _NumpyArrayDumper(Dumper):
     def get_key(self, obj: Any, format: Any) -> Any:
         return (self.cls, obj.dtype.str)
 
-    def upgrade(self, obj: Any, format: Any) -> "Dumper":
+    def upgrade(self, obj: Any, format: Any) -> Dumper:
         if obj.dtype not in self._ELEM:
             raise TypeError(f"numpy arrays of {obj.dtype} are not sent to PostgreSQL: int64, int32 or bool only")
         d = _NumpyArrayDumper(self.cls)
@@ -717,7 +718,7 @@ class PgLedger:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "PgLedger":
+    def __enter__(self) -> PgLedger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -993,8 +994,8 @@ def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1, d
 
     Returns ``{"results": [RESULT_DTYPE array per completed batch, in stream order] (if keep_results),
     "latency_s", "done_s" (perf_counter at each commit), "sizes" (records): per completed batch, in stream
-    order; "t0" (perf_counter at the start), "wall_s", "records", "batches", "not_ok", "duplicates", "retries"}`` (retries: requests rolled
-    back by a unique violation or deadlock and sent again)."""
+    order; "t0" (perf_counter at the start), "wall_s", "records", "batches", "not_ok", "duplicates", "retries"}``
+    (retries: requests rolled back by a unique violation or deadlock and sent again)."""
     import threading
     n = len(batches)
     results: dict[int, np.ndarray] = {}

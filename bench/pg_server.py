@@ -198,7 +198,7 @@ class PostgresServer:
         self.root = root
 
     # ------------------------------------------------------------------------------- life cycle
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self._started:
             return self
         self.bindir = ensure_installed()
@@ -306,7 +306,7 @@ class PostgresServer:
         if self._own_root and self.root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,8 +22,8 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")                           # no display; must come before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 SYSTEMS = ("zwallet", "postgresql")          # display order; other systems follow, sorted
 LABELS = {"zwallet": "zwallet", "postgresql": "PostgreSQL"}

@@ -43,7 +43,8 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -525,7 +526,8 @@ class Suite:
             "not_ok": out["not_ok"], "errors": out["errors"], "per_s": out["records"] / out["wall_s"]}
         f = self.res["failover"]
         self.progress.say(f"  killed replica {leader}; the new leader committed {f['failover_ms']:.0f} ms later; "
-                          f"the load's longest gap {f['longest_gap_ms']:.0f} ms; not OK {f['not_ok']}, errors {len(f['errors'])}")
+                          f"the load's longest gap {f['longest_gap_ms']:.0f} ms; not OK {f['not_ok']}, "
+                          f"errors {len(f['errors'])}")
         wait_caught_up(self.status, self.cluster)
 
     def scale_point(self, accounts: int, create_s: float) -> None:
@@ -686,10 +688,11 @@ def main(argv: list[str] | None = None) -> int:
         suite.close()
         shutil.rmtree(base, ignore_errors=True)
     res = suite.res
+    memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     res["meta"] = {"command": command, "date": machine["date_utc"], "quick": args.quick,
                    "machine": {"cores": machine["cpus"], "cpu": machine["cpu"], "python": machine["python"],
                                "kernel": machine["kernel"], "loadavg_before": machine["loadavg_1_5_15"],
-                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+                               "memory_gib": memory_gib},
                    "elapsed_s": round(time.perf_counter() - t0, 1), "accounts": args.accounts, "replicas": REPLICAS,
                    "postgresql": res.pop("meta_pg", None),
                    "notes": [x for x in [args.note] if x]}

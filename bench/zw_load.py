@@ -47,7 +47,8 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
     """Send each batch of ``batches`` once (until ``duration_s`` if given: no batch is sent after it), keeping
     ``inflight`` per connection; a batch unanswered for ``attempt_timeout_s`` is re-sent (the same bytes: never
     applied twice) to the next replica. Returns ``{"latency_s", "done_s", "sizes"}`` per completed batch in stream
-    order, and ``"t0"`` (perf_counter at the start), ``"wall_s", "records", "batches", "not_ok", "duplicates", "errors"``."""
+    order, and ``"t0"`` (perf_counter at the start), ``"wall_s", "records", "batches", "not_ok", "duplicates",
+    "errors"``."""
     n = len(batches)
     lock = threading.Lock()
     nxt = [0]
@@ -84,7 +85,7 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
                     lat[j], done[j], sizes[j] = t - sent, t, len(results)
                     counts["not_ok"] += bad
                     counts["duplicates"] += dup
-        except Exception as exc:          # a reply that never came, a refused batch: the run reports it
+        except Exception as exc:  # noqa: BLE001 - a reply that never came, a refused batch: the run reports it
             with lock:
                 errors.append(f"{type(exc).__name__}: {exc}")
 

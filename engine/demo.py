@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from engine import records as R
-from engine.client import Client, Subscriber
+from engine.client import Client, ClientError, Subscriber
 from engine.cluster import NodeCluster
 from engine.workload import BANK, CURRENCY, FUNDING, Workload
 
@@ -44,7 +44,7 @@ def find_leader(client: Client, cluster: NodeCluster, timeout_s: float = 20.0) -
             try:
                 if client.status(k).get("role") == "leader":
                     return node
-            except Exception:
+            except ClientError:          # a replica that is down or restarting does not answer
                 pass
         time.sleep(0.05)
     raise TimeoutError("no leader elected")
@@ -68,7 +68,7 @@ class EventCounter(threading.Thread):
                     seqs = np.unique(evs["seq_num"])
                     assert seqs[0] == self.seen + 1 and (np.diff(seqs) == 1).all(), "event gap"
                     self.seen = int(seqs[-1])
-        except BaseException as exc:   # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
         finally:
             self.sub.close()
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         d = int(work.ids(3)[0])
         r = client.transfer(d, a, b, 1_00, CURRENCY)
         again = client.transfer(d, a, b, 1_00, CURRENCY)
-        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {({k: v['available'] for k, v in r.accounts.items()})}; "
+        balances = {k: v["available"] for k, v in r.accounts.items()}
+        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {balances}; "
               f"the same dedup_id again: duplicate={again.duplicate}")
         kill_at = args.batches // 2
         codes: dict[int, int] = {}
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, node in enumerate(cluster.ids):
                 try:
                     st[node] = client.status(k, with_digest=True)
-                except Exception:
+                except ClientError:
                     st[node] = None
             done = all(st.values()) and len({s["digest"] for s in st.values()}) == 1 \
                 and len({s["sm_applied"] for s in st.values()}) == 1
