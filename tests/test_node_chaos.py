@@ -23,8 +23,8 @@ import random
 import threading
 import time
 from collections import defaultdict
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
