@@ -46,10 +46,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import zmq
@@ -57,6 +57,7 @@ import zmq
 from bench.bench_raft import machine_info
 from bench.loadgen import wait_for_reply_or
 from bench.results import write_section
+from bench.zw_load import field_offset
 from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
@@ -284,7 +285,7 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
     sock.setsockopt(zmq.RCVHWM, 1_000_000)
     sock.connect(leader_address)
     encode = W.encode
-    code_offset = R.RESULT_DTYPE.fields["code"][1]
+    code_offset = field_offset(R.RESULT_DTYPE, "code")
     answered = 0
 
     def drain(block_ms: int) -> int:
@@ -467,7 +468,7 @@ def probe_new_leader(probe: Client, ops: np.ndarray, t_kill: float) -> float:
 
 
 def run_failovers(cluster: NodeCluster, status_client: Client, ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
-    runs = []
+    runs: list[dict[str, Any]] = []
     for run in range(args.failovers):
         probe_ops = single_transfers(ids, np.random.default_rng(SEED + run),
                                      int(FAILOVER_TIMEOUT_S / PROBE_INTERVAL_S), args.accounts)
@@ -493,10 +494,10 @@ def run_failovers(cluster: NodeCluster, status_client: Client, ids: Ids, args: a
         last_before = max([t for t in times if t <= t_kill], default=t_kill)
         after = [t for t in times if t > t_kill]
         longest_gap_s = float(np.diff([last_before] + after).max()) if after else float("nan")
-        r = {"killed": leader, "new_leader_commit_ms": 1000 * new_leader_s,
-             "load_longest_gap_ms": 1000 * longest_gap_s,
-             "load_not_ok": sum(bad for _, _, bad in load.completions), "load_errors": load.errors,
-             "load_batches_after_kill": len(after)}
+        r: dict[str, Any] = {"killed": leader, "new_leader_commit_ms": 1000 * new_leader_s,
+                             "load_longest_gap_ms": 1000 * longest_gap_s,
+                             "load_not_ok": sum(bad for _, _, bad in load.completions), "load_errors": load.errors,
+                             "load_batches_after_kill": len(after)}
         runs.append(r)
         print(f"  failover {run + 1}/{args.failovers}: killed {leader}, new leader committed after "
               f"{r['new_leader_commit_ms']:.0f} ms; load's longest gap {r['load_longest_gap_ms']:.0f} ms, "

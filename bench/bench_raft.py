@@ -173,8 +173,8 @@ def _commit_at(client: ClusterClient, nodes: list[int], timeout_s: float) -> flo
 def _wait_caught_up(client: ClusterClient, nodes: list[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        sts = [client.status(n, timeout_s=0.5) for n in nodes]
-        if all(sts) and len({s["applied"] for s in sts}) == 1 and any(s["role"] == "leader" for s in sts):
+        sts = [st for n in nodes if (st := client.status(n, timeout_s=0.5)) is not None]   # None: no answer
+        if len(sts) == len(nodes) and len({s["applied"] for s in sts}) == 1 and any(s["role"] == "leader" for s in sts):
             return
         time.sleep(0.05)
     raise TimeoutError("restarted replica did not catch up")

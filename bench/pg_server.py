@@ -347,7 +347,10 @@ class PostgresServer:
         out = {}
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             for n in names:
-                out[n] = conn.execute(f"SHOW {n}").fetchone()[0]
+                row = conn.execute(f"SHOW {n}").fetchone()
+                if row is None:
+                    raise RuntimeError(f"SHOW {n} returned no row")
+                out[n] = row[0]
         out["data_dir"] = self.data_dir
         return out
 

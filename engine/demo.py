@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         kill_at = args.batches // 2
         codes: dict[int, int] = {}
         applied_ops = 0
-        failover_s = None
-        killed = None
+        failover_s: float | None = None
+        killed: int | None = None
         t0 = time.monotonic()
         for batch in range(args.batches):
             if batch == kill_at:
@@ -121,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress(batch, args.batches, f"kill -9 leader (replica {killed})")
                 t_kill = time.monotonic()
                 cluster.kill(killed)
-            res = client.apply_batch(work.mixed(args.batch_size))
-            if batch == kill_at:
+                res = client.apply_batch(work.mixed(args.batch_size))
                 failover_s = time.monotonic() - t_kill
                 progress(batch + 1, args.batches,
                          f"new leader: replica {find_leader(client, cluster)} after {failover_s * 1000:.0f} ms")
                 print()
                 cluster.start_replica(killed)
-            elif batch % 5 == 0 or batch == args.batches - 1:
-                progress(batch + 1, args.batches, "mixed batches")
+            else:
+                res = client.apply_batch(work.mixed(args.batch_size))
+                if batch % 5 == 0 or batch == args.batches - 1:
+                    progress(batch + 1, args.batches, "mixed batches")
             for code, count in zip(*np.unique(res["code"], return_counts=True)):
                 codes[int(code)] = codes.get(int(code), 0) + int(count)
             applied_ops += len(res)
@@ -138,22 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         # every replica converges: same applied index, same digest; money conserved; events gap-free
         deadline = time.monotonic() + 60
         while True:
-            st = {}
+            st: dict[int, dict[str, Any]] = {}           # the replicas that answered
             for k, node in enumerate(cluster.ids):
                 try:
                     st[node] = client.status(k, with_digest=True)
                 except ClientError:
-                    st[node] = None
-            done = all(st.values()) and len({s["digest"] for s in st.values()}) == 1 \
+                    pass                                  # down or restarting: not converged yet
+            done = len(st) == len(cluster.ids) and len({s["digest"] for s in st.values()}) == 1 \
                 and len({s["sm_applied"] for s in st.values()}) == 1
             if done:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas did not converge: {st}")
+                silent = [node for node in cluster.ids if node not in st]
+                raise RuntimeError(f"replicas did not converge: {st}; not answering: {silent}")
             time.sleep(0.2)
         totals = client.totals(CURRENCY)
         held = totals["available"] + totals["reserved"] + totals["pending_out"]
-        bank = client.get_account(BANK)["available"]
+        bank_account = client.get_account(BANK)
+        if bank_account is None:
+            raise RuntimeError(f"the bank account {BANK} is missing")
+        bank = bank_account["available"]
         last_seq = st[cluster.ids[0]]["last_seq"]
         while counter.seen < last_seq and time.monotonic() < deadline and counter.error is None:
             time.sleep(0.05)
@@ -165,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync, one batch at a time and each waited "
               f"for; throughput with batches in flight: zwallet bench, python -m bench.bench_node)")
         print("  results: " + ", ".join(f"{R.Code(c).name} {n:,}" for c, n in sorted(codes.items())))
-        print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
-              f"it restarted and caught up")
+        if killed is not None and failover_s is not None:
+            print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
+                  f"it restarted and caught up")
+        else:
+            print("  failover: none (the leader is killed half-way through the batches, and there were none)")
         s0 = st[cluster.ids[0]]
         print(f"  replicas: applied index {s0['sm_applied']} on all 3, digest {s0['digest'][:16]}... identical")
         print(f"  events: the subscriber saw seqs 1..{counter.seen} with no gap "
