@@ -38,6 +38,7 @@ make the numbers noisy, and the "others" column says how much.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -45,9 +46,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zmq
@@ -55,6 +57,7 @@ import zmq
 from bench.bench_raft import machine_info
 from bench.loadgen import wait_for_reply_or
 from bench.results import write_section
+from bench.zw_load import field_offset
 from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
@@ -227,7 +230,7 @@ class BatchLoad:
                 with self._lock:
                     self.completions.append((done, len(results), not_ok))
                     self.duplicates += dup
-        except Exception as exc:          # a reply that never came, a closed client: the run reports it
+        except Exception as exc:  # noqa: BLE001 - a reply that never came, a closed client: the run reports it
             with self._lock:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -282,7 +285,7 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
     sock.setsockopt(zmq.RCVHWM, 1_000_000)
     sock.connect(leader_address)
     encode = W.encode
-    code_offset = R.RESULT_DTYPE.fields["code"][1]
+    code_offset = field_offset(R.RESULT_DTYPE, "code")
     answered = 0
 
     def drain(block_ms: int) -> int:
@@ -465,7 +468,7 @@ def probe_new_leader(probe: Client, ops: np.ndarray, t_kill: float) -> float:
 
 
 def run_failovers(cluster: NodeCluster, status_client: Client, ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
-    runs = []
+    runs: list[dict[str, Any]] = []
     for run in range(args.failovers):
         probe_ops = single_transfers(ids, np.random.default_rng(SEED + run),
                                      int(FAILOVER_TIMEOUT_S / PROBE_INTERVAL_S), args.accounts)
@@ -491,10 +494,10 @@ def run_failovers(cluster: NodeCluster, status_client: Client, ids: Ids, args: a
         last_before = max([t for t in times if t <= t_kill], default=t_kill)
         after = [t for t in times if t > t_kill]
         longest_gap_s = float(np.diff([last_before] + after).max()) if after else float("nan")
-        r = {"killed": leader, "new_leader_commit_ms": 1000 * new_leader_s,
-             "load_longest_gap_ms": 1000 * longest_gap_s,
-             "load_not_ok": sum(bad for _, _, bad in load.completions), "load_errors": load.errors,
-             "load_batches_after_kill": len(after)}
+        r: dict[str, Any] = {"killed": leader, "new_leader_commit_ms": 1000 * new_leader_s,
+                             "load_longest_gap_ms": 1000 * longest_gap_s,
+                             "load_not_ok": sum(bad for _, _, bad in load.completions), "load_errors": load.errors,
+                             "load_batches_after_kill": len(after)}
         runs.append(r)
         print(f"  failover {run + 1}/{args.failovers}: killed {leader}, new leader committed after "
               f"{r['new_leader_commit_ms']:.0f} ms; load's longest gap {r['load_longest_gap_ms']:.0f} ms, "
@@ -649,11 +652,11 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
     mem = res["memory_mib"]
     lines = [SECTION_BEGIN, "## Replicated shard (engine/node.py, engine/client.py)", "",
              f"Command: `{command}`  ",
-             f"Machine: {m['cpus']} cores ({m['cpu']}), Python {m['python']}, Linux {m['kernel']}; {m['date_utc']}; "
-             f"load average before/after: {m['loadavg_1_5_15']} / {res.get('loadavg_after')}  ",
-             f"Setup: `NodeCluster(3)`: 3 node processes on 127.0.0.1 with the default config (fsync on every Raft "
-             f"log commit); {args.accounts:,} USD accounts without a lower limit; the clients (this benchmark's "
-             f"process) and the replicas share the {m['cpus']} cores.", "",
+             (f"Machine: {m['cpus']} cores ({m['cpu']}), Python {m['python']}, Linux {m['kernel']}; {m['date_utc']}; "
+              f"load average before/after: {m['loadavg_1_5_15']} / {res.get('loadavg_after')}  "),
+             (f"Setup: `NodeCluster(3)`: 3 node processes on 127.0.0.1 with the default config (fsync on every Raft "
+              f"log commit); {args.accounts:,} USD accounts without a lower limit; the clients (this benchmark's "
+              f"process) and the replicas share the {m['cpus']} cores."), "",
              "| measurement | result | bar | verdict |", "|---|---|---|---|"]
     lines.append(f"| throughput: 8190-transfer batches, {tp['connections']} connections x {tp['inflight']} in "
                  f"flight, median of {len(tp['windows_per_s'])} windows of {args.window_s:g} s | "
@@ -679,9 +682,10 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
                  f"{len(fo['errors'])} client errors | - | - |")
     peaks = ", ".join(f"replica {n}: {v['peak']:,.0f} MiB" for n, v in mem["after_load"].items())
     lines.append(f"| peak RSS (VmHWM) per replica after throughput + latency | {peaks} | - | - |")
-    lines += ["", f"Throughput windows (transfers/s): {', '.join(f'{w / 1000:.0f}K' for w in tp['windows_per_s'])}; "
-              f"{tp['transfers']:,} transfers in {tp['batches']:,} batches, {tp['duplicates']} duplicate "
-              f"results (client retries).  "]
+    windows = ", ".join(f"{w / 1000:.0f}K" for w in tp["windows_per_s"])
+    lines += ["", (f"Throughput windows (transfers/s): {windows}; "
+                   f"{tp['transfers']:,} transfers in {tp['batches']:,} batches, {tp['duplicates']} duplicate "
+                   f"results (client retries).  ")]
     for r in res["latency"]:
         lines.append(f"Latency at {int(r['rate_per_s']):,}/s: sender achieved {r['achieved_send_per_s']:,.0f}/s; "
                      f"p90 {r['p90_ms']:.1f} ms; the sender was late by p99 {r['sender_late_ms_p99']:.2f} ms, "
@@ -729,8 +733,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--failovers", type=int, help="failover runs")
     p.add_argument("--failover-connections", type=int, help="failover: load connections")
     p.add_argument("--failover-inflight", type=int, help="failover: batches in flight per load connection")
-    p.add_argument("--rates", help="latency: comma-separated offered rates per second (default "
-                   f"{','.join(str(r) for r in LATENCY_RATES_PER_S)}); the bar is judged at {LATENCY_BAR_RATE_PER_S:,}/s")
+    default_rates = ",".join(str(r) for r in LATENCY_RATES_PER_S)
+    p.add_argument("--rates", help=f"latency: comma-separated offered rates per second (default {default_rates}); "
+                   f"the bar is judged at {LATENCY_BAR_RATE_PER_S:,}/s")
     p.add_argument("--unbatched-s", type=float, help="unbatched: seconds of closed-loop load")
     p.add_argument("--only", help="comma-separated phases to run (throughput, latency, failover; default all): "
                    "e.g. 'latency' to iterate on latency alone, 'throughput,latency' to measure it on a ledger "
@@ -816,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             for rate in args.rates:
                 print(f"latency at {rate:,}/s for {args.latency_s:g} s ...", flush=True)
                 leader_address = cluster.client_addr[find_leader(status_client, cluster)]
-                r = measured(cluster, status_client, lambda: run_latency(leader_address, ids, args, rate))
+                r = measured(cluster, status_client, functools.partial(run_latency, leader_address, ids, args, rate))
                 res["latency"].append(r)
                 print(f"  p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  p99.9 {r['p999_ms']:.2f}  "
                       f"max {r['max_ms']:.2f} ms  (answered {r['answered']}/{r['requests']}, not OK {r['not_ok']}; "

@@ -173,8 +173,8 @@ def _commit_at(client: ClusterClient, nodes: list[int], timeout_s: float) -> flo
 def _wait_caught_up(client: ClusterClient, nodes: list[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        sts = [client.status(n, timeout_s=0.5) for n in nodes]
-        if all(sts) and len({s["applied"] for s in sts}) == 1 and any(s["role"] == "leader" for s in sts):
+        sts = [st for n in nodes if (st := client.status(n, timeout_s=0.5)) is not None]   # None: no answer
+        if len(sts) == len(nodes) and len({s["applied"] for s in sts}) == 1 and any(s["role"] == "leader" for s in sts):
             return
         time.sleep(0.05)
     raise TimeoutError("restarted replica did not catch up")
@@ -288,7 +288,7 @@ def machine_info() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "kernel": platform.release(), "loadavg_1_5_15": [round(x, 2) for x in load]}
 
@@ -296,11 +296,12 @@ def machine_info() -> dict[str, Any]:
 def render(res: dict[str, Any], command: str) -> str:
     m = res["machine"]
     lines = [SECTION_BEGIN, "## Raft (engine/raft)", "",
-             f"Command: `{command}`  ", f"Machine: {m['cpus']} cores ({m['cpu']}), Python {m['python']}, "
-             f"Linux {m['kernel']}; {m['date_utc']}; load average before/after: {m['loadavg_1_5_15']} / "
-             f"{res.get('loadavg_after')}  ",
-             "Setup: 3 replica processes on 127.0.0.1, LMDB log with fsync on every commit (sync=True), "
-             "ZeroMQ transport, counter state machine; the client pipelines proposals at the leader.", "",
+             f"Command: `{command}`  ",
+             (f"Machine: {m['cpus']} cores ({m['cpu']}), Python {m['python']}, "
+              f"Linux {m['kernel']}; {m['date_utc']}; load average before/after: {m['loadavg_1_5_15']} / "
+              f"{res.get('loadavg_after')}  "),
+             ("Setup: 3 replica processes on 127.0.0.1, LMDB log with fsync on every commit (sync=True), "
+              "ZeroMQ transport, counter state machine; the client pipelines proposals at the leader."), "",
              "| workload | entries/s | MB/s | ops/s | p50 / p99 request latency |",
              "|---|---:|---:|---:|---|"]
     for key, label in (("small", "128 B entries, 1 op each"), ("batched", None), ("big", "1 MiB entries")):
@@ -312,19 +313,19 @@ def render(res: dict[str, Any], command: str) -> str:
         lines.append(f"| {label} | {r['entries_per_s']:,.0f} | {r['mb_per_s']:,.1f} | {ops} | "
                      f"{r['latency_ms_p50']:.1f} / {r['latency_ms_p99']:.1f} ms |")
     p = res["pysyncobj"]
-    lines += ["", f"PySyncObj {res.get('pysyncobj_version', '')} counter, 3 processes, same machine, same run "
-              f"(journalFile on, which it does not fsync): **{p['ops_per_s']:,.0f} ops/s**.", ""]
-    lines += [f"- ratio, ops/s with batched entries: **{res['ratio_batched']:.1f}x** -> "
-              f"**{'PASS' if res['ratio_batched'] >= 10 else 'FAIL'}** (bar: >= 10x)",
-              f"- ratio, one op per entry (128 B entries): {res['ratio_small']:.1f}x "
-              f"({'>=' if res['ratio_small'] >= 10 else '<'} 10x)"]
+    lines += ["", (f"PySyncObj {res.get('pysyncobj_version', '')} counter, 3 processes, same machine, same run "
+                   f"(journalFile on, which it does not fsync): **{p['ops_per_s']:,.0f} ops/s**."), ""]
+    lines += [(f"- ratio, ops/s with batched entries: **{res['ratio_batched']:.1f}x** -> "
+               f"**{'PASS' if res['ratio_batched'] >= 10 else 'FAIL'}** (bar: >= 10x)"),
+              (f"- ratio, one op per entry (128 B entries): {res['ratio_small']:.1f}x "
+               f"({'>=' if res['ratio_small'] >= 10 else '<'} 10x)")]
     s = res.get("sim")
-    lines.append("- leader CPU per entry in the simulator: " + (json.dumps(s) if s else
-                                                                    "not measured (engine.raft.sim provides no cost function)"))
+    lines.append("- leader CPU per entry in the simulator: "
+                 + (json.dumps(s) if s else "not measured (engine.raft.sim provides no cost function)"))
     f = res["failover"]
-    lines += [f"- failover (kill -9 leader -> first commit by the new leader), {f['runs']} runs: median "
-              f"**{f['median_ms']:.0f} ms**, p90 {f['p90_ms']:.0f} ms, min {f['min_ms']:.0f}, max {f['max_ms']:.0f} "
-              f"-> **{'PASS' if f['median_ms'] < 1000 else 'FAIL'}** (bar: median < 1 s)",
+    lines += [(f"- failover (kill -9 leader -> first commit by the new leader), {f['runs']} runs: median "
+               f"**{f['median_ms']:.0f} ms**, p90 {f['p90_ms']:.0f} ms, min {f['min_ms']:.0f}, "
+               f"max {f['max_ms']:.0f} -> **{'PASS' if f['median_ms'] < 1000 else 'FAIL'}** (bar: median < 1 s)"),
               f"- replicas' state digests equal after the load: {res['throughput'].get('digests_equal')}", ""]
     if res.get("note"):
         lines += [res["note"], ""]
@@ -390,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pkg_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         return version(name)
-    except Exception:
+    except PackageNotFoundError:
         return "?"
 
 

@@ -8,7 +8,8 @@ common start time t0 and collects what each completed. A child is a function
           drain_s: float, *extra, ready, go, t0_shared, out)
 
 that connects, ``ready.put(pid)``, waits for ``go``, reads t0 from ``t0_shared.value``, sends its records and
-finally ``out.put(outcomes.result(...))`` (``Outcomes``: the per-record arrays it fills in). Two modes, the same for every system measured:
+finally ``out.put(outcomes.result(...))`` (``Outcomes``: the per-record arrays it fills in). Two modes, the
+same for every system measured:
 
 - closed loop (``rate=None``): every connection sends its next record as soon as the previous one is
   answered; latency = reply - send.
@@ -26,8 +27,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +59,7 @@ class ChildResult:
                 self.start, self.end, self.retries, self.cpu_s, self.sent)
 
     @classmethod
-    def from_tuple(cls, t: tuple) -> "ChildResult":
+    def from_tuple(cls, t: tuple) -> ChildResult:
         pos, lat, svc, lag, done, codes, dups, start, end, retries, cpu, sent = t
         return cls(np.frombuffer(pos, dtype=np.int64), np.frombuffer(lat), np.frombuffer(svc), np.frombuffer(lag),
                    np.frombuffer(done), np.frombuffer(codes, dtype=np.uint16), np.frombuffer(dups, dtype=np.uint8),
@@ -124,8 +126,9 @@ def run_processes(child: Callable[..., None], ops: np.ndarray, *, connections: i
     Returns ``{"positions", "latency_s", "service_s", "send_lag_s", "done_s", "codes", "duplicate"}`` (arrays
     over the completed records, in stream order; with no ``duration_s`` that is every record) and ``"t0"``,
     ``"wall_s"`` (first send to last reply), ``"count"`` (records completed), ``"sent"``, ``"offered"``
-    (records in the stream), ``"retries"``, ``"rate"``, ``"duration_s"``, ``"client_cpu_s"`` (the children's CPU in the timed
-    part). The caller's script must guard its entry point with ``if __name__ == "__main__":`` (spawn)."""
+    (records in the stream), ``"retries"``, ``"rate"``, ``"duration_s"``, ``"client_cpu_s"`` (the children's
+    CPU in the timed part). The caller's script must guard its entry point with
+    ``if __name__ == "__main__":`` (spawn)."""
     n = len(ops)
     processes = max(1, min(processes, connections, max(1, n)))
     ctx = mp.get_context("spawn")
@@ -173,5 +176,5 @@ def run_processes(child: Callable[..., None], ops: np.ndarray, *, connections: i
               for name in ("positions", "latency_s", "service_s", "send_lag_s", "done_s", "codes", "duplicate")}
     count = len(positions)
     return {**merged, "t0": t0, "wall_s": (max(c.end for c in parts) - min(c.start for c in parts)) if count else 0.0,
-            "count": count, "sent": sum(c.sent for c in parts), "offered": n, "retries": sum(c.retries for c in parts), "rate": rate,
-            "duration_s": duration_s, "client_cpu_s": sum(c.cpu_s for c in parts)}
+            "count": count, "sent": sum(c.sent for c in parts), "offered": n, "retries": sum(c.retries for c in parts),
+            "rate": rate, "duration_s": duration_s, "client_cpu_s": sum(c.cpu_s for c in parts)}

@@ -61,7 +61,8 @@ import struct
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
@@ -79,6 +80,7 @@ _I64_MAX = (1 << 63) - 1
 SUPPORTED_KINDS = frozenset({K.CREATE_ACCOUNT, K.TRANSFER, K.BATCH_BALANCE, K.RESERVE, K.RELEASE, K.TCC_TRY,
                              K.TCC_CONFIRM, K.TCC_CANCEL, K.SPEC, K.PRECONDITION})
 _RETRYABLE = (pgerr.SerializationFailure, pgerr.DeadlockDetected, pgerr.UniqueViolation)
+_T = TypeVar("_T")
 
 # ------------------------------------------------------------------------------------------- schema
 SCHEMA_SQL = r"""
@@ -532,7 +534,7 @@ class _NumpyArrayDumper(Dumper):
     def get_key(self, obj: Any, format: Any) -> Any:
         return (self.cls, obj.dtype.str)
 
-    def upgrade(self, obj: Any, format: Any) -> "Dumper":
+    def upgrade(self, obj: Any, format: Any) -> Dumper:
         if obj.dtype not in self._ELEM:
             raise TypeError(f"numpy arrays of {obj.dtype} are not sent to PostgreSQL: int64, int32 or bool only")
         d = _NumpyArrayDumper(self.cls)
@@ -594,6 +596,11 @@ def _currency_text(raw: bytes) -> str | None:
 
 class _Encoded:
     __slots__ = ("params", "gsize", "hdr_dedup", "hdr_kind", "n")
+    params: tuple[Any, ...]          # zw_apply's arguments, in order
+    gsize: np.ndarray                # records per command (a group's members follow its header)
+    hdr_dedup: np.ndarray            # the command headers' dedup_id and kind fields
+    hdr_kind: np.ndarray
+    n: int                           # records in the batch
 
 
 def encode_batch(ops: np.ndarray) -> _Encoded:
@@ -685,7 +692,14 @@ def _one_result(ops: np.ndarray, code: int, dup: bool, seq: int) -> np.ndarray:
     return out
 
 
-def _retrying(fn, retries: list[int] | None = None):
+def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """The row of a statement that always returns one (a function call, an aggregate)."""
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
+
+def _retrying(fn: Callable[[], _T], retries: list[int] | None = None) -> _T:
     last: Exception | None = None
     for _ in range(RETRIES_MAX):
         try:
@@ -700,8 +714,8 @@ def _retrying(fn, retries: list[int] | None = None):
 def _apply_encoded(conn: psycopg.Connection, e: _Encoded, retries: list[int] | None = None) -> np.ndarray:
     if e.n == 0:
         return _results(e, [], [], [])
-    codes, dups, seqs = _retrying(lambda: conn.execute(APPLY_SQL, e.params, prepare=True, binary=True).fetchone(),
-                                  retries)
+    codes, dups, seqs = _retrying(
+        lambda: _one(conn.execute(APPLY_SQL, e.params, prepare=True, binary=True).fetchone()), retries)
     return _results(e, codes, dups, seqs)
 
 
@@ -717,7 +731,7 @@ class PgLedger:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "PgLedger":
+    def __enter__(self) -> PgLedger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -801,17 +815,17 @@ class PgLedger:
             if e.gsize.shape[0] != 1:
                 raise ValueError(f"apply_one takes one command, got {e.gsize.shape[0]}")
             return _apply_encoded(conn, e)
-        code, dup, seq = _retrying(lambda: conn.execute(TRANSFER_SQL, p, prepare=True, binary=True).fetchone())
+        code, dup, seq = _retrying(lambda: _one(conn.execute(TRANSFER_SQL, p, prepare=True, binary=True).fetchone()))
         return _one_result(ops, code, dup, seq)
 
     # ------------------------------------------------------------------------------------------ reads
     def balances(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Available balances of ``ids`` (int64, same order); KeyError if one does not exist."""
         ids = np.asarray(ids, dtype=np.int64)
-        row = self.conn.execute(
+        row = _one(self.conn.execute(
             "SELECT array_agg(a.available ORDER BY u.o), array_agg(u.id ORDER BY u.o) FILTER (WHERE a.id IS NULL) "
             "FROM unnest(%b::bigint[]) WITH ORDINALITY u(id, o) LEFT JOIN accounts a ON a.id = u.id",
-            (ids,), binary=True).fetchone()
+            (ids,), binary=True).fetchone())
         if row[1]:
             raise KeyError(f"no such accounts: {row[1][:10]}")
         return np.array(row[0] or [], dtype=np.int64)
@@ -822,8 +836,8 @@ class PgLedger:
                                 "FROM accounts WHERE id = %s", (account_id,)).fetchone()
         if row is None:
             return None
-        res = dict(self.conn.execute("SELECT reservation_id, amount FROM reservations WHERE account_id = %s",
-                                     (account_id,)).fetchall())
+        res: dict[int, int] = dict(self.conn.execute(
+            "SELECT reservation_id, amount FROM reservations WHERE account_id = %s", (account_id,)).fetchall())
         pend = self.conn.execute("SELECT txn_id, pending_in, pending_out FROM tcc_pending WHERE account_id = %s",
                                  (account_id,)).fetchall()
         return {"account_id": row[0], "currency": row[1], "state": R.State(row[2]), "available": row[3],
@@ -840,7 +854,7 @@ class PgLedger:
              " WHERE a.currency = %(c)s), "
              "(SELECT coalesce(sum(p.pending_out), 0) FROM tcc_pending p JOIN accounts a ON a.id = p.account_id "
              " WHERE a.currency = %(c)s)")
-        av, rs, pi, po = self.conn.execute(q, {"c": currency}).fetchone()
+        av, rs, pi, po = _one(self.conn.execute(q, {"c": currency}).fetchone())
         return {"available": int(av), "reserved": int(rs), "pending_in": int(pi), "pending_out": int(po)}
 
     def total(self, currency: str) -> int:
@@ -850,7 +864,7 @@ class PgLedger:
         return t["available"] + t["reserved"] + t["pending_out"]
 
     def dedup_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM dedup").fetchone()[0]
+        return _one(self.conn.execute("SELECT count(*) FROM dedup").fetchone())[0]
 
 
 async def apply_one_async(conn: psycopg.AsyncConnection, ops: np.ndarray) -> np.ndarray:
@@ -867,7 +881,7 @@ async def apply_one_async(conn: psycopg.AsyncConnection, ops: np.ndarray) -> np.
     for _ in range(RETRIES_MAX):
         try:
             cur = await conn.execute(sql, params, prepare=True, binary=True)
-            row = await cur.fetchone()
+            row = _one(await cur.fetchone())
             break
         except _RETRYABLE as exc:
             last = exc
@@ -937,7 +951,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
                 for _ in range(RETRIES_MAX):
                     try:
                         c = await conn.execute(TRANSFER_SQL, params, prepare=True, binary=True)
-                        row = await c.fetchone()
+                        row = _one(await c.fetchone())
                         break
                     except _RETRYABLE:
                         retries += 1
@@ -987,14 +1001,14 @@ def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1, d
     """Apply ``batches`` (each one transaction, as ``PgLedger.apply_batch``) over ``connections``
     connections, one thread each (psycopg releases the GIL while it waits; the encoding is numpy), each
     taking the next batch as soon as its previous one committed; with ``duration_s``, no batch is started
-    after that long (``batches`` may then be a lazy sequence, e.g. ``bench.streams.BatchStream``). Concurrent
+    after that long (``batches`` may then be a lazy sequence, e.g. ``engine.workload.BatchStream``). Concurrent
     batches that name the same accounts wait for each other's row locks: that is the baseline's behaviour,
     measured as it is.
 
     Returns ``{"results": [RESULT_DTYPE array per completed batch, in stream order] (if keep_results),
     "latency_s", "done_s" (perf_counter at each commit), "sizes" (records): per completed batch, in stream
-    order; "t0" (perf_counter at the start), "wall_s", "records", "batches", "not_ok", "duplicates", "retries"}`` (retries: requests rolled
-    back by a unique violation or deadlock and sent again)."""
+    order; "t0" (perf_counter at the start), "wall_s", "records", "batches", "not_ok", "duplicates", "retries"}``
+    (retries: requests rolled back by a unique violation or deadlock and sent again)."""
     import threading
     n = len(batches)
     results: dict[int, np.ndarray] = {}

@@ -198,7 +198,7 @@ class PostgresServer:
         self.root = root
 
     # ------------------------------------------------------------------------------- life cycle
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self._started:
             return self
         self.bindir = ensure_installed()
@@ -306,7 +306,7 @@ class PostgresServer:
         if self._own_root and self.root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -347,7 +347,10 @@ class PostgresServer:
         out = {}
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             for n in names:
-                out[n] = conn.execute(f"SHOW {n}").fetchone()[0]
+                row = conn.execute(f"SHOW {n}").fetchone()
+                if row is None:
+                    raise RuntimeError(f"SHOW {n} returned no row")
+                out[n] = row[0]
         out["data_dir"] = self.data_dir
         return out
 

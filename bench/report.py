@@ -22,8 +22,8 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")                           # no display; must come before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 SYSTEMS = ("zwallet", "postgresql")          # display order; other systems follow, sorted
 LABELS = {"zwallet": "zwallet", "postgresql": "PostgreSQL"}
@@ -71,6 +71,12 @@ def num(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def positive(x: Any) -> bool:
+    """``x`` is a finite number above 0."""
+    v = num(x)
+    return v is not None and v > 0
 
 
 def series(values: Any) -> np.ndarray:
@@ -257,8 +263,9 @@ def throughput_table(res: dict) -> list[str]:
 
 def unanswered(r: dict) -> float:
     """Requests never answered (the suite's ``unanswered``, else sent minus answered; 0 when unknown)."""
-    if num(r.get("unanswered")) is not None:
-        return num(r["unanswered"])
+    given = num(r.get("unanswered"))
+    if given is not None:
+        return given
     sent, answered = num(r.get("requests")), num(r.get("answered"))
     return sent - answered if sent is not None and answered is not None else 0.0
 
@@ -376,6 +383,8 @@ def workload_details(w: dict) -> list[str]:
         r, err = system_result(w, s)
         if err is not None:
             lines += [f"{label(s)}: error: `{cell(err, 2000)}`", ""]
+            continue
+        if r is None:                    # not run (systems_of lists only those with a result)
             continue
         lat = as_dict(r.get("request_latency_ms"))
         cpu = as_dict(r.get("cpu_cores"))
@@ -536,7 +545,7 @@ def plot_throughput(res: dict, out_dir: str) -> str | None:
     width = 0.8 / len(systems)
     for j, s in enumerate(systems):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(workloads))]
-        hs = [v[j] if v[j] is not None and v[j] > 0 else np.nan for v in values]
+        hs = [x if (x := v[j]) is not None and x > 0 else np.nan for v in values]
         bars = ax.bar(xs, hs, width, label=label(s), color=COLORS.get(s))
         for x, h, w in zip(xs, hs, workloads):
             if np.isnan(h):     # not run, failed, or zero: say so at the bottom of the chart
@@ -580,7 +589,9 @@ def plot_timelines(res: dict, out_dir: str) -> str | None:
 
 def plot_failover(res: dict, out_dir: str) -> str | None:
     fo = res.get("failover")
-    tl = timeline_of(fo) if isinstance(fo, dict) else None
+    if not isinstance(fo, dict):
+        return None
+    tl = timeline_of(fo)
     if not tl:
         return None
     system = str(fo.get("system") or "zwallet")
@@ -670,7 +681,7 @@ def plot_latency_hist(res: dict, out_dir: str) -> str | None:
 def scaling_panel(ax, rows: list[dict], x_key: str, xlabel: str, title: str, rss: bool) -> None:
     """Throughput (left axis, log) and p99 (right axis) against ``x_key`` on a log x-axis; RSS per replica
     written along the bottom of the panel under each point."""
-    rows = [r for r in rows if num(r.get(x_key)) is not None and num(r[x_key]) > 0]
+    rows = [r for r in rows if positive(r.get(x_key))]
     xs = series([r[x_key] for r in rows])
     ax.plot(xs, series([r.get("per_s") for r in rows]), marker="o", color="tab:blue", label="transfers/s")
     if any(num(r.get("requests_per_s")) is not None for r in rows):

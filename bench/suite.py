@@ -42,8 +42,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -161,11 +162,11 @@ def timeline(t0: float, done_s: np.ndarray, weights: np.ndarray | None = None) -
     return {"t_s": [round(float(x), 3) for x in edges[:-1]], "per_s": [float(c / TIMELINE_BIN_S) for c in counts]}
 
 
-def cdf_and_hist(ms: np.ndarray) -> tuple[dict[str, list], dict[str, list]]:
+def cdf_and_hist(ms: np.ndarray) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     qs = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.997,
           0.999, 0.9995, 0.9999, 1.0]
     finite = ms[np.isfinite(ms)]
-    cdf = {"q": [], "ms": []}
+    cdf: dict[str, list[float]] = {"q": [], "ms": []}
     for q in qs:
         v = pct(ms, 100 * q)
         if v is not None:
@@ -236,8 +237,14 @@ class Suite:
     def zw_cpu(self) -> float:
         return sum(process_cpu_s(self.cluster.procs[n].pid)[0] for n in self.cluster.ids if self.cluster.alive(n))
 
+    def status_client(self) -> Client:
+        """The client that asks the replicas for their status; there is one once ``start`` has run."""
+        if self.status is None:
+            raise RuntimeError("the zwallet cluster is not started (Suite.start)")
+        return self.status
+
     def leader_address(self) -> str:
-        return self.cluster.client_addr[find_leader(self.status, self.cluster)]
+        return self.cluster.client_addr[find_leader(self.status_client(), self.cluster)]
 
     def start(self) -> None:
         a = self.args
@@ -485,7 +492,7 @@ class Suite:
     def failover(self) -> None:
         a = self.args
         self.progress.begin("failover: zwallet batched load, kill -9 the leader, restart it")
-        wait_caught_up(self.status, self.cluster)
+        wait_caught_up(self.status_client(), self.cluster)
         stream = BatchStream("transfers", self.accounts, 1 << 16, seed=SEED - 1, first_dedup=self.dedup_base())
         out: dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -494,7 +501,7 @@ class Suite:
             attempt_timeout_s=FAILOVER_ATTEMPT_TIMEOUT_S)), daemon=True)
         load.start()
         time.sleep(a.failover_s * 0.3)
-        leader = find_leader(self.status, self.cluster)
+        leader = find_leader(self.status_client(), self.cluster)
         w = Workload(self.accounts, seed=SEED - 2)
         w.next_dedup = self.dedup_base()
         probe_ops = w.transfers(int(FAILOVER_PROBE_S / PROBE_INTERVAL_S))
@@ -505,7 +512,7 @@ class Suite:
             # a fresh one-transfer request to the survivors every PROBE_INTERVAL_S: the first answered is the
             # new leader's first commit (bench_node's probe)
             first_commit = t_kill + probe_new_leader(probe, probe_ops, t_kill)
-        new_leader, term = leader_and_term(self.status, self.cluster)
+        new_leader, term = leader_and_term(self.status_client(), self.cluster)
         time.sleep(max(0.0, t0 + a.failover_s * 0.65 - time.perf_counter()))
         t_restart = time.perf_counter()
         self.cluster.start_replica(leader)
@@ -525,8 +532,9 @@ class Suite:
             "not_ok": out["not_ok"], "errors": out["errors"], "per_s": out["records"] / out["wall_s"]}
         f = self.res["failover"]
         self.progress.say(f"  killed replica {leader}; the new leader committed {f['failover_ms']:.0f} ms later; "
-                          f"the load's longest gap {f['longest_gap_ms']:.0f} ms; not OK {f['not_ok']}, errors {len(f['errors'])}")
-        wait_caught_up(self.status, self.cluster)
+                          f"the load's longest gap {f['longest_gap_ms']:.0f} ms; not OK {f['not_ok']}, "
+                          f"errors {len(f['errors'])}")
+        wait_caught_up(self.status_client(), self.cluster)
 
     def scale_point(self, accounts: int, create_s: float) -> None:
         a = self.args
@@ -686,10 +694,11 @@ def main(argv: list[str] | None = None) -> int:
         suite.close()
         shutil.rmtree(base, ignore_errors=True)
     res = suite.res
+    memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     res["meta"] = {"command": command, "date": machine["date_utc"], "quick": args.quick,
                    "machine": {"cores": machine["cpus"], "cpu": machine["cpu"], "python": machine["python"],
                                "kernel": machine["kernel"], "loadavg_before": machine["loadavg_1_5_15"],
-                               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+                               "memory_gib": memory_gib},
                    "elapsed_s": round(time.perf_counter() - t0, 1), "accounts": args.accounts, "replicas": REPLICAS,
                    "postgresql": res.pop("meta_pg", None),
                    "notes": [x for x in [args.note] if x]}

@@ -33,10 +33,19 @@ from engine import wire as W
 from engine.client import Client
 from engine.zmq_io import recv_message
 
+
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """Byte offset of field ``name`` in the structured record ``dtype`` (to read it from raw reply bytes)."""
+    fields = dtype.fields
+    if fields is None or name not in fields:
+        raise TypeError(f"{dtype} has no field {name!r}")
+    return fields[name][1]
+
+
 REPLY_WAIT_S = 30.0            # run_batched: how long a batch's reply is waited for
 ATTEMPT_TIMEOUT_S = 5.0        # run_batched: a batch unanswered this long is re-sent (same bytes) elsewhere
-_CODE_AT = R.RESULT_DTYPE.fields["code"][1]
-_FLAGS_AT = R.RESULT_DTYPE.fields["flags"][1]
+_CODE_AT = field_offset(R.RESULT_DTYPE, "code")
+_FLAGS_AT = field_offset(R.RESULT_DTYPE, "flags")
 _RESULT_BYTES = R.RESULT_DTYPE.itemsize
 _OK = int(W.Status.OK)
 _DUPLICATE = int(R.ResultFlag.DUPLICATE)
@@ -47,7 +56,8 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
     """Send each batch of ``batches`` once (until ``duration_s`` if given: no batch is sent after it), keeping
     ``inflight`` per connection; a batch unanswered for ``attempt_timeout_s`` is re-sent (the same bytes: never
     applied twice) to the next replica. Returns ``{"latency_s", "done_s", "sizes"}`` per completed batch in stream
-    order, and ``"t0"`` (perf_counter at the start), ``"wall_s", "records", "batches", "not_ok", "duplicates", "errors"``."""
+    order, and ``"t0"`` (perf_counter at the start), ``"wall_s", "records", "batches", "not_ok", "duplicates",
+    "errors"``."""
     n = len(batches)
     lock = threading.Lock()
     nxt = [0]
@@ -84,7 +94,7 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
                     lat[j], done[j], sizes[j] = t - sent, t, len(results)
                     counts["not_ok"] += bad
                     counts["duplicates"] += dup
-        except Exception as exc:          # a reply that never came, a refused batch: the run reports it
+        except Exception as exc:  # noqa: BLE001 - a reply that never came, a refused batch: the run reports it
             with lock:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -151,9 +161,8 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
             j = reply.req_id - 1
             if not 0 <= j < m or finished[j]:
                 continue
-            body = frames[1] if len(frames) > 1 else b""
-            if reply.status == _OK and len(body) >= _RESULT_BYTES:
-                body = body.bytes
+            if reply.status == _OK and len(frames) > 1 and len(frames[1]) >= _RESULT_BYTES:
+                body = frames[1].bytes                  # a zmq.Frame (recv_message: zero-copy after the first)
                 codes[j] = int.from_bytes(body[_CODE_AT:_CODE_AT + 2], "little")
                 dups[j] = 1 if body[_FLAGS_AT] & _DUPLICATE else 0
             done[j] = now

@@ -1,8 +1,14 @@
-"""The ``zwallet`` command: one entry point, a subcommand per process or tool."""
+"""The ``zwallet`` command: one entry point, a subcommand per process or tool.
+
+Each command's module is imported only when that command runs, so the product commands never import the
+benchmark package ``bench`` (nor its dependencies: PostgreSQL's driver, matplotlib). ``zwallet bench``
+imports it then, and says how to get it when it cannot be imported.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
 
 COMMANDS = {
     "node": ("engine.node", "run one replica of a shard from a TOML config (--config, --id, --verbose)"),
@@ -13,6 +19,26 @@ COMMANDS = {
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
     "replica": ("engine.raft.replica_main", "run one bare Raft replica of a counter (Raft tests/benchmark)"),
 }
+BENCH_COMMANDS = frozenset({"bench"})     # tools from the source tree's bench/ package, not the product
+
+BENCH_MISSING = ("zwallet {command}: the benchmark suite cannot be imported ({error}).\n"
+                 "It is the bench/ package of a zwallet source checkout, with its own dependencies; from the "
+                 "checkout run:\n    python3 -m pip install -e '.[bench]'")
+
+
+def load_command(command: str) -> ModuleType | None:
+    """The module of ``command``; None (after saying why on stderr) if it is a bench tool that cannot be
+    imported here."""
+    name = COMMANDS[command][0]
+    if command not in BENCH_COMMANDS:
+        return importlib.import_module(name)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "engine":
+            raise                                  # the product itself is broken: not bench's business
+        print(BENCH_MISSING.format(command=command, error=exc), file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<8} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = load_command(argv[0])
+    if module is None:
+        return 2
     return module.main(argv[1:])
 
 

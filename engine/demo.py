@@ -19,11 +19,12 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
 from engine import records as R
-from engine.client import Client, Subscriber
+from engine.client import Client, ClientError, Subscriber
 from engine.cluster import NodeCluster
 from engine.workload import BANK, CURRENCY, FUNDING, Workload
 
@@ -44,7 +45,7 @@ def find_leader(client: Client, cluster: NodeCluster, timeout_s: float = 20.0) -
             try:
                 if client.status(k).get("role") == "leader":
                     return node
-            except Exception:
+            except ClientError:          # a replica that is down or restarting does not answer
                 pass
         time.sleep(0.05)
     raise TimeoutError("no leader elected")
@@ -68,7 +69,7 @@ class EventCounter(threading.Thread):
                     seqs = np.unique(evs["seq_num"])
                     assert seqs[0] == self.seen + 1 and (np.diff(seqs) == 1).all(), "event gap"
                     self.seen = int(seqs[-1])
-        except BaseException as exc:   # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
         finally:
             self.sub.close()
@@ -106,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         d = int(work.ids(3)[0])
         r = client.transfer(d, a, b, 1_00, CURRENCY)
         again = client.transfer(d, a, b, 1_00, CURRENCY)
-        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {({k: v['available'] for k, v in r.accounts.items()})}; "
+        balances = {k: v["available"] for k, v in r.accounts.items()}
+        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {balances}; "
               f"the same dedup_id again: duplicate={again.duplicate}")
         kill_at = args.batches // 2
         codes: dict[int, int] = {}
         applied_ops = 0
-        failover_s = None
-        killed = None
+        failover_s: float | None = None
+        killed: int | None = None
         t0 = time.monotonic()
         for batch in range(args.batches):
             if batch == kill_at:
@@ -120,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress(batch, args.batches, f"kill -9 leader (replica {killed})")
                 t_kill = time.monotonic()
                 cluster.kill(killed)
-            res = client.apply_batch(work.mixed(args.batch_size))
-            if batch == kill_at:
+                res = client.apply_batch(work.mixed(args.batch_size))
                 failover_s = time.monotonic() - t_kill
                 progress(batch + 1, args.batches,
                          f"new leader: replica {find_leader(client, cluster)} after {failover_s * 1000:.0f} ms")
                 print()
                 cluster.start_replica(killed)
-            elif batch % 5 == 0 or batch == args.batches - 1:
-                progress(batch + 1, args.batches, "mixed batches")
+            else:
+                res = client.apply_batch(work.mixed(args.batch_size))
+                if batch % 5 == 0 or batch == args.batches - 1:
+                    progress(batch + 1, args.batches, "mixed batches")
             for code, count in zip(*np.unique(res["code"], return_counts=True)):
                 codes[int(code)] = codes.get(int(code), 0) + int(count)
             applied_ops += len(res)
@@ -137,22 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         # every replica converges: same applied index, same digest; money conserved; events gap-free
         deadline = time.monotonic() + 60
         while True:
-            st = {}
+            st: dict[int, dict[str, Any]] = {}           # the replicas that answered
             for k, node in enumerate(cluster.ids):
                 try:
                     st[node] = client.status(k, with_digest=True)
-                except Exception:
-                    st[node] = None
-            done = all(st.values()) and len({s["digest"] for s in st.values()}) == 1 \
+                except ClientError:
+                    pass                                  # down or restarting: not converged yet
+            done = len(st) == len(cluster.ids) and len({s["digest"] for s in st.values()}) == 1 \
                 and len({s["sm_applied"] for s in st.values()}) == 1
             if done:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas did not converge: {st}")
+                silent = [node for node in cluster.ids if node not in st]
+                raise RuntimeError(f"replicas did not converge: {st}; not answering: {silent}")
             time.sleep(0.2)
         totals = client.totals(CURRENCY)
         held = totals["available"] + totals["reserved"] + totals["pending_out"]
-        bank = client.get_account(BANK)["available"]
+        bank_account = client.get_account(BANK)
+        if bank_account is None:
+            raise RuntimeError(f"the bank account {BANK} is missing")
+        bank = bank_account["available"]
         last_seq = st[cluster.ids[0]]["last_seq"]
         while counter.seen < last_seq and time.monotonic() < deadline and counter.error is None:
             time.sleep(0.05)
@@ -164,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync, one batch at a time and each waited "
               f"for; throughput with batches in flight: zwallet bench, python -m bench.bench_node)")
         print("  results: " + ", ".join(f"{R.Code(c).name} {n:,}" for c, n in sorted(codes.items())))
-        print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
-              f"it restarted and caught up")
+        if killed is not None and failover_s is not None:
+            print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
+                  f"it restarted and caught up")
+        else:
+            print("  failover: none (the leader is killed half-way through the batches, and there were none)")
         s0 = st[cluster.ids[0]]
         print(f"  replicas: applied index {s0['sm_applied']} on all 3, digest {s0['digest'][:16]}... identical")
         print(f"  events: the subscriber saw seqs 1..{counter.seen} with no gap "

@@ -15,7 +15,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4          # SYNC_FILE_RANGE_* flags
 

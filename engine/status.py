@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['applied']:>8} {s['last_seq']:>10} {s.get('digest', '-')[:16]:<16}")
     for s in statuses:
         if s and s.get("stalls", {}).get("by_cause"):
-            print(f"replica {s['node_id']} stalls >= {s['stalls']['threshold_ms']:g} ms since start: " + stall_text(s["stalls"]["by_cause"]))
+            print(f"replica {s['node_id']} stalls >= {s['stalls']['threshold_ms']:g} ms since start: "
+                  + stall_text(s["stalls"]["by_cause"]))
     alive = [s for s in statuses if s]
     leaders = {s["leader"] for s in alive}
     digests = {(s["sm_applied"], s.get("digest")) for s in alive}

@@ -6,7 +6,7 @@ new work, and a retry of the same bytes is a duplicate.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -18,7 +18,7 @@ FUNDING = 1_000_000      # minor units per account
 
 
 class Workload:
-    def __init__(self, accounts: int, seed: int = 1, first_account: int = 2) -> None:
+    def __init__(self, accounts: int, seed: int | Sequence[int] = 1, first_account: int = 2) -> None:
         self.accounts = accounts
         self.first_account = first_account
         self.rng = np.random.default_rng(seed)
@@ -147,7 +147,7 @@ class Workload:
         ops["currency"][has_currency] = CURRENCY.encode()
         return ops
 
-class BatchStream(Sequence):
+class BatchStream(Sequence[np.ndarray]):
     """A deterministic, lazily made sequence of ``count`` batches: batch i is the same array every time it is
     asked for (its own generator seeded by (seed, i); dedup and txn ids in a range of their own), so one
     command stream can be sent to two systems, or the prefix one of them reaches in a time box.
@@ -162,16 +162,22 @@ class BatchStream(Sequence):
             raise ValueError(f"unknown stream kind {kind!r}")
         if not 1 <= size <= R.BATCH_SIZE_MAX:
             raise ValueError(f"batch size {size} not in 1..{R.BATCH_SIZE_MAX}")
-        self.kind, self.accounts, self.count, self.size = kind, accounts, count, size
+        # the number of batches is ``length``, not ``count``: that name is Sequence.count(value)
+        self.kind, self.accounts, self.length, self.size = kind, accounts, count, size
         self.seed, self.first_dedup, self.first_account, self.options = seed, first_dedup, first_account, options
 
     def __len__(self) -> int:
-        return self.count
+        return self.length
 
-    def __getitem__(self, i: Any) -> Any:
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
         if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(self.count))]
-        if not 0 <= i < self.count:
+            return [self[k] for k in range(*i.indices(self.length))]
+        if not 0 <= i < self.length:
             raise IndexError(i)
         w = Workload(self.accounts, seed=[self.seed, i], first_account=self.first_account)
         w.next_dedup = w.next_txn = self.first_dedup + i * self.STRIDE

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.records import GROUP_SPECS_MAX, I128_MAX, I128_MIN, Code, Kind, State
 
@@ -75,7 +76,8 @@ class ModelLedger:
             if seen["null"]:
                 return ModelResult(Code.ORIGINAL_COMPENSATED, False, 0)
             return ModelResult(seen["code"], True, seen["seq"])
-        entry = {"code": Code.OK, "seq": 0, "kind": kind, "compensated": False, "null": False, "undo": None}
+        entry: dict[str, Any] = {"code": Code.OK, "seq": 0, "kind": kind, "compensated": False, "null": False,
+                                 "undo": None}
         try:
             parts, undo = fn(self.last_seq + 1)
             code = Code.NULL_COMPENSATED if parts == "null" else Code.OK
@@ -170,7 +172,8 @@ class ModelLedger:
             self._need(amount > 0, Code.INVALID_AMOUNT)
             self._need(_id(from_account_id) != _id(to_account_id), Code.SAME_ACCOUNT)
             f, t = self.accounts.get(_id(from_account_id)), self.accounts.get(_id(to_account_id))
-            self._need(f is not None and t is not None, Code.ACCOUNT_NOT_FOUND)
+            if f is None or t is None:
+                raise _Reject(Code.ACCOUNT_NOT_FOUND)
             self._need(f.state == State.NORMAL and t.state == State.NORMAL, Code.INVALID_ACCOUNT_STATE)
             self._need(f.currency == currency and t.currency == currency, Code.CURRENCY_MISMATCH)
             self._need(expected_from_balance is None or f.available == expected_from_balance, Code.PRECONDITION_FAILED)
@@ -293,7 +296,8 @@ class ModelLedger:
             txn = _id(txn_id)
             self._need(txn != 0, Code.INVALID_ID)
             t = self.txns.get(txn)
-            self._need(t is not None, Code.TXN_NOT_FOUND)
+            if t is None:
+                raise _Reject(Code.TXN_NOT_FOUND)
             self._need(t["state"] != "confirmed", Code.TXN_ALREADY_CONFIRMED)
             self._need(t["state"] != "cancelled", Code.TXN_ALREADY_CANCELLED)
             touched = []

@@ -118,7 +118,7 @@ def test_update_account_config():
     acc = led.get_account(10)
     assert acc["lower_limit"] is None and acc["upper_limit"] is None
     assert led.update_account_config(6, 99, lower_limit=0).code == Code.ACCOUNT_NOT_FOUND
-    assert led.update_account_config(7, 10).code == Code.OK                                # unchanged: still a change event
+    assert led.update_account_config(7, 10).code == Code.OK          # unchanged: still a change event
     fund(led, 8, 10, -50)
     led.delete_account(9, 10)
     assert led.update_account_config(10, 10, lower_limit=0).code == Code.INVALID_ACCOUNT_STATE

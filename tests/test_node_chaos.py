@@ -23,7 +23,8 @@ import random
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -337,7 +338,7 @@ def test_bank_under_kill_and_pause_nemesis(make_cluster, clients, snapshot_thres
                                            f"not in the log: {sorted(set(ok) - set(seqs_by_dedup))[:10]}")
     first_part = {int(s): k for k, s in reversed(list(enumerate(transfer_evs["seq_num"].tolist())))}
     t_ids, t_amounts = R.get_u128(transfer_evs["account_id"]), R.get_i128(transfer_evs["amount"])
-    for d, (code, seq, frm, to, amt) in ok.items():
+    for d, (_code, seq, frm, to, amt) in ok.items():
         assert seqs_by_dedup[d] == {seq}
         k = first_part[seq]
         moved = {t_ids[k]: t_amounts[k], t_ids[k + 1]: t_amounts[k + 1]}

@@ -360,7 +360,7 @@ def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
     """Fail-stop: a storage error in apply (here: the event store refuses a write, as on a full disk) kills
     the driver thread; the node must then leave serve() with a non-zero exit code, not stay half-alive."""
     import threading
-    from engine.client import Client
+    from engine.client import Client, ClientError
     from engine.node import Node
     from engine.raft.local_cluster import free_ports
     ports = free_ports(3)
@@ -376,8 +376,8 @@ def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
     server = threading.Thread(target=node.serve, daemon=True)
     server.start()
     with Client([replicas[1]["client"]], timeout_s=5) as client:
-        with pytest.raises(Exception):
-            client.create_account(1, 10, "USD")          # applying it fails the driver
+        with pytest.raises(ClientError):
+            client.create_account(1, 10, "USD")          # applying it fails the driver: no answer comes
     server.join(10)
     assert not server.is_alive() and node.exit_code == 3
 

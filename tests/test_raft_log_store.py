@@ -1,6 +1,7 @@
-"""The Raft log store (segment files for the log, LMDB for hard state and snapshot): round trips, conflict truncation, compaction under a snapshot, invariants that
-reject bad writes without changing anything, checksums that catch corruption, and recovery after
-kill -9 in the middle of an append loop (nothing reported durable is ever lost)."""
+"""The Raft log store (segment files for the log, LMDB for hard state and snapshot): round trips, conflict
+truncation, compaction under a snapshot, invariants that reject bad writes without changing anything,
+checksums that catch corruption, and recovery after kill -9 in the middle of an append loop (nothing
+reported durable is ever lost)."""
 from __future__ import annotations
 
 import glob
@@ -505,7 +506,7 @@ def test_random_operations_crashes_and_torn_tails_match_a_model(path, seed):
         return m.Entry(term=t, index=i, kind=_kind(), data=payload(i * 7 + t, size))
 
     s = _open(path, segment_bytes=1 << 16)
-    for step in range(250):
+    for _step in range(250):
         op = rng.random()
         floor = max(model.commit, model.snap[0])
         if op < 0.45:                                              # append, maybe over an uncommitted suffix
