@@ -7,7 +7,9 @@ the line that makes the ledger::
     ledger = Client(["tcp://127.0.0.1:7101", "tcp://127.0.0.1:7102", "tcp://127.0.0.1:7103"])
     ledger.transfer(3, 200, 100, 5_00, "USD").code                 # the same call either way
 
-(``timestamp=`` is accepted and ignored: a replicated shard stamps commands with its leader's clock.)
+(``timestamp=`` is the command's issue time in ms, its ``issued_ms``; it defaults to now. The leader's
+clock stamps the events. To retry a command yourself after a failed call, pass the first attempt's time
+again: see "exactly-once past the window" below.)
 ``apply_batch(ops)`` is the binary hot path: a numpy array of op records in, result records out.
 
 How it works. One I/O thread per client owns a DEALER per replica. Calls from any number of threads or
@@ -19,6 +21,14 @@ re-sent there. A request that gets no answer within ``attempt_timeout_s``, or a 
 ledger applies a command at most once, and a retry of an applied one returns its original result (with
 ``duplicate=True``). When ``timeout_s`` runs out the call raises ``Unavailable``: the outcome of a write is
 then unknown, and the caller retries it with the same dedup id (or asks ``result_of``).
+
+Exactly-once past the window. A command carries the time it was first issued (``issued_ms``, kept across
+retries: they re-send the same bytes). A retry that reaches the shard after its command left the dedup
+window is refused with DEDUP_EXPIRED, never applied again. A per-call command refused so is settled by the
+client, never retried blindly: it asks RESULT_OF, which answers from the replicas' event stores for as long
+as they keep the events, and returns the original outcome (``duplicate=True``) or, if the command is
+definitely not there (the store covers everything applied since it was issued), the DEDUP_EXPIRED result
+itself: the command was not applied and never will be. Otherwise it raises ``OutcomeUnknown``.
 
 Reads are linearizable by default; ``consistency="follower"`` reads from any replica that has applied at
 least everything this client has seen (read-your-writes by seq_num).
@@ -68,6 +78,12 @@ class RequestRefused(ClientError):
         self.code = code
 
 
+class OutcomeUnknown(ClientError):
+    """A command was refused as issued before the dedup window's horizon (DEDUP_EXPIRED), and no replica
+    holds enough of the event history to say whether an earlier attempt applied it. It will never be
+    applied from now on; look for its effects by other means (the account's history)."""
+
+
 class Unavailable(ClientError):
     """No answer within the call's timeout. For a write the outcome is unknown: retry with the same dedup
     id (never applied twice) or ask ``result_of``."""
@@ -115,6 +131,7 @@ class _Call:
     currency: str = ""
     with_digest: bool = False
     node: int | None = None                  # a fixed replica (status of one replica), else routed
+    with_reply: bool = False                 # the future gets (reply header, payload)
 
 
 @dataclass(slots=True)
@@ -362,7 +379,7 @@ class _IoCore:
             if inf.header.op == Op.APPLY and inf.calls[0].node is None:
                 self.leader = idx
             try:
-                self._resolve(inf, frames)
+                self._resolve(inf, reply, frames)
             except Exception as exc:             # a reply that does not parse: fail, do not kill the thread
                 self._fail(inf, ClientError(f"malformed reply: {exc}"))
             return
@@ -389,21 +406,32 @@ class _IoCore:
         self._inflight.pop(inf.req_id, None)
         self._fail(inf, RequestRefused(code, reply.message))
 
-    def _resolve(self, inf: _Inflight, frames: list[zmq.Frame]) -> None:
+    def _resolve(self, inf: _Inflight, reply: W.Reply, frames: list[zmq.Frame]) -> None:
         payload = frames[0].bytes if frames else b""
         c0 = inf.calls[0]
         if c0.records is not None:
             results = W.results_view(payload)
             events = np.frombuffer(frames[1].bytes, dtype=R.EVENT_DTYPE) if len(frames) > 1 else None
             self._saw(results)
+            # the events come in seq order (new ones, then duplicates' older ones): sort once, then two
+            # binary searches per call
+            seqs = None
+            if events is not None and len(events):
+                order = np.argsort(events["seq_num"], kind="stable")
+                events = events[order]
+                seqs = events["seq_num"]
             for c, off in zip(inf.calls, inf.offsets):
                 rec = results[off]
                 evs = None
-                if events is not None and int(rec["seq_num"]):
-                    seq = int(rec["seq_num"])
-                    evs = events[events["seq_num"] == seq]
-                    if not len(evs):
-                        evs = None
+                seq = int(rec["seq_num"])
+                if seqs is not None and seq:
+                    a = int(np.searchsorted(seqs, seq, "left"))
+                    b = int(np.searchsorted(seqs, seq, "right"))
+                    if b > a:
+                        evs = events[a:b]
+                if int(rec["code"]) == R.Code.DEDUP_EXPIRED and c.records is not None:
+                    self._settle_expired(c, rec)
+                    continue
                 c.future.set_result(RemoteResult(rec, evs))
             return
         if c0.op is Op.APPLY:
@@ -414,7 +442,42 @@ class _IoCore:
             else:
                 c0.future.set_result(results)
             return
-        c0.future.set_result(payload)
+        c0.future.set_result((reply, payload) if c0.with_reply else payload)
+
+    def _settle_expired(self, c: _Call, rec: np.void) -> None:
+        """A per-call command refused as issued before the dedup horizon: an earlier attempt may have
+        applied it. Ask RESULT_OF (the event stores' durable index) and settle the call with a definite
+        outcome, or OutcomeUnknown."""
+        assert c.records is not None
+        issued = int(c.records[0]["issued_ms"])
+        dedup_id = R.get_u128(rec["dedup_id"])[0]
+        refusal = RemoteResult(rec, None)
+        ask = _Call(Op.RESULT_OF, Future(), payload=W.encode_ids([dedup_id]),
+                    consistency=Consistency.LINEARIZABLE, with_reply=True)
+
+        def done(f: Future) -> None:
+            try:
+                reply, payload = f.result()
+                found = W.results_view(payload)[0]
+            except Exception as exc:
+                c.future.set_exception(OutcomeUnknown(f"dedup_id {dedup_id} was refused as DEDUP_EXPIRED and "
+                                                      f"RESULT_OF failed: {exc}"))
+                return
+            if int(found["code"]) != W.RESULT_UNKNOWN:
+                c.future.set_result(RemoteResult(found, None))        # applied (or refused) before: that result
+            elif issued >= reply.results_complete_since_ms + R.ISSUED_AHEAD_MAX_MS:
+                c.future.set_result(refusal)                          # definitely never applied
+            else:
+                c.future.set_exception(OutcomeUnknown(
+                    f"dedup_id {dedup_id} (issued_ms {issued}) left the dedup window and the replicas' event "
+                    f"history before it (complete since {reply.results_complete_since_ms} ms): whether an "
+                    "earlier attempt applied it is unknown; it will not be applied from now on"))
+
+        ask.future.add_done_callback(done)
+        try:
+            self.submit(ask)
+        except ClientError as exc:
+            c.future.set_exception(OutcomeUnknown(f"dedup_id {dedup_id}: DEDUP_EXPIRED, and {exc}"))
 
     def _saw(self, results: np.ndarray) -> None:
         if len(results):
@@ -451,7 +514,8 @@ class _ClientBase:
         self._io.close()
 
     def _command(self, name: str, *args: Any, **kwargs: Any) -> Future:
-        kwargs.pop("timestamp", None)        # the leader's clock stamps replicated commands
+        if not kwargs.get("timestamp"):
+            kwargs["timestamp"] = int(time.time() * 1000)     # the command's issued_ms (the first attempt's)
         with self._encoder_lock:
             records = getattr(self._encoder, name)(*args, **kwargs)
         return self._io.submit(_Call(Op.APPLY, Future(), records=records))
@@ -468,6 +532,11 @@ class _ClientBase:
             raise TypeError("ops must be a numpy array of engine.records.OP_DTYPE")
         if not 1 <= len(ops) <= R.BATCH_SIZE_MAX:
             raise ValueError(f"a batch holds 1..{R.BATCH_SIZE_MAX} records, not {len(ops)}")
+        if not ops["issued_ms"].any():
+            # stamp the batch with its issue time once: its retries re-send these bytes (to retry the batch
+            # yourself after a failed call, past the dedup window, send the same issued_ms again)
+            ops = ops.copy()
+            ops["issued_ms"] = int(time.time() * 1000)
         return self._io.submit(_Call(Op.APPLY, Future(), payload=np.ascontiguousarray(ops).tobytes(),
                                      want_events=want_events))
 

@@ -1,9 +1,12 @@
 """The ledger as a replicated state machine: what a Raft entry carries and how a replica applies it.
 
-An entry is a group commit of client batches: ``ENTRY_HEADER`` = magic b"ZWL2", u64 leader timestamp (ms),
-u32 batch count; then one u32 record count per batch; then the batches' op records (``records.OP_DTYPE``)
-back to back. Apply is a pure function of (state, entry): the timestamp comes from the entry, never from
-the replica's clock, so every replica reaches the same digest. An entry whose batches are all well formed
+An entry is a group commit of client batches: ``ENTRY_HEADER`` = magic b"ZWL3", u64 leader timestamp (ms),
+u32 batch count; then one u32 record count per batch; then the batches' op records (``records.OP_DTYPE``,
+128 bytes) back to back. An entry written by the previous version (b"ZWL2": 112-byte records, without
+``issued_ms``) is read by padding its records (issued_ms 0: such a command is refused once the dedup
+horizon has moved, as a command issued before the horizon is). Apply is a pure function of (state, entry):
+the timestamp comes from the entry, never from the replica's clock (and the ledger never lets it go back),
+so every replica reaches the same digest. An entry whose batches are all well formed
 and hold at most BATCH_SIZE_MAX records in all is applied by one ``Ledger.apply_batch`` call (the same
 result as one call per batch, which is how any other entry goes); a batch the ledger refuses as malformed
 applies nothing and yields an error outcome on every replica alike (the leader checks batches before
@@ -20,10 +23,12 @@ import lz4.block
 import numpy as np
 
 from engine import Ledger
-from engine._ledger import check_batch
+from engine._ledger import ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, check_batch
 from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind
 
-LEDGER_MAGIC = b"ZWL2"
+LEDGER_MAGIC = b"ZWL3"
+LEDGER_MAGIC_V2 = b"ZWL2"                # 112-byte op records (no issued_ms, no reserved2)
+_V2_OP_BYTES = 112
 # A snapshot is stored and sent LZ4-compressed: SNAPSHOT_LZ4_MAGIC, u64 raw size, then chunks of at most
 # SNAPSHOT_CHUNK_BYTES raw bytes, each u32 compressed size + u32 raw size + an LZ4 block. At 1M accounts
 # the raw snapshot is ~280 MB and mostly zeros and small numbers (~9x smaller compressed, ~0.1 s of the
@@ -120,6 +125,23 @@ def _entry_layout(data: bytes | memoryview) -> tuple[int, np.ndarray, int]:
     return ts, counts, offset
 
 
+def _upgrade_v2(data: bytes | memoryview) -> bytes:
+    """A b"ZWL2" entry rewritten as b"ZWL3" (each 112-byte record padded with a zero issued_ms and
+    reserved2). ValueError if it is not well formed."""
+    _, ts, count = ENTRY_HEADER.unpack_from(data, 0)
+    offset = ENTRY_HEADER.size + 4 * count
+    if not 1 <= count <= ENTRY_BATCHES_MAX or len(data) < offset:
+        raise ValueError("not a ledger entry")
+    n, rem = divmod(len(data) - offset, _V2_OP_BYTES)
+    counts = np.frombuffer(data, dtype="<u4", count=count, offset=ENTRY_HEADER.size)
+    if rem or int(counts.sum()) != n:
+        raise ValueError("entry length does not match its batch counts")
+    old = np.frombuffer(data, dtype=np.uint8, count=n * _V2_OP_BYTES, offset=offset).reshape(n, _V2_OP_BYTES)
+    new = np.zeros((n, OP_DTYPE.itemsize), dtype=np.uint8)
+    new[:, :_V2_OP_BYTES] = old
+    return ENTRY_HEADER.pack(LEDGER_MAGIC, ts, count) + bytes(data[ENTRY_HEADER.size:offset]) + new.tobytes()
+
+
 def _batch_views(data: bytes | memoryview, counts: np.ndarray, offset: int) -> list[np.ndarray]:
     batches = []
     for n in counts.tolist():
@@ -130,6 +152,8 @@ def _batch_views(data: bytes | memoryview, counts: np.ndarray, offset: int) -> l
 
 def parse_entry(data: bytes | memoryview) -> tuple[int, list[np.ndarray]]:
     """(timestamp_ms, batches as read-only OP_DTYPE views). ValueError if the entry is not well formed."""
+    if bytes(data[:4]) == LEDGER_MAGIC_V2:
+        data = _upgrade_v2(data)
     ts, counts, offset = _entry_layout(data)
     return ts, _batch_views(data, counts, offset)
 
@@ -149,13 +173,14 @@ class EntryOutcomes(Sequence[BatchOutcome]):
     asks): a batch's results are its slice of the entry's, and its events are the new seqs among them (a
     duplicate carries its original, older seq; a rejection 0), so batch i's range starts after batch i-1's."""
 
-    __slots__ = ("results", "starts", "counts", "first_seq", "last_seq", "_built")
+    __slots__ = ("results", "starts", "counts", "first_seq", "last_seq", "_built", "events")
 
     def __init__(self, results: np.ndarray, starts: list[int], counts: list[int], first_seq: int,
                  last_seq: int) -> None:
         self.results, self.starts, self.counts = results, starts, counts
         self.first_seq, self.last_seq = first_seq, last_seq
         self._built: list[BatchOutcome] | None = None
+        self.events: np.ndarray | None = None     # the entry's event records (see OutcomeList)
 
     def _build(self) -> list[BatchOutcome]:
         if self._built is None:
@@ -180,6 +205,23 @@ class EntryOutcomes(Sequence[BatchOutcome]):
         return iter(self._build())
 
 
+class OutcomeList(list):
+    """The outcomes of an entry applied batch by batch; like EntryOutcomes, it carries the entry's event
+    records in ``events`` (EVENT_DTYPE, in seq order; None if it made none), so whoever answers the entry's
+    requests slices them by seq (``events_between``) instead of reading them back from the event store."""
+    events: np.ndarray | None = None
+
+
+def events_between(evs: np.ndarray | None, first_seq: int, last_seq: int) -> np.ndarray | None:
+    """The records of seqs first_seq..last_seq in an entry's events (sorted by seq: two binary searches)."""
+    if evs is None or last_seq < first_seq or not len(evs):
+        return None
+    seqs = evs["seq_num"]
+    a = int(np.searchsorted(seqs, first_seq, "left"))
+    b = int(np.searchsorted(seqs, last_seq, "right"))
+    return evs[a:b] if b > a else None
+
+
 EventSink = Callable[[list[np.ndarray]], None]
 
 
@@ -190,8 +232,11 @@ class LedgerMachine:
     arrays, contiguous in seq_num), before the results are handed back."""
 
     def __init__(self, event_sink: EventSink | None = None,
-                 event_retention: int = NODE_EVENT_RETENTION) -> None:
-        self.ledger = Ledger(event_retention=event_retention)
+                 event_retention: int = NODE_EVENT_RETENTION, *,
+                 dedup_retention: int = DEDUP_RETENTION_DEFAULT, accounts_max: int = ACCOUNTS_MAX_DEFAULT) -> None:
+        self.accounts_max = accounts_max
+        self.ledger = Ledger(event_retention=event_retention, dedup_retention=dedup_retention,
+                             accounts_max=accounts_max)
         self.applied = 0
         self.ops = 0
         self.rejected_batches = 0
@@ -204,21 +249,28 @@ class LedgerMachine:
         for e in entries:
             assert e.index > self.applied, f"entry {e.index} applied after {self.applied}"
             self.applied = e.index
+            data = e.data
             try:
-                ts, counts, body = _entry_layout(e.data)
+                if bytes(data[:4]) == LEDGER_MAGIC_V2:
+                    data = _upgrade_v2(data)
+                ts, counts, body = _entry_layout(data)
             except ValueError:
                 self.rejected_entries += 1
                 out.append(None)
                 continue
             seq_before = ledger.last_seq
-            outcomes = self._apply_whole(e.data, ts, counts, body) if len(counts) > 1 else None
+            outcomes: EntryOutcomes | OutcomeList | None = \
+                self._apply_whole(data, ts, counts, body) if len(counts) > 1 else None
             if outcomes is None:
-                outcomes = []
-                for ops in _batch_views(e.data, counts, body):
+                outcomes = OutcomeList()
+                for ops in _batch_views(data, counts, body):
                     self._apply_one(ops, ts, outcomes)
-            if ledger.last_seq > seq_before and self.event_sink is not None:
-                # handed over entry by entry: a replay of many entries never holds all their events
-                self.event_sink([ledger.events(seq_before + 1, ledger.last_seq)])
+            if ledger.last_seq > seq_before:
+                evs = ledger.events(seq_before + 1, ledger.last_seq)
+                outcomes.events = evs
+                if self.event_sink is not None:
+                    # handed over entry by entry: a replay of many entries never holds all their events
+                    self.event_sink([evs])
             out.append(outcomes)
         return out
 
@@ -269,4 +321,4 @@ class LedgerMachine:
         """Replace the state with a snapshot: compressed, or raw as earlier versions wrote them."""
         data = decompress_snapshot(data)
         self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", data, 0)
-        self.ledger = Ledger.restore(memoryview(data)[32:])
+        self.ledger = Ledger.restore(memoryview(data)[32:], accounts_max=self.accounts_max)

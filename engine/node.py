@@ -43,9 +43,11 @@ import zmq
 
 from engine import fileio
 from engine import records as R
-from engine._ledger import check_batch
+from engine._ledger import (ACCOUNT_CAPACITY_MAX, ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, DEDUP_RETENTION_MIN,
+                            check_batch)
 from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, WRITEBACK_INTERVAL_S, EventStore, EventsUnavailable
-from engine.ledger_machine import ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, EntryOutcomes, LedgerMachine, ledger_entry
+from engine.ledger_machine import (ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, EntryOutcomes, LedgerMachine, events_between,
+                                   ledger_entry)
 from engine.raft.log_store import SnapshotFile
 from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloaded, ProposalDropped,
                                 RaftDriver)
@@ -69,6 +71,7 @@ SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it 
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
+DEDUP_RETENTION_MAX = 1 << 30        # 64 GiB of dedup ring per replica at most
 RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken at most this late (see serve)
 
 
@@ -90,6 +93,9 @@ class NodeConfig:
     read_waiting_max: int = 10_000                # parked follower reads
     event_retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT
     pub_queue_messages_max: int = 100_000         # SNDHWM of the PUB socket (slow subscribers lose, then fetch)
+    dedup_retention: int = DEDUP_RETENTION_DEFAULT  # commands remembered for exactly-once (~96 bytes each;
+                                                  # every replica alike: it is part of the replicated state)
+    accounts_max: int = ACCOUNTS_MAX_DEFAULT      # accounts the ledger can hold (address space reserved)
     # raft
     tick_ms: int = 10
     election_ticks: int = 30
@@ -122,6 +128,11 @@ class NodeConfig:
                      "pub_queue_messages_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not DEDUP_RETENTION_MIN <= self.dedup_retention <= DEDUP_RETENTION_MAX:
+            raise ValueError(f"dedup_retention must be {DEDUP_RETENTION_MIN}..{DEDUP_RETENTION_MAX} "
+                             "(rounded up to a power of two)")
+        if not 1 <= self.accounts_max <= ACCOUNT_CAPACITY_MAX:
+            raise ValueError(f"accounts_max must be 1..{ACCOUNT_CAPACITY_MAX}")
         if self.stall_probe_ms < 0:
             raise ValueError("stall_probe_ms must be >= 0 (0: off)")
         if self.pending_per_client_max > self.pending_requests_max:
@@ -173,7 +184,7 @@ class NodeConfig:
                  f"stall_probe_ms = {self.stall_probe_ms}", "", "[limits]"]
         for name in ("batch_records_max", "frame_bytes_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
                      "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
-                     "event_retention_seqs", "pub_queue_messages_max"):
+                     "event_retention_seqs", "pub_queue_messages_max", "dedup_retention", "accounts_max"):
             lines.append(f"{name} = {getattr(self, name)}")
         lines += ["", "[raft]"]
         for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
@@ -216,7 +227,8 @@ class Node:
             fileio.unlink_quietly(stale)       # left by a snapshot child when the node died mid-snapshot
         self.events = EventStore(os.path.join(config.data_dir, "events"),
                                  retention_seqs=config.event_retention_seqs)
-        self.machine = LedgerMachine(event_sink=self._on_events)
+        self.machine = LedgerMachine(event_sink=self._on_events, dedup_retention=config.dedup_retention,
+                                     accounts_max=config.accounts_max)
         self.stalls = StallLog()
         self._probe = SchedulerProbe(self.stalls, config.stall_probe_ms / 1000) if config.stall_probe_ms else None
         self.lock = threading.Lock()           # the ledger: applied by the driver thread, read by the main one
@@ -231,6 +243,9 @@ class Node:
         self._driver_thread_ident: int | None = None       # set once the driver thread runs
         self._group: list[_Pending] = []
         self._group_records = 0
+        self._sealed: collections.deque[list[_Pending]] = collections.deque()   # full groups, not yet proposed
+        self._complete_cache: tuple[Any, int] = (None, 0)
+        self._last_ts = 0
         self._inflight = 0
         self._pending_total = 0
         self._pending_by_client: collections.Counter[bytes] = collections.Counter()
@@ -390,8 +405,10 @@ class Node:
             self._probe.stop()
         self.driver.stop()
         self._run_completions()
-        for p in self._group:
-            self._error(p, ErrorCode.SHUTTING_DOWN, "the node is shutting down; nothing was applied")
+        for group in (*self._sealed, self._group):
+            for p in group:
+                self._error(p, ErrorCode.SHUTTING_DOWN, "the node is shutting down; nothing was applied")
+        self._sealed.clear()
         self._group.clear()
         self.router.close(0)
         self.pub.close(0)
@@ -493,7 +510,11 @@ class Node:
         p.records = n
         if self._group and (self._group_records + n > self.config.entry_records_max
                             or len(self._group) >= ENTRY_BATCHES_MAX):
-            self._flush_group(force=True)
+            # the group is full: it waits, sealed, for a free entry slot (inflight_entries_max is a real
+            # limit; what waits is bounded by the pending-request limits)
+            self._sealed.append(self._group)
+            self._group, self._group_records = [], 0
+            self._flush_group()
         self._group.append(p)
         self._group_records += n
 
@@ -526,16 +547,25 @@ class Node:
             raise _RequestError(ErrorCode.BAD_REQUEST, f"unknown consistency {req.consistency}")
 
     # ------------------------------------------------------------------------------ group commit
-    def _flush_group(self, force: bool = False) -> None:
-        if not self._group or (self._inflight >= self.config.inflight_entries_max and not force):
-            return
-        group, self._group, self._group_records = self._group, [], 0
-        entry = ledger_entry([p.payload for p in group], int(time.time() * 1000))
-        self._inflight += 1
-        self.counters.entries_proposed += 1
-        self.counters.entries_batches += len(group)
-        fut = self.driver.propose(entry)
-        fut.add_done_callback(lambda f: self._complete(lambda: self._entry_done(group, f)))
+    def _flush_group(self) -> None:
+        """Propose the sealed groups, then the open one, while fewer than inflight_entries_max entries are
+        in flight. The entry's time is the leader's wall clock, never below one it proposed before; after
+        a failover it may be behind the old leader's, and the ledger takes the newest time it has applied
+        instead (entries' times as applied never go back)."""
+        while self._inflight < self.config.inflight_entries_max:
+            if self._sealed:
+                group = self._sealed.popleft()
+            elif self._group:
+                group, self._group, self._group_records = self._group, [], 0
+            else:
+                return
+            self._last_ts = max(self._last_ts, int(time.time() * 1000))
+            entry = ledger_entry([p.payload for p in group], self._last_ts)
+            self._inflight += 1
+            self.counters.entries_proposed += 1
+            self.counters.entries_batches += len(group)
+            fut = self.driver.propose(entry)
+            fut.add_done_callback(lambda f, g=group: self._complete(lambda: self._entry_done(g, f)))
 
     def _entry_done(self, group: list[_Pending], fut: Any) -> None:
         self._inflight -= 1
@@ -567,19 +597,18 @@ class Node:
                 self._error(p, ErrorCode.BAD_REQUEST, outcomes[i].error)
                 continue
             counters.applied_batches += 1
-            extra = self._events_of(outcomes[i]) if p.req.want_events else None
+            extra = self._events_of(outcomes[i], outcomes.events) if p.req.want_events else None
             self._finish(p)
             self._send_reply(p.ident, prefix + encode_int(p.req.req_id) + suffix, body, extra)
 
-    def _events_of(self, o: Any) -> bytes:
-        """The events of every command in a batch: its new ones (one range) and those of duplicates
-        (their original events, read one seq at a time). A seq no longer held is left out."""
+    def _events_of(self, o: Any, entry_events: np.ndarray | None) -> bytes:
+        """The events of every command in a batch: its new ones (one range, cut from the entry's events by
+        seq) and those of duplicates (their original events, read from the store one seq at a time). A seq
+        no longer held is left out."""
         parts = []
-        if o.last_seq >= o.first_seq:
-            try:
-                parts.append(self.events.read(o.first_seq, o.last_seq, 1 << 30))
-            except EventsUnavailable:
-                pass
+        new = events_between(entry_events, o.first_seq, o.last_seq)
+        if new is not None:
+            parts.append(new)
         seqs = o.results["seq_num"]
         old = np.unique(seqs[(seqs != 0) & (seqs < o.first_seq)])
         for seq in old.tolist():
@@ -648,26 +677,68 @@ class Node:
                 return
             self._reply(p, payload=evs.tobytes())
             return
+        if op is Op.RESULT_OF:
+            self._serve_result_of(p)
+            return
         with self.lock:
             ledger = self.machine.ledger
             if op is Op.GET_ACCOUNTS:
                 body = W.encode_accounts([ledger.get_account(i) for i in p.payload])
-            elif op is Op.RESULT_OF:
-                res = np.zeros(len(p.payload), dtype=R.RESULT_DTYPE)
-                R.put_u128(res["dedup_id"], p.payload) if p.payload else None
-                for k, d in enumerate(p.payload):
-                    r = ledger.result_of(d)
-                    if r is None:
-                        res["code"][k] = W.RESULT_UNKNOWN
-                    else:
-                        res["code"][k] = int(r.code)
-                        res["seq_num"][k] = r.seq_num
-                        res["kind"][k] = int(r.kind)
-                        res["flags"][k] = R.ResultFlag.DUPLICATE
-                body = res.tobytes()
             else:  # TOTALS
                 body = msgspec.json.encode(ledger.totals(req.currency))
         self._reply(p, payload=body)
+
+    def _serve_result_of(self, p: _Pending) -> None:
+        """The outcome of each dedup id: from the ledger's window, or past it from the event store's
+        durable index (an applied command's seq, kind and code come from its event), for as long as the
+        store keeps the events. The reply says since when that answer is complete."""
+        ids = p.payload
+        res = np.zeros(len(ids), dtype=R.RESULT_DTYPE)
+        if ids:
+            R.put_u128(res["dedup_id"], ids)
+        missing = []
+        with self.lock:
+            ledger = self.machine.ledger
+            for k, d in enumerate(ids):
+                r = ledger.result_of(d)
+                if r is None:
+                    res["code"][k] = W.RESULT_UNKNOWN
+                    missing.append(k)
+                else:
+                    res["code"][k] = int(r.code)
+                    res["seq_num"][k] = r.seq_num
+                    res["kind"][k] = int(r.kind)
+                    res["flags"][k] = R.ResultFlag.DUPLICATE
+        for k in missing:                                   # outside the ledger lock
+            seq = self.events.lookup(ids[k])
+            if seq is None:
+                continue
+            try:
+                ev = self.events.read(seq, seq, 1 << 16)[0]
+            except EventsUnavailable:
+                continue                                    # pruned meanwhile: not found
+            res["code"][k] = int(ev["code"])
+            res["seq_num"][k] = seq
+            res["kind"][k] = int(ev["kind"])
+            res["flags"][k] = R.ResultFlag.DUPLICATE
+        self._reply(p, payload=res.tobytes(), complete_since_ms=self._results_complete_since_ms())
+
+    def _results_complete_since_ms(self) -> int:
+        """The time since which every applied command is found by RESULT_OF here: 0 if the store's index
+        holds every seq from 1, else the time of the first event from which it holds all (after pruning,
+        and after the gap of a restore from a snapshot)."""
+        first = self.events.index_complete_from()
+        if first <= 1:
+            return 0
+        if first > self.events.last_seq:
+            return self.machine.ledger.dedup_window()["last_timestamp_ms"]
+        if self._complete_cache[0] != first:
+            try:
+                ts = int(self.events.read(first, first, 1 << 16)[0]["timestamp"])
+            except EventsUnavailable:
+                return self.machine.ledger.dedup_window()["last_timestamp_ms"]
+            self._complete_cache = (first, ts)
+        return self._complete_cache[1]
 
     # ---------------------------------------------------------------------------------------- replies
     def _not_leader(self, p: _Pending) -> None:
@@ -685,10 +756,12 @@ class Node:
         self._reply_raw(p.ident, W.Reply(p.req.req_id, Status.ERROR, code, message,
                                          last_seq=self.machine.ledger.last_seq, node_id=self.node_id))
 
-    def _reply(self, p: _Pending, payload: bytes = b"", extra: bytes | None = None) -> None:
+    def _reply(self, p: _Pending, payload: bytes = b"", extra: bytes | None = None,
+               complete_since_ms: int = 0) -> None:
         self._finish(p)
         self._reply_raw(p.ident, W.Reply(p.req.req_id, Status.OK, last_seq=self.machine.ledger.last_seq,
-                                         node_id=self.node_id), payload, extra)
+                                         node_id=self.node_id, results_complete_since_ms=complete_since_ms),
+                        payload, extra)
 
     def _finish(self, p: _Pending) -> None:
         self._pending_total -= 1
@@ -735,9 +808,10 @@ class Node:
             m = self.machine
             st.update(sm_applied=m.applied, last_seq=m.ledger.last_seq, accounts=m.ledger.account_count,
                       ops=m.ops, rejected_batches=m.rejected_batches, pid=os.getpid(),
-                      events_last_seq=self.events.last_seq, events_first_seq=self.events.first_available())
-            if with_digest:
-                st["digest"] = m.ledger.digest().hex()
+                      events_last_seq=self.events.last_seq, events_first_seq=self.events.first_available(),
+                      dedup=m.ledger.dedup_window(), digest=m.ledger.chain_digest().hex())
+            # ``digest``: the ledger's running hash of its history (O(1)); replicas at the same sm_applied
+            # have the same one. ``with_digest`` is accepted for compatibility: it is always there now.
         st["addresses"] = self.config.replicas[self.node_id]
         st["counters"] = {f.name: getattr(self.counters, f.name) for f in fields(self.counters)}
         st["inflight_entries"] = self._inflight

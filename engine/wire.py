@@ -99,6 +99,8 @@ class Reply(msgspec.Struct, array_like=True):
     leader_address: str | None = None  # NOT_LEADER: the leader's client address if known
     last_seq: int = 0                 # the replica's ledger last_seq when it replied (read-your-writes)
     node_id: int = 0
+    results_complete_since_ms: int = 0  # RESULT_OF: every command applied at or after this time (ms) is
+                                        # found (in the dedup window or the event store's index)
 
 
 class EventsHeader(msgspec.Struct, array_like=True):
