@@ -58,11 +58,12 @@ from engine.wire import Consistency, ErrorCode, Op, Status
 TIMEOUT_S_DEFAULT = 10.0
 ATTEMPT_TIMEOUT_S_DEFAULT = 1.0
 RETRY_BACKOFF_S = 0.02
+RATE_LIMITED_BACKOFF_S = 0.1         # a replica's budget for O(accounts) reads refills in about this long
 INFLIGHT_REQUESTS_MAX = 4096          # requests this client has sent and not yet had answered
 CLIENT_QUEUE_MAX = 100_000            # calls waiting for the I/O thread
 
 _RETRYABLE = {ErrorCode.OVERLOADED, ErrorCode.NOT_READY, ErrorCode.TIMEOUT, ErrorCode.OUTCOME_UNKNOWN,
-              ErrorCode.SHUTTING_DOWN, ErrorCode.EVENTS_UNAVAILABLE}
+              ErrorCode.SHUTTING_DOWN, ErrorCode.EVENTS_UNAVAILABLE, ErrorCode.RATE_LIMITED}
 _WRITE_OPS = {Op.APPLY}
 
 
@@ -401,7 +402,7 @@ class _IoCore:
             self._fail(inf, RequestRefused(code, f"no replica holds these events (last: {reply.message})"))
             return
         if code in _RETRYABLE:
-            self._retry(inf, RETRY_BACKOFF_S)
+            self._retry(inf, RATE_LIMITED_BACKOFF_S if code is ErrorCode.RATE_LIMITED else RETRY_BACKOFF_S)
             return
         self._inflight.pop(inf.req_id, None)
         self._fail(inf, RequestRefused(code, reply.message))
@@ -601,7 +602,7 @@ class Client(_ClientBase):
         return _result_of(self._read(Op.RESULT_OF, W.encode_ids(_ids(dedup_ids)), consistency).result())
 
     def totals(self, currency: str, consistency: str = "linearizable") -> dict[str, int]:
-        return msgspec.json.decode(self._read(Op.TOTALS, b"", consistency, currency=currency).result())
+        return W.decode_totals(self._read(Op.TOTALS, b"", consistency, currency=currency).result())
 
     def events(self, first_seq: int, last_seq: int, consistency: str = "linearizable") -> np.ndarray:
         """Event records of seqs first_seq..last_seq (inclusive, every part), from the replicas' event
@@ -652,7 +653,7 @@ class AsyncClient(_ClientBase):
         return _result_of(await self._aw(self._read(Op.RESULT_OF, W.encode_ids(_ids(dedup_ids)), consistency)))
 
     async def totals(self, currency: str, consistency: str = "linearizable") -> dict[str, int]:
-        return msgspec.json.decode(await self._aw(self._read(Op.TOTALS, b"", consistency, currency=currency)))
+        return W.decode_totals(await self._aw(self._read(Op.TOTALS, b"", consistency, currency=currency)))
 
     async def events(self, first_seq: int, last_seq: int, consistency: str = "linearizable") -> np.ndarray:
         out = []

@@ -53,7 +53,8 @@ from engine.raft.driver import (DriverConfig, NotLeader, OutcomeUnknown, Overloa
                                 RaftDriver)
 from engine import wire as W
 from engine.stalls import SchedulerProbe, StallLog
-from engine.zmq_io import Waker, recv_message
+from engine.conn_guard import ConnectionGuard
+from engine.zmq_io import Waker
 from engine.wire import ErrorCode, Op, Status
 
 log = logging.getLogger("zwallet.node")
@@ -65,7 +66,10 @@ _OP_DTYPE = R.OP_DTYPE
 _OP_BYTES = R.OP_DTYPE.itemsize
 _RESULT_BYTES = R.RESULT_DTYPE.itemsize
 
-CLIENT_FRAME_BYTES_MAX = 16 << 20     # default ZMQ_MAXMSGSIZE on the client ROUTER: a larger frame drops the peer
+CLIENT_FRAME_BYTES_MAX = W.FRAME_BYTES_MAX_DEFAULT   # default ZMQ_MAXMSGSIZE on the client ROUTER: a full
+                                      # APPLY batch plus a header's worth; a larger frame drops the peer
+CLIENT_RCVHWM = 1_000                 # messages queued per client connection before TCP holds the sender back
+CLIENT_SNDHWM = 100_000               # replies queued per client connection (ROUTER drops beyond; bytes: the guard)
 SNAPSHOT_CHILD_NICE = 10             # the snapshot child's niceness: the replicas' threads preempt it
 SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it gets normal priority back
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
@@ -89,6 +93,15 @@ class NodeConfig:
                                                   # best at 1K and 10K single-transfer requests/s on 2 cores)
     pending_requests_max: int = 100_000           # requests accepted and not yet answered, all clients
     pending_per_client_max: int = 8_192           # ... per client connection
+    pending_bytes_max: int = 256 << 20            # bytes (header + payload) of those requests, all clients
+    pending_bytes_per_client_max: int = 32 << 20  # ... per client connection
+    connection_held_bytes_max: int = 64 << 20     # bytes one connection may hold inside ZeroMQ either way
+                                                  # (received, not yet taken; replies not yet acknowledged)
+                                                  # before the node cuts it (engine/conn_guard.py)
+    held_bytes_max: int = 512 << 20               # ... all connections together (the largest are cut first)
+    connection_check_ms: int = 20                 # how often the guard looks (0: no guard)
+    expensive_read_ms_per_s: int = 50             # ledger-lock time per second for O(accounts) reads
+                                                  # (TOTALS, STATUS with digest); over it: RATE_LIMITED
     follower_read_wait_ms: int = 2_000            # FOLLOWER read waiting for min_seq, then TIMEOUT
     read_waiting_max: int = 10_000                # parked follower reads
     event_retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT
@@ -119,8 +132,20 @@ class NodeConfig:
                 raise ValueError(f"replica {rid} lacks address(es) {sorted(missing)}")
         if not 1 <= self.batch_records_max <= R.BATCH_SIZE_MAX:
             raise ValueError(f"batch_records_max must be 1..{R.BATCH_SIZE_MAX}")
-        if self.frame_bytes_max < self.batch_records_max * R.OP_DTYPE.itemsize:
-            raise ValueError("frame_bytes_max must hold batch_records_max op records")
+        if self.frame_bytes_max < max(self.batch_records_max * R.OP_DTYPE.itemsize, W.HEADER_BYTES_MAX,
+                                      W.IDS_PER_REQUEST_MAX * W.ID_BYTES):
+            raise ValueError("frame_bytes_max must hold batch_records_max op records, a header and an id list")
+        largest_request = self.frame_bytes_max + W.HEADER_BYTES_MAX
+        if not largest_request <= self.pending_bytes_per_client_max <= self.pending_bytes_max:
+            raise ValueError("need frame_bytes_max + HEADER_BYTES_MAX <= pending_bytes_per_client_max <= "
+                             "pending_bytes_max (one largest request must fit)")
+        if not 2 * largest_request <= self.connection_held_bytes_max <= self.held_bytes_max:
+            raise ValueError("need 2 x (frame_bytes_max + HEADER_BYTES_MAX) <= connection_held_bytes_max <= "
+                             "held_bytes_max")
+        if self.connection_check_ms < 0:
+            raise ValueError("connection_check_ms must be >= 0 (0: no connection guard)")
+        if self.expensive_read_ms_per_s < 1:
+            raise ValueError("expensive_read_ms_per_s must be >= 1")
         if not self.batch_records_max <= self.entry_records_max <= ENTRY_RECORDS_MAX:
             raise ValueError(f"entry_records_max must be batch_records_max..{ENTRY_RECORDS_MAX}")
         for name in ("inflight_entries_max", "pending_requests_max", "pending_per_client_max",
@@ -186,6 +211,8 @@ class NodeConfig:
                      "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
                      "event_retention_seqs", "pub_queue_messages_max", "dedup_retention", "accounts_max"):
             lines.append(f"{name} = {getattr(self, name)}")
+        for name in _INTAKE_LIMITS:
+            lines.append(f"{name} = {getattr(self, name)}")
         lines += ["", "[raft]"]
         for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
                      "snapshot_threshold_bytes", "snapshot_keep_entries", "leader_snapshot_defer", "map_size_gib"):
@@ -198,12 +225,62 @@ class NodeConfig:
         return "\n".join(lines) + "\n"
 
 
+# the [limits] of the client intake (written by to_toml after the others)
+_INTAKE_LIMITS = ("pending_bytes_max", "pending_bytes_per_client_max", "connection_held_bytes_max",
+                  "held_bytes_max", "connection_check_ms", "expensive_read_ms_per_s")
+
+
 @dataclass(slots=True)
 class _Pending:
     ident: bytes
     req: W.Request
     payload: Any = None            # APPLY: the op records (bytes-like); reads: decoded arguments
     records: int = 0
+    nbytes: int = 0                # the request's bytes as received (header + payload), for the byte bounds
+
+
+# Why the node refused a request or cut a connection: STATUS "refusals" counts each (docs/protocol.md).
+REFUSAL_REASONS = (
+    "frames",                    # not exactly two frames                              BAD_REQUEST
+    "header",                    # the header does not decode (or exceeds HEADER_BYTES_MAX)  BAD_REQUEST
+    "version",                   # a well-formed header of another protocol version     BAD_REQUEST
+    "unknown_op",                #                                                      UNKNOWN_OP
+    "payload",                   # payload not whole records / empty APPLY / one where none is taken
+    "batch_too_large",           # more records or ids than allowed                     BATCH_TOO_LARGE
+    "bad_batch",                 # op records that check_batch refuses                  BAD_REQUEST
+    "bad_argument",              # event range, currency, consistency                   BAD_REQUEST
+    "pending_requests",          # pending_requests_max reached                         OVERLOADED
+    "pending_per_client",        # pending_per_client_max reached                       OVERLOADED
+    "pending_bytes",             # pending_bytes_max reached                            OVERLOADED
+    "pending_bytes_per_client",  # pending_bytes_per_client_max reached                 OVERLOADED
+    "read_waiting",              # read_waiting_max parked follower reads               OVERLOADED
+    "rate_limited",              # expensive_read_ms_per_s spent                        RATE_LIMITED
+)
+CUT_REASONS = ("connection_held_in", "connection_held_out", "held_total")   # the guard's (no reply)
+
+
+class _ReadBudget:
+    """Ledger-lock time for O(accounts) reads: refills at ``ms_per_s``, holds at most one second's worth;
+    a read is admitted while the budget is positive and then charged what it took (so one slow read
+    defers the next ones by as long as it ran, in proportion)."""
+
+    def __init__(self, ms_per_s: int) -> None:
+        self.rate = ms_per_s / 1000.0
+        self.level = self.rate
+        self.at = time.monotonic()
+
+    def admit(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.rate, self.level + (now - self.at) * self.rate)
+        self.at = now
+        return self.level > 0
+
+    def charge(self, seconds: float) -> None:
+        self.level -= seconds
+
+    @property
+    def retry_after_ms(self) -> int:
+        return max(1, int(-self.level / self.rate * 1000) + 1) if self.level <= 0 else 0
 
 
 @dataclass(slots=True)
@@ -249,6 +326,13 @@ class Node:
         self._inflight = 0
         self._pending_total = 0
         self._pending_by_client: collections.Counter[bytes] = collections.Counter()
+        self._pending_bytes = 0
+        self._pending_bytes_by_client: collections.Counter[bytes] = collections.Counter()
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._read_budget = _ReadBudget(config.expensive_read_ms_per_s)
+        self._apply_bytes_max = config.batch_records_max * _OP_BYTES
+        self.guard = ConnectionGuard(config.replicas[config.node_id]["client"], config.connection_held_bytes_max,
+                                     config.held_bytes_max, config.connection_check_ms / 1000)
         self._reads_linearizable: list[_Pending] = []
         self._reads_follower: list[tuple[float, _Pending]] = []
         self.counters = _Counters()
@@ -324,8 +408,8 @@ class Node:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, cfg.frame_bytes_max)
-        self.router.setsockopt(zmq.RCVHWM, 100_000)
-        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+        self.router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.router.bind(me["client"])
         self.pub = self.ctx.socket(zmq.PUB)
@@ -338,6 +422,7 @@ class Node:
         self._writeback.start()
         if self._probe is not None:
             self._probe.start()
+        self.guard.start()
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -403,6 +488,7 @@ class Node:
             self._writeback.join()
         if self._probe is not None:
             self._probe.stop()
+        self.guard.stop()
         self.driver.stop()
         self._run_completions()
         for group in (*self._sealed, self._group):
@@ -424,69 +510,142 @@ class Node:
     # -------------------------------------------------------------------------------------- receive
     def _receive(self) -> None:
         # the hot loop of the leader's main thread (one pass per request): plain ints for the zmq flags
-        # and the op; the identity and the header as bytes, the payload a zero-copy Frame
+        # and the op; the identity and the header as bytes, the payload a zero-copy Frame. The guard is
+        # told the bytes taken from each connection (its framing included: see engine/conn_guard.py)
         sock = self.router
+        recv = sock.recv
         counters = self.counters
+        guard = self.guard if self.guard.enabled else None
         for _ in range(RECV_PER_ITERATION_MAX):
             try:
-                msg = recv_message(sock)
+                f = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            ident = f.bytes
+            first = f
+            frames: list[Any] = []
+            while f.more:
+                f = recv(copy=False)
+                frames.append(f)
             counters.requests += 1
-            if len(msg) > 1:
-                msg[1] = msg[1].bytes
-            self._handle(msg[0], msg[1:])
+            if guard is not None:
+                taken = 0
+                for fr in frames:
+                    n = len(fr)
+                    taken += n + (2 if n <= 255 else 9)
+                guard.note_in(guard.key_of(ident, first), taken)
+            if frames:
+                frames[0] = frames[0].bytes
+            self._handle(ident, frames)
 
     def _handle(self, ident: bytes, frames: list[Any]) -> None:
-        if not frames or len(frames) > 2:
-            self._reply_raw(ident, W.Reply(0, Status.ERROR, ErrorCode.BAD_REQUEST,
-                                           f"a request is [header, payload]: got {len(frames)} frames"))
-            self.counters.bad_requests += 1
+        # Every check that needs no decoding comes first (frame count, sizes), then the header, then the
+        # payload's size against the op, then the pending bounds; only then is anything decoded or queued.
+        # A refusal echoes the req_id whenever it can be read (W.salvage_req_id: docs/protocol.md, Errors).
+        if len(frames) != 2:
+            self._refuse(ident, W.salvage_req_id(frames[0]) if frames else 0, ErrorCode.BAD_REQUEST, "frames",
+                         f"a request is exactly two frames [header, payload]: got {len(frames)}")
             return
+        head = frames[0]
         try:
-            req = W.decode_request(frames[0])
+            req = W.decode_request(head)
+        except W.UnsupportedVersion as exc:
+            self._refuse(ident, W.salvage_req_id(head), ErrorCode.BAD_REQUEST, "version", str(exc))
+            return
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            self._reply_raw(ident, W.Reply(0, Status.ERROR, ErrorCode.BAD_REQUEST, f"bad request header: {exc}"))
-            self.counters.bad_requests += 1
+            self._refuse(ident, W.salvage_req_id(head), ErrorCode.BAD_REQUEST, "header", f"bad request header: {exc}")
             return
-        payload = frames[1].buffer if len(frames) == 2 else b""
-        pending_by_client = self._pending_by_client
-        of_client = pending_by_client.get(ident, 0)
-        if self._pending_total >= self.config.pending_requests_max or \
-                of_client >= self.config.pending_per_client_max:
-            self.counters.overloaded += 1
-            self._reply_raw(ident, W.Reply(req.req_id, Status.ERROR, ErrorCode.OVERLOADED,
-                                           "too many pending requests (pending_requests_max / "
-                                           "pending_per_client_max); retry later with the same dedup ids"))
-            return
+        body = frames[1]
+        size = len(body)
         op = req.op
         if op == _OP_APPLY:                # the hot path: no Op() lookup
-            p = _Pending(ident, req)
-            self._pending_total += 1
-            pending_by_client[ident] = of_client + 1
+            if size % _OP_BYTES or not size:
+                self._refuse(ident, req.req_id, ErrorCode.BAD_REQUEST, "payload",
+                             f"APPLY payload of {size} bytes is not 1 or more whole {_OP_BYTES}-byte op records")
+                return
+            if size > self._apply_bytes_max:
+                self._refuse(ident, req.req_id, ErrorCode.BATCH_TOO_LARGE, "batch_too_large",
+                             f"batch of {size // _OP_BYTES} records exceeds batch_records_max="
+                             f"{self.config.batch_records_max}; nothing was applied")
+                return
+        else:
             try:
-                self._accept_apply(p, payload)
-            except _RequestError as exc:
-                self.counters.bad_requests += 1
-                self._error(p, exc.code, str(exc))
+                op = Op(op)
+            except ValueError:
+                self._refuse(ident, req.req_id, ErrorCode.UNKNOWN_OP, "unknown_op", f"unknown op {req.op}")
+                return
+            if op is Op.GET_ACCOUNTS or op is Op.RESULT_OF:
+                if size % W.ID_BYTES:
+                    self._refuse(ident, req.req_id, ErrorCode.BAD_REQUEST, "payload", f"an id list of {size} "
+                                 f"bytes is not a whole number of {W.ID_BYTES}-byte little-endian u128 ids")
+                    return
+                if size > W.IDS_PER_REQUEST_MAX * W.ID_BYTES:
+                    self._refuse(ident, req.req_id, ErrorCode.BATCH_TOO_LARGE, "batch_too_large",
+                                 f"{size // W.ID_BYTES} ids exceed IDS_PER_REQUEST_MAX={W.IDS_PER_REQUEST_MAX}")
+                    return
+            elif size:
+                self._refuse(ident, req.req_id, ErrorCode.BAD_REQUEST, "payload",
+                             f"{op.name} takes an empty payload frame, not {size} bytes")
+                return
+        cfg = self.config
+        nbytes = len(head) + size
+        of_client = self._pending_by_client.get(ident, 0)
+        if self._pending_total >= cfg.pending_requests_max:
+            reason = "pending_requests"
+        elif of_client >= cfg.pending_per_client_max:
+            reason = "pending_per_client"
+        elif self._pending_bytes + nbytes > cfg.pending_bytes_max:
+            reason = "pending_bytes"
+        elif self._pending_bytes_by_client.get(ident, 0) + nbytes > cfg.pending_bytes_per_client_max:
+            reason = "pending_bytes_per_client"
+        else:
+            reason = ""
+        if reason:
+            self._refuse(ident, req.req_id, ErrorCode.OVERLOADED, reason,
+                         f"too many pending requests or bytes ({reason}); retry later with the same dedup ids")
             return
-        try:
-            op = Op(op)
-        except ValueError:
-            self._reply_raw(ident, W.Reply(req.req_id, Status.ERROR, ErrorCode.UNKNOWN_OP, f"unknown op {req.op}"))
-            self.counters.bad_requests += 1
-            return
-        p = _Pending(ident, req)
+        p = _Pending(ident, req, nbytes=nbytes)
         self._pending_total += 1
-        pending_by_client[ident] = of_client + 1
+        self._pending_by_client[ident] = of_client + 1
+        self._pending_bytes += nbytes
+        self._pending_bytes_by_client[ident] += nbytes
         try:
-            if op is Op.STATUS:
-                self._reply(p, payload=msgspec.msgpack.encode(self.status(with_digest=req.with_digest)))
+            if op == _OP_APPLY:
+                self._accept_apply(p, body.buffer)
+            elif op is Op.STATUS:
+                self._serve_status(p)
             else:
-                self._accept_read(p, op, payload)
+                self._accept_read(p, op, body.buffer)
         except _RequestError as exc:
-            self.counters.bad_requests += 1
+            self._count_refusal(exc.reason or ("bad_batch" if op == _OP_APPLY else "bad_argument"), exc.code)
             self._error(p, exc.code, str(exc))
+
+    def _count_refusal(self, reason: str, code: ErrorCode) -> None:
+        self.refusals[reason] += 1
+        if code is ErrorCode.OVERLOADED or code is ErrorCode.RATE_LIMITED:
+            self.counters.overloaded += 1
+        else:
+            self.counters.bad_requests += 1
+
+    def _refuse(self, ident: bytes, req_id: int, code: ErrorCode, reason: str, message: str) -> None:
+        """An ERROR reply to a request that was never accepted (nothing pending to finish)."""
+        self._count_refusal(reason, code)
+        self._reply_raw(ident, W.Reply(req_id, Status.ERROR, code, message, last_seq=self.machine.ledger.last_seq,
+                                       node_id=self.node_id))
+
+    def _serve_status(self, p: _Pending) -> None:
+        if p.req.with_digest:               # O(accounts) under the ledger lock: within the read budget
+            budget = self._read_budget
+            if not budget.admit():
+                raise _RequestError(ErrorCode.RATE_LIMITED, "STATUS with the digest is over this replica's "
+                                    f"expensive_read_ms_per_s; retry in {budget.retry_after_ms} ms, or ask "
+                                    "without the digest", reason="rate_limited")
+            t0 = time.monotonic()
+            st = self.status(with_digest=True)
+            budget.charge(time.monotonic() - t0)
+        else:
+            st = self.status()
+        self._reply(p, payload=msgspec.msgpack.encode(st))
 
     def _accept_apply(self, p: _Pending, payload: Any) -> None:
         size = len(payload)
@@ -521,13 +680,10 @@ class Node:
     def _accept_read(self, p: _Pending, op: Op, payload: Any) -> None:
         req = p.req
         if op in (Op.GET_ACCOUNTS, Op.RESULT_OF):
-            try:
-                ids = W.decode_ids(bytes(payload))
+            try:                          # its size was checked in _handle, before this decode
+                ids = W.decode_ids(payload)
             except ValueError as exc:
-                raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-            if len(ids) > W.IDS_PER_REQUEST_MAX:
-                raise _RequestError(ErrorCode.BATCH_TOO_LARGE, f"{len(ids)} ids exceed IDS_PER_REQUEST_MAX="
-                                    f"{W.IDS_PER_REQUEST_MAX}")
+                raise _RequestError(ErrorCode.BAD_REQUEST, str(exc), reason="payload") from None
             p.payload = ids
         elif op is Op.EVENTS:
             if not 1 <= req.first_seq <= req.last_seq:
@@ -539,7 +695,8 @@ class Node:
                 raise _RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if req.consistency == W.Consistency.FOLLOWER:
             if len(self._reads_follower) >= self.config.read_waiting_max:
-                raise _RequestError(ErrorCode.OVERLOADED, "too many parked follower reads (read_waiting_max)")
+                raise _RequestError(ErrorCode.OVERLOADED, "too many parked follower reads (read_waiting_max)",
+                                    reason="read_waiting")
             self._reads_follower.append((time.monotonic() + self.config.follower_read_wait_ms / 1000, p))
         elif req.consistency == W.Consistency.LINEARIZABLE:
             self._reads_linearizable.append(p)
@@ -680,13 +837,28 @@ class Node:
         if op is Op.RESULT_OF:
             self._serve_result_of(p)
             return
-        with self.lock:
-            ledger = self.machine.ledger
-            if op is Op.GET_ACCOUNTS:
-                body = W.encode_accounts([ledger.get_account(i) for i in p.payload])
-            else:  # TOTALS
-                body = msgspec.json.encode(ledger.totals(req.currency))
-        self._reply(p, payload=body)
+        if op is Op.GET_ACCOUNTS:
+            # under the lock only the lookups (one consistent view of every id: ~1.3 us an id, 11 ms for
+            # 8190 ids at 1M accounts, measured); the JSON (3x that) is built after it is released
+            with self.lock:
+                ledger = self.machine.ledger
+                accounts = [ledger.get_account(i) for i in p.payload]
+            self._reply(p, payload=W.encode_accounts(accounts))
+            return
+        if op is Op.TOTALS:
+            budget = self._read_budget              # O(accounts) under the lock: within the read budget
+            if not budget.admit():
+                self._count_refusal("rate_limited", ErrorCode.RATE_LIMITED)
+                self._error(p, ErrorCode.RATE_LIMITED, f"TOTALS is over this replica's expensive_read_ms_per_s; "
+                            f"retry in {budget.retry_after_ms} ms")
+                return
+            t0 = time.monotonic()
+            with self.lock:
+                totals = self.machine.ledger.totals(req.currency)
+            budget.charge(time.monotonic() - t0)
+            self._reply(p, payload=W.encode_totals(totals))
+            return
+        raise AssertionError(f"_serve_read of {op!r}")      # only reads are parked here
 
     def _serve_result_of(self, p: _Pending) -> None:
         """The outcome of each dedup id: from the ledger's window, or past it from the event store's
@@ -764,18 +936,29 @@ class Node:
                         payload, extra)
 
     def _finish(self, p: _Pending) -> None:
+        ident = p.ident
         self._pending_total -= 1
-        left = self._pending_by_client[p.ident] - 1
+        left = self._pending_by_client[ident] - 1
         if left > 0:
-            self._pending_by_client[p.ident] = left
+            self._pending_by_client[ident] = left
         else:
-            del self._pending_by_client[p.ident]
+            del self._pending_by_client[ident]
+        self._pending_bytes -= p.nbytes
+        left = self._pending_bytes_by_client[ident] - p.nbytes
+        if left > 0:
+            self._pending_bytes_by_client[ident] = left
+        else:
+            del self._pending_bytes_by_client[ident]
 
     def _reply_raw(self, ident: bytes, reply: W.Reply, payload: bytes = b"", extra: bytes | None = None) -> None:
         self._send_reply(ident, W.encode(reply), payload, extra)
 
     def _send_reply(self, ident: bytes, header: bytes, payload: bytes, extra: bytes | None) -> None:
         sock = self.router
+        guard = self.guard
+        if guard.enabled:
+            n = len(header) + len(payload)
+            guard.note_out(ident, n + (13 if extra is None else len(extra) + 22))    # + framing (at most)
         try:
             sock.send(ident, _SNDMORE | _NOBLOCK)
             sock.send(header, _SNDMORE)
@@ -816,6 +999,11 @@ class Node:
         st["counters"] = {f.name: getattr(self.counters, f.name) for f in fields(self.counters)}
         st["inflight_entries"] = self._inflight
         st["pending_requests"] = self._pending_total
+        st["pending_bytes"] = self._pending_bytes
+        guard = self.guard
+        st["refusals"] = dict(self.refusals, **{r: guard.cuts[r] for r in CUT_REASONS})
+        st["client_connections"] = {"connections": guard.connections, "held_in_bytes": guard.held_in,
+                                    "held_out_bytes": guard.held_out}
         st["stalls"] = self.stalls.report()
         return st
 
@@ -943,9 +1131,10 @@ def _ok_reply_parts(last_seq: int, node_id: int) -> tuple[bytes, bytes]:
 
 
 class _RequestError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason              # one of REFUSAL_REASONS ("": by the op, see Node._handle)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

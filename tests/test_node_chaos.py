@@ -475,20 +475,21 @@ def _bad_cases(rng: random.Random) -> list[tuple[str, list[bytes], ErrorCode, in
     """(name, frames, expected error, expected req_id in the reply)."""
     enc = msgspec.msgpack.encode
     H = header
+    # a header that does not decode is answered with the req_id its first bytes hold (W.salvage_req_id)
     cases: list[tuple[str, list[bytes], ErrorCode, int]] = [
         ("one empty frame", [b""], ErrorCode.BAD_REQUEST, 0),
         ("two empty frames", [b"", b""], ErrorCode.BAD_REQUEST, 0),
-        ("three frames", [H(3, Op.STATUS), b"", b""], ErrorCode.BAD_REQUEST, 0),
-        ("six frames", [H(4, Op.APPLY), _ops().tobytes()] + [b"x"] * 4, ErrorCode.BAD_REQUEST, 0),
+        ("three frames", [H(3, Op.STATUS), b"", b""], ErrorCode.BAD_REQUEST, 3),
+        ("six frames", [H(4, Op.APPLY), _ops().tobytes()] + [b"x"] * 4, ErrorCode.BAD_REQUEST, 4),
         ("header is a msgpack map", [enc({"req_id": 5, "op": 5}), b""], ErrorCode.BAD_REQUEST, 0),
         ("header is a msgpack string", [enc("STATUS"), b""], ErrorCode.BAD_REQUEST, 0),
-        ("header field of the wrong type", [enc([6, "five"]), b""], ErrorCode.BAD_REQUEST, 0),
-        ("header too short", [enc([7]), b""], ErrorCode.BAD_REQUEST, 0),
-        ("header too long", [enc([8, 5, 0, 0, 0, 0, False, "", False, 1, 99]), b""], ErrorCode.BAD_REQUEST, 0),
-        ("header over HEADER_BYTES_MAX", [H(9, Op.TOTALS, currency="X" * 5000), b""], ErrorCode.BAD_REQUEST, 0),
-        ("truncated msgpack", [H(10, Op.STATUS)[:-1], b""], ErrorCode.BAD_REQUEST, 0),
-        ("protocol version 2", [H(11, Op.STATUS, version=2), b""], ErrorCode.BAD_REQUEST, 0),
-        ("protocol version 0", [H(12, Op.STATUS, version=0), b""], ErrorCode.BAD_REQUEST, 0),
+        ("header field of the wrong type", [enc([6, "five"]), b""], ErrorCode.BAD_REQUEST, 6),
+        ("header too short", [enc([7]), b""], ErrorCode.BAD_REQUEST, 7),
+        ("header too long", [enc([8, 5, 0, 0, 0, 0, False, "", False, 1, 99]), b""], ErrorCode.BAD_REQUEST, 8),
+        ("header over HEADER_BYTES_MAX", [H(9, Op.TOTALS, currency="X" * 5000), b""], ErrorCode.BAD_REQUEST, 9),
+        ("truncated msgpack", [H(10, Op.STATUS)[:-1], b""], ErrorCode.BAD_REQUEST, 10),
+        ("protocol version 2", [H(11, Op.STATUS, version=2), b""], ErrorCode.BAD_REQUEST, 11),
+        ("protocol version 0", [H(12, Op.STATUS, version=0), b""], ErrorCode.BAD_REQUEST, 12),
         ("negative req_id", [enc([-13, 5]), b""], ErrorCode.BAD_REQUEST, 0),
         ("unknown op 99", [H(14, 99), b""], ErrorCode.UNKNOWN_OP, 14),
         ("op 0", [H(15, 0), b""], ErrorCode.UNKNOWN_OP, 15),
@@ -542,13 +543,15 @@ def _bad_cases(rng: random.Random) -> list[tuple[str, list[bytes], ErrorCode, in
         o["kind"][2] = R.Kind.TRANSFER          # a member that is not SPEC/PRECONDITION
     bad("group with a TRANSFER member", 50, group_bad_member, n=3)
     bad("one bad record among valid ones", 51, lambda o: o["kind"].__setitem__(5, 77), n=8)
-    # random bytes as a header (a few sizes); whatever does not decode is BAD_REQUEST with req_id 0
+    # random bytes as a header (a few sizes); whatever does not decode is BAD_REQUEST with the req_id its
+    # first bytes hold, if any (mostly 0)
     for size in (1, 2, 7, 64, 1000, 4097):
         raw = rng.randbytes(size)
         try:
             W.decode_request(raw)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            cases.append((f"{size} random bytes", [raw, rng.randbytes(size)], ErrorCode.BAD_REQUEST, 0))
+            cases.append((f"{size} random bytes", [raw, rng.randbytes(size)], ErrorCode.BAD_REQUEST,
+                          W.salvage_req_id(raw)))
     return cases
 
 
