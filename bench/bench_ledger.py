@@ -40,6 +40,16 @@ class DedupIds:
         return ids
 
 
+_CLOCK = [1_000_000]        # the benchmark's clock (ms): every batch is issued, and applied, one ms later
+
+
+def tick() -> int:
+    """The next ms of the benchmark's clock: commands carry increasing issue times, as real ones do (the
+    dedup window's horizon refuses a command issued before the newest evicted one)."""
+    _CLOCK[0] += 1
+    return _CLOCK[0]
+
+
 def create_accounts(led: Ledger, n: int, ids: DedupIds) -> None:
     for start in range(0, n, BATCH):
         k = min(BATCH, n - start)
@@ -50,7 +60,8 @@ def create_accounts(led: Ledger, n: int, ids: DedupIds) -> None:
         ops["group_size"] = 1
         ops["currency"] = b"USD"
         ops["flags"] = R.OpFlag.HAS_EXPECTED_A | R.OpFlag.LOWER_UNBOUNDED   # may go negative: every transfer applies
-        res = led.apply_batch(ops)
+        ops["issued_ms"] = now = tick()
+        res = led.apply_batch(ops, now)
         assert (res["code"] == Code.OK).all()
 
 
@@ -82,9 +93,13 @@ _RESULTS = np.empty(BATCH, dtype=R.RESULT_DTYPE)
 
 def timed_batches(led: Ledger, batches: list[np.ndarray]) -> float:
     ops = sum(len(b) for b in batches)
+    stamps = []
+    for b in batches:                              # (outside the timed loop)
+        b["issued_ms"] = now = tick()
+        stamps.append(now)
     t0 = time.perf_counter()
-    for b in batches:
-        res = led.apply_batch(b, 0, _RESULTS)
+    for b, now in zip(batches, stamps):
+        res = led.apply_batch(b, now, _RESULTS)
     dt = time.perf_counter() - t0
     assert (res["code"] == Code.OK).all(), np.unique(res["code"])
     return ops / dt
@@ -93,9 +108,11 @@ def timed_batches(led: Ledger, batches: list[np.ndarray]) -> float:
 def per_call(led, n_accounts: int, count: int, start_dedup: int, rng) -> float:
     src = rng.integers(1, n_accounts + 1, count).tolist()
     dst = rng.integers(1, n_accounts + 1, count).tolist()
+    now = tick()
     t0 = time.perf_counter()
     for k in range(count):
-        led.transfer(start_dedup + k, src[k], dst[k] if dst[k] != src[k] else src[k] % n_accounts + 1, 5, "USD")
+        led.transfer(start_dedup + k, src[k], dst[k] if dst[k] != src[k] else src[k] % n_accounts + 1, 5, "USD",
+                     timestamp=now)
     return count / (time.perf_counter() - t0)
 
 

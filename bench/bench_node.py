@@ -42,6 +42,7 @@ import functools
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -125,6 +126,9 @@ class Ids:
         with self._lock:
             first, self._next_single = self._next_single, self._next_single + n
         return np.arange(DEDUP_SINGLE_BASE + first, DEDUP_SINGLE_BASE + first + n, dtype=np.int64)
+
+
+ISSUED_AT = R.OP_DTYPE.fields["issued_ms"][1]      # a single-record payload: its issued_ms, set when sent
 
 
 def pct(values: np.ndarray, q: float) -> float:
@@ -219,6 +223,7 @@ class BatchLoad:
                 while not self._stop.is_set() and len(pending) < self.inflight:
                     ops = templates[sent % TEMPLATES_PER_CONNECTION]
                     ops["dedup_id"][:, 0] = offsets + np.uint64(self.ids.batch_base())
+                    ops["issued_ms"] = int(time.time() * 1000)     # as a client stamps a batch it sends
                     pending.append(client.apply_batch_async(ops))     # copies ops: the template is reusable
                     sent += 1
                 if not pending:
@@ -273,7 +278,7 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
     warmup = int(rate * args.latency_warmup_s)
     total = warmup + int(rate * args.latency_s)
     ops = single_transfers(ids, np.random.default_rng(SEED + int(rate)), total, args.accounts)
-    payloads = [ops[i:i + 1].tobytes() for i in range(total)]
+    payloads = [bytearray(ops[i:i + 1].tobytes()) for i in range(total)]     # issued_ms stamped when sent
     latency_s = np.full(total, np.nan)
     code = np.full(total, -1, dtype=np.int64)
     sent_late_s = np.zeros(total)
@@ -315,6 +320,7 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
                 due = t0 + i / rate
                 due_s[i] = due
                 sock.send(encode(W.Request(i + 1, W.Op.APPLY)), zmq.SNDMORE)
+                struct.pack_into("<Q", payloads[i], ISSUED_AT, int(time.time() * 1000))
                 sock.send(payloads[i])
                 sent_late_s[i] = now - due
                 i += 1

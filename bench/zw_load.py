@@ -18,6 +18,7 @@ result dicts as ``bench.pg_ledger.run_batched`` / ``run_unbatched``, so the two 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -121,13 +122,17 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
             "records": int(sum(sizes.values())), "batches": len(order), "errors": errors, **counts}
 
 
+_ISSUED = struct.Struct("<Q")
+_ISSUED_AT = R.OP_DTYPE.fields["issued_ms"][1]     # a single-record payload: the record's issued_ms
+
+
 def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,
                      duration_s: float | None, drain_s: float, address: str, ready: Any, go: Any, t0_shared: Any,
                      out: Any) -> None:
     """A ``bench.loadgen`` child: ``connections`` closed-loop clients, or an open loop, over one DEALER."""
     ops, pos = loadgen.child_slice(rows, positions)
     m = len(ops)
-    payloads = [ops[k:k + 1].tobytes() for k in range(m)]
+    payloads = [bytearray(ops[k:k + 1].tobytes()) for k in range(m)]     # issued_ms stamped when sent
     o = loadgen.Outcomes(m)
     lat, svc, lag, done, codes, dups, finished = (o.latency_s, o.service_s, o.send_lag_s, o.done_s, o.codes,
                                                   o.duplicate, o.finished)
@@ -144,6 +149,7 @@ def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: floa
 
     def send(j: int) -> None:
         sock.send(encode(request(j + 1, apply_op)), zmq.SNDMORE)
+        _ISSUED.pack_into(payloads[j], _ISSUED_AT, int(time.time() * 1000))
         sock.send(payloads[j])
         sent_at[j] = perf()
         state["inflight"] += 1

@@ -133,6 +133,7 @@ class _Call:
     with_digest: bool = False
     node: int | None = None                  # a fixed replica (status of one replica), else routed
     with_reply: bool = False                 # the future gets (reply header, payload)
+    issued_ms: int = 0                       # RESULT_OF: the commands were issued at or after this
 
 
 @dataclass(slots=True)
@@ -278,7 +279,7 @@ class _IoCore:
             min_seq = self.last_seq_seen if c0.consistency == Consistency.FOLLOWER else 0
             header = W.Request(req_id, c0.op, consistency=c0.consistency, min_seq=min_seq,
                                first_seq=c0.first_seq, last_seq=c0.last_seq, want_events=c0.want_events,
-                               currency=c0.currency, with_digest=c0.with_digest)
+                               currency=c0.currency, with_digest=c0.with_digest, issued_ms=c0.issued_ms)
         inf = _Inflight(req_id, calls, header, payload, now + self.timeout_s, offsets=offsets)
         self._waiting.append(inf)
 
@@ -454,7 +455,7 @@ class _IoCore:
         dedup_id = R.get_u128(rec["dedup_id"])[0]
         refusal = RemoteResult(rec, None)
         ask = _Call(Op.RESULT_OF, Future(), payload=W.encode_ids([dedup_id]),
-                    consistency=Consistency.LINEARIZABLE, with_reply=True)
+                    consistency=Consistency.LINEARIZABLE, with_reply=True, issued_ms=issued)
 
         def done(f: Future) -> None:
             try:

@@ -43,8 +43,7 @@ import zmq
 
 from engine import fileio
 from engine import records as R
-from engine._ledger import (ACCOUNT_CAPACITY_MAX, ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, DEDUP_RETENTION_MIN,
-                            check_batch)
+from engine._ledger import ACCOUNT_CAPACITY_MAX, ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, check_batch
 from engine.event_store import EVENT_RETENTION_SEQS_DEFAULT, WRITEBACK_INTERVAL_S, EventStore, EventsUnavailable
 from engine.ledger_machine import (ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, EntryOutcomes, LedgerMachine, events_between,
                                    ledger_entry)
@@ -76,6 +75,9 @@ SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
 DEDUP_RETENTION_MAX = 1 << 30        # 64 GiB of dedup ring per replica at most
+# A window smaller than the commands issued in the same millisecond would refuse some of them (the horizon
+# passes their issue time when the first of them is evicted): at least 4 full entries.
+NODE_DEDUP_RETENTION_MIN = 4 * ENTRY_RECORDS_MAX
 RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken at most this late (see serve)
 
 
@@ -153,9 +155,10 @@ class NodeConfig:
                      "pub_queue_messages_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not DEDUP_RETENTION_MIN <= self.dedup_retention <= DEDUP_RETENTION_MAX:
-            raise ValueError(f"dedup_retention must be {DEDUP_RETENTION_MIN}..{DEDUP_RETENTION_MAX} "
-                             "(rounded up to a power of two)")
+        if not NODE_DEDUP_RETENTION_MIN <= self.dedup_retention <= DEDUP_RETENTION_MAX:
+            raise ValueError(f"dedup_retention must be {NODE_DEDUP_RETENTION_MIN}..{DEDUP_RETENTION_MAX} "
+                             "(rounded up to a power of two; at least 4 full log entries of commands, so "
+                             "that commands issued together are never evicted before the last is applied)")
         if not 1 <= self.accounts_max <= ACCOUNT_CAPACITY_MAX:
             raise ValueError(f"accounts_max must be 1..{ACCOUNT_CAPACITY_MAX}")
         if self.stall_probe_ms < 0:
@@ -881,9 +884,12 @@ class Node:
                     res["seq_num"][k] = r.seq_num
                     res["kind"][k] = int(r.kind)
                     res["flags"][k] = R.ResultFlag.DUPLICATE
+        since = max(0, p.req.issued_ms - R.ISSUED_AHEAD_MAX_MS) if p.req.issued_ms else 0
+        stopped = 0
         for k in missing:                                   # outside the ledger lock
-            seq = self.events.lookup(ids[k])
+            seq = self.events.lookup(ids[k], since)
             if seq is None:
+                stopped = max(stopped, self.events.lookup_stopped_at_ms)
                 continue
             try:
                 ev = self.events.read(seq, seq, 1 << 16)[0]
@@ -893,7 +899,7 @@ class Node:
             res["seq_num"][k] = seq
             res["kind"][k] = int(ev["kind"])
             res["flags"][k] = R.ResultFlag.DUPLICATE
-        self._reply(p, payload=res.tobytes(), complete_since_ms=self._results_complete_since_ms())
+        self._reply(p, payload=res.tobytes(), complete_since_ms=max(stopped, self._results_complete_since_ms()))
 
     def _results_complete_since_ms(self) -> int:
         """The time since which every applied command is found by RESULT_OF here: 0 if the store's index

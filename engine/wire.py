@@ -103,6 +103,7 @@ class Request(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     currency: str = ""                # TOTALS
     with_digest: bool = False         # STATUS: include the ledger's state digest (costs a full serialization)
     version: int = PROTOCOL_VERSION
+    issued_ms: int = 0                # RESULT_OF: the commands were issued at or after this (bounds the search)
 
 
 class Reply(msgspec.Struct, array_like=True):

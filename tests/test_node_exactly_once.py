@@ -12,7 +12,7 @@ from engine.client import Client
 from engine.cluster import NodeCluster
 from engine.node import NodeConfig
 
-WINDOW = 1024
+WINDOW = 1 << 17                  # the node's minimum (4 full log entries)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _flood(client: Client, count: int, first_dedup: int, src: int, dst: int) -> 
     """``count`` other commands, in batches, each batch issued now."""
     done = 0
     while done < count:
-        n = min(4096, count - done)
+        n = min(8190, count - done)
         ids = np.arange(first_dedup + done, first_dedup + done + n, dtype=np.int64)
         ops = R.transfers(ids, np.full(n, src), np.full(n, dst), np.ones(n, np.int64), "USD", issued_ms=_now_ms())
         res = client.apply_batch(ops)

@@ -257,7 +257,7 @@ def test_event_store_prunes_below_retention(tmp_path):
     es = EventStore(str(tmp_path), retention_seqs=10)
     for first in range(1, 43, 6):
         es.append([led.events(first, min(first + 5, 42))])
-    assert es.prune() > 0
+    assert es.prune_now() > 0
     assert es.first_available() > 1
     with pytest.raises(EventsUnavailable, match="pruned"):
         es.read(1, 2, 10)
@@ -407,3 +407,77 @@ def test_leader_defers_its_entry_count_snapshots_but_not_the_bytes_bound():
     assert due(True, 10, bytes_since=cfg.snapshot_threshold_bytes)   # memory stays bounded on the leader
     with pytest.raises(ValueError):
         DriverConfig(leader_snapshot_defer=0).validate()
+
+
+def test_event_store_dedup_index_finds_commands_until_pruned(tmp_path):
+    led = _ledger_events(300)
+    es = EventStore(str(tmp_path), retention_seqs=100)
+    for first in range(1, led.last_seq + 1, 25):
+        es.append([led.events(first, min(first + 24, led.last_seq))])
+        es.flush()                                  # one index block per flush
+    evs = led.events(1, led.last_seq)
+    by_seq = {int(s): R.get_u128(evs["dedup_id"][k:k + 1])[0] for k, s in enumerate(evs["seq_num"]) if evs["part"][k] == 0}
+    assert all(es.lookup(d) == s for s, d in by_seq.items())
+    assert es.lookup(987654321) is None
+    es.append([led.events(led.last_seq, led.last_seq)])      # a replayed seq: idempotent
+    newest = max(by_seq)
+    assert es.lookup(by_seq[newest]) == newest              # found in the pending chunks (flushed first)
+    ts_last = int(evs["timestamp"][-1])
+    assert es.lookup(by_seq[1], since_ms=ts_last + 1) is None   # bounded by time: not searched that far
+    es.close()
+    es = EventStore(str(tmp_path), retention_seqs=100)       # durable
+    assert es.lookup(by_seq[5]) == 5 and es.index_complete_from() == 1
+    es.prune_now(pass_chunks=2)
+    floor = es.first_available()
+    assert floor > 1 and es.index_complete_from() == floor
+    assert es.lookup(by_seq[5]) is None and es.lookup(by_seq[newest]) == newest
+    es.close()
+
+
+def test_event_store_prunes_in_the_background_in_bounded_passes(tmp_path, monkeypatch):
+    from engine import event_store as es_mod
+    led = _ledger_events(400)
+    es = EventStore(str(tmp_path), retention_seqs=10)
+    for first in range(1, led.last_seq + 1, 2):
+        es.append([led.events(first, min(first + 1, led.last_seq))])
+    es.flush()
+    passes = []
+    real = es.prune_pass
+
+    def counting(cutoff, pass_chunks=es_mod.PRUNE_PASS_CHUNKS):
+        n = real(cutoff, 5)
+        passes.append(n)
+        return n
+    monkeypatch.setattr(es, "prune_pass", counting)
+    es.prune()                                      # returns at once; the pruner thread does the work
+    import time as _t
+    deadline = _t.monotonic() + 10
+    while es.first_available() < led.last_seq - 12 and _t.monotonic() < deadline:
+        _t.sleep(0.01)
+    assert es.first_available() >= led.last_seq - 12
+    assert len([n for n in passes if n]) >= 10 and max(passes) <= 5    # many small transactions
+    es.close()
+
+
+def test_event_store_pruning_killed_midway_leaves_a_consistent_store(tmp_path):
+    import os
+    import signal
+    led = _ledger_events(400)
+    es = EventStore(str(tmp_path), retention_seqs=10)
+    for first in range(1, led.last_seq + 1, 2):
+        es.append([led.events(first, min(first + 1, led.last_seq))])
+    es.close()
+    pid = os.fork()
+    if pid == 0:                                    # a child prunes one small pass at a time, then is killed
+        child = EventStore(str(tmp_path), retention_seqs=10)
+        cutoff = child.last_seq - 10
+        for _ in range(30):
+            child.prune_pass(cutoff, 3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    es = EventStore(str(tmp_path), retention_seqs=10)
+    floor = es.first_available()
+    assert 1 < floor < es.last_seq
+    got = es.read(floor, es.last_seq, 100_000)
+    assert got["seq_num"][0] == floor and got["seq_num"][-1] == es.last_seq
+    es.close()
