@@ -128,7 +128,7 @@ class Ids:
         return np.arange(DEDUP_SINGLE_BASE + first, DEDUP_SINGLE_BASE + first + n, dtype=np.int64)
 
 
-ISSUED_AT = R.OP_DTYPE.fields["issued_ms"][1]      # a single-record payload: its issued_ms, set when sent
+ISSUED_AT = R.field_offset(R.OP_DTYPE, "issued_ms")      # a single-record payload: its issued_ms, set when sent
 
 
 def pct(values: np.ndarray, q: float) -> float:

@@ -123,7 +123,7 @@ def run_batched(addresses: Sequence[str], batches: Sequence[np.ndarray], *, conn
 
 
 _ISSUED = struct.Struct("<Q")
-_ISSUED_AT = R.OP_DTYPE.fields["issued_ms"][1]     # a single-record payload: the record's issued_ms
+_ISSUED_AT = R.field_offset(R.OP_DTYPE, "issued_ms")     # a single-record payload: the record's issued_ms
 
 
 def _unbatched_child(rows: bytes, positions: bytes, connections: int, rate: float | None,

@@ -43,7 +43,8 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -269,10 +270,11 @@ class _IoCore:
         offsets: list[int] = []
         if c0.records is not None:
             off = 0
-            for c in calls:
+            records = [c.records for c in calls if c.records is not None]
+            for r in records:
                 offsets.append(off)
-                off += len(c.records)
-            payload = b"".join(c.records.tobytes() for c in calls)
+                off += len(r)
+            payload = b"".join(r.tobytes() for r in records)
             header = W.Request(req_id, Op.APPLY, want_events=True)
         else:
             payload = c0.payload
@@ -314,7 +316,7 @@ class _IoCore:
             try:
                 s = self.socks[node]
                 s.send(W.encode(inf.header), zmq.SNDMORE | zmq.NOBLOCK)
-                s.send(inf.payload, copy=len(inf.payload) < 65536)
+                s.send(inf.payload, 0, copy=len(inf.payload) < 65536)
             except zmq.Again:                    # not connected (down, restarting) or its queue is full
                 if self.leader == node:
                     self.leader = None
@@ -382,7 +384,7 @@ class _IoCore:
                 self.leader = idx
             try:
                 self._resolve(inf, reply, frames)
-            except Exception as exc:             # a reply that does not parse: fail, do not kill the thread
+            except Exception as exc:  # noqa: BLE001 - a reply that does not parse: fail, do not kill the thread
                 self._fail(inf, ClientError(f"malformed reply: {exc}"))
             return
         if idx != inf.node:
@@ -430,7 +432,7 @@ class _IoCore:
                     a = int(np.searchsorted(seqs, seq, "left"))
                     b = int(np.searchsorted(seqs, seq, "right"))
                     if b > a:
-                        evs = events[a:b]
+                        evs = events[a:b] if events is not None else None
                 if int(rec["code"]) == R.Code.DEDUP_EXPIRED and c.records is not None:
                     self._settle_expired(c, rec)
                     continue
@@ -461,7 +463,7 @@ class _IoCore:
             try:
                 reply, payload = f.result()
                 found = W.results_view(payload)[0]
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of the question leaves the outcome unknown
                 c.future.set_exception(OutcomeUnknown(f"dedup_id {dedup_id} was refused as DEDUP_EXPIRED and "
                                                       f"RESULT_OF failed: {exc}"))
                 return
@@ -575,7 +577,22 @@ def _make_methods(cls: type, wrap: Any) -> type:
 class Client(_ClientBase):
     """Blocking client; thread-safe (calls from many threads share batches)."""
 
-    def __enter__(self) -> "Client":
+    # the embedded Ledger's command methods, set by _make_methods below (declared for type checkers)
+    create_account: Callable[..., RemoteResult]
+    delete_account: Callable[..., RemoteResult]
+    lock_account: Callable[..., RemoteResult]
+    unlock_account: Callable[..., RemoteResult]
+    update_account_config: Callable[..., RemoteResult]
+    transfer: Callable[..., RemoteResult]
+    batch_balance_operation: Callable[..., RemoteResult]
+    reserve: Callable[..., RemoteResult]
+    release: Callable[..., RemoteResult]
+    tcc_try: Callable[..., RemoteResult]
+    tcc_confirm: Callable[..., RemoteResult]
+    tcc_cancel: Callable[..., RemoteResult]
+    compensate: Callable[..., RemoteResult]
+
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -593,7 +610,8 @@ class Client(_ClientBase):
     def get_account(self, account_id: Any, consistency: str = "linearizable") -> dict[str, Any] | None:
         return self.get_accounts([account_id], consistency)[0]
 
-    def get_accounts(self, account_ids: Iterable[Any], consistency: str = "linearizable") -> list[dict[str, Any] | None]:
+    def get_accounts(self, account_ids: Iterable[Any],
+                     consistency: str = "linearizable") -> list[dict[str, Any] | None]:
         return _accounts(self._read(Op.GET_ACCOUNTS, W.encode_ids(_ids(account_ids)), consistency).result())
 
     def result_of(self, dedup_id: Any, consistency: str = "linearizable") -> RemoteResult | None:
@@ -632,7 +650,7 @@ class AsyncClient(_ClientBase):
     async def _aw(fut: Future) -> Any:
         return await asyncio.wrap_future(fut)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -644,13 +662,15 @@ class AsyncClient(_ClientBase):
     async def get_account(self, account_id: Any, consistency: str = "linearizable") -> dict[str, Any] | None:
         return (await self.get_accounts([account_id], consistency))[0]
 
-    async def get_accounts(self, account_ids: Iterable[Any], consistency: str = "linearizable") -> list[dict[str, Any] | None]:
+    async def get_accounts(self, account_ids: Iterable[Any],
+                           consistency: str = "linearizable") -> list[dict[str, Any] | None]:
         return _accounts(await self._aw(self._read(Op.GET_ACCOUNTS, W.encode_ids(_ids(account_ids)), consistency)))
 
     async def result_of(self, dedup_id: Any, consistency: str = "linearizable") -> RemoteResult | None:
         return (await self.results_of([dedup_id], consistency))[0]
 
-    async def results_of(self, dedup_ids: Iterable[Any], consistency: str = "linearizable") -> list[RemoteResult | None]:
+    async def results_of(self, dedup_ids: Iterable[Any],
+                         consistency: str = "linearizable") -> list[RemoteResult | None]:
         return _result_of(await self._aw(self._read(Op.RESULT_OF, W.encode_ids(_ids(dedup_ids)), consistency)))
 
     async def totals(self, currency: str, consistency: str = "linearizable") -> dict[str, int]:
@@ -709,7 +729,7 @@ class Subscriber:
         self.ctx.term()
         self.client.close()
 
-    def __enter__(self) -> "Subscriber":
+    def __enter__(self) -> Subscriber:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -195,7 +195,7 @@ class ConnectionGuard:
             else:
                 continue
             total -= amount
-        for key, reason, amount in cuts:
+        for key, reason, _amount in cuts:
             self._cut(key)
             self.cuts[reason] += 1
         gone = [k for k in taken.keys() | handed.keys() if k not in conns]
@@ -204,8 +204,8 @@ class ConnectionGuard:
             self.handed.pop(k, None)
         if gone:
             stale = set(gone)
-            for ident, k in list(self._key_of.items()):
-                if k in stale:
+            for ident, key_of in list(self._key_of.items()):
+                if key_of in stale:
                     self._key_of.pop(ident, None)
         return cuts
 

@@ -17,7 +17,8 @@ Layout (one LMDB environment ``<data_dir>/events``):
   the blocks newest first, a binary search each, back to a time bound (a late retry's issue time) or a
   block budget, and reads the event to confirm the id (the hash may collide). ``meta`` ``index_from``: the
   first seq the index covers (a store written before it existed is not indexed below it).
-- ``meta``: ``format`` (u64 2: compressed chunks), ``holes`` (msgpack list of [first, last] seq ranges this replica never received: it was brought
+- ``meta``: ``format`` (u64 2: compressed chunks), ``holes`` (msgpack list of [first, last] seq ranges this
+  replica never received: it was brought
   back by a snapshot of the ledger that was newer than its events) and ``floor`` (seqs below it were pruned
   by retention).
 
@@ -36,7 +37,8 @@ Writes are also grouped: ``append`` encodes each chunk at once but keeps it in m
 ``PENDING_CHUNKS_MAX`` chunks or ``PENDING_BYTES_MAX`` bytes are waiting, or ``flush()`` is called (the node
 does every ``WRITEBACK_INTERVAL_S``), then puts them all in one LMDB transaction. One transaction per log
 entry rewrote ~6 pages of the B-tree (~24 KB of page cache and 7 syscalls on every replica for an entry of
-tens of transfers). A read of seqs still waiting flushes them first, so reads see every appended event. Retention: chunks whose seqs are all below ``last_seq - retention_events``
+tens of transfers). A read of seqs still waiting flushes them first, so reads see every appended event.
+Retention: chunks whose seqs are all below ``last_seq - retention_events``
 are deleted when a snapshot is taken (``prune``).
 """
 from __future__ import annotations
@@ -129,7 +131,7 @@ class EventStore:
         self._pruner: threading.Thread | None = None
         self._closing = False
         self.lookup_stopped_at_ms = 0
-        self._pending: list[tuple[bytes, "bytes | memoryview"]] = []     # (key, value) not yet in LMDB
+        self._pending: list[tuple[bytes, bytes | memoryview]] = []     # (key, value) not yet in LMDB
         self._pending_bytes = 0
         self._pending_first = 0          # the lowest seq waiting (0: none)
         self._writeback_fd = os.open(self.data_file, os.O_RDONLY | os.O_CLOEXEC)
@@ -146,13 +148,13 @@ class EventStore:
             return _CHUNK_HEADER.unpack_from(value, 0)[0]
         return _LAST.unpack_from(value, len(value) - _REC)[0]      # seq_num is a record's first field
 
-    def _encode(self, evs: np.ndarray) -> "bytes | memoryview":
-        raw = memoryview(np.ascontiguousarray(evs)).cast("B")
+    def _encode(self, evs: np.ndarray) -> bytes | memoryview:
+        raw = np.ascontiguousarray(evs).data.cast("B")
         if self.format == FORMAT_RAW:
             return raw
         return _CHUNK_HEADER.pack(int(evs["seq_num"][-1]), raw.nbytes) + lz4.block.compress(raw, store_size=False)
 
-    def _decode(self, value: "bytes | memoryview") -> np.ndarray:
+    def _decode(self, value: bytes | memoryview) -> np.ndarray:
         if self.format == FORMAT_RAW:
             return np.frombuffer(value, dtype=EVENT_DTYPE)
         _, size = _CHUNK_HEADER.unpack_from(value, 0)
@@ -270,7 +272,7 @@ class EventStore:
         """The first seq from which the index holds every command this store holds (after pruning, the
         gap of a restore from a snapshot, and the seqs written before the index existed)."""
         first = max(self._floor, self._index_from)
-        for a, b in self._holes:
+        for _a, b in self._holes:
             if b >= first:
                 first = max(first, b + 1)
         return first
@@ -437,7 +439,7 @@ class EventStore:
                 if int(seqs[-1]) >= last_seq or not cur.next():
                     break
         # (np.concatenate of structured arrays is slow: ~9 us an array, field by field)
-        result = out[0] if len(out) == 1 else np.frombuffer(bytearray(b"".join(out)), dtype=EVENT_DTYPE)
+        result = out[0] if len(out) == 1 else np.frombuffer(bytearray(b"".join(o.data for o in out)), dtype=EVENT_DTYPE)
         if not len(result) or int(result["seq_num"][0]) != first_seq:
             raise EventsUnavailable(f"event {first_seq} is not in this replica's store")
         return result

@@ -17,14 +17,15 @@ from __future__ import annotations
 import itertools
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import lz4.block
 import numpy as np
 
 from engine import Ledger
 from engine._ledger import ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, check_batch
-from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind
+from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind, field_offset
 
 LEDGER_MAGIC = b"ZWL3"
 LEDGER_MAGIC_V2 = b"ZWL2"                # 112-byte op records (no issued_ms, no reserved2)
@@ -45,7 +46,7 @@ ENTRY_RECORDS_MAX = 32_768               # op records in one log entry (the node
 NODE_EVENT_RETENTION = 4 * ENTRY_RECORDS_MAX
 _COUNT = struct.Struct("<I")
 _GROUP_MEMBER_KINDS = (int(Kind.SPEC), int(Kind.PRECONDITION))
-_KIND_OFFSET = OP_DTYPE.fields["kind"][1]
+_KIND_OFFSET = field_offset(OP_DTYPE, "kind")
 _OP_BYTES = OP_DTYPE.itemsize
 
 
@@ -68,7 +69,7 @@ def ledger_entry(batches: Sequence[np.ndarray | bytes], timestamp_ms: int) -> by
     return b"".join(parts + bodies)
 
 
-def compress_snapshot(raw: "bytes | memoryview") -> bytes:
+def compress_snapshot(raw: bytes | memoryview) -> bytes:
     raw = memoryview(raw).cast("B")
     parts = [_SNAP_HEADER.pack(SNAPSHOT_LZ4_MAGIC, len(raw))]
     for at in range(0, len(raw), SNAPSHOT_CHUNK_BYTES):
@@ -78,7 +79,7 @@ def compress_snapshot(raw: "bytes | memoryview") -> bytes:
     return b"".join(parts)
 
 
-def decompress_snapshot(data: "bytes | memoryview") -> "bytes | memoryview":
+def decompress_snapshot(data: bytes | memoryview) -> bytes | bytearray | memoryview:
     """The raw snapshot of ``compress_snapshot``'s output; data without its magic is returned as it is (a
     snapshot written raw by an earlier version). ValueError if it does not decompress to its stated size."""
     data = memoryview(data).cast("B")
@@ -198,7 +199,7 @@ class EntryOutcomes(Sequence[BatchOutcome]):
     def __len__(self) -> int:
         return len(self.counts)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self._build()[i]
 
     def __iter__(self):
@@ -286,7 +287,7 @@ class LedgerMachine:
         self.ops += len(ops)
         outcomes.append(BatchOutcome(res, "", first, ledger.last_seq))
 
-    def _apply_whole(self, data: Any, ts: int, counts: np.ndarray, body: int) -> "EntryOutcomes | None":
+    def _apply_whole(self, data: Any, ts: int, counts: np.ndarray, body: int) -> EntryOutcomes | None:
         """An entry of several batches, none empty, at most BATCH_SIZE_MAX records in all, every batch
         well formed on its own, applied by ONE apply_batch call: the same records in the same order as a
         call per batch, so the same state, events and result records, at a fraction of the cost (a call
@@ -317,8 +318,8 @@ class LedgerMachine:
         return compress_snapshot(struct.pack("<QQQQ", self.applied, self.ops, self.rejected_batches,
                                              self.rejected_entries) + self.ledger.snapshot())
 
-    def restore(self, data: "bytes | memoryview") -> None:
+    def restore(self, data: bytes | memoryview) -> None:
         """Replace the state with a snapshot: compressed, or raw as earlier versions wrote them."""
-        data = decompress_snapshot(data)
-        self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", data, 0)
-        self.ledger = Ledger.restore(memoryview(data)[32:], accounts_max=self.accounts_max)
+        raw = decompress_snapshot(data)
+        self.applied, self.ops, self.rejected_batches, self.rejected_entries = struct.unpack_from("<QQQQ", raw, 0)
+        self.ledger = Ledger.restore(memoryview(raw)[32:], accounts_max=self.accounts_max)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import logging
 import os
@@ -35,7 +36,8 @@ import time
 import tomllib
 import zlib
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -176,14 +178,14 @@ class NodeConfig:
                             map_size_bytes=self.map_size_gib << 30)
 
     @classmethod
-    def from_toml(cls, path: str, **overrides: Any) -> "NodeConfig":
+    def from_toml(cls, path: str, **overrides: Any) -> NodeConfig:
         """Read a node config file (format: docs/operations.md); keyword overrides win over the file."""
         with open(path, "rb") as f:
             doc = tomllib.load(f)
         return cls.from_dict(doc, **overrides)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any], **overrides: Any) -> "NodeConfig":
+    def from_dict(cls, doc: dict[str, Any], **overrides: Any) -> NodeConfig:
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
         node = dict(doc.get("node", {}))
@@ -208,10 +210,11 @@ class NodeConfig:
         return cfg
 
     def to_toml(self) -> str:
-        lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"', f"verbose = {str(self.verbose).lower()}",
+        lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"',
+                 f"verbose = {str(self.verbose).lower()}",
                  f"stall_probe_ms = {self.stall_probe_ms}", "", "[limits]"]
-        for name in ("batch_records_max", "frame_bytes_max", "entry_records_max", "inflight_entries_max", "pending_requests_max",
-                     "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
+        for name in ("batch_records_max", "frame_bytes_max", "entry_records_max", "inflight_entries_max",
+                     "pending_requests_max", "pending_per_client_max", "follower_read_wait_ms", "read_waiting_max",
                      "event_retention_seqs", "pub_queue_messages_max", "dedup_retention", "accounts_max"):
             lines.append(f"{name} = {getattr(self, name)}")
         for name in _INTAKE_LIMITS:
@@ -358,7 +361,7 @@ class Node:
         if self._reads_follower:
             self._wake_soon()
 
-    def _snapshot(self) -> "bytes | ForkedSnapshot":
+    def _snapshot(self) -> bytes | ForkedSnapshot:
         # every event below the snapshot is durable before the snapshot is (the log below it may go)
         with self.lock:
             if self.config.snapshot_in_child:
@@ -618,7 +621,7 @@ class Node:
             elif op is Op.STATUS:
                 self._serve_status(p)
             else:
-                self._accept_read(p, op, body.buffer)
+                self._accept_read(p, Op(op), body.buffer)
         except _RequestError as exc:
             self._count_refusal(exc.reason or ("bad_batch" if op == _OP_APPLY else "bad_argument"), exc.code)
             self._error(p, exc.code, str(exc))
@@ -725,7 +728,10 @@ class Node:
             self.counters.entries_proposed += 1
             self.counters.entries_batches += len(group)
             fut = self.driver.propose(entry)
-            fut.add_done_callback(lambda f, g=group: self._complete(lambda: self._entry_done(g, f)))
+            fut.add_done_callback(functools.partial(self._entry_completed, group))
+
+    def _entry_completed(self, group: list[_Pending], fut: Any) -> None:
+        self._complete(lambda: self._entry_done(group, fut))
 
     def _entry_done(self, group: list[_Pending], fut: Any) -> None:
         self._inflight -= 1
@@ -748,7 +754,7 @@ class Node:
             # cut from one bytes copy, with no per-batch array or outcome object unless it asked for events
             # (this runs between an entry's commit and the next proposal, for tens of one-transfer batches)
             raw = outcomes.results.tobytes()
-            bodies = (raw[a * _RESULT_BYTES:(a + n) * _RESULT_BYTES]
+            bodies: Iterable[bytes | None] = (raw[a * _RESULT_BYTES:(a + n) * _RESULT_BYTES]
                       for a, n in zip(outcomes.starts, outcomes.counts))
         else:
             bodies = (None if o.results is None else o.results.tobytes() for o in outcomes)
@@ -969,10 +975,10 @@ class Node:
             sock.send(ident, _SNDMORE | _NOBLOCK)
             sock.send(header, _SNDMORE)
             if extra is None:
-                sock.send(payload, copy=len(payload) < 65536)
+                sock.send(payload, 0, copy=len(payload) < 65536)
             else:
                 sock.send(payload, _SNDMORE, copy=len(payload) < 65536)
-                sock.send(extra, copy=len(extra) < 65536)
+                sock.send(extra, 0, copy=len(extra) < 65536)
         except zmq.ZMQError:
             pass        # the client is gone or not reading: it will time out and retry
 
@@ -986,7 +992,7 @@ class Node:
             try:
                 self.pub.send(W.EVENTS_TOPIC, zmq.SNDMORE)
                 self.pub.send(header, zmq.SNDMORE)
-                self.pub.send(evs, copy=evs.nbytes < 65536)
+                self.pub.send(evs.data, 0, copy=evs.nbytes < 65536)
             except zmq.ZMQError:
                 pass
 

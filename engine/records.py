@@ -18,7 +18,7 @@ by ``group_size - 1`` member records of kind SPEC (account_id, amount, currency)
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -114,7 +114,8 @@ class ResultFlag(IntFlag):
 _U128 = ("<u8", (2,))
 
 # Operation record: 128 bytes. Field meaning by kind:
-#   account_id  CREATE/DELETE/LOCK/UNLOCK/UPDATE/RESERVE/RELEASE: the account; TRANSFER: from; SPEC/PRECONDITION: the account
+#   account_id  CREATE/DELETE/LOCK/UNLOCK/UPDATE/RESERVE/RELEASE: the account; TRANSFER: from;
+#               SPEC/PRECONDITION: the account
 #   other_id    TRANSFER: to; RESERVE/RELEASE: reservation_id; TCC_*: txn_id; COMPENSATE: original_dedup_id
 #   amount      TRANSFER/RESERVE/RELEASE/SPEC: amount (signed for SPEC); PRECONDITION: expected balance;
 #               CREATE/UPDATE: lower_limit
@@ -186,6 +187,13 @@ EVENT_DTYPE = np.dtype(
 assert EVENT_DTYPE.itemsize == 128
 
 
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """The byte offset of a field of one of the record dtypes."""
+    fields = dtype.fields
+    assert fields is not None, "not a structured dtype"
+    return int(fields[name][1])
+
+
 # ------------------------------------------------------------------------------------- 128-bit helpers
 def _split(values: Iterable[int], signed: bool) -> np.ndarray:
     lo_hi = []
@@ -219,8 +227,8 @@ def _put(field: np.ndarray, values, signed: bool) -> None:
         else:
             field[..., 1] = 0
         return
-    if np.isscalar(values) or isinstance(values, int):
-        field[...] = _split([values], signed)[0]
+    if isinstance(values, (int, np.integer)):
+        field[...] = _split([int(values)], signed)[0]
         return
     field[...] = _split(values, signed)
 

@@ -416,7 +416,8 @@ def test_event_store_dedup_index_finds_commands_until_pruned(tmp_path):
         es.append([led.events(first, min(first + 24, led.last_seq))])
         es.flush()                                  # one index block per flush
     evs = led.events(1, led.last_seq)
-    by_seq = {int(s): R.get_u128(evs["dedup_id"][k:k + 1])[0] for k, s in enumerate(evs["seq_num"]) if evs["part"][k] == 0}
+    by_seq = {int(s): R.get_u128(evs["dedup_id"][k:k + 1])[0]
+              for k, s in enumerate(evs["seq_num"]) if evs["part"][k] == 0}
     assert all(es.lookup(d) == s for s, d in by_seq.items())
     assert es.lookup(987654321) is None
     es.append([led.events(led.last_seq, led.last_seq)])      # a replayed seq: idempotent
