@@ -1,7 +1,11 @@
 """bench_node's optional unbatched phase runs end to end (a short smoke run; numbers are not judged here)."""
 from __future__ import annotations
 
+import pytest
+
 from bench import bench_node
+
+pytestmark = pytest.mark.bench      # benchmark-only: run with `pytest -m bench` (CI runs them)
 
 
 def test_bench_node_unbatched_phase_runs(capsys):

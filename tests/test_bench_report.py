@@ -11,6 +11,8 @@ import pytest
 
 from bench import report
 
+pytestmark = pytest.mark.bench      # benchmark-only: run with `pytest -m bench` (CI runs them)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COMMAND = "zwallet bench --quick"
 

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.bench      # benchmark-only: run with `pytest -m bench` (CI runs them)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,6 +15,8 @@ from engine._ledger import OpEncoder
 from engine.records import Code
 from engine.workload import Workload
 
+pytestmark = pytest.mark.bench      # benchmark-only: run with `pytest -m bench` (CI runs them)
+
 enc = OpEncoder()
 
 
