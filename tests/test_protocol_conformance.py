@@ -118,16 +118,17 @@ def test_doc_tables_match_the_code():
 
 # ------------------------------------------------------------------------------ a raw client, per the doc
 REQUEST_FIELDS = ["req_id", "op", "consistency", "min_seq", "first_seq", "last_seq", "want_events", "currency",
-                  "with_digest", "version"]
-REQUEST_DEFAULTS = [None, None, 0, 0, 0, 0, False, "", False, 1]
-REPLY_FIELDS = ["req_id", "status", "error", "message", "leader_id", "leader_address", "last_seq", "node_id"]
+                  "with_digest", "version", "issued_ms"]
+REQUEST_DEFAULTS = [None, None, 0, 0, 0, 0, False, "", False, 1, 0]
+REPLY_FIELDS = ["req_id", "status", "error", "message", "leader_id", "leader_address", "last_seq", "node_id",
+                "results_complete_since_ms"]
 APPLY, GET_ACCOUNTS, EVENTS, RESULT_OF, STATUS, TOTALS = 1, 2, 3, 4, 5, 6
 OK_STATUS, NOT_LEADER, ERROR = 0, 1, 2
 BAD_REQUEST, UNKNOWN_OP = 1, 4
 CREATE_ACCOUNT, TRANSFER = 1, 6
 HAS_A, HAS_B, LOWER_UNBOUNDED, UPPER_UNBOUNDED = 1, 2, 4, 8
 DUPLICATE = 1
-OP_BYTES, RESULT_BYTES, EVENT_BYTES = 112, 32, 128
+OP_BYTES, RESULT_BYTES, EVENT_BYTES = 128, 32, 128
 
 
 def header(req_id: int, op: int, **fields: Any) -> bytes:
@@ -142,9 +143,10 @@ def u128(v: int) -> bytes:
 
 def op_record(kind: int, dedup_id: int, account_id: int = 0, other_id: int = 0, amount: int = 0,
               expected_a: int = 0, expected_b: int = 0, currency: bytes = b"", flags: int = 0,
-              group_size: int = 1) -> bytes:
+              group_size: int = 1, issued_ms: int | None = None) -> bytes:
+    issued = int(time.time() * 1000) if issued_ms is None else issued_ms       # the first attempt's time
     rec = (u128(dedup_id) + u128(account_id) + u128(other_id) + u128(amount) + u128(expected_a) + u128(expected_b)
-           + currency.ljust(8, b"\0") + struct.pack("<BBHI", kind, flags, group_size, 0))
+           + currency.ljust(8, b"\0") + struct.pack("<BBHIQQ", kind, flags, group_size, 0, issued, 0))
     assert len(rec) == OP_BYTES
     return rec
 
@@ -232,12 +234,15 @@ BIG = (1 << 100) + 12345                          # an amount beyond 2**53 and 2
 def test_create_transfer_duplicate_read_and_events_from_raw_frames(shard):
     cluster, raws, leader = shard
     raw = raws[leader]
-    creates = (op_record(CREATE_ACCOUNT, 501, A, currency=b"BTC", flags=HAS_A | HAS_B | LOWER_UNBOUNDED | UPPER_UNBOUNDED)
-               + op_record(CREATE_ACCOUNT, 502, B, currency=b"BTC", flags=HAS_A | HAS_B | UPPER_UNBOUNDED))
+    now = int(time.time() * 1000)
+    creates = (op_record(CREATE_ACCOUNT, 501, A, currency=b"BTC",
+                         flags=HAS_A | HAS_B | LOWER_UNBOUNDED | UPPER_UNBOUNDED, issued_ms=now)
+               + op_record(CREATE_ACCOUNT, 502, B, currency=b"BTC", flags=HAS_A | HAS_B | UPPER_UNBOUNDED,
+                           issued_ms=now))
     from engine._ledger import OpEncoder          # the doc's layout is what the Python encoder builds
     enc = OpEncoder()
-    assert creates == (enc.create_account(501, A, "BTC", lower_limit=None).tobytes()
-                       + enc.create_account(502, B, "BTC").tobytes())
+    assert creates == (enc.create_account(501, A, "BTC", lower_limit=None, timestamp=now).tobytes()
+                       + enc.create_account(502, B, "BTC", timestamp=now).tobytes())
     rep, body = raw.ask(header(10, APPLY), creates)
     assert (rep["req_id"], rep["status"], rep["node_id"]) == (10, OK_STATUS, cluster.ids[leader]), rep
     assert [r["code"] for r in results(body[0])] == [0, 0]
