@@ -11,6 +11,11 @@ meet in three places only: the driver's futures (their callbacks queue completio
 thread through an eventfd), the ledger lock (the main thread reads the ledger under it), and the PUB queue.
 
 Request handling (protocol: `engine/wire.py`, docs/protocol.md):
+- Intake (``_receive``/``_handle``): frame count, header, payload size against the op, then the pending
+  bounds (requests and bytes, all clients and per connection), all before anything is decoded; a refusal
+  echoes the req_id when it can be read and is counted by reason (STATUS "refusals"). Frames over
+  ``frame_bytes_max`` never reach us (ZMQ_MAXMSGSIZE drops the connection), and the connection guard
+  (`engine/conn_guard.py`) cuts a connection that holds too many bytes inside ZeroMQ either way.
 - APPLY: the payload must be whole op records, at most ``batch_records_max``, well formed (``check_batch``);
   anything else is an ERROR reply and never reaches the log. Only the leader accepts; a follower replies
   NOT_LEADER with the leader's id and client address. The reply carries one result record per op record
@@ -19,6 +24,8 @@ Request handling (protocol: `engine/wire.py`, docs/protocol.md):
   every read that arrived in the same loop iteration, on any replica); FOLLOWER reads are served locally
   once this replica's ledger has applied ``min_seq``. EVENTS come from the event store (the golden copy).
 - STATUS: role, term, leader, commit and applied index, ledger last_seq, optionally the state digest.
+  TOTALS and the digest are O(accounts) under the ledger lock: they share a time budget
+  (``expensive_read_ms_per_s``) and are refused RATE_LIMITED over it.
 """
 from __future__ import annotations
 
@@ -407,7 +414,7 @@ class Node:
         self._writeback.start()
         if self._probe is not None:
             self._probe.start()
-        self.guard.start()
+        self.guard.start(self.router)
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -598,7 +605,7 @@ class Node:
             elif op is Op.STATUS:
                 self._serve_status(p)
             else:
-                self._accept_read(p, op, body.buffer)
+                self._accept_read(p, Op(op), body.buffer)
         except _RequestError as exc:
             self._count_refusal(exc.reason or ("bad_batch" if op == _OP_APPLY else "bad_argument"), exc.code)
             self._error(p, exc.code, str(exc))
@@ -892,10 +899,10 @@ class Node:
             sock.send(ident, _SNDMORE | _NOBLOCK)
             sock.send(header, _SNDMORE)
             if extra is None:
-                sock.send(payload, copy=len(payload) < 65536)
+                sock.send(payload, 0, copy=len(payload) < 65536)
             else:
                 sock.send(payload, _SNDMORE, copy=len(payload) < 65536)
-                sock.send(extra, copy=len(extra) < 65536)
+                sock.send(extra, 0, copy=len(extra) < 65536)
         except zmq.ZMQError:
             pass        # the client is gone or not reading: it will time out and retry
 

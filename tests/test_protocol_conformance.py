@@ -23,6 +23,7 @@ import zmq
 
 from engine import records as R
 from engine import wire as W
+from engine._ledger import OpEncoder
 from engine.cluster import NodeCluster
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
@@ -234,8 +235,7 @@ def test_create_transfer_duplicate_read_and_events_from_raw_frames(shard):
     raw = raws[leader]
     creates = (op_record(CREATE_ACCOUNT, 501, A, currency=b"BTC", flags=HAS_A | HAS_B | LOWER_UNBOUNDED | UPPER_UNBOUNDED)
                + op_record(CREATE_ACCOUNT, 502, B, currency=b"BTC", flags=HAS_A | HAS_B | UPPER_UNBOUNDED))
-    from engine._ledger import OpEncoder          # the doc's layout is what the Python encoder builds
-    enc = OpEncoder()
+    enc = OpEncoder()                             # the doc's layout is what the Python encoder builds
     assert creates == (enc.create_account(501, A, "BTC", lower_limit=None).tobytes()
                        + enc.create_account(502, B, "BTC").tobytes())
     rep, body = raw.ask(header(10, APPLY), creates)
@@ -326,7 +326,7 @@ def test_every_malformed_request_gets_a_matchable_error_with_the_real_seq_and_no
 
 
 def test_status_keys_are_all_documented(shard):
-    cluster, raws, leader = shard
+    _, raws, leader = shard
     rep, body = raws[leader].ask(header(60, STATUS, with_digest=True), b"")
     assert rep["status"] == OK_STATUS, rep
     st = msgspec.msgpack.decode(body[0])
