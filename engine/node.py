@@ -80,6 +80,9 @@ SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it 
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
+RECV_PASS_S = 0.005                   # ... and for at most this long: a request read early in a pass is
+                                      # proposed (or its ReadIndex round started) only after the pass, and
+                                      # 4096 junk messages of a flood take ~100 ms to refuse
 RECEIVE_DEFER_MS = 2                  # with entries in flight, requests are taken at most this late (see serve)
 
 
@@ -506,7 +509,11 @@ class Node:
         recv = sock.recv
         counters = self.counters
         guard = self.guard if self.guard.enabled else None
-        for _ in range(RECV_PER_ITERATION_MAX):
+        monotonic = time.monotonic
+        pass_end = monotonic() + RECV_PASS_S
+        for k in range(RECV_PER_ITERATION_MAX):
+            if not k & 31 and k and monotonic() > pass_end:
+                return                      # the rest waits for the next pass (poll returns at once)
             try:
                 f = recv(_NOBLOCK, copy=False)
             except zmq.Again:
