@@ -11,6 +11,11 @@ meet in three places only: the driver's futures (their callbacks queue completio
 thread through an eventfd), the ledger lock (the main thread reads the ledger under it), and the PUB queue.
 
 Request handling (protocol: `engine/wire.py`, docs/protocol.md):
+- Intake (``_receive``/``_handle``): frame count, header, payload size against the op, then the pending
+  bounds (requests and bytes, all clients and per connection), all before anything is decoded; a refusal
+  echoes the req_id when it can be read and is counted by reason (STATUS "refusals"). Frames over
+  ``frame_bytes_max`` never reach us (ZMQ_MAXMSGSIZE drops the connection), and the connection guard
+  (`engine/conn_guard.py`) cuts a connection that holds too many bytes inside ZeroMQ either way.
 - APPLY: the payload must be whole op records, at most ``batch_records_max``, well formed (``check_batch``);
   anything else is an ERROR reply and never reaches the log. Only the leader accepts; a follower replies
   NOT_LEADER with the leader's id and client address. The reply carries one result record per op record
@@ -19,6 +24,8 @@ Request handling (protocol: `engine/wire.py`, docs/protocol.md):
   every read that arrived in the same loop iteration, on any replica); FOLLOWER reads are served locally
   once this replica's ledger has applied ``min_seq``. EVENTS come from the event store (the golden copy).
 - STATUS: role, term, leader, commit and applied index, ledger last_seq, optionally the state digest.
+  TOTALS and the digest are O(accounts) under the ledger lock: they share a time budget
+  (``expensive_read_ms_per_s``) and are refused RATE_LIMITED over it.
 """
 from __future__ import annotations
 
@@ -76,6 +83,9 @@ SNAPSHOT_CHILD_BOOST_S = 10.0         # ... until it has run this long; then it 
 SNAPSHOT_WRITE_CHUNK_BYTES = 1 << 20  # the child writes its file back this much at a time ...
 SNAPSHOT_WRITE_PAUSE_S = 0.002        # ... pausing this long in between (~300 MB/s at most)
 RECV_PER_ITERATION_MAX = 4096         # client messages drained per loop iteration (bounds reply latency)
+RECV_PASS_S = 0.005                   # ... and for at most this long: a request read early in a pass is
+                                      # proposed (or its ReadIndex round started) only after the pass, and
+                                      # 4096 junk messages of a flood take ~100 ms to refuse
 DEDUP_RETENTION_MAX = 1 << 30        # 64 GiB of dedup ring per replica at most
 # A window smaller than the commands issued in the same millisecond would refuse some of them (the horizon
 # passes their issue time when the first of them is evicted): at least 4 full entries.
@@ -428,7 +438,7 @@ class Node:
         self._writeback.start()
         if self._probe is not None:
             self._probe.start()
-        self.guard.start()
+        self.guard.start(self.router)
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -522,7 +532,11 @@ class Node:
         recv = sock.recv
         counters = self.counters
         guard = self.guard if self.guard.enabled else None
-        for _ in range(RECV_PER_ITERATION_MAX):
+        monotonic = time.monotonic
+        pass_end = monotonic() + RECV_PASS_S
+        for k in range(RECV_PER_ITERATION_MAX):
+            if not k & 31 and k and monotonic() > pass_end:
+                return                      # the rest waits for the next pass (poll returns at once)
             try:
                 f = recv(_NOBLOCK, copy=False)
             except zmq.Again:

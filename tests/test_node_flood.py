@@ -41,3 +41,25 @@ def test_a_flood_of_oversized_and_malformed_frames_leaves_every_replica_up_and_h
         for reason in ("frames", "header", "version", "payload", "batch_too_large", "bad_batch",
                        "connection_held_in"):
             assert refusals.get(reason, 0) > 0, (node, reason, text)
+
+
+def test_intake_limits_are_validated_and_the_frame_limit_follows_the_record_size():
+    from engine import records as R
+    from engine import wire as W
+    from engine.node import NodeConfig
+    replicas = {1: {"raft": "tcp://127.0.0.1:1", "client": "tcp://127.0.0.1:2", "pub": "tcp://127.0.0.1:3"}}
+    cfg = NodeConfig(node_id=1, replicas=replicas, data_dir="x")
+    cfg.validate()
+    assert cfg.frame_bytes_max == R.BATCH_SIZE_MAX * R.OP_DTYPE.itemsize + W.HEADER_BYTES_MAX
+    for bad in ({"pending_bytes_per_client_max": cfg.frame_bytes_max},            # one largest request must fit
+                {"pending_bytes_max": (32 << 20) - 1},                             # below the per-client bound
+                {"connection_held_bytes_max": cfg.frame_bytes_max},                # two largest must fit
+                {"held_bytes_max": (64 << 20) - 1},
+                {"connection_check_ms": -1}, {"expensive_read_ms_per_s": 0},
+                {"frame_bytes_max": W.HEADER_BYTES_MAX - 1}):
+        with pytest.raises(ValueError):
+            NodeConfig(node_id=1, replicas=replicas, data_dir="x", **bad).validate()
+    text = cfg.to_toml()
+    for name in ("pending_bytes_max", "pending_bytes_per_client_max", "connection_held_bytes_max", "held_bytes_max",
+                 "connection_check_ms", "expensive_read_ms_per_s"):
+        assert f"\n{name} = {getattr(cfg, name)}\n" in text

@@ -23,6 +23,7 @@ import zmq
 
 from engine import records as R
 from engine import wire as W
+from engine._ledger import OpEncoder
 from engine.cluster import NodeCluster
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
@@ -331,7 +332,7 @@ def test_every_malformed_request_gets_a_matchable_error_with_the_real_seq_and_no
 
 
 def test_status_keys_are_all_documented(shard):
-    cluster, raws, leader = shard
+    _, raws, leader = shard
     rep, body = raws[leader].ask(header(60, STATUS, with_digest=True), b"")
     assert rep["status"] == OK_STATUS, rep
     st = msgspec.msgpack.decode(body[0])
