@@ -210,7 +210,7 @@ class ConnectionGuard:
         for fd in list(self.fds):
             peer = peer_of(fd) if local_port(fd) == port else None
             counters = tcp_counters(fd) if peer is not None else None
-            if counters is None:
+            if counters is None or peer is None:
                 self.fds.discard(fd)        # closed, reused for something else, or not connected any more
                 continue
             out[(fd, peer)] = counters
