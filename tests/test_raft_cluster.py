@@ -100,7 +100,7 @@ def test_kill_leader_under_load_then_restart(cluster, client):
     logs = {}
     for n in cluster.ids:
         with LogStore(cluster.data_dir(n), map_size_bytes=1 << 30) as store:
-            hs, snap, entries = store.initial_state()
+            _hs, snap, entries = store.initial_state()
             assert snap is None
             assert store.last_index >= final_commit
             logs[n] = [(e.index, e.term, e.kind, bytes(e.data)) for e in entries[:final_commit]]
@@ -116,9 +116,9 @@ def test_kill_leader_under_load_then_restart(cluster, client):
 
 
 # --- in-process drivers (threads): API behaviour that does not need separate processes ---------------------
-from engine.raft.driver import DriverConfig, NotLeader, RaftDriver  # noqa: E402
-from engine.raft.local_cluster import free_ports  # noqa: E402
-from engine.raft.replica_main import CounterMachine  # noqa: E402
+from engine.raft.driver import DriverConfig, NotLeader, RaftDriver
+from engine.raft.local_cluster import free_ports
+from engine.raft.replica_main import CounterMachine
 
 
 class _Member:
@@ -219,6 +219,36 @@ def test_driver_snapshot_compaction_and_catch_up(members):
     lagging.start()
     _wait_converged(ms)
     assert lagging.sm.counter == 500
+
+
+def test_driver_follower_a_few_entries_behind_catches_up_from_the_log(members):
+    # snapshot_keep_entries=70 with snapshots 50-100 entries apart: a follower that missed 40 entries is
+    # behind the leader's next snapshot, yet within what it keeps below it, so it is sent the log
+    ms = members(snapshot_threshold_entries=100, snapshot_keep_entries=70, leader_snapshot_defer=1, sync=False)
+    leader = _wait_leader(ms)
+    lagging = next(m for m in ms if m is not leader)
+
+    def propose_until_snapshot():
+        first = leader.driver.status()["snapshot_index"]
+        for _ in range(150):
+            leader.driver.propose(counter_entry([1])).result(timeout=WAIT_S)
+            if leader.driver.status()["snapshot_index"] != first:
+                return leader.driver.status()["snapshot_index"]
+        raise AssertionError("the leader took no snapshot")
+
+    propose_until_snapshot()
+    for _ in range(40):
+        leader.driver.propose(counter_entry([1])).result(timeout=WAIT_S)
+    _wait_converged(ms)
+    missed_from = lagging.driver.status()["applied"]
+    lagging.stop()
+    snapshot_at = propose_until_snapshot()
+    assert snapshot_at > missed_from                       # its snapshot covers entries the follower lacks
+    assert leader.driver.status()["log_store"]["first_index"] <= missed_from
+    lagging.start()
+    _wait_converged(ms)
+    assert lagging.sm.counter == leader.sm.counter
+    assert lagging.driver.status()["snapshots_installed"] == 0
 
 
 def test_driver_leadership_transfer(members):

@@ -52,7 +52,7 @@ def test_codec_round_trip_with_raw_payload_frames():
     assert (back.prev_index, back.commit, back.read_seq) == (9, 8, 5)
     snap = m.InstallSnapshot(1, 2, 3, m.SnapshotMeta(5, 2, [1, 2, 3]), 0, True, b"xyz")
     assert bytes(m.decode_frames(m.encode_frames(snap)).data) == b"xyz"
-    for other in (m.RequestVote(1, 2, 3, 4, 5, True), m.TimeoutNow(1, 2, 3), m.ReadIndexRequest(1, 2, 3, b"c")):
+    for other in (m.RequestVote(1, 2, 5, 4, 3, True), m.TimeoutNow(1, 2, 3), m.ReadIndexRequest(1, 2, 3, b"c")):
         assert m.decode_frames(m.encode_frames(other)) == other
 
 
@@ -115,7 +115,7 @@ def test_fast_backtracking_hint_skips_a_conflicting_term():
              hard_state=HardState(2, 0, 1))
     c.step(m.AppendEntries(1, 2, 3, 4, 3, 1, []))
     c.persisted(c.last_index, c.last_term)
-    resp = [x for x in drain(c) if isinstance(x, m.AppendEntriesResponse)][0]
+    resp = next(x for x in drain(c) if isinstance(x, m.AppendEntriesResponse))
     assert not resp.success and resp.hint_index == 2
 
 

@@ -24,7 +24,7 @@ MAP_SIZE = 1 << 30
 
 def _kind():
     kind_type = getattr(m, "EntryKind", None)
-    return list(kind_type)[0] if kind_type is not None else 0
+    return next(iter(kind_type)) if kind_type is not None else 0
 
 
 def payload(index: int, size: int = 100) -> bytes:
@@ -163,6 +163,36 @@ def test_snapshot_compaction_and_install(path):
         assert s.snapshot() == (snap, b"state@40")
 
 
+def test_snapshot_keeps_entries_below_it_across_restarts(path):
+    with _open(path) as s:
+        s.save(hard_state=HS(3, 1, 30), entries=[E(i, 3) for i in range(1, 41)])
+        s.save_snapshot(meta(30, 3), b"state@30", keep_from=25)      # snapshot_keep_entries = 5
+        assert (s.first_index, s.last_index) == (25, 40)
+        assert [e.index for e in s.entries(25, 31)] == list(range(25, 31)) and s.term(25) == 3
+    with _open(path) as s:
+        _hs, snap, entries = s.initial_state()
+        assert snap.index == 30 and s.first_index == 25
+        assert [e.index for e in entries] == list(range(25, 41))        # the kept ones first
+        assert [bytes(e.data) for e in entries[:6]] == [payload(i) for i in range(25, 31)]
+        with pytest.raises(LogStoreError):
+            s.append([E(28, 3)])                                        # still at or below the snapshot
+        # keep_from only ever keeps what is there; a later snapshot moves the kept window up
+        s.save(hard_state=HS(3, 1, 40))
+        s.save_snapshot(meta(38, 3), b"state@38", keep_from=10)
+        assert s.first_index == 25
+        s.save_snapshot(meta(40, 3), b"state@40", keep_from=36)
+        assert s.first_index == 36
+    with _open(path) as s:
+        assert s.first_index == 36 and [e.index for e in s.initial_state()[2]] == list(range(36, 41))
+        # without keep_from (a leader's snapshot, or keep 0) nothing stays below it
+        s.append([E(i, 3) for i in range(41, 46)])
+        s.save(hard_state=HS(3, 1, 45))
+        s.save_snapshot(meta(45, 3), b"state@45")
+        assert (s.first_index, s.last_index) == (46, 45)
+    with _open(path) as s:
+        assert (s.first_index, s.initial_state()[2]) == (46, [])
+
+
 def _vote_optional():
     f = next(f for f in __import__("msgspec").structs.fields(m.HardState) if f.name == "vote")
     return f.default is None
@@ -173,7 +203,8 @@ def _segments(path):
 
 
 def _flip_byte_after(path_of_file, marker, delta=5):
-    blob = open(path_of_file, "rb").read()
+    with open(path_of_file, "rb") as f:
+        blob = f.read()
     at = blob.find(marker)
     assert at >= 0
     _flip_at(path_of_file, at + delta)
@@ -262,7 +293,7 @@ def test_recovery_after_kill9_mid_append(path):
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
-        term, last_reported, commit_reported = reported[-1]
+        term, _last_reported, commit_reported = reported[-1]
         with _open(path) as s:
             hs, snap, entries = s.initial_state()
             assert snap is None
@@ -312,7 +343,8 @@ def test_snapshot_from_a_file_is_moved_in_verified_and_cleaned_up(path, tmp_path
     assert store.snapshot() == (meta, data) and store.first_index == 7
     # a stray file (a save that crashed before its transaction) is removed at the next open
     stray = os.path.join(store.path, "snapshot-99-9.bin")
-    open(stray, "wb").write(b"x")
+    with open(stray, "wb") as f:
+        f.write(b"x")
     store.close()
     again = LogStore(path, sync=True, map_size_bytes=MAP_SIZE)
     assert not os.path.exists(stray) and again.snapshot() == (meta, data)
@@ -434,8 +466,9 @@ def test_segments_are_made_from_zero_filled_spares(path):
 
 def test_a_store_with_its_log_in_lmdb_is_moved_into_segments(path):
     """Stores written before the segment log kept entries in an LMDB table: the first open moves them."""
-    import lmdb
     import zlib
+
+    import lmdb
     os.makedirs(path)
     env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=4, subdir=True)
     entries_db, state_db = env.open_db(b"entries"), env.open_db(b"state")

@@ -171,3 +171,48 @@ def test_leadership_transfer():
             break
     assert c.leader().id == target
     c.run_until_applied(b"after-transfer", bound=2000)
+
+
+@pytest.mark.parametrize("keep, snapshots_expected", [(30, False), (0, True)])
+def test_follower_a_few_entries_behind_catches_up_from_entries_kept_below_the_snapshot(keep, snapshots_expected):
+    # snapshot_keep entries stay below each snapshot: a follower that missed fewer than that is sent the log,
+    # not the whole state (with keep=0, the control, the same follower needs an InstallSnapshot)
+    c = cluster(3, seed=5, snapshot_every=20, snapshot_keep=keep)
+    leader = c.wait_leader()
+    commit_some(c, 3)
+    lagging = next(i for i in c.ids if i != leader.id)
+    c.crash(lagging)
+    behind = c.nodes[lagging].core.last_index
+    k = 0
+    while leader.core.snap_index <= behind:          # until the leader's snapshot covers what it missed
+        c.propose(f"while-down-{k}".encode())
+        c.step(faults=False)
+        k += 1
+    assert leader.core.snap_index - behind <= 20 and k < 40
+    c.restart(lagging)
+    c.run_until_applied(b"caught-up", bound=3000)
+    node = c.nodes[lagging]
+    assert node.sm.applied == c.nodes[leader.id].sm.applied and node.sm.digest == c.nodes[leader.id].sm.digest
+    assert (c.snapshots_sent > 0) is snapshots_expected
+    if not snapshots_expected:
+        assert node.core.snapshots_installed == 0
+        assert leader.core.log_start < behind < leader.core.snap_index
+    c.check_final()
+
+
+def test_kept_entries_survive_a_restart_of_the_replica_that_kept_them():
+    c = cluster(3, seed=6, snapshot_every=20, snapshot_keep=10)
+    leader = c.wait_leader()
+    commit_some(c, 30)
+    node = next(n for n in c.nodes.values() if n is not leader)
+    core = node.core
+    assert core.snap_index > 0 and core.log_start == core.snap_index - 10
+    kept = [(i, core.term_at(i)) for i in range(core.log_start, core.snap_index + 1)]
+    c.crash(node.id)
+    c.restart(node.id)
+    again = c.nodes[node.id].core
+    # the store kept the same entries, the base of the log (its term known) included
+    assert again.log_start == kept[0][0] and again.snap_index == kept[-1][0]
+    assert [(i, again.term_at(i)) for i in range(again.log_start, again.snap_index + 1)] == kept
+    c.run_until_applied(b"after-restart", bound=3000)
+    c.check_final()

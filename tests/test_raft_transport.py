@@ -44,6 +44,7 @@ def make(ctx):
     Raw, encode, decode = _raw_codec()
 
     def _make(node_id, peers=None, **kw):
+        kw.setdefault("only_peers", False)     # most tests here receive from transports they do not send to
         t = Transport(node_id, LOOPBACK, peers or {}, context=ctx, encode=encode, decode=decode, **kw)
         made.append(t)
         return t

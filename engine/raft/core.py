@@ -18,18 +18,52 @@ order (the driver and the simulator do exactly this):
 
 Invariants are asserted where they are assumed: the commit index never decreases, appended logs are
 contiguous, a committed entry is never truncated, one vote per term.
+
+Peers are not trusted (the assertions guard only this replica's own state): ``step`` drops, and counts in
+``rejected`` (one counter per reason; ``last_rejection`` holds the latest detail), every message that
+breaks the protocol: the field checks of ``messages.message_fault`` and those that need this replica's
+state (two leaders in one term, acknowledgements of entries never sent, snapshot chunks too large or out
+of order, disruptive higher-term messages while a leader is alive). The core reads no clock, so it does
+not log: the driver reports ``rejected`` at a bounded rate. Reasons and rules: docs/raft.md.
+
+The log held in memory starts after ``log_start`` (whose term, ``log_start_term``, is kept): normally the
+snapshot's index, lower when ``compact`` kept entries below the snapshot for followers a little behind,
+which then catch up from the log instead of by InstallSnapshot.
 """
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any
 
 from engine.raft import messages as m
 from engine.raft.messages import Entry, EntryKind, HardState, SnapshotMeta
 
 NONE = m.NODE_ID_NONE
+
+# --- named limits -----------------------------------------------------------------------------------
+READS_PENDING_MAX = 1 << 16          # ReadIndex rounds a leader holds for its followers (each driver holds
+                                     # at most driver.PENDING_READS_MAX of its own)
+READS_FORWARDED_MAX = 1 << 16        # reads a follower forwarded and awaits an answer for (oldest forgotten)
+
+# --- reasons a peer's message is rejected, besides messages.FAULT_REASONS ----------------------------
+VOTE_IN_LEASE = "vote_in_lease"                    # a higher-term RequestVote/PreVote while a leader is alive
+LEADER_IN_LEASE = "leader_in_lease"                # a higher-term AppendEntries/InstallSnapshot while this
+                                                   # follower hears from the leader of its term
+TIMEOUT_NOW_NOT_LEADER = "timeout_now_not_leader"  # TimeoutNow from anyone but the leader of this term
+TWO_LEADERS = "two_leaders"                        # a second, different leader for one term
+SNAPSHOT_TOO_LARGE = "snapshot_too_large"          # an incoming snapshot past cfg.snapshot_bytes_max
+SNAPSHOT_CHUNK_OUT_OF_ORDER = "snapshot_chunk_out_of_order"   # a gap, or another snapshot's chunk mid-way
+ACK_BEYOND_LOG = "ack_beyond_log"                  # a follower acknowledges entries or a snapshot never sent
+READ_SEQ_AHEAD = "read_seq_ahead"                  # a follower confirms a ReadIndex round not yet started
+READ_UNKNOWN = "read_unknown"                      # a ReadIndexResponse for no read this replica forwarded
+READS_FULL = "reads_full"                          # READS_PENDING_MAX follower reads are waiting already
+REJECT_REASONS = m.FAULT_REASONS + (
+    VOTE_IN_LEASE, LEADER_IN_LEASE, TIMEOUT_NOW_NOT_LEADER, TWO_LEADERS, SNAPSHOT_TOO_LARGE,
+    SNAPSHOT_CHUNK_OUT_OF_ORDER, ACK_BEYOND_LOG, READ_SEQ_AHEAD, READ_UNKNOWN, READS_FULL)
 
 
 class Role(Enum):
@@ -59,14 +93,17 @@ class RaftConfig:
     max_committed_per_ready: int = 4096
     max_committed_bytes_per_ready: int = 8 << 20   # at least one entry; bounds one apply call's work
     snapshot_chunk_bytes: int = 1 << 20
+    snapshot_bytes_max: int = 4 << 30   # an incoming snapshot larger than this is refused (it is held in
+                                        # memory while it arrives); must exceed every snapshot the group makes
     pre_vote: bool = True
-    check_quorum: bool = True
+    check_quorum: bool = True           # also the leader lease that makes followers ignore disruptive peers
 
     def __post_init__(self) -> None:
         if not (1 <= self.heartbeat_ticks < self.election_ticks):
             raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
         for name in ("max_inflight_appends", "max_entries_per_append", "max_bytes_per_append",
-                     "max_committed_per_ready", "max_committed_bytes_per_ready", "snapshot_chunk_bytes"):
+                     "max_committed_per_ready", "max_committed_bytes_per_ready", "snapshot_chunk_bytes",
+                     "snapshot_bytes_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -107,7 +144,7 @@ class _Read:
     index: int
     seq: int
     requester: int
-    acks: set = field(default_factory=set)
+    acks: set[int] = field(default_factory=set)
 
 
 class RaftCore:
@@ -127,10 +164,18 @@ class RaftCore:
         self.snap_index = snapshot_meta.index if snapshot_meta else 0
         self.snap_term = snapshot_meta.term if snapshot_meta else 0
         self.snap_data: bytes | None = snapshot_data
-        self.log: list[Entry] = [e for e in entries if e.index > self.snap_index]
-        for a, b in zip(self.log, self.log[1:]):
+        log = list(entries)
+        for a, b in itertools.pairwise(log):
             assert b.index == a.index + 1, "log not contiguous"
-        assert not self.log or self.log[0].index == self.snap_index + 1, "log does not follow the snapshot"
+        self.log_start, self.log_start_term = self.snap_index, self.snap_term
+        if log and log[0].index <= self.snap_index:
+            # entries kept below the snapshot (compact's keep_from): the first one is the base
+            at = self.snap_index - log[0].index
+            assert at < len(log) and log[at].term == self.snap_term, "kept entries do not reach the snapshot"
+            self.log_start, self.log_start_term = log[0].index, log[0].term
+            log = log[1:]
+        assert not log or log[0].index == self.log_start + 1, "log does not follow the snapshot"
+        self.log: list[Entry] = log
         self.commit = max(hs.commit, self.snap_index)
         assert self.commit <= self.last_index
         self.handed = self.snap_index        # last index handed out in committed_entries
@@ -139,7 +184,7 @@ class RaftCore:
             (self.snap_index, sorted(snapshot_meta.config) if snapshot_meta and snapshot_meta.config
              else sorted(set(members) or {node_id}))]
         for e in self.log:
-            if e.kind == EntryKind.CONFIG:
+            if e.kind == EntryKind.CONFIG and e.index > self.snap_index:
                 self._configs.append((e.index, m.decode_config(e.data)))
         self.role = Role.FOLLOWER
         self.leader_id: int | None = None
@@ -150,6 +195,15 @@ class RaftCore:
         self.progress: dict[int, _Progress] = {}
         self.transferee: int | None = None
         self.transfer_elapsed = 0
+        self._transfer_seq = 0                        # the ReadIndex round that announced the transfer
+        self._timeout_now_sent = False
+        self._term_leader = NONE                      # the leader of self.term, once heard from (or self)
+        self._transfer_hint: int | None = None        # the transferee the leader of self.term announced
+        # peer messages refused (REJECT_REASONS; fixed keys, so another thread may copy it safely)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.rejections = 0                           # their sum
+        self.last_rejection: tuple[str, int, str] | None = None   # (reason, sender, detail) of the latest
+        self.snapshots_installed = 0                  # snapshots received from a leader and installed
         # persistence bookkeeping
         self.durable_index = self.last_index          # what is on disk: everything we were built from
         self.unstable_from = self.last_index + 1      # first entry not yet handed out for persisting
@@ -166,15 +220,16 @@ class RaftCore:
         self._reads: list[_Read] = []
         self._read_seq = 0
         self._reads_before_commit: list[tuple[bytes, int]] = []
+        self._forwarded_reads: dict[bytes, int] = {}  # ctx -> the leader it was forwarded to
 
     # ----------------------------------------------------------------------------------- log access
     @property
     def last_index(self) -> int:
-        return self.log[-1].index if self.log else self.snap_index
+        return self.log[-1].index if self.log else self.log_start
 
     @property
     def last_term(self) -> int:
-        return self.log[-1].term if self.log else self.snap_term
+        return self.log[-1].term if self.log else self.log_start_term
 
     @property
     def commit_index(self) -> int:
@@ -192,20 +247,49 @@ class RaftCore:
         return list(cfg)
 
     def term_at(self, index: int) -> int | None:
-        if index == self.snap_index:
-            return self.snap_term
-        if index < self.snap_index or index > self.last_index:
+        if index == self.log_start:
+            return self.log_start_term
+        if index < self.log_start or index > self.last_index:
             return None
-        return self.log[index - self.snap_index - 1].term
+        return self.log[index - self.log_start - 1].term
+
+    def _term(self, index: int) -> int:
+        """term_at for an index this replica holds (its own invariant)."""
+        t = self.term_at(index)
+        assert t is not None, f"no term at {index} (log ({self.log_start}, {self.last_index}])"
+        return t
 
     def entry(self, index: int) -> Entry:
-        return self.log[index - self.snap_index - 1]
+        return self.log[index - self.log_start - 1]
 
     def _quorum(self) -> int:
         return len(self.voters) // 2 + 1
 
     def _random_timeout(self) -> int:
         return self.cfg.election_ticks + self.rng.randrange(self.cfg.election_ticks)
+
+    def _reject(self, reason: str, src: int, detail: str) -> None:
+        self.rejected[reason] += 1
+        self.rejections += 1
+        self.last_rejection = (reason, src, detail)
+
+    def _in_lease(self) -> bool:
+        """Heard from a live leader (or is one) within the minimum election timeout (thesis §4.2.3)."""
+        return self.cfg.check_quorum and self.leader_id is not None and self.elapsed < self.cfg.election_ticks
+
+    def _may_disrupt(self, msg: Any) -> bool:
+        """A higher-term message that may break the lease: from the member the leader of this term is
+        transferring leadership to (a forced RequestVote, or its first appends as the new leader)."""
+        hint = self.transferee if self.role is Role.LEADER else self._transfer_hint
+        if hint is None or msg.src != hint:
+            return False
+        return msg.force if isinstance(msg, m.RequestVote) else True
+
+    def _new_term(self) -> None:
+        """self.term just grew: what was known about the previous term's leader no longer holds."""
+        self._term_leader = NONE
+        self._transfer_hint = None
+        self._forwarded_reads.clear()
 
     # ------------------------------------------------------------------------------------- outputs
     def _send(self, msg: Any) -> None:
@@ -224,7 +308,7 @@ class RaftCore:
             rd.snapshot = self._pending_snapshot
             self._pending_snapshot = None
         if self.unstable_from <= self.last_index:
-            rd.entries = self.log[self.unstable_from - self.snap_index - 1:]
+            rd.entries = self.log[self.unstable_from - self.log_start - 1:]
             self.unstable_from = self.last_index + 1
         if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
             self._handed_seq = self._dirty_seq
@@ -241,8 +325,8 @@ class RaftCore:
                 keep.append((seq, msg))
         self._held = keep
         upto = min(self.commit, self.handed + self.cfg.max_committed_per_ready)
-        if upto > self.handed and self.handed >= self.snap_index:
-            committed = self.log[self.handed - self.snap_index: upto - self.snap_index]
+        if upto > self.handed and self.handed >= self.log_start:
+            committed = self.log[self.handed - self.log_start: upto - self.log_start]
             size, bytes_max = 0, self.cfg.max_committed_bytes_per_ready
             for k, e in enumerate(committed):
                 size += len(e.data)
@@ -272,6 +356,7 @@ class RaftCore:
         if term > self.term:
             self.term = term
             self.vote = NONE
+            self._new_term()
             self._dirty()
         self.role = Role.FOLLOWER
         self.leader_id = leader
@@ -290,6 +375,7 @@ class RaftCore:
             self.role = Role.CANDIDATE
             self.term += 1
             self.vote = self.id
+            self._new_term()
             self._dirty()
             term = self.term
         self.leader_id = None
@@ -310,6 +396,7 @@ class RaftCore:
         assert self.role is Role.CANDIDATE or len(self.voters) == 1
         self.role = Role.LEADER
         self.leader_id = self.id
+        self._term_leader = self.id
         self.elapsed = 0
         self.heartbeat_elapsed = 0
         self.transferee = None
@@ -330,7 +417,7 @@ class RaftCore:
             if self.transferee is not None:
                 self.transfer_elapsed += 1
                 if self.transfer_elapsed >= self.cfg.election_ticks:
-                    self.transferee = None
+                    self.transferee = None         # given up: the next appends withdraw the announcement
             if self.elapsed >= self.cfg.election_ticks:
                 self.elapsed = 0
                 if self.cfg.check_quorum:
@@ -358,6 +445,8 @@ class RaftCore:
         new, old = set(voters), set(self.voters)
         if len(new ^ old) != 1:
             raise ConfigChangeRefused("a configuration change adds or removes exactly one server")
+        if not new:
+            raise ConfigChangeRefused("a configuration needs at least one voter")
         if self._configs[-1][0] > self.commit:
             raise ConfigChangeRefused("the previous configuration change is not committed yet")
         if self.term_at(self.commit) != self.term:
@@ -406,7 +495,7 @@ class RaftCore:
         pr = self.progress[peer]
         if pr.snapshot_offset >= 0:
             return
-        if pr.next <= self.snap_index:
+        if pr.next <= self.log_start:
             self._send_snapshot(peer)
             return
         if pr.probing and pr.inflight > 0 and not empty_ok:
@@ -426,8 +515,8 @@ class RaftCore:
             entries.append(e)
             size += len(e.data)
             i += 1
-        self._send(m.AppendEntries(self.id, peer, self.term, prev, self.term_at(prev), self.commit, entries,
-                                   self._read_seq))
+        self._send(m.AppendEntries(self.id, peer, self.term, prev, self._term(prev), self.commit, entries,
+                                   self._read_seq, self.transferee or NONE))
         pr.inflight += 1
         if entries and not pr.probing:
             pr.next = entries[-1].index + 1
@@ -437,11 +526,11 @@ class RaftCore:
             if pr.snapshot_offset >= 0:
                 self._send_snapshot(peer)
                 continue
-            if pr.match < self.snap_index:
+            if pr.match < self.log_start:
                 self._send_snapshot(peer)
                 continue
-            self._send(m.AppendEntries(self.id, peer, self.term, pr.match, self.term_at(pr.match),
-                                       min(self.commit, pr.match), [], self._read_seq))
+            self._send(m.AppendEntries(self.id, peer, self.term, pr.match, self._term(pr.match),
+                                       min(self.commit, pr.match), [], self._read_seq, self.transferee or NONE))
             if pr.next > pr.match + 1 and not pr.acked:
                 pr.stalled += 1
                 if pr.stalled >= 2:                        # appends or acks were lost: probe again
@@ -480,13 +569,31 @@ class RaftCore:
         self._broadcast_append()
 
     # ------------------------------------------------------------------------------------ snapshots
-    def compact(self, meta: SnapshotMeta, data: bytes) -> None:
-        """The state machine took a snapshot at ``meta.index`` (applied): drop the log up to it."""
+    def keep_floor(self, index: int, keep_entries: int, keep_bytes_max: int | None = None) -> int:
+        """The ``keep_from`` for ``compact`` at ``index`` that keeps the ``keep_entries`` entries up to
+        ``index`` (fewer when their payloads pass ``keep_bytes_max``, or when the log holds fewer)."""
+        assert keep_entries >= 0 and self.log_start <= index <= self.last_index
+        floor = max(self.log_start, index - keep_entries)
+        if keep_bytes_max is not None:
+            size = 0
+            for i in range(index, floor, -1):
+                size += len(self.entry(i).data)
+                if size > keep_bytes_max:
+                    return i                  # entries i+1..index are kept
+        return floor
+
+    def compact(self, meta: SnapshotMeta, data: bytes, keep_from: int | None = None) -> None:
+        """The state machine took a snapshot at ``meta.index`` (applied): drop the log up to it, or, with
+        ``keep_from``, only up to ``keep_from``: the entry there stays as the log's base (its term known) and
+        the ones after it stay sendable, so a follower that far behind catches up from the log."""
         if meta.index <= self.snap_index:
             return
         assert meta.index <= self.handed and meta.index <= self.commit, "snapshot of unapplied state"
         assert self.term_at(meta.index) == meta.term
-        self.log = self.log[meta.index - self.snap_index:]
+        base = meta.index if keep_from is None else min(max(keep_from, self.log_start), meta.index)
+        base_term = self._term(base)
+        self.log = self.log[base - self.log_start:]
+        self.log_start, self.log_start_term = base, base_term
         self.snap_index, self.snap_term = meta.index, meta.term
         # kept as given when immutable (bytes, or a read-only mapping of a snapshot file): only sliced
         self.snap_data = bytes(data) if isinstance(data, (bytearray, memoryview)) else data
@@ -497,8 +604,7 @@ class RaftCore:
         pr = self.progress[peer]
         if self.snap_data is None:
             return           # no snapshot to send yet (the state machine has not taken one)
-        if pr.snapshot_offset < 0:
-            pr.snapshot_offset = 0
+        pr.snapshot_offset = max(pr.snapshot_offset, 0)
         off = pr.snapshot_offset
         chunk = self.snap_data[off: off + self.cfg.snapshot_chunk_bytes]
         done = off + len(chunk) >= len(self.snap_data)
@@ -511,6 +617,10 @@ class RaftCore:
         if self.role is Role.LEADER:
             self._leader_read(ctx, self.id)
         elif self.leader_id is not None:
+            forwarded = self._forwarded_reads
+            if len(forwarded) >= READS_FORWARDED_MAX:
+                del forwarded[next(iter(forwarded))]     # the oldest: its driver gave up on it long ago
+            forwarded[ctx] = self.leader_id
             self._send(m.ReadIndexRequest(self.id, self.leader_id, self.term, ctx))
         else:
             raise NotLeader(None)
@@ -558,29 +668,61 @@ class RaftCore:
             return
         if target not in self.progress:
             raise ValueError(f"{target} is not a voter")
+        # Announce the transfer first: the target's forced RequestVote may break the lease only at a
+        # follower that knows of the transfer from this leader (a forged one must not), so TimeoutNow waits
+        # until a quorum acknowledged a round that carried the announcement (a ReadIndex-style round).
         self.transferee = target
         self.transfer_elapsed = 0
-        if self.progress[target].match == self.last_index:
-            self._send(m.TimeoutNow(self.id, target, self.term))
-        else:
+        self._read_seq += 1
+        self._transfer_seq = self._read_seq
+        self._timeout_now_sent = False
+        self._heartbeat()
+        if self.progress[target].match != self.last_index:
             self._send_append(target)
+        self._maybe_timeout_now(NONE)
+
+    def _maybe_timeout_now(self, acked_by: int) -> None:
+        target = self.transferee
+        if target is None or (self._timeout_now_sent and acked_by != target):
+            return
+        pr = self.progress.get(target)
+        if pr is None or pr.match != self.last_index:
+            return
+        voters = self.voters
+        acks = (self.id in voters) + sum(1 for p, q in self.progress.items()
+                                         if p in voters and q.read_seq >= self._transfer_seq)
+        if acks < self._quorum():
+            return
+        self._timeout_now_sent = True
+        self._send(m.TimeoutNow(self.id, target, self.term))
 
     # ----------------------------------------------------------------------------------------- step
     def step(self, msg: Any) -> None:
         if msg.dst != self.id:
             return
+        fault = m.message_fault(msg)
+        if fault is not None:
+            self._reject(fault[0], msg.src, fault[1])
+            return
         if msg.term > self.term:
             if isinstance(msg, m.RequestVote):
-                lease = (self.cfg.check_quorum and self.leader_id is not None and self.elapsed < self.cfg.election_ticks)
-                if lease and not msg.force:
-                    return                     # a leader is alive: ignore disruptive candidates
-                if msg.pre_vote:
-                    pass                       # pre-votes never change our term
-                else:
+                if self._in_lease() and not self._may_disrupt(msg):
+                    # a leader is alive: a disruptive (or forged) candidate cannot force an election
+                    self._reject(VOTE_IN_LEASE, msg.src, f"{'pre-' if msg.pre_vote else ''}vote for term "
+                                 f"{msg.term} while {self.leader_id} leads term {self.term}")
+                    return
+                if not msg.pre_vote:           # pre-votes never change our term
                     self._become_follower(msg.term, None)
             elif isinstance(msg, m.RequestVoteResponse) and msg.pre_vote and msg.granted:
                 pass                           # a granted pre-vote carries the proposed term
-            elif isinstance(msg, (m.AppendEntries, m.InstallSnapshot, m.TimeoutNow)):
+            elif isinstance(msg, m.TimeoutNow):
+                self._reject(TIMEOUT_NOW_NOT_LEADER, msg.src, f"TimeoutNow of term {msg.term} at term {self.term}")
+                return
+            elif isinstance(msg, (m.AppendEntries, m.InstallSnapshot)):
+                if self.role is Role.FOLLOWER and self._in_lease() and not self._may_disrupt(msg):
+                    self._reject(LEADER_IN_LEASE, msg.src, f"{type(msg).__name__} of term {msg.term} while "
+                                 f"{self.leader_id} leads term {self.term}")
+                    return
                 self._become_follower(msg.term, msg.src)
             else:
                 self._become_follower(msg.term, None)
@@ -594,11 +736,23 @@ class RaftCore:
         handler = getattr(self, "_on_" + type(msg).__name__)
         handler(msg)
 
+    def _accept_leader(self, msg: m.AppendEntries | m.InstallSnapshot) -> bool:
+        """A message of this term from its leader: follow it. One leader per term: a second one (another
+        id, or this replica leading) is refused."""
+        if self._term_leader not in (NONE, msg.src):
+            self._reject(TWO_LEADERS, msg.src, f"{type(msg).__name__} from {msg.src} in term {msg.term}, "
+                         f"whose leader is {self._term_leader}")
+            return False
+        if self.role is not Role.FOLLOWER or self.leader_id != msg.src:
+            self._become_follower(msg.term, msg.src)
+        self._term_leader = msg.src
+        self.elapsed = 0
+        return True
+
     def _on_RequestVote(self, msg: m.RequestVote) -> None:
         up_to_date = (msg.last_term, msg.last_index) >= (self.last_term, self.last_index)
         if msg.pre_vote:
-            lease = (self.cfg.check_quorum and self.leader_id is not None and self.elapsed < self.cfg.election_ticks)
-            granted = msg.term > self.term and up_to_date and not lease
+            granted = msg.term > self.term and up_to_date and not self._in_lease()
             self._send(m.RequestVoteResponse(self.id, msg.src, msg.term if granted else self.term, granted, True))
             return
         granted = up_to_date and self.vote in (NONE, msg.src) and self.role is not Role.LEADER
@@ -623,15 +777,17 @@ class RaftCore:
                 self._become_follower(self.term, None)
 
     def _on_AppendEntries(self, msg: m.AppendEntries) -> None:
-        if self.role is not Role.FOLLOWER or self.leader_id != msg.src:
-            self._become_follower(msg.term, msg.src)
-        self.elapsed = 0
+        if not self._accept_leader(msg):
+            return
+        self._transfer_hint = msg.transferee or None
+        # message_fault checked the entries: numbered prev_index+1, prev_index+2, ..., terms in
+        # [prev_term, term] and never decreasing, so the run below appends contiguously
         if msg.prev_index < self.commit:
             # already committed here: skip what we have, the committed prefix is never rewritten
             skip = self.commit - msg.prev_index
             entries = msg.entries[skip:]
             prev_index = self.commit
-            prev_term = self.term_at(prev_index)
+            prev_term = self._term(prev_index)
         else:
             entries, prev_index, prev_term = msg.entries, msg.prev_index, msg.prev_term
         local = self.term_at(prev_index)
@@ -645,12 +801,12 @@ class RaftCore:
                                                max(hint, 1), msg.read_seq))
             return
         for k, e in enumerate(entries):
-            t = self.term_at(e.index)
-            if t == e.term:
+            have = self.term_at(e.index)
+            if have == e.term:
                 continue
-            if t is not None:            # conflict: drop our suffix from here
+            if have is not None:         # conflict: drop our suffix from here
                 assert e.index > self.commit, "a committed entry would be truncated"
-                del self.log[e.index - self.snap_index - 1:]
+                del self.log[e.index - self.log_start - 1:]
                 self._truncate_configs(e.index)
                 self.unstable_from = min(self.unstable_from, e.index)
                 self.durable_index = min(self.durable_index, e.index - 1)
@@ -663,12 +819,20 @@ class RaftCore:
             self._dirty()
             break
         last_new = prev_index + len(entries)
-        if msg.commit > self.commit:
-            self._set_commit(min(msg.commit, last_new))
+        # the leader's commit may run ahead of what this message carries: clamp, never trust it further
+        commit = min(msg.commit, last_new, self.last_index)
+        if commit > self.commit:
+            self._set_commit(commit)
         self._send(m.AppendEntriesResponse(self.id, msg.src, self.term, True, last_new, 0, msg.read_seq))
 
     def _on_AppendEntriesResponse(self, msg: m.AppendEntriesResponse) -> None:
         if self.role is not Role.LEADER or msg.src not in self.progress:
+            return
+        if msg.success and msg.match_index > self.last_index:
+            self._reject(ACK_BEYOND_LOG, msg.src, f"acknowledges {msg.match_index}, the log ends at {self.last_index}")
+            return
+        if msg.read_seq > self._read_seq:
+            self._reject(READ_SEQ_AHEAD, msg.src, f"confirms read round {msg.read_seq}, the latest is {self._read_seq}")
             return
         pr = self.progress[msg.src]
         pr.active = True
@@ -688,14 +852,15 @@ class RaftCore:
             if pr.probing:
                 pr.probing = False
                 pr.inflight = 0
-            if self.transferee == msg.src and pr.match == self.last_index:
-                self._send(m.TimeoutNow(self.id, msg.src, self.term))
         else:
             if msg.hint_index <= pr.match:
                 return                     # stale rejection
-            pr.next = max(pr.match + 1, min(msg.hint_index, msg.match_index + 1))
+            # (a follower's log may be longer than ours: never probe past our own last index + 1)
+            pr.next = max(pr.match + 1, min(msg.hint_index, msg.match_index + 1, self.last_index + 1))
             pr.probing = True
             pr.inflight = 0
+        if self.transferee is not None:
+            self._maybe_timeout_now(msg.src)
         while pr.inflight < self.cfg.max_inflight_appends and pr.next <= self.last_index:
             before = (pr.next, pr.inflight)
             self._send_append(msg.src)
@@ -703,39 +868,47 @@ class RaftCore:
                 break
 
     def _on_InstallSnapshot(self, msg: m.InstallSnapshot) -> None:
-        if self.role is not Role.FOLLOWER or self.leader_id != msg.src:
-            self._become_follower(msg.term, msg.src)
-        self.elapsed = 0
+        if not self._accept_leader(msg):
+            return
         meta = msg.meta
         if meta.index <= self.commit:
             self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, 0, True))
             return
-        if (self._incoming_snapshot is not None and self._incoming_meta == meta
-                and msg.offset < len(self._incoming_snapshot)):
+        incoming = self._incoming_snapshot
+        if incoming is not None and self._incoming_meta == meta and msg.offset < len(incoming):
             # a duplicate chunk (the leader re-sends the chunk in flight on heartbeats): re-ack progress
-            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index,
-                                                 len(self._incoming_snapshot), False))
+            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, len(incoming), False))
             return
-        if msg.offset == 0:
-            self._incoming_snapshot = bytearray()
-            self._incoming_meta = meta
-        if (self._incoming_snapshot is None or self._incoming_meta != meta
-                or msg.offset != len(self._incoming_snapshot)):
+        end = msg.offset + len(msg.data)
+        if end > self.cfg.snapshot_bytes_max:      # checked before a byte of it is held
             self._incoming_snapshot = None
+            self._reject(SNAPSHOT_TOO_LARGE, msg.src, f"snapshot at {meta.index} reaches {end} bytes, "
+                         f"snapshot_bytes_max={self.cfg.snapshot_bytes_max}")
             self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, 0, False))
             return
-        self._incoming_snapshot += msg.data
-        if not msg.done:
-            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index,
-                                                 len(self._incoming_snapshot), False))
+        if msg.offset == 0:
+            incoming = self._incoming_snapshot = bytearray()
+            self._incoming_meta = meta
+        if incoming is None or self._incoming_meta != meta or msg.offset != len(incoming):
+            self._incoming_snapshot = None
+            self._reject(SNAPSHOT_CHUNK_OUT_OF_ORDER, msg.src,
+                         f"chunk at {msg.offset} of the snapshot at ({meta.index}, {meta.term}), have "
+                         f"{len(incoming) if incoming is not None else 'none'}"
+                         f"{'' if self._incoming_meta == meta else ' of another snapshot'}")
+            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, 0, False))
             return
-        data = bytes(self._incoming_snapshot)
+        incoming += msg.data
+        if not msg.done:
+            self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, len(incoming), False))
+            return
+        data = bytes(incoming)
         self._incoming_snapshot = None
         if self.term_at(meta.index) == meta.term:
-            self.log = self.log[meta.index - self.snap_index:]      # keep the matching suffix
+            self.log = self.log[meta.index - self.log_start:]      # keep the matching suffix
         else:
             self.log = []
             self.unstable_from = meta.index + 1
+        self.log_start, self.log_start_term = meta.index, meta.term
         self.snap_index, self.snap_term, self.snap_data = meta.index, meta.term, data
         self._configs = [(meta.index, sorted(meta.config))] + [
             (i, v) for i, v in self._configs if i > meta.index and self.log]
@@ -744,11 +917,17 @@ class RaftCore:
         self.unstable_from = max(self.unstable_from, meta.index + 1)
         self.durable_index = min(self.durable_index, self.last_index)
         self._pending_snapshot = (meta, data)
+        self.snapshots_installed += 1
         self._dirty()
         self._send(m.InstallSnapshotResponse(self.id, msg.src, self.term, meta.index, len(data), True))
 
     def _on_InstallSnapshotResponse(self, msg: m.InstallSnapshotResponse) -> None:
         if self.role is not Role.LEADER or msg.src not in self.progress:
+            return
+        if msg.index > self.snap_index or (msg.index == self.snap_index and self.snap_data is not None
+                                           and msg.next_offset > len(self.snap_data)):
+            self._reject(ACK_BEYOND_LOG, msg.src, f"acknowledges {msg.next_offset} bytes of a snapshot at "
+                         f"{msg.index}; ours is at {self.snap_index}")
             return
         pr = self.progress[msg.src]
         pr.active = True
@@ -766,15 +945,26 @@ class RaftCore:
             pr.snapshot_offset = -1      # our snapshot changed meanwhile: start over
 
     def _on_TimeoutNow(self, msg: m.TimeoutNow) -> None:
+        if msg.src != self._term_leader or self.role is not Role.FOLLOWER:
+            self._reject(TIMEOUT_NOW_NOT_LEADER, msg.src, f"TimeoutNow in term {msg.term}, whose leader is "
+                         f"{self._term_leader}")
+            return
         if self.id in self.voters:
             self._campaign(pre_vote=False, force=True)
 
     def _on_ReadIndexRequest(self, msg: m.ReadIndexRequest) -> None:
-        if self.role is Role.LEADER:
-            self._leader_read(msg.ctx, msg.src)
-        else:
+        if self.role is not Role.LEADER:
             self._send(m.ReadIndexResponse(self.id, msg.src, self.term, msg.ctx, 0, False))
+        elif len(self._reads) + len(self._reads_before_commit) >= READS_PENDING_MAX:
+            self._reject(READS_FULL, msg.src, f"READS_PENDING_MAX={READS_PENDING_MAX} reads wait already")
+            self._send(m.ReadIndexResponse(self.id, msg.src, self.term, msg.ctx, 0, False))
+        else:
+            self._leader_read(msg.ctx, msg.src)
 
     def _on_ReadIndexResponse(self, msg: m.ReadIndexResponse) -> None:
+        if self._forwarded_reads.get(msg.ctx) != msg.src:
+            self._reject(READ_UNKNOWN, msg.src, f"answer to a read {bytes(msg.ctx)!r:.40} not forwarded to it")
+            return
+        del self._forwarded_reads[msg.ctx]
         if msg.ok:
             self._read_states.append((msg.ctx, msg.index))

@@ -12,7 +12,12 @@ Loop (one iteration; everything below runs on the driver thread only):
       the core (``persisted``) -- messages that depend on this state are released by the core after it;
    c. install an incoming snapshot into the app (``restore``), apply committed entries (``apply``), resolve
       proposal futures by (index, term), and serve ReadIndex requests whose index is now applied;
-   d. take an app snapshot and compact log + core when the log grew past ``snapshot_threshold_entries``.
+   d. take an app snapshot and compact log + core when the log grew past ``snapshot_threshold_entries``,
+      keeping ``snapshot_keep_entries`` entries (at most ``snapshot_keep_bytes``) below it in both, so a
+      follower that far behind catches up from the log rather than by InstallSnapshot.
+
+Peer messages that break the protocol are dropped by the transport's decoder or by the core and counted by
+reason; ``status()['rejected']`` sums both, and they are logged at a bounded rate (transport.RejectLog).
 
 Other threads use ``propose`` / ``read_index`` / ``transfer_leadership`` / ``status``: they enqueue a
 command in a bounded deque and write the eventfd; results come back as ``concurrent.futures.Future``.
@@ -21,22 +26,28 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import logging
+import math
 import mmap
 import os
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import zmq
 
 from engine.raft import messages as _msg
-from engine.raft.log_store import MAP_SIZE_BYTES_DEFAULT, LogStore, SnapshotFile
-from engine.raft.transport import Transport
+from engine.raft.log_store import (
+    MAP_SIZE_BYTES_DEFAULT,
+    SNAPSHOT_SIZE_BYTES_MAX,
+    LogStore,
+    SnapshotFile,
+)
+from engine.raft.transport import RejectLog, Transport
 from engine.stalls import StallLog
 from engine.zmq_io import Waker
 
@@ -86,7 +97,13 @@ class DriverConfig:
     snapshot_threshold_entries: int = 50_000   # applied entries past the last snapshot before a new one
     snapshot_threshold_bytes: int = 256 << 20  # ... or applied payload bytes: the core keeps the log since
                                                # the last snapshot in memory, so this bounds its memory
-    snapshot_keep_entries: int = 5_000         # entries kept below the snapshot for slow followers
+    snapshot_keep_entries: int = 5_000         # entries kept below the snapshot for slow followers (in the
+                                               # core's memory and in the log store), which then catch up
+                                               # from the log instead of by InstallSnapshot
+    snapshot_keep_bytes: int = 64 << 20        # ... but at most this many payload bytes of them
+    snapshot_bytes_max: int = 4 << 30          # an incoming snapshot larger than this is refused (the core
+                                               # holds it in memory as it arrives): set it above the largest
+                                               # snapshot the group makes (RaftConfig.snapshot_bytes_max)
     leader_snapshot_defer: int = 4             # a leader takes its entry-count snapshots this many times
                                                # further apart (see _snapshot_due); the bytes bound stays
     read_timeout_ms: int = 2_000
@@ -100,8 +117,12 @@ class DriverConfig:
             raise ValueError(f"tick_interval_ms={self.tick_interval_ms} outside 1..1000")
         if self.heartbeat_ticks < 1 or self.election_ticks <= 2 * self.heartbeat_ticks:
             raise ValueError("election_ticks must exceed 2 * heartbeat_ticks >= 2")
-        if self.snapshot_keep_entries >= self.snapshot_threshold_entries:
-            raise ValueError("snapshot_keep_entries must be below snapshot_threshold_entries")
+        if not 0 <= self.snapshot_keep_entries < self.snapshot_threshold_entries:
+            raise ValueError("snapshot_keep_entries must be in 0..snapshot_threshold_entries - 1")
+        if self.snapshot_keep_bytes < 0:
+            raise ValueError("snapshot_keep_bytes must be >= 0")
+        if not 1 << 20 <= self.snapshot_bytes_max <= SNAPSHOT_SIZE_BYTES_MAX:
+            raise ValueError(f"snapshot_bytes_max must be in 1 MiB..{SNAPSHOT_SIZE_BYTES_MAX} (the log store's limit)")
         if self.leader_snapshot_defer < 1:
             raise ValueError("leader_snapshot_defer must be >= 1 (1: like any replica)")
         if self.snapshot_threshold_bytes < 1 << 20:
@@ -112,7 +133,7 @@ class PendingSnapshot(Protocol):
     """A snapshot being made elsewhere (another process or thread) of the state as of the moment the
     driver asked for it; the driver keeps serving Raft meanwhile and polls it from its loop."""
 
-    def poll(self) -> "bytes | SnapshotFile | None":
+    def poll(self) -> bytes | SnapshotFile | None:
         """The snapshot once ready (its bytes, or a durable file of them), else None; raises if making it
         failed."""
 
@@ -160,6 +181,9 @@ class RaftDriver:
         # the driver thread as one tuple, so a reader on another thread sees one consistent state
         self._status_state: tuple[Any, ...] = ("starting", 0, None, 0, 0, 0, 0, 0)
         self._transport_stats: dict[str, int] | None = None
+        self._reject_log = RejectLog(f"raft {node_id}", log)
+        self._core_rejected_seen: dict[str, int] = {}
+        self._core_rejections_seen = 0
         self.is_leader = False               # read by other threads on their hot path (no dict, no lock)
         self.leader_id: int | None = None
         self._read_ids = itertools.count(1)
@@ -187,7 +211,7 @@ class RaftDriver:
         return self.propose_many([data])[0]
 
     def propose_many(self, datas: Sequence[bytes]) -> list[Future]:
-        futures = [Future() for _ in datas]
+        futures: list[Future] = [Future() for _ in datas]
         with self._pending_lock:
             if self._pending_count + len(datas) > PENDING_PROPOSALS_MAX:
                 for f in futures:
@@ -228,7 +252,14 @@ class RaftDriver:
             store = self._store            # counters only (plain ints): safe to read from another thread
             st["log_store"] = {"segments": store.segment_count, "segments_removed": store.segments_removed,
                                "segments_without_spare": store.segments_fallocated,
-                               "bytes_written": store.bytes_written}
+                               "bytes_written": store.bytes_written, "first_index": store.first_index}
+            # peer messages refused, by reason: the transport's decoder and the core's state checks (fixed
+            # keys, plain ints: a copy from another thread is consistent enough for a counter)
+            rejected = dict(self._transport.rejected)
+            for reason, n in list(self._core.rejected.items()):
+                rejected[reason] = rejected.get(reason, 0) + n
+            st["rejected"] = rejected
+            st["snapshots_installed"] = self._core.snapshots_installed
         return st
 
     @property
@@ -246,14 +277,16 @@ class RaftDriver:
         self._store = LogStore(self._data_dir, sync=cfg.sync, map_size_bytes=cfg.map_size_bytes)
         hard_state, snapshot_meta, entries = self._store.initial_state()
         self._applied = 0
+        snapshot_data = None
         if snapshot_meta is not None:
             snap = self._store.snapshot()
             assert snap is not None
-            self._restore_fn(snap[1])
+            snapshot_data = snap[1]
+            self._restore_fn(snapshot_data)
             self._applied = snapshot_meta.index
         seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._core = _make_core(self.node_id, list(self._peers), cfg, seed, hard_state, snapshot_meta, entries,
-                                snap[1] if snapshot_meta is not None else None)
+                                snapshot_data)
         self._ctx = zmq.Context()
         others = {pid: addr for pid, addr in self._peers.items() if pid != self.node_id}
         self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
@@ -275,7 +308,7 @@ class RaftDriver:
     def _run(self) -> None:
         try:
             self._setup()
-        except BaseException as exc:  # report to start(); the thread ends
+        except BaseException as exc:  # noqa: BLE001 -- reported to start(); the thread ends
             self._start_error = exc
             self._started.set()
             return
@@ -310,6 +343,7 @@ class RaftDriver:
                     next_tick = now + tick_s
                 if ticks:
                     self._expire_reads(now)
+                    self._report_rejections(now)
                 t_ready = time.monotonic()
                 self._process_ready()
                 held_s = time.monotonic() - t_ready
@@ -369,7 +403,7 @@ class RaftDriver:
                 for data, fut in zip(datas, futures):
                     try:
                         index, term = _core_propose(core, data)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 -- the caller's future gets it
                         self._release(1)
                         _fail(fut, exc if isinstance(exc, RaftDriverError) else self._leader_error()
                               if _is_not_leader(exc) else exc)
@@ -384,7 +418,7 @@ class RaftDriver:
                 ctx = next(self._read_ids).to_bytes(8, "big")
                 try:
                     core.read_index(ctx)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 -- the caller's future gets it
                     _fail(fut, self._leader_error() if _is_not_leader(exc) else exc)
                     continue
                 self._reads_waiting_quorum[ctx] = (time.monotonic(), fut)
@@ -394,12 +428,28 @@ class RaftDriver:
                 try:
                     core.transfer_leadership(target)
                     fut.set_result(None)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 -- the caller's future gets it
                     _fail(fut, exc)
 
     def _release(self, n: int) -> None:
         with self._pending_lock:
             self._pending_count -= n
+
+    def _report_rejections(self, now: float) -> None:
+        """Log what the core refused since the last report (the core reads no clock, so the rate limit is
+        here); one int compare per tick when nothing was."""
+        core = self._core
+        if core.rejections != self._core_rejections_seen:
+            self._core_rejections_seen = core.rejections
+            seen = self._core_rejected_seen
+            last = core.last_rejection
+            detail = f"from {last[1]}: {last[2]}" if last is not None else ""
+            for reason, n in core.rejected.items():
+                if n != seen.get(reason, 0):
+                    self._reject_log.add(reason, detail, now, n - seen.get(reason, 0))
+                    seen[reason] = n
+        self._reject_log.flush(now)
+        self._transport.reject_log.flush(now)
 
     def _expire_reads(self, now: float) -> None:
         limit = self.config.read_timeout_ms / 1000.0
@@ -444,18 +494,15 @@ class RaftDriver:
                     transport.send(msg)
             # (b) persist: one save, one fdatasync
             t_phase = time.monotonic()
-            if snapshot is not None or entries or hard_state is not None:
-                snap_arg = _snapshot_pair(snapshot)
+            snap_arg = _snapshot_pair(snapshot)
+            if snap_arg is not None or entries or hard_state is not None:
                 durable = store.hard_state
-                if snap_arg is None and not entries and hard_state.term == durable.term \
-                        and hard_state.vote == durable.vote:
+                if snap_arg is None and not entries and hard_state is not None \
+                        and hard_state.term == durable.term and hard_state.vote == durable.vote:
                     store.defer_commit(hard_state)      # commit index only: no fsync of its own
                 else:
                     store.save(hard_state=hard_state, entries=entries, snapshot=snap_arg)
-                if entries or snapshot is not None:
-                    core.persisted(store.last_index, store.last_term)
-                else:
-                    core.persisted(store.last_index, store.last_term)
+                core.persisted(store.last_index, store.last_term)
                 if committed and snapshot is None:
                     # what persisted() released (a follower's acknowledgement of these entries) goes out now,
                     # before the committed entries are applied (~0.5 ms for a group of small batches, more
@@ -468,7 +515,7 @@ class RaftDriver:
             spent["persist"] += time.monotonic() - t_phase
             # (c) state machine
             t_phase = time.monotonic()
-            if snapshot is not None:
+            if snap_arg is not None:
                 meta, data = snap_arg
                 self._restore_fn(data)
                 self._applied = meta.index
@@ -589,19 +636,29 @@ class RaftDriver:
         phase = self._snapshot_phase
         return (self._applied - phase) // every > (self._snapshot_index - phase) // every
 
-    def _save_snapshot(self, index: int, data: "bytes | SnapshotFile") -> None:
+    def _save_snapshot(self, index: int, data: bytes | SnapshotFile) -> None:
         cfg = self.config
         term = self._store.term(index)
         meta = _snapshot_meta(self._core, index, term)
-        self._store.save_snapshot(meta, data)
+        size = data.size if isinstance(data, SnapshotFile) else len(data)
+        if size > cfg.snapshot_bytes_max:
+            log.error("raft %d: the snapshot at %d has %d bytes, above snapshot_bytes_max=%d: a follower that "
+                      "needs it will refuse it (raise snapshot_bytes_max on every replica)", self.node_id, index,
+                      size, cfg.snapshot_bytes_max)
+        # the same entries stay below the snapshot in the core and in the store (a restart keeps them)
+        keep_from = _core_keep_floor(self._core, index, cfg.snapshot_keep_entries, cfg.snapshot_keep_bytes)
+        self._store.save_snapshot(meta, data, keep_from=keep_from)
+        held: bytes | mmap.mmap
         if isinstance(data, SnapshotFile):
             # the core only slices its snapshot (to send it in chunks): a read-only mapping of the file
             # costs nothing now, where reading it back would cost ~1 ms per MB on this thread
             path = self._store.snapshot_file_path
             assert path is not None
             with open(path, "rb") as f:
-                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        _core_compact(self._core, meta, data, index - cfg.snapshot_keep_entries)
+                held = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            held = data
+        _core_compact(self._core, meta, held, keep_from)
         self._snapshot_index = index
 
     def _cancel_pending_snapshot(self) -> None:
@@ -629,6 +686,7 @@ class RaftDriver:
         self.leader_id = state[2]
         self.is_leader = state[0] == "leader"
 
+
 def _fail(fut: Future, exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
@@ -641,8 +699,9 @@ def _fail(fut: Future, exc: BaseException) -> None:
 def _make_core(node_id: int, members: list[int], cfg: DriverConfig, seed: int, hard_state: Any,
                snapshot_meta: Any, entries: list[Any], snapshot_data: bytes | None = None) -> Any:
     from engine.raft import core as core_mod
-    config_type = getattr(core_mod, "RaftConfig", None) or getattr(core_mod, "Config")
-    options = dict(election_ticks=cfg.election_ticks, heartbeat_ticks=cfg.heartbeat_ticks)
+    config_type = getattr(core_mod, "RaftConfig", None) or core_mod.Config
+    options: dict[str, Any] = {"election_ticks": cfg.election_ticks, "heartbeat_ticks": cfg.heartbeat_ticks,
+                               "snapshot_bytes_max": cfg.snapshot_bytes_max}
     options.update(cfg.core_options)
     config = config_type(**options)
     return core_mod.RaftCore(node_id, config, hard_state=hard_state, snapshot_meta=snapshot_meta,
@@ -686,8 +745,12 @@ def _is_not_leader(exc: Exception) -> bool:
     return type(exc).__name__ in ("NotLeader", "NotLeaderError")
 
 
-def _core_compact(core: Any, meta: Any, data: bytes, keep_from: int) -> None:
-    core.compact(meta, data)
+def _core_keep_floor(core: Any, index: int, keep_entries: int, keep_bytes_max: int) -> int:
+    return core.keep_floor(index, keep_entries, keep_bytes_max)
+
+
+def _core_compact(core: Any, meta: Any, data: Any, keep_from: int) -> None:
+    core.compact(meta, data, keep_from)
 
 
 def _snapshot_meta(core: Any, index: int, term: int) -> Any:

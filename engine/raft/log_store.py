@@ -9,9 +9,10 @@ A replica's data directory holds:
               commit index, written with the next append instead of costing a sync of its own). A segment
               starts with ``SEGMENT_HEADER`` (magic, its sequence number) and is preallocated; an all-zero
               header marks the end of what was written.
-``data.mdb``  one LMDB environment with two named databases: ``state`` (``hard_state`` and
-              ``snapshot_meta``, msgpack of the core's structs with a crc32 prefix) and ``snapshot`` (the
-              state machine's snapshot bytes, or a reference to ``snapshot-<index>-<term>.bin`` beside it).
+``data.mdb``  one LMDB environment with two named databases: ``state`` (``hard_state``,
+              ``snapshot_meta``, msgpack of the core's structs with a crc32 prefix, and ``log_first``, the
+              lowest index the latest snapshot left in the log) and ``snapshot`` (the state machine's snapshot
+              bytes, or a reference to ``snapshot-<index>-<term>.bin`` beside it).
 
 Why the log is not in LMDB (it was until the ninth session): an LMDB commit costs two flushes (data pages,
 then the meta page) and writes ~30-38 KB for one small entry; a segment append costs one ``fdatasync`` and
@@ -31,10 +32,15 @@ entries that follow it. A torn write can only be the tail of the last segment (a
 Invariants kept (and asserted): entries are contiguous from ``first_index`` to ``last_index``; the entry just
 before ``first_index`` is covered by the snapshot (``first_index == 1`` or ``first_index <= snapshot.index +
 1``); ``hard_state.commit <= last_index``; a committed entry is never truncated.
+
+Entries below the snapshot: ``save_snapshot(meta, data, keep_from=k)`` keeps the entries from ``k`` on (the
+replica's ``snapshot_keep_entries``, for followers a little behind), across restarts too (``log_first``);
+``initial_state`` returns them with the rest, and the core takes the first of them as its log's base.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import mmap
 import os
 import re
@@ -42,8 +48,9 @@ import struct
 import threading
 import zlib
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Self
 
 import lmdb
 import msgspec
@@ -74,6 +81,7 @@ _CRC = struct.Struct("<I")
 _KEY_HARD_STATE = b"hard_state"
 _KEY_SNAPSHOT_META = b"snapshot_meta"
 _KEY_SNAPSHOT_DATA = b"snapshot_data"
+_KEY_LOG_FIRST = b"log_first"            # u64 big-endian: the first index the latest snapshot kept
 # ENTRY_HEADER is the value layout of the LMDB ``entries`` table of stores written before the segment log;
 # such a store is moved into segments once, at its first open (``_migrate_lmdb_entries``).
 ENTRY_HEADER = struct.Struct("<IQBI")
@@ -278,7 +286,7 @@ def _looks_torn(view: memoryview, off: int, end: int, past_eof: bool) -> bool:
 
 class _Segment:
     """One segment file: its descriptor, where the next record goes, and the highest entry index in it."""
-    __slots__ = ("seq", "path", "fd", "end", "max_index", "fallocated")
+    __slots__ = ("end", "fallocated", "fd", "max_index", "path", "seq")
 
     def __init__(self, seq: int, path: str, fd: int, end: int) -> None:
         self.seq, self.path, self.fd, self.end, self.max_index = seq, path, fd, end, 0
@@ -321,6 +329,7 @@ class LogStore:
         self._durable_commit = 0                    # the commit index on disk (LMDB or a COMMIT record)
         self._deferred_hard_state: Any = None       # a commit-only change not yet written (defer_commit)
         self._snapshot_meta: Any = None
+        self._log_first: int | None = None          # _KEY_LOG_FIRST, if stored
         self._snapshot_file: str | None = None
         self.bytes_written = 0                      # to segments, since open
         self.segments_removed = 0
@@ -351,6 +360,8 @@ class LogStore:
             raw = txn.get(_KEY_SNAPSHOT_META, db=self._state)
             self._snapshot_meta = (self._meta_decoder.decode(_unwrap("snapshot meta", raw))
                                    if raw is not None else None)
+            raw = txn.get(_KEY_LOG_FIRST, db=self._state)
+            self._log_first = _INDEX_KEY.unpack(bytes(_unwrap("log first", raw)))[0] if raw is not None else None
         if self._snapshot_meta is not None:
             self._snap_index, self._snap_term = self._snapshot_meta.index, self._snapshot_meta.term
         self._durable_commit = self._hard_state.commit
@@ -398,7 +409,7 @@ class LogStore:
                 off = SEGMENT_HEADER.size
                 hsize = RECORD_HEADER.size
                 while off + hsize <= size:
-                    crc, rtype, kind, _, index, term, length = RECORD_HEADER.unpack_from(view, off)
+                    crc, rtype, _kind, _, index, term, length = RECORD_HEADER.unpack_from(view, off)
                     if rtype == 0 and crc == 0 and index == 0 and length == 0:
                         break                                       # preallocated, never written
                     end = off + hsize + length
@@ -469,8 +480,13 @@ class LogStore:
             first = self._first_index
             if first > snap_index + 1:
                 raise LogCorruption(f"log starts at {first} but the snapshot covers only up to {snap_index}")
-        if snap_index >= self._first_index:          # entries the snapshot covers are gone
-            self._drop_prefix_to(snap_index)
+        if snap_index >= self._first_index:
+            # entries the snapshot covers are gone, but for those it kept (from log_first on), which must
+            # reach the snapshot's own entry (else they are dropped too: they are only an optimization)
+            keep_first = snap_index + 1 if self._log_first is None else min(self._log_first, snap_index + 1)
+            if keep_first <= snap_index and not self._holds(snap_index, self._snap_term):
+                keep_first = snap_index + 1
+            self._drop_prefix_to(keep_first - 1)
         # a snapshot is committed state: its index is a floor even when the COMMIT records that said so
         # were in segments deleted since
         commit = max(self._durable_commit, self._hard_state.commit, snap_index)
@@ -483,9 +499,9 @@ class LogStore:
         self._remove_compacted_segments()
 
     def initial_state(self) -> tuple[Any, Any, list[Any]]:
-        """(hard_state, snapshot_meta or None, entries after the snapshot) -- what RaftCore starts from."""
-        lo = max(self._first_index, self._snap_index + 1)
-        entries = self.entries(lo, self.last_index + 1, size_bytes_max=None)
+        """(hard_state, snapshot_meta or None, entries) -- what RaftCore starts from. The entries are those
+        after the snapshot, preceded by those it kept below itself (save_snapshot's keep_from), if any."""
+        entries = self.entries(self._first_index, self.last_index + 1, size_bytes_max=None)
         return self._hard_state, self._snapshot_meta, entries
 
     # --- reads ---------------------------------------------------------------------------------------
@@ -542,17 +558,17 @@ class LogStore:
             seg = self._segments[seq]
             name = os.path.basename(seg.path)
             buf = memoryview(os.pread(seg.fd, end - start, start))
-            for index in range(index, stop):
-                i = index - base
+            for at_index in range(index, stop):
+                i = at_index - base
                 at, length = self._off[i] - start, self._len[i]
                 if at + hsize + length > len(buf):
-                    raise LogCorruption(f"entry {index}: segment {name} ends inside it")
+                    raise LogCorruption(f"entry {at_index}: segment {name} ends inside it")
                 crc, rtype, kind, _, r_index, r_term, r_len = RECORD_HEADER.unpack_from(buf, at)
                 if zlib.crc32(buf[at + 4:at + hsize + length]) != crc:
-                    raise LogCorruption(f"entry {index}: checksum mismatch in segment {name}")
-                if rtype != REC_ENTRY or r_index != index or r_term != self._term[i] or r_len != length:
-                    raise LogCorruption(f"entry {index}: segment {name} holds another record there")
-                out.append(_msg.Entry(term=r_term, index=index, kind=_entry_kind(kind),
+                    raise LogCorruption(f"entry {at_index}: checksum mismatch in segment {name}")
+                if rtype != REC_ENTRY or r_index != at_index or r_term != self._term[i] or r_len != length:
+                    raise LogCorruption(f"entry {at_index}: segment {name} holds another record there")
+                out.append(_msg.Entry(term=r_term, index=at_index, kind=_entry_kind(kind),
                                       data=bytes(buf[at + hsize:at + hsize + length])))
                 total += length
             index = stop
@@ -623,11 +639,12 @@ class LogStore:
         self.save(hard_state=hard_state)
 
     def save(self, *, hard_state: Any = None, entries: Sequence[Any] = (),
-             snapshot: tuple[Any, "bytes | SnapshotFile"] | None = None) -> None:
+             snapshot: tuple[Any, bytes | SnapshotFile] | None = None, keep_from: int | None = None) -> None:
         """Persist what one Ready asks for: durable when it returns (with sync=True).
 
-        Meaning: the snapshot first (it replaces the log prefix it covers, or the whole log when the log
-        does not hold its last entry), then the entries (an append starting at or below last_index first
+        Meaning: the snapshot first (it replaces the log prefix it covers -- but for the entries from
+        ``keep_from`` on, when given -- or the whole log when the log does not hold its last entry), then the
+        entries (an append starting at or below last_index first
         drops the conflicting suffix), then the hard state. Costs one fdatasync of the active segment when
         there are entries, plus an LMDB commit when the term or vote changes or there is a snapshot.
         Raises LogStoreError and changes nothing when the request breaks a log invariant."""
@@ -663,7 +680,7 @@ class LogStore:
                                         f"ENTRY_SIZE_BYTES_MAX={ENTRY_SIZE_BYTES_MAX}")
                 if not 0 <= int(e.kind) <= 255:
                     raise LogStoreError(f"entry {e.index}: kind {int(e.kind)} does not fit in one byte")
-            for prev, cur in zip(entries, entries[1:]):
+            for prev, cur in itertools.pairwise(entries):
                 if cur.index != prev.index + 1:
                     raise LogStoreError(f"entries not contiguous: {prev.index} then {cur.index}")
                 if cur.term < prev.term:
@@ -685,7 +702,7 @@ class LogStore:
                                        or hard_state.vote != self._hard_state.vote):
             self._put_hard_state(hard_state)            # a term's entries never reach disk before the term
         if snapshot is not None:
-            self._install_snapshot(snap_meta, snapshot[1], keeps_log)
+            self._install_snapshot(snap_meta, snapshot[1], keeps_log, keep_from)
         if entries or (hard_state is not None and hard_state.commit > self._durable_commit):
             self._write_records(entries, hard_state.commit if hard_state is not None else None, None)
         if hard_state is not None:
@@ -707,9 +724,14 @@ class LogStore:
         with self._env.begin(write=True) as txn:
             txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(stored)), db=self._state)
 
-    def _install_snapshot(self, meta: Any, data: "bytes | SnapshotFile", keeps_log: bool) -> None:
+    def _install_snapshot(self, meta: Any, data: bytes | SnapshotFile, keeps_log: bool,
+                          keep_from: int | None = None) -> None:
         """Raft §7: keep the log after meta.index only if it holds meta.index with meta.term; otherwise the
-        whole log goes (a TRUNCATE record, synced, before the snapshot that replaces it is committed)."""
+        whole log goes (a TRUNCATE record, synced, before the snapshot that replaces it is committed). When it
+        is kept, so are the entries from ``keep_from`` (at most meta.index) on."""
+        first = meta.index + 1
+        if keeps_log and keep_from is not None:
+            first = max(min(keep_from, meta.index + 1), self._first_index)
         if not keeps_log:
             cut = max(self._hard_state.commit, self._first_index - 1) + 1   # committed entries never go
             if self._term and cut <= self.last_index:
@@ -731,12 +753,14 @@ class LogStore:
             with self._env.begin(write=True) as txn:
                 txn.put(_KEY_SNAPSHOT_META, _wrap(self._hs_encoder.encode(meta)), db=self._state)
                 txn.put(_KEY_SNAPSHOT_DATA, value, db=self._snapshot)
+                txn.put(_KEY_LOG_FIRST, _wrap(_INDEX_KEY.pack(first)), db=self._state)
                 if new_hs is not None:
                     txn.put(_KEY_HARD_STATE, _wrap(self._hs_encoder.encode(new_hs)), db=self._state)
         except lmdb.MapFullError as exc:
             raise LogStoreError(f"log store full: raise map_size_bytes (now {self._env.info()['map_size']})"
                                 ) from exc
         self._snapshot_meta = meta
+        self._log_first = first
         self._snap_index, self._snap_term = meta.index, meta.term
         if new_hs is not None:
             self._hard_state = new_hs
@@ -744,15 +768,16 @@ class LogStore:
         if not keeps_log:
             self._drop_from(self._first_index)
             self._first_index = meta.index + 1
-        self._drop_prefix_to(meta.index)
+        self._drop_prefix_to(first - 1)
         self._snapshot_file = moved_to
         self._remove_unreferenced_snapshot_files()
         self._remove_compacted_segments()
 
-    def save_snapshot(self, meta: Any, data: "bytes | SnapshotFile") -> None:
+    def save_snapshot(self, meta: Any, data: bytes | SnapshotFile, *, keep_from: int | None = None) -> None:
         """The replica's own snapshot (its log holds meta.index with meta.term): saved, and the log prefix
-        it covers dropped (whole segments below it are deleted; no record is written for it)."""
-        self.save(snapshot=(meta, data))
+        it covers dropped (whole segments below it are deleted; no record is written for it) -- but for the
+        entries from ``keep_from`` on (at most meta.index), kept for followers a little behind."""
+        self.save(snapshot=(meta, data), keep_from=keep_from)
 
     def truncate_suffix(self, from_index: int) -> None:
         """Drop entries with index >= from_index (a conflicting suffix). Committed entries are never dropped."""
@@ -846,7 +871,7 @@ class LogStore:
         self._active = None
         self._env.close()
 
-    def __enter__(self) -> "LogStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -874,9 +899,9 @@ class LogStore:
                 small = bytearray()
                 bufs.append(data)
                 size += len(data)
-        new_commit = commit is not None and commit > self._durable_commit
-        if new_commit:
-            small += _record(REC_COMMIT, 0, commit, 0)
+        new_commit = commit if commit is not None and commit > self._durable_commit else None
+        if new_commit is not None:
+            small += _record(REC_COMMIT, 0, new_commit, 0)
         if small:
             bufs.append(bytes(small))
             size += len(small)
@@ -902,8 +927,8 @@ class LogStore:
             self._drop_from(truncate_from)
         for e, off in zip(entries, offsets):
             self._index_entry(e.index, e.term, seg, base + off, len(e.data))
-        if new_commit:
-            self._durable_commit = commit
+        if new_commit is not None:
+            self._durable_commit = new_commit
 
     def _roll(self, need: int) -> _Segment:
         """Start a new segment (preallocated, header synced, directory entry synced); the COMMIT record

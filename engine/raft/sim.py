@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,8 @@ class SafetyViolation(AssertionError):
 
 
 class DurableStore:
-    """What survives a crash: hard state, the log after the snapshot, the snapshot."""
+    """What survives a crash: hard state, the log after the snapshot (and the entries kept below it), the
+    snapshot."""
 
     def __init__(self) -> None:
         self.hard_state = HardState()
@@ -57,10 +59,11 @@ class DurableStore:
             return self.entries[-1].term
         return self.snapshot[0].term if self.snapshot else 0
 
-    def save(self, hard_state, entries, snapshot) -> None:
+    def save(self, hard_state, entries, snapshot, keep_from: int | None = None) -> None:
         if snapshot is not None:
             meta, data = snapshot
-            keep = [e for e in self.entries if e.index > meta.index]
+            lo = meta.index + 1 if keep_from is None else keep_from     # as the log store's keep_from
+            keep = [e for e in self.entries if e.index >= lo]
             match = any(e.index == meta.index and e.term == meta.term for e in self.entries)
             self.entries = keep if match else []
             self.snapshot = (meta, bytes(data))
@@ -118,6 +121,7 @@ class Faults:
     partition: float = 0.004
     heal: float = 0.01
     snapshot_every: int = 0       # applied entries between snapshots (0: never)
+    snapshot_keep: int = 0        # entries each snapshot keeps below it (driver's snapshot_keep_entries)
 
 
 class Cluster:
@@ -148,6 +152,7 @@ class Cluster:
         self.events: list[str] = []
         self.crash_on_persist: set[int] = set()     # scripted: crash these at their next persist
         self.read_states: dict[int, list[tuple[bytes, int]]] = {}
+        self.snapshots_sent = 0                     # InstallSnapshot messages delivered
 
     # ------------------------------------------------------------------------------------ nodes
     def _boot(self, i: int, store: DurableStore, members) -> Node:
@@ -209,6 +214,8 @@ class Cluster:
                 self._net_seq += 1
                 heapq.heappush(self.net, (node.paused_until, self._net_seq, msg))
                 continue
+            if type(msg).__name__ == "InstallSnapshot":
+                self.snapshots_sent += 1
             node.core.step(msg)
             self._process(node)
 
@@ -244,10 +251,13 @@ class Cluster:
         f = self.faults
         if f.snapshot_every and node.sm.applied - core.snap_index >= f.snapshot_every:
             idx = node.sm.applied
-            meta = SnapshotMeta(idx, core.term_at(idx), core.config_at(idx))
+            term = core.term_at(idx)
+            assert term is not None
+            meta = SnapshotMeta(idx, term, core.config_at(idx))
             data = node.sm.snapshot()
-            node.store.save(None, [], (meta, data))
-            core.compact(meta, data)
+            keep_from = core.keep_floor(idx, f.snapshot_keep) if f.snapshot_keep else None
+            node.store.save(None, [], (meta, data), keep_from)
+            core.compact(meta, data, keep_from)
 
     def _apply(self, node: Node, e: Entry) -> None:
         seen = self.applied_at.get(e.index)
@@ -258,9 +268,9 @@ class Cluster:
             raise SafetyViolation(f"seed {self.seed}: state machine safety: node {node.id} applied "
                                   f"{(e.term, data)} at {e.index}, another applied {seen}")
         node.sm.apply(e)
-        if e.kind == EntryKind.NORMAL and data in self.proposed and node.core.role is Role.LEADER:
-            if self.proposed[data] == (e.index, e.term):
-                self.acked[data] = e.index
+        if (e.kind == EntryKind.NORMAL and data in self.proposed and node.core.role is Role.LEADER
+                and self.proposed[data] == (e.index, e.term)):
+            self.acked[data] = e.index
 
     def _check_node(self, node: Node) -> None:
         core = node.core
@@ -384,9 +394,9 @@ class Cluster:
         start = self.now
         proposed_at = None
         while self.now - start < bound:
-            if proposed_at is None or (data not in self.acked and self.now - proposed_at > 200):
-                if self.propose(data):
-                    proposed_at = self.now
+            if (proposed_at is None or (data not in self.acked and self.now - proposed_at > 200)) \
+                    and self.propose(data):
+                proposed_at = self.now
             self.step(faults=False)
             if data in self.acked:
                 index = self.acked[data]
@@ -406,10 +416,10 @@ class Cluster:
             raise SafetyViolation(f"seed {self.seed}: replicas at the same applied index differ")
 
 
-def quiet_faults(**overrides) -> Faults:
+def quiet_faults(**overrides: Any) -> Faults:
     """No random faults (scripted scenarios set them by hand)."""
-    base = dict(drop=0.0, duplicate=0.0, delay_max=2, crash=0.0, crash_before_fsync=0.0, pause=0.0,
-                partition=0.0, heal=0.0, snapshot_every=0)
+    base: dict[str, Any] = {"drop": 0.0, "duplicate": 0.0, "delay_max": 2, "crash": 0.0, "crash_before_fsync": 0.0,
+                            "pause": 0.0, "partition": 0.0, "heal": 0.0, "snapshot_every": 0}
     base.update(overrides)
     return Faults(**base)
 
@@ -422,7 +432,8 @@ def run_seed(seed: int, *, steps: int = 1500, verbose: bool = False) -> dict:
                     delay_max=rng.choice([2, 8, 20]), crash=rng.choice([0.0, 0.002, 0.01]),
                     crash_before_fsync=rng.choice([0.0, 0.001]), pause=rng.choice([0.0, 0.003]),
                     partition=rng.choice([0.0, 0.005, 0.02]), heal=rng.choice([0.005, 0.03]),
-                    snapshot_every=rng.choice([0, 0, 20, 50]))
+                    snapshot_every=rng.choice([0, 0, 20, 50]),
+                    snapshot_keep=rng.choice([0, 0, 5, 15]))     # drawn last: earlier seeds keep their faults
     c = Cluster(n, seed, faults=faults, verbose=verbose)
     for _ in range(steps):
         if c.rng.random() < 0.3:
@@ -430,7 +441,7 @@ def run_seed(seed: int, *, steps: int = 1500, verbose: bool = False) -> dict:
         c.step()
     c.heal()
     c.faults = Faults(drop=0.0, duplicate=0.0, delay_max=2, crash=0, crash_before_fsync=0, pause=0, partition=0,
-                      snapshot_every=faults.snapshot_every)
+                      snapshot_every=faults.snapshot_every, snapshot_keep=faults.snapshot_keep)
     took = c.run_until_applied(f"final-{seed}".encode(), bound=3000)
     c.check_final()
     return {"seed": seed, "nodes": n, "steps": c.steps, "acked": len(c.acked), "heal_steps": took}
@@ -447,6 +458,7 @@ def leader_cpu_per_entry_us(entries: int = 20000, batch: int = 64, payload_bytes
     while c.leader() is None:
         c.step(faults=False)
     leader = c.leader()
+    assert leader is not None
     payload = b"x" * payload_bytes
     spent = 0.0
     committed0 = leader.core.commit
@@ -500,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ranges = [(s, min(s + chunk, a.first + a.seeds), a.steps) for s in range(a.first, a.first + a.seeds, chunk)]
     t0 = time.time()
     done, failures = 0, []
+    results: Iterable[tuple[int, list[str]]]
     if jobs == 1:
         results = map(_run_range, ranges)
     else:

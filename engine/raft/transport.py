@@ -18,15 +18,27 @@ network's account):
 - sends are ``NOBLOCK`` with ``ZMQ_IMMEDIATE``: a message to a peer that is down, or whose queue is at its
   high-water mark, is dropped and counted (``stats['dropped_send']``);
 - reconnects are ZeroMQ's (``RECONNECT_IVL_MS`` .. ``RECONNECT_IVL_MAX_MS``), silent;
-- a malformed message (bad header, too many frames, oversized frame, wrong src) is logged, counted and
-  dropped; it never reaches the core and never raises out of ``recv``.
+- a malformed message (bad header, too many frames or bytes, oversized frame, a field out of range, an
+  identity that is no peer of this replica, a src that is not the connection's) is counted (in
+  ``stats['dropped_malformed']`` and by reason in ``rejected``), logged at a bounded rate (``RejectLog``)
+  and dropped; it never reaches the core and never raises out of ``recv``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import zmq
+
+from engine.raft.messages import (
+    FAULT_REASONS,
+    MALFORMED,
+    MESSAGE_BYTES_MAX,
+    OVERSIZED,
+    MessageRejected,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,13 @@ RECONNECT_IVL_MAX_MS = 500
 HEARTBEAT_IVL_MS = 1000                 # ZMTP heartbeats detect a silently dead connection
 HEARTBEAT_TIMEOUT_MS = 3000
 COPY_THRESHOLD_BYTES = 64 << 10         # frames at least this big are sent zero-copy
+REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per interval about rejected peer messages
+
+# --- reasons a message is dropped here, besides the decoder's (messages.FAULT_REASONS) -------------------
+UNKNOWN_IDENTITY = "unknown_identity"   # a routing id that is not raft-<id>
+UNKNOWN_PEER = "unknown_peer"           # raft-<id> of a replica that is not a peer of this one
+WRONG_SRC_OR_DST = "wrong_src_or_dst"   # src is not the connection's peer, or dst is not this replica
+TRANSPORT_REJECT_REASONS = FAULT_REASONS + (UNKNOWN_IDENTITY, UNKNOWN_PEER, WRONG_SRC_OR_DST)
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -51,6 +70,38 @@ Decoder = Callable[[list[memoryview]], Any]
 
 class TransportError(Exception):
     pass
+
+
+class RejectLog:
+    """Logs rejected peer messages at WARNING without letting a flood of them flood the log: the first
+    one at once, then at most one line per ``interval_s`` that sums up what was rejected meanwhile (by
+    reason, with the latest detail). ``flush(now)`` writes a due summary without waiting for the next one."""
+
+    def __init__(self, who: str, logger: logging.Logger | None = None,
+                 interval_s: float = REJECT_LOG_INTERVAL_S) -> None:
+        self._who = who
+        self._log = logger or log
+        self._interval_s = interval_s
+        self._due_s = 0.0
+        self._since_s = 0.0
+        self._pending: dict[str, int] = {}
+        self._last = ""
+
+    def add(self, reason: str, detail: str, now: float, count: int = 1) -> None:
+        self._pending[reason] = self._pending.get(reason, 0) + count
+        self._last = detail
+        if now >= self._due_s:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        if not self._pending or now < self._due_s:
+            return
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self._pending.items()))
+        window = f" in the last {now - self._since_s:.0f} s" if self._since_s else ""
+        self._log.warning("%s: rejected peer messages%s: %s; latest: %s", self._who, window, counts, self._last)
+        self._pending = {}
+        self._since_s = now
+        self._due_s = now + self._interval_s
 
 
 def peer_identity(node_id: int) -> bytes:
@@ -83,7 +134,10 @@ class Transport:
                  send_queue_messages_max: int = SEND_QUEUE_MESSAGES_MAX,
                  recv_queue_messages_max: int = RECV_QUEUE_MESSAGES_MAX,
                  frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX,
-                 message_frames_max: int = MESSAGE_FRAMES_MAX) -> None:
+                 message_frames_max: int = MESSAGE_FRAMES_MAX,
+                 message_bytes_max: int = MESSAGE_BYTES_MAX, only_peers: bool = True) -> None:
+        """``only_peers``: drop messages from replicas that are not in ``peers`` (a replica answers only
+        its peers anyway: it has no connection to send to anyone else)."""
         if node_id in peers:
             raise ValueError(f"peers must not include this replica ({node_id})")
         if encode is None or decode is None:
@@ -98,7 +152,12 @@ class Transport:
         self._sndhwm = send_queue_messages_max
         self._frame_size_bytes_max = frame_size_bytes_max
         self._message_frames_max = message_frames_max
+        self._message_bytes_max = message_bytes_max
+        self._only_peers = only_peers
         self.stats = {"sent": 0, "dropped_send": 0, "received": 0, "dropped_malformed": 0}
+        # dropped_malformed by reason (fixed keys: another thread may copy it while this one counts)
+        self.rejected: dict[str, int] = dict.fromkeys(TRANSPORT_REJECT_REASONS, 0)
+        self.reject_log = RejectLog(f"raft transport {node_id}")
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, recv_queue_messages_max)
@@ -172,9 +231,15 @@ class Transport:
         return True
 
     # --- receiving -----------------------------------------------------------------------------------
+    def _drop(self, reason: str, detail: str) -> None:
+        self.stats["dropped_malformed"] += 1
+        self.rejected[reason] += 1
+        self.reject_log.add(reason, detail, time.monotonic())
+
     def recv_frames(self) -> tuple[int | None, list[memoryview]] | None:
         """One raw message (sender id from the connection identity, payload frames), or None if none is
-        waiting. Messages with too many frames are drained and dropped (returns (None, []))."""
+        waiting. Messages with too many frames or bytes, or from an identity that is not a peer, are drained
+        and dropped (returns (None, []))."""
         recv = self.socket.recv
         try:
             frame = recv(_NOBLOCK, copy=False)
@@ -182,20 +247,33 @@ class Transport:
             return None
         identity = frame.bytes
         frames: list[memoryview] = []
+        size = 0
         too_many = False
         while frame.more:              # (not getsockopt(RCVMORE): pyzmq builds an enum on every call)
             frame = recv(copy=False)
-            if len(frames) >= self._message_frames_max:
-                too_many = True
+            if too_many or len(frames) >= self._message_frames_max:
+                too_many = True        # (drained: a multipart message arrives whole)
                 continue
-            frames.append(frame.buffer)
+            buf = frame.buffer
+            size += len(buf)
+            if size > self._message_bytes_max:
+                too_many = True
+                frames = []
+                continue
+            frames.append(buf)
         peer = node_of_identity(identity)
-        if too_many or not frames or peer is None:
-            self.stats["dropped_malformed"] += 1
-            log.warning("raft transport %d: dropped malformed message from %r (%s)", self.node_id, identity,
-                        "too many frames" if too_many else "no frames" if not frames else "unknown identity")
-            return None, []
-        return peer, frames
+        if too_many:
+            self._drop(OVERSIZED, f"message from {identity!r:.40}: more than {self._message_frames_max} frames "
+                                  f"or {self._message_bytes_max} bytes")
+        elif not frames:
+            self._drop(MALFORMED, f"message from {identity!r:.40} without frames")
+        elif peer is None:
+            self._drop(UNKNOWN_IDENTITY, f"message from the unknown identity {identity!r:.40}")
+        elif self._only_peers and peer not in self._peers:
+            self._drop(UNKNOWN_PEER, f"message from {peer}, not a peer of {self.node_id}")
+        else:
+            return peer, frames
+        return None, []
 
     def recv(self) -> Any | None:
         """One decoded, validated Raft message; None if nothing is waiting or the next one was malformed."""
@@ -209,16 +287,16 @@ class Transport:
             return None
         try:
             msg = self._decode(frames)
-        except Exception as exc:  # a peer's garbage must never take the replica down
-            self.stats["dropped_malformed"] += 1
-            log.warning("raft transport %d: dropped undecodable message from %d: %s", self.node_id, peer, exc)
+        except MessageRejected as exc:
+            self._drop(exc.reason, f"from {peer}: {exc.detail}")
+            return None
+        except Exception as exc:  # noqa: BLE001 -- a peer's garbage must never take the replica down
+            self._drop(MALFORMED, f"from {peer}: {exc}")
             return None
         src = getattr(msg, "src", None)
         dst = getattr(msg, "dst", None)
         if src != peer or dst != self.node_id:
-            self.stats["dropped_malformed"] += 1
-            log.warning("raft transport %d: dropped message claiming src=%r dst=%r on the connection of %d",
-                        self.node_id, src, dst, peer)
+            self._drop(WRONG_SRC_OR_DST, f"message claiming src={src!r} dst={dst!r} on the connection of {peer}")
             return None
         self.stats["received"] += 1
         return msg
