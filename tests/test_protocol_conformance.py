@@ -240,7 +240,6 @@ def test_create_transfer_duplicate_read_and_events_from_raw_frames(shard):
                          flags=HAS_A | HAS_B | LOWER_UNBOUNDED | UPPER_UNBOUNDED, issued_ms=now)
                + op_record(CREATE_ACCOUNT, 502, B, currency=b"BTC", flags=HAS_A | HAS_B | UPPER_UNBOUNDED,
                            issued_ms=now))
-    from engine._ledger import OpEncoder          # the doc's layout is what the Python encoder builds
     enc = OpEncoder()
     assert creates == (enc.create_account(501, A, "BTC", lower_limit=None, timestamp=now).tobytes()
                        + enc.create_account(502, B, "BTC", timestamp=now).tobytes())

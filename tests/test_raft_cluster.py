@@ -116,9 +116,9 @@ def test_kill_leader_under_load_then_restart(cluster, client):
 
 
 # --- in-process drivers (threads): API behaviour that does not need separate processes ---------------------
-from engine.raft.driver import DriverConfig, NotLeader, RaftDriver
-from engine.raft.local_cluster import free_ports
-from engine.raft.replica_main import CounterMachine
+from engine.raft.driver import DriverConfig, NotLeader, RaftDriver  # noqa: E402 - with the tests that use them
+from engine.raft.local_cluster import free_ports  # noqa: E402
+from engine.raft.replica_main import CounterMachine  # noqa: E402
 
 
 class _Member:

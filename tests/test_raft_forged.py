@@ -332,7 +332,7 @@ def test_forged_messages_over_zeromq_leave_the_follower_serving(members):
 
     ms = members(sync=False)
     leader = _wait_leader(ms)
-    for k in range(5):
+    for _k in range(5):
         leader.driver.propose(counter_entry([1])).result(timeout=WAIT_S)
     _wait_converged(ms)
     victim = next(x for x in ms if x is not leader)
@@ -373,7 +373,7 @@ def test_forged_messages_over_zeromq_leave_the_follower_serving(members):
     assert st["term"] == term and st["leader"] == lid and st["role"] == "follower"
     assert leader.driver.status()["role"] == "leader"
     # the real leader's connection is back (its DEALER reconnects) and the follower keeps replicating
-    for k in range(5):
+    for _k in range(5):
         leader.driver.propose(counter_entry([1])).result(timeout=WAIT_S)
     _wait_converged(ms)
     assert victim.sm.counter == leader.sm.counter == 10

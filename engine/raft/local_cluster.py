@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import msgspec
 import zmq
@@ -69,7 +70,8 @@ class LocalCluster:
                "--client", self.client_addr[node], "--data-dir", self.data_dir(node),
                "--tick-ms", str(a["tick_ms"]), "--election-ticks", str(a["election_ticks"]),
                "--heartbeat-ticks", str(a["heartbeat_ticks"]), "--snapshot-threshold", str(a["snapshot_threshold"]),
-               "--map-size-gib", str(a["map_size_gib"]), "--log-level", a["log_level"], "--machine", a["machine"]]
+               "--map-size-gib", str(a["map_size_gib"]), "--log-level", str(a["log_level"]),
+               "--machine", str(a["machine"])]
         if not a["sync"]:
             cmd.append("--no-sync")
         return cmd
@@ -138,10 +140,10 @@ class LocalCluster:
         for node in list(self.procs):
             try:
                 self.stop(node, timeout_s=5.0)
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever stopping it failed on, it is killed
                 self.procs[node].kill()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

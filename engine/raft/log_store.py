@@ -650,7 +650,8 @@ class LogStore:
         Raises LogStoreError and changes nothing when the request breaks a log invariant."""
         entries = list(entries)
         if len(entries) > APPEND_BATCH_ENTRIES_MAX:
-            raise LogStoreError(f"{len(entries)} entries in one save: APPEND_BATCH_ENTRIES_MAX={APPEND_BATCH_ENTRIES_MAX}")
+            raise LogStoreError(f"{len(entries)} entries in one save: "
+                                f"APPEND_BATCH_ENTRIES_MAX={APPEND_BATCH_ENTRIES_MAX}")
         if hard_state is None and self._deferred_hard_state is not None and (entries or snapshot is not None):
             hard_state = self._deferred_hard_state       # rides along with the next durable write
         snap_meta = self._snapshot_meta

@@ -28,7 +28,8 @@ import signal
 import struct
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import msgspec
 import numpy as np

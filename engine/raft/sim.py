@@ -144,7 +144,8 @@ class Cluster:
         self.blocked: set[tuple[int, int]] = set()
         self.leaders: dict[int, int] = {}           # term -> leader id
         self.applied_at: dict[int, tuple[int, bytes]] = {}   # index -> (term, data) of the applied entry
-        self.committed: dict[int, tuple[int, int, bytes]] = {}  # index -> (term of the leader that committed it, entry term, data)
+        # index -> (term of the leader that committed it, entry term, data)
+        self.committed: dict[int, tuple[int, int, bytes]] = {}
         self.proposed: dict[bytes, tuple[int, int]] = {}     # data -> (index, term) at the proposing leader
         self.acked: dict[bytes, int] = {}                    # data -> index: applied at its leader, acknowledged
         self.proposals = 0
@@ -275,7 +276,8 @@ class Cluster:
     def _check_node(self, node: Node) -> None:
         core = node.core
         if core.commit < node.last_commit:
-            raise SafetyViolation(f"seed {self.seed}: node {node.id} commit went back {node.last_commit} -> {core.commit}")
+            raise SafetyViolation(f"seed {self.seed}: node {node.id} commit went back "
+                                  f"{node.last_commit} -> {core.commit}")
         if core.role is Role.LEADER:
             for i in range(max(node.last_commit, core.snap_index) + 1, core.commit + 1):
                 if i not in self.committed:
