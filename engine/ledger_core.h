@@ -285,7 +285,7 @@ class Core {
     // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
     Core(uint64_t dedup_retention_, uint64_t event_retention_, uint32_t accounts_max, uint64_t initial_capacity)
         : dedup_retention(dedup_retention_), event_retention(event_retention_) {
-        accs.allocate(accounts_max, false);
+        accs.allocate(accounts_max, true);
         acc = accs.p; acc_capacity = accounts_max;
         seg_init(initial_capacity);
         ev.allocate(event_retention, false);
