@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     base = tempfile.mkdtemp(prefix="zwallet-prune-")
     cluster = NodeCluster(3, base, event_retention_seqs=args.retention,
-                          snapshot_threshold_entries=args.snapshot_entries, leader_snapshot_defer=1)
+                          snapshot_threshold_entries=args.snapshot_entries, leader_snapshot_defer=1,
+                          snapshot_keep_entries=5)
     out: dict[str, Any] = {}
     try:
         cluster.start()

@@ -130,6 +130,8 @@ class NodeConfig:
     snapshot_threshold_entries: int = 200_000      # a snapshot forks and writes the ledger: not often (docs)
     snapshot_threshold_bytes: int = 256 << 20     # log payload since the last snapshot (held in memory)
     snapshot_keep_entries: int = 2_000
+    snapshot_keep_bytes: int = 64 << 20           # ... but at most this many bytes of them (held in memory)
+    snapshot_bytes_max: int = 4 << 30            # an incoming snapshot larger than this is refused
     leader_snapshot_defer: int = 4               # the leader snapshots this many times less often (by entries)
     snapshot_in_child: bool = True                # serialize snapshots in a forked child (no Raft stall)
     sync: bool = True
@@ -184,6 +186,7 @@ class NodeConfig:
                             snapshot_threshold_entries=self.snapshot_threshold_entries,
                             snapshot_threshold_bytes=self.snapshot_threshold_bytes,
                             snapshot_keep_entries=self.snapshot_keep_entries,
+                            snapshot_keep_bytes=self.snapshot_keep_bytes, snapshot_bytes_max=self.snapshot_bytes_max,
                             leader_snapshot_defer=self.leader_snapshot_defer, sync=self.sync,
                             map_size_bytes=self.map_size_gib << 30)
 
@@ -231,7 +234,8 @@ class NodeConfig:
             lines.append(f"{name} = {getattr(self, name)}")
         lines += ["", "[raft]"]
         for name in ("tick_ms", "election_ticks", "heartbeat_ticks", "snapshot_threshold_entries",
-                     "snapshot_threshold_bytes", "snapshot_keep_entries", "leader_snapshot_defer", "map_size_gib"):
+                     "snapshot_threshold_bytes", "snapshot_keep_entries", "snapshot_keep_bytes", "snapshot_bytes_max",
+                     "leader_snapshot_defer", "map_size_gib"):
             lines.append(f"{name} = {getattr(self, name)}")
         lines.append(f"sync = {str(self.sync).lower()}")
         lines.append(f"snapshot_in_child = {str(self.snapshot_in_child).lower()}")
