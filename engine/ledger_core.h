@@ -287,6 +287,11 @@ class Core {
         : dedup_retention(dedup_retention_), event_retention(event_retention_) {
         accs.allocate(accounts_max, true);
         acc = accs.p; acc_capacity = accounts_max;
+        {   // room for every table at its largest (load >= 1/4) plus the sizes it grew through, twice over
+            uint64_t words = 64;
+            while (words < 2 * (uint64_t)accounts_max) words <<= 1;
+            slot_pool.allocate(4 * words + NSEG * 64 + 4 * std::max<uint64_t>(initial_capacity, 1) + 4096, true);
+        }
         seg_init(initial_capacity);
         ev.allocate(event_retention, false);
         seq_pos.allocate(event_retention, false);
@@ -297,7 +302,7 @@ class Core {
         dbmask = nb - 1;
     }
 
-    ~Core() { seg_free(); }
+    ~Core() = default;
     Core(const Core&) = delete;
     Core& operator=(const Core&) = delete;
 
@@ -320,10 +325,27 @@ class Core {
         g.slots[i] = ((h >> 32) << 32) | ((uint64_t)idx + 1);
         g.used++;
     }
-    static void seg_alloc(Seg& g, uint64_t nslots) {
-        g.slots = (uint64_t*)calloc(nslots, sizeof(uint64_t));
-        if (!g.slots) throw std::bad_alloc();
-        g.mask = nslots - 1; g.used = 0;
+    // Every table lives in one mapping on transparent huge pages (a lookup is a random access: on 4K pages
+    // it costs a TLB miss), carved by a bump pointer; a table given up on growth goes to a free list of its
+    // size and is reused by the next table that grows to it (the tables grow through the same sizes).
+    MappedArray<uint64_t> slot_pool;
+    uint64_t pool_top = 0;
+    std::vector<uint64_t*> pool_free[64];
+    static int log2_of(uint64_t n) { return 63 - __builtin_clzll(n); }
+    void seg_alloc(Seg& g, uint64_t nslots) {
+        std::vector<uint64_t*>& fl = pool_free[log2_of(nslots)];
+        uint64_t* p;
+        if (!fl.empty()) { p = fl.back(); fl.pop_back(); }
+        else {
+            if (pool_top + nslots > slot_pool.size()) throw std::bad_alloc();
+            p = slot_pool.p + pool_top; pool_top += nslots;
+        }
+        memset(p, 0, nslots * sizeof(uint64_t));
+        g.slots = p; g.mask = nslots - 1; g.used = 0;
+    }
+    void seg_release(Seg& g) {
+        if (g.slots) pool_free[log2_of(g.mask + 1)].push_back(g.slots);
+        g.slots = nullptr;
     }
     void seg_grow(Seg& g) {
         Seg old = g;
@@ -332,7 +354,7 @@ class Core {
             uint64_t s = old.slots[i];
             if (s) seg_put(g, hmix(acc[(uint32_t)s - 1].id), (uint32_t)s - 1);
         }
-        free(old.slots);
+        seg_release(old);
     }
     void slot_insert(uint32_t idx) {
         uint64_t h = hmix(acc[idx].id);
@@ -340,7 +362,11 @@ class Core {
         if ((g.used + 1) * 2 > g.mask + 1) seg_grow(g);    // load factor at most 1/2
         seg_put(g, h, idx);
     }
-    void seg_free() { for (auto& g : segs) { free(g.slots); g.slots = nullptr; } }
+    void seg_free() {
+        for (auto& g : segs) g.slots = nullptr;
+        for (auto& fl : pool_free) fl.clear();
+        pool_top = 0;
+    }
     // Size every table for `accounts` ids (a hint: they grow on their own).
     void seg_init(uint64_t accounts) {
         seg_free();
@@ -353,9 +379,7 @@ class Core {
         for (uint32_t k = 0; k < acc_count; k++) slot_insert(k);
     }
     uint64_t index_bytes() const {
-        uint64_t b = 0;
-        for (auto& g : segs) b += (g.mask + 1) * sizeof(uint64_t);
-        return b;
+        return pool_top * sizeof(uint64_t);       // the part of the pool ever used (live + reusable)
     }
 
     // ------------------------------------------------------------------------------- chain digest
