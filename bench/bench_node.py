@@ -83,7 +83,9 @@ LATENCY_BAR_RATE_PER_S = 10_000
 LATENCY_BAR_P99_MS = 5.0
 LATENCY_RATES_PER_S = (1_000, 10_000)
 PHASES = ("throughput", "latency", "failover")
-EXTRA_PHASES = ("unbatched",)                    # run only when named in --only (not part of the recorded run)
+EXTRA_PHASES = ("unbatched", "percall")         # run only when named in --only (not part of the recorded run)
+PERCALL_THREADS = 16                             # percall: threads calling Client.transfer (the README's path) ...
+PERCALL_S = 10.0                                 # ... for this long, sharing one Client
 UNBATCHED_CLIENTS = 64                           # unbatched: closed-loop clients (zwallet bench's number) ...
 UNBATCHED_PROCESSES = 2                          # ... in this many load processes
 REPLY_WAIT_S = 30.0                              # how long the end of a phase waits for outstanding replies
@@ -420,6 +422,43 @@ def run_unbatched(cluster: NodeCluster, status_client: Client, ids: Ids, args: a
             "requests_per_entry": (after["entries_batches"] - before["entries_batches"]) / max(1, entries),
             "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
             "not_ok": int(np.count_nonzero(r["codes"] != R.Code.OK)), "client_cpu_s": r["client_cpu_s"]}
+
+
+def run_percall(addresses: list[str], accounts: int) -> dict[str, Any]:
+    """The README's per-call path: PERCALL_THREADS threads sharing one ``Client``, each calling
+    ``client.transfer(...)`` in a closed loop (the client coalesces concurrent calls into batches and asks
+    for their events, which the leader cuts from the entry's own); calls/s and per-call latency."""
+    lat: list[float] = []
+    not_ok = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + PERCALL_S
+    with Client(addresses, timeout_s=30) as client:
+        def worker(k: int) -> None:
+            rng = np.random.default_rng(SEED + 100 + k)
+            mine: list[float] = []
+            bad = 0
+            d = (1 << 62) + (k << 40)
+            while time.perf_counter() < stop:
+                a = int(rng.integers(1, accounts + 1))
+                b = a % accounts + 1
+                t0 = time.perf_counter()
+                r = client.transfer(d, a, b, TRANSFER_AMOUNT, CURRENCY)
+                mine.append(time.perf_counter() - t0)
+                bad += r.code != R.Code.OK
+                d += 1
+            with lock:
+                lat.extend(mine)
+                not_ok[0] += bad
+        t_start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(PERCALL_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t_start
+    arr = np.array(lat) * 1000
+    return {"calls": len(lat), "wall_s": wall, "per_s": len(lat) / wall, "p50_ms": pct(arr, 50),
+            "p99_ms": pct(arr, 99), "not_ok": not_ok[0]}
 
 
 def find_leader(status_client: Client, cluster: NodeCluster) -> int:
@@ -844,6 +883,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {r['p99_ms']:.2f} ms; not OK {r['not_ok']}", flush=True)
             print("  cores " + cpu_text("used", r["cpu"]) + f" (the {UNBATCHED_PROCESSES} load processes, among the "
                   f"others: {r['client_cpu_s'] / max(r['wall_s'], 1e-9):.2f})", flush=True)
+        if "percall" in args.phases:
+            print(f"percall: {PERCALL_THREADS} threads calling Client.transfer for {PERCALL_S:g} s ...", flush=True)
+            res["percall"] = r = run_percall(cluster.client_addresses, args.accounts)
+            print(f"  {r['calls']:,} calls in {r['wall_s']:.1f} s: {r['per_s']:,.0f}/s; latency p50 {r['p50_ms']:.2f} "
+                  f"p99 {r['p99_ms']:.2f} ms; not OK {r['not_ok']}", flush=True)
         res["memory_mib"] = {"after_load": memory_mib(cluster)}
         if "failover" in args.phases:
             print(f"failover under load x{args.failovers} ...", flush=True)
