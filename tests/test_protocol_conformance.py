@@ -19,12 +19,12 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-import zmq
 
 from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
 from engine.cluster import NodeCluster
+from tests.node_helpers import RawPeer
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
 
@@ -177,16 +177,8 @@ def events(payload: bytes) -> list[dict[str, int]]:
     return out
 
 
-class Raw:
-    def __init__(self, address: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
+class Raw(RawPeer):
+    """A DEALER that reads reply headers by the doc's field names, not through engine.wire."""
 
     def ask(self, *frames: bytes, timeout_s: float = 10.0) -> tuple[dict[str, Any], list[bytes]]:
         self.sock.send_multipart(list(frames))

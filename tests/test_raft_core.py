@@ -20,7 +20,7 @@ def drain(c):
         rd = c.ready()
         if not rd:
             break
-        if rd.entries or rd.hard_state is not None:
+        if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
             c.persisted(c.last_index, c.last_term)
         sent.extend(rd.messages)
     return sent

@@ -17,6 +17,10 @@ from engine.raft import core as core_mod
 from engine.raft import messages as m
 from engine.raft.core import RaftConfig, RaftCore, Role
 from engine.raft.messages import Entry, EntryKind, HardState, SnapshotMeta
+from tests import test_raft_cluster
+from tests.test_raft_core import drain
+
+members = test_raft_cluster.members      # the fixture: three in-process drivers on loopback
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,19 +36,6 @@ def follower(node_id=2, members=(1, 2, 3), **cfg):
     drain(c)
     assert (c.role, c.leader_id, c.term, c.commit, c.last_index) == (Role.FOLLOWER, 1, 2, 5, 5)
     return c
-
-
-def drain(c):
-    """Act as a driver: persist everything (in memory) and collect what the core sends."""
-    sent = []
-    for _ in range(10):
-        rd = c.ready()
-        if not rd:
-            break
-        if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
-            c.persisted(c.last_index, c.last_term)
-        sent.extend(rd.messages)
-    return sent
 
 
 def rejected(c):
@@ -380,25 +371,3 @@ def test_forged_messages_over_zeromq_leave_the_follower_serving(members):
     assert victim.driver.status()["term"] == term
 
 
-@pytest.fixture
-def members(tmp_path):
-    """Three in-process drivers on loopback (tests/test_raft_cluster.py's members)."""
-    from engine.raft.local_cluster import free_ports
-    from tests.test_raft_cluster import _Member
-
-    ports = free_ports(3)
-    peers = {i + 1: f"tcp://127.0.0.1:{p}" for i, p in enumerate(ports)}
-    made = []
-
-    def make(**cfg):
-        cfg.setdefault("tick_interval_ms", 10)
-        cfg.setdefault("election_ticks", 20)
-        cfg.setdefault("map_size_bytes", 1 << 28)
-        for i in peers:
-            made.append(_Member(i, peers, str(tmp_path / f"m{i}"), **cfg))
-        for x in made:
-            x.start()
-        return made
-    yield make
-    for x in made:
-        x.stop()
