@@ -233,8 +233,14 @@ class EventStore:
     def lookup(self, dedup_id: int, since_ms: int = 0) -> int | None:
         """The seq of the applied command with this dedup id, if the index holds it; None if not. Walks the
         index newest first down to blocks whose events are all older than ``since_ms`` (a command issued
-        at T is applied at T - ISSUED_AHEAD_MAX_MS or later), at most LOOKUP_BLOCKS_MAX blocks; see
-        ``lookup_complete_since``. A candidate is confirmed against its event (hashes may collide)."""
+        at T is applied at T - ISSUED_AHEAD_MAX_MS or later), at most LOOKUP_BLOCKS_MAX blocks (then
+        ``lookup_stopped_at_ms`` says how far back it looked; ``index_complete_from`` bounds the rest). A
+        candidate is confirmed against its event (hashes may collide)."""
+        ev = self.lookup_event(dedup_id, since_ms)
+        return None if ev is None else int(ev["seq_num"])
+
+    def lookup_event(self, dedup_id: int, since_ms: int = 0) -> np.void | None:
+        """``lookup``, answering the command's first event record (its seq, kind, code), read once."""
         if self._pending:
             self.flush()
         h = _hash_of(dedup_id)
@@ -262,7 +268,7 @@ class EventStore:
                         except EventsUnavailable:
                             continue
                         if int(ev["dedup_id"][0]) == lo and int(ev["dedup_id"][1]) == hi:
-                            return int(seq)
+                            return ev
                 ok = cur.prev()
             if ok and walked >= LOOKUP_BLOCKS_MAX:
                 self.lookup_stopped_at_ms = _BLOCK_HEADER.unpack_from(cur.value(), 0)[3] + 1

@@ -901,16 +901,12 @@ class Node:
         since = max(0, p.req.issued_ms - R.ISSUED_AHEAD_MAX_MS) if p.req.issued_ms else 0
         stopped = 0
         for k in missing:                                   # outside the ledger lock
-            seq = self.events.lookup(ids[k], since)
-            if seq is None:
+            ev = self.events.lookup_event(ids[k], since)
+            if ev is None:
                 stopped = max(stopped, self.events.lookup_stopped_at_ms)
                 continue
-            try:
-                ev = self.events.read(seq, seq, 1 << 16)[0]
-            except EventsUnavailable:
-                continue                                    # pruned meanwhile: not found
             res["code"][k] = int(ev["code"])
-            res["seq_num"][k] = seq
+            res["seq_num"][k] = int(ev["seq_num"])
             res["kind"][k] = int(ev["kind"])
             res["flags"][k] = R.ResultFlag.DUPLICATE
         self._reply(p, payload=res.tobytes(), complete_since_ms=max(stopped, self._results_complete_since_ms()))
