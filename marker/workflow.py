@@ -1,0 +1,679 @@
+"""The Marker's replicated state machine: cross-shard workflows (TCC transfers, sagas) as DAGs of jobs.
+
+Pure: no I/O, no clock, no randomness. ``apply(entry)`` is a function of (state, entry bytes); the entry's
+timestamp is the only time there is (it never goes back). Same entries, same state, byte for byte
+(``snapshot()``, ``digest()``).
+
+**Workflows.** A SUBMIT creates a workflow whose jobs are all planned at once, from the spec alone:
+
+    TCC (legs grouped by shard s_0 < s_1 < ... < s_{n-1}, one group per shard):
+        0..n-1      TRY on s_k           (TCC_TRY group of that shard's legs, txn id derived per shard)
+        n           DECIDE               (internal; depends on every TRY settled)
+        n+1..2n     CONFIRM on s_k       (depends on DECIDE = OK)
+        2n+1..3n    CANCEL on s_k        (depends on DECIDE failed and TRY s_k applied-or-unknown)
+    SAGA (steps 0..m-1, each on one shard):
+        0..m-1      STEP k               (depends on STEP k-1 = OK)
+        m           DECIDE               (depends on every STEP settled)
+        m+1..2m     COMPENSATE step m-1, m-2, .., 0  (depends on DECIDE failed, its step applied-or-unknown,
+                                          and the compensation before it settled: strictly reverse order)
+
+A job's dependency is (job, condition), condition one of SETTLED, OK, FAILED, APPLIED_OR_UNKNOWN; a
+dependency that can no longer hold SKIPS the job (the cancel of a try that failed: nothing to cancel; the
+steps after a failed step). Jobs only depend on jobs with a lower index, so one pass in index order
+settles the graph.
+
+**Job states.** WAITING -> READY (all dependencies hold; the leader's driver sends it) -> DONE (a
+definite result was applied) | SKIPPED | ABANDONED (phase 1 only, after the decision, when its outcome
+no longer matters and a null compensation/cancel makes a late arrival harmless) | STUCK (phase 2 only).
+A phase-2 job refused with a retryable code (``PHASE2_RETRY_CODES``: the money moved on) gets a new attempt
+(a new dedup id) after a backoff, visible as a JOB_RETRY event; after ``PHASE2_ATTEMPTS_MAX`` attempts, or
+at once for any other refusal, it is STUCK: an invariant violation (counter ``stuck_jobs``, a STUCK event,
+the workflow's state STUCK), never silently retried forever nor ignored.
+
+**Workflow states.** RUNNING (phase 1) -> DECIDE -> COMMITTING (OK, confirms to do) or ROLLING_BACK
+(failed: cancels/compensations) -> SUCCEEDED | FAILED once every job is settled (terminal; the outcome
+code is OK, or the first failed phase-1 job's business code in job order, or DEADLINE_EXCEEDED), or
+STUCK. The deadline (``deadline_ms``, absolute) in phase 1 forces the decision to DEADLINE_EXCEEDED;
+in phase 2 it sets ``overdue`` (an OVERDUE event, ``status()["overdue"]``) and the jobs go on.
+
+Cancels and the anti-suspension rule: until the ledger has null cancel (``Code.NULL_CANCELLED``), a
+cancel of a try that has not yet arrived returns TXN_NOT_FOUND and the late try would then apply and hold
+money forever. So, unless ``null_cancel``, a CANCEL waits for its TRY to be settled (the driver keeps
+re-sending the same try records until it has a definite result; a late duplicate is deduped by the shard).
+With ``null_cancel`` the decision ABANDONS unsettled tries and cancels at once (the shard makes a late try
+fail with TXN_ALREADY_CANCELLED). Saga steps are always abandoned on a deadline: COMPENSATE has null
+compensation (NULL_COMPENSATED, the late original is refused).
+
+**Ids.** Every id is derived from the workflow id, so every leader sends the same records:
+``blake2b(workflow_id(16 LE) || tag || index u32 || attempt u32, 16 bytes)`` read little-endian, 0 -> 1;
+tag b"J" for a job's dedup id, b"X" for the txn id of a TCC's k-th shard. issued_ms of a phase-1 job is
+the creating entry's time; of a phase-2 job the deciding entry's time (a retry attempt: the entry's time
+that re-issued it). A job's op records are built from the spec and these values (``job_records``).
+
+**What is persisted before what is acted on.** Every state change above happens only in ``apply``, that
+is after the entry carrying it is committed in the Marker's log: a decision is made by applying the
+JOB_RESULTS (or the tick) that completes phase 1, so a phase-2 job is READY only once the decision is in
+the log; the driver only ever sends READY jobs, and a shard's result becomes a job's state only when the
+JOB_RESULTS command carrying it is applied. A new leader's driver re-sends every READY job (the same
+records: the shards dedup them). Results for a job not READY, of another attempt, or of an unknown or
+finished workflow are ignored (duplicates and stale leaders are normal).
+
+**Exactly-once of workflows.** A SUBMIT of a known workflow id is a duplicate (the existing workflow's
+state). Finished workflows are kept (``finished_retained_max``, FIFO); evicting one moves the machine's
+``horizon_ms`` past its ``issued_ms`` (the client's first-issue time, the same on every re-submit), and a
+SUBMIT of an unknown workflow issued at or before the horizon is refused EXPIRED: it may have run before.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from engine._ledger import OpEncoder
+from engine.records import ISSUED_AHEAD_MAX_MS, Code
+from engine.shard_map import ShardMap
+from marker.commands import (
+    BatchStep, Drain, JobResults, SagaSpec, Submit, TccSpec, TransferStep, WorkflowSpec, bytes_i128, bytes_u128,
+    decode_entry, decode_spec, encode_spec, step_accounts, validate_spec, JOB_RESULTS_MAX, WORKFLOW_KIND_SAGA,
+    WORKFLOW_KIND_TCC,
+)
+from marker.events import MARKER_EVENT_DTYPE, NO_JOB, NO_SHARD, EventKind
+
+WORKFLOWS_INFLIGHT_MAX = 10_000          # workflows not yet finished (stuck ones included): more is OVERLOADED
+FINISHED_RETAINED_MAX = 100_000          # finished workflows kept for duplicate submits and queries
+PHASE2_ATTEMPTS_MAX = 16                 # attempts (new dedup ids) of a phase-2 job refused with a retryable code
+PHASE2_RETRY_BASE_MS = 100               # backoff before attempt k: base * 2**(k-1), capped
+PHASE2_RETRY_MAX_MS = 30_000
+SNAPSHOT_VERSION = 1
+_null_cancelled = Code.__members__.get("NULL_CANCELLED")      # lands with the ledger's null cancel
+NULL_CANCELLED: int | None = None if _null_cancelled is None else int(_null_cancelled)
+
+
+class MarkerCode(IntEnum):
+    """Workflow outcome codes of the Marker's own (beyond the ledger's ``Code`` values, all < 1000)."""
+    DEADLINE_EXCEEDED = 1000
+
+
+class WorkflowState(IntEnum):
+    RUNNING = 1          # phase 1
+    COMMITTING = 2       # decided OK, confirms in progress
+    ROLLING_BACK = 3     # decided failed, cancels / compensations in progress
+    SUCCEEDED = 4
+    FAILED = 5
+    STUCK = 6            # a phase-2 job cannot succeed: operator needed
+
+
+TERMINAL_WORKFLOW = (WorkflowState.SUCCEEDED, WorkflowState.FAILED)
+
+
+class JobKind(IntEnum):
+    TRY = 1
+    CONFIRM = 2
+    CANCEL = 3
+    STEP = 4
+    COMPENSATE = 5
+    DECIDE = 6
+
+
+class JobState(IntEnum):
+    WAITING = 0
+    READY = 1
+    DONE = 2
+    SKIPPED = 3
+    ABANDONED = 4
+    STUCK = 5
+
+
+_SETTLED_JOB = (JobState.DONE, JobState.SKIPPED, JobState.ABANDONED)
+
+
+class Cond(IntEnum):
+    SETTLED = 0
+    OK = 1
+    FAILED = 2
+    APPLIED_OR_UNKNOWN = 3
+
+
+# phase-2 codes that mean "done" (beyond OK), per kind; any other code is a refusal
+_CANCEL_DONE = {int(Code.OK), int(Code.TXN_NOT_FOUND), int(Code.TXN_ALREADY_CANCELLED)} | (
+    {NULL_CANCELLED} if NULL_CANCELLED is not None else set())
+PHASE2_DONE_CODES: dict[JobKind, frozenset[int]] = {
+    JobKind.CONFIRM: frozenset({int(Code.OK), int(Code.TXN_ALREADY_CONFIRMED)}),
+    JobKind.CANCEL: frozenset(_CANCEL_DONE),
+    JobKind.COMPENSATE: frozenset({int(Code.OK), int(Code.NULL_COMPENSATED), int(Code.ORIGINAL_COMPENSATED)}),
+}
+PHASE2_RETRY_CODES = frozenset({int(Code.BALANCE_LIMIT_EXCEEDED), int(Code.OVERFLOW),
+                                int(Code.INVALID_ACCOUNT_STATE)})
+_PHASE2 = (JobKind.CONFIRM, JobKind.CANCEL, JobKind.COMPENSATE)
+
+
+class Refusal:
+    OVERLOADED = "OVERLOADED"
+    DRAINING = "DRAINING"
+    INVALID_SPEC = "INVALID_SPEC"
+    EXPIRED = "EXPIRED"                  # issued at or before the horizon of evicted workflows
+    ISSUED_IN_FUTURE = "ISSUED_IN_FUTURE"
+    MALFORMED_ENTRY = "MALFORMED_ENTRY"
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one command of an entry did. ``status``: "created", "duplicate", "refused", "accepted" or
+    "error" (the whole entry did not parse: nothing applied)."""
+    status: str
+    reason: str = ""                     # refused / error: a ``Refusal`` value
+    message: str = ""
+    workflow_id: int = 0
+    state: str = ""                      # SUBMIT: the workflow's state name
+    code: int | None = None              # SUBMIT: the workflow's outcome code once decided
+    accepted: int = 0                    # JOB_RESULTS: results recorded
+    ignored: int = 0                     # JOB_RESULTS: results for no READY job of that attempt
+
+
+def derive_id(workflow_id: int, tag: bytes, index: int, attempt: int = 0) -> int:
+    h = hashlib.blake2b(workflow_id.to_bytes(16, "little") + tag + index.to_bytes(4, "little")
+                        + attempt.to_bytes(4, "little"), digest_size=16).digest()
+    return int.from_bytes(h, "little") or 1
+
+
+@dataclass(slots=True)
+class Job:
+    kind: JobKind
+    shard: int                            # NO_SHARD for DECIDE
+    ref: int                              # TCC: the shard group k; SAGA: the step index
+    deps: tuple[tuple[int, Cond], ...]
+    state: JobState = JobState.WAITING
+    code: int | None = None
+    seq: int = 0
+    attempt: int = 0
+    issued_ms: int = 0
+    not_before_ms: int = 0
+    dedup_id: int = 0
+
+
+@dataclass(slots=True)
+class Workflow:
+    workflow_id: int
+    kind: int                             # WORKFLOW_KIND_TCC / WORKFLOW_KIND_SAGA
+    spec: WorkflowSpec
+    spec_bytes: bytes
+    part_shards: list[int]                # TCC: shard of each leg; SAGA: shard of each step
+    epoch: int
+    create_seq: int
+    created_ms: int
+    jobs: list[Job] = field(default_factory=list)
+    state: WorkflowState = WorkflowState.RUNNING
+    code: int | None = None
+    decided_ms: int = 0
+    finished_ms: int = 0
+    overdue: bool = False
+    groups: list[tuple[int, list[int]]] = field(default_factory=list)   # TCC: (shard, leg indices)
+
+    @property
+    def deadline_ms(self) -> int:
+        return self.spec.deadline_ms
+
+    @property
+    def issued_ms(self) -> int:
+        return self.spec.issued_ms
+
+
+@dataclass(slots=True, frozen=True)
+class ReadyJob:
+    """A job the leader's driver may send now (or once ``not_before_ms`` has passed)."""
+    workflow_id: int
+    job_index: int
+    attempt: int
+    shard: int
+    dedup_id: int
+    kind: JobKind
+    not_before_ms: int
+
+
+EventSink = Callable[[list[np.ndarray]], None]
+
+
+class MarkerMachine:
+    """The Marker's state machine. ``shard_map`` is configuration (the same on every replica); each
+    workflow records the map's epoch and the shard of every part it was planned with (in the snapshot)."""
+
+    def __init__(self, shard_map: ShardMap, *, event_sink: EventSink | None = None,
+                 workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX,
+                 finished_retained_max: int = FINISHED_RETAINED_MAX, null_cancel: bool | None = None) -> None:
+        if not 1 <= workflows_inflight_max <= 1 << 24 or not 1 <= finished_retained_max <= 1 << 26:
+            raise ValueError("workflows_inflight_max in 1..2**24, finished_retained_max in 1..2**26")
+        self.shard_map = shard_map
+        self.event_sink = event_sink
+        self.workflows_inflight_max = workflows_inflight_max
+        self.finished_retained_max = finished_retained_max
+        self.null_cancel = (NULL_CANCELLED is not None) if null_cancel is None else bool(null_cancel)
+        self._encoder = OpEncoder()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.now_ms = 0
+        self.last_seq = 0
+        self.create_seq = 0
+        self.draining = False
+        self.horizon_ms = 0                # a SUBMIT issued at or before it, of an unknown workflow: EXPIRED
+        self.applied_entries = 0
+        self.rejected_entries = 0
+        self.stuck_jobs = 0
+        self.phase2_retries = 0
+        self.ignored_results = 0
+        self._active: dict[int, Workflow] = {}
+        self._finished: dict[int, Workflow] = {}
+        # derived (rebuilt on restore, not in the snapshot)
+        self._deadlines: list[tuple[int, int, int]] = []     # (deadline_ms, create_seq, workflow_id)
+        self._ready: dict[tuple[int, int], None] = {}
+        self._events: list[tuple] = []
+
+    # ----------------------------------------------------------------------------------------- apply
+    def apply(self, entry: bytes | memoryview) -> list[Outcome]:
+        """Apply one committed entry; one Outcome per command (one "error" Outcome if the entry does not
+        parse: nothing applied). Never raises on any bytes."""
+        try:
+            ts, commands = decode_entry(entry)
+        except ValueError as exc:
+            self.rejected_entries += 1
+            return [Outcome(status="error", reason=Refusal.MALFORMED_ENTRY, message=str(exc))]
+        self.applied_entries += 1
+        self.now_ms = max(self.now_ms, ts)
+        out: list[Outcome] = []
+        for cmd in commands:
+            if isinstance(cmd, Submit):
+                out.append(self._submit(cmd.spec))
+            elif isinstance(cmd, JobResults):
+                out.append(self._job_results(cmd.results))
+            else:
+                assert isinstance(cmd, Drain)
+                self.draining = bool(cmd.on)
+                out.append(Outcome(status="accepted"))
+        self._check_deadlines()
+        self._flush_events()
+        return out
+
+    def _submit(self, spec: WorkflowSpec) -> Outcome:
+        try:
+            wid = bytes_u128(spec.workflow_id)
+        except ValueError as exc:
+            return Outcome(status="refused", reason=Refusal.INVALID_SPEC, message=str(exc))
+        wf = self._active.get(wid) or self._finished.get(wid)
+        if wf is not None:
+            return Outcome(status="duplicate", workflow_id=wid, state=wf.state.name, code=wf.code)
+        if self.draining:
+            return Outcome(status="refused", reason=Refusal.DRAINING, workflow_id=wid, message="marker is draining")
+        if len(self._active) >= self.workflows_inflight_max:
+            return Outcome(status="refused", reason=Refusal.OVERLOADED, workflow_id=wid,
+                           message=f"workflows_inflight_max={self.workflows_inflight_max} in flight")
+        try:
+            validate_spec(spec, self.now_ms)
+            if spec.issued_ms > self.now_ms + ISSUED_AHEAD_MAX_MS:
+                return Outcome(status="refused", reason=Refusal.ISSUED_IN_FUTURE, workflow_id=wid,
+                               message=f"issued_ms more than {ISSUED_AHEAD_MAX_MS} ms ahead")
+            if spec.issued_ms <= self.horizon_ms:
+                return Outcome(status="refused", reason=Refusal.EXPIRED, workflow_id=wid,
+                               message=f"issued_ms {spec.issued_ms} at or before the horizon {self.horizon_ms}")
+            wf = self._plan(wid, spec, encode_spec(spec), None, self.create_seq + 1, self.now_ms,
+                            self.shard_map.epoch)
+            for k in range(len(wf.jobs)):
+                if wf.jobs[k].kind in (JobKind.TRY, JobKind.STEP):
+                    self.job_records(wf, k)           # every phase-1 job must build: refuse it now if not
+        except (ValueError, TypeError, OverflowError) as exc:
+            return Outcome(status="refused", reason=Refusal.INVALID_SPEC, workflow_id=wid, message=str(exc))
+        self.create_seq += 1
+        self._active[wid] = wf
+        heapq.heappush(self._deadlines, (wf.deadline_ms, wf.create_seq, wid))
+        self._emit(EventKind.CREATED, wf, None, None)
+        self._advance(wf)
+        return Outcome(status="created", workflow_id=wid, state=wf.state.name, code=wf.code)
+
+    def _plan(self, wid: int, spec: WorkflowSpec, spec_bytes: bytes, part_shards: list[int] | None,
+              create_seq: int, created_ms: int, epoch: int) -> Workflow:
+        """The workflow and its job graph (all jobs WAITING), from the spec and the shard of each part."""
+        if isinstance(spec, TccSpec):
+            if part_shards is None:
+                part_shards = [self.shard_map.shard_of(bytes_u128(a)) for a, _, _ in spec.legs]
+            wf = Workflow(wid, WORKFLOW_KIND_TCC, spec, spec_bytes, part_shards, epoch, create_seq, created_ms)
+            by_shard: dict[int, list[int]] = {}
+            for k, s in enumerate(part_shards):
+                by_shard.setdefault(s, []).append(k)
+            wf.groups = sorted(by_shard.items())
+            n = len(wf.groups)
+            jobs = [Job(JobKind.TRY, s, k, ()) for k, (s, _) in enumerate(wf.groups)]
+            jobs.append(Job(JobKind.DECIDE, NO_SHARD, 0, tuple((k, Cond.SETTLED) for k in range(n))))
+            jobs += [Job(JobKind.CONFIRM, s, k, ((n, Cond.OK),)) for k, (s, _) in enumerate(wf.groups)]
+            jobs += [Job(JobKind.CANCEL, s, k, ((n, Cond.FAILED), (k, Cond.APPLIED_OR_UNKNOWN)))
+                     for k, (s, _) in enumerate(wf.groups)]
+        else:
+            assert isinstance(spec, SagaSpec)
+            if part_shards is None:
+                part_shards = []
+                for k, st in enumerate(spec.steps):
+                    shards = {self.shard_map.shard_of(a) for a in step_accounts(st)}
+                    if len(shards) != 1:
+                        raise ValueError(f"step {k}: its accounts are on shards {sorted(shards)}: a step is "
+                                         f"one shard's operation")
+                    part_shards.append(shards.pop())
+            wf = Workflow(wid, WORKFLOW_KIND_SAGA, spec, spec_bytes, part_shards, epoch, create_seq, created_ms)
+            m = len(spec.steps)
+            jobs = [Job(JobKind.STEP, part_shards[k], k, ((k - 1, Cond.OK),) if k else ()) for k in range(m)]
+            jobs.append(Job(JobKind.DECIDE, NO_SHARD, 0, tuple((k, Cond.SETTLED) for k in range(m))))
+            for r in range(m):                          # job m+1+r compensates step m-1-r
+                step = m - 1 - r
+                deps = [(m, Cond.FAILED), (step, Cond.APPLIED_OR_UNKNOWN)]
+                if r:
+                    deps.append((m + r, Cond.SETTLED))
+                jobs.append(Job(JobKind.COMPENSATE, part_shards[step], step, tuple(deps)))
+        for k, j in enumerate(jobs):
+            j.issued_ms = created_ms if j.kind in (JobKind.TRY, JobKind.STEP) else 0
+            j.dedup_id = derive_id(wid, b"J", k, 0) if j.kind != JobKind.DECIDE else 0
+        wf.jobs = jobs
+        return wf
+
+    # ------------------------------------------------------------------------------------ transitions
+    def _dep_holds(self, wf: Workflow, dep: tuple[int, Cond]) -> bool | None:
+        """True / False (never will) / None (not yet)."""
+        j = wf.jobs[dep[0]]
+        cond = dep[1]
+        if j.state not in _SETTLED_JOB:
+            return None
+        ok = j.state == JobState.DONE and j.code == Code.OK
+        if cond == Cond.SETTLED:
+            return True
+        if cond == Cond.OK:
+            return ok
+        if cond == Cond.FAILED:
+            return j.state == JobState.DONE and not ok
+        return ok or j.state == JobState.ABANDONED
+
+    def _advance(self, wf: Workflow) -> None:
+        """Settle the job graph after a change: make ready / skip / decide, in index order; then finish."""
+        for k, j in enumerate(wf.jobs):
+            if j.state != JobState.WAITING:
+                continue
+            holds = [self._dep_holds(wf, d) for d in j.deps]
+            if False in holds:
+                j.state = JobState.SKIPPED
+                self._emit(EventKind.JOB_SKIPPED, wf, k, j)
+            elif None not in holds:
+                if j.kind == JobKind.DECIDE:
+                    self._decide(wf, k, None)
+                else:
+                    self._make_ready(wf, k, j)
+        self._maybe_finish(wf)
+
+    def _make_ready(self, wf: Workflow, k: int, j: Job) -> None:
+        if j.kind in _PHASE2:
+            j.issued_ms = self.now_ms
+        j.state = JobState.READY
+        self._ready[(wf.workflow_id, k)] = None
+
+    def _decide(self, wf: Workflow, k: int, forced: int | None) -> None:
+        d = wf.jobs[k]
+        code = forced
+        if code is None:
+            code = int(Code.OK)
+            for j in wf.jobs[:k]:
+                if j.state == JobState.DONE and j.code != Code.OK:
+                    assert j.code is not None
+                    code = j.code
+                    break
+        d.state, d.code = JobState.DONE, code
+        wf.code, wf.decided_ms = code, self.now_ms
+        wf.state = WorkflowState.COMMITTING if code == Code.OK else WorkflowState.ROLLING_BACK
+        if forced is not None:                   # the phase-1 jobs not settled at the deadline
+            for i, j in enumerate(wf.jobs[:k]):
+                if j.state == JobState.WAITING:
+                    j.state = JobState.SKIPPED
+                    self._emit(EventKind.JOB_SKIPPED, wf, i, j)
+                elif j.state == JobState.READY and (wf.kind == WORKFLOW_KIND_SAGA or self.null_cancel):
+                    j.state = JobState.ABANDONED
+                    self._ready.pop((wf.workflow_id, i), None)
+                    self._emit(EventKind.JOB_ABANDONED, wf, i, j)
+        self._emit(EventKind.DECIDED, wf, k, d, code)
+
+    def _maybe_finish(self, wf: Workflow) -> None:
+        if wf.state in TERMINAL_WORKFLOW or wf.state == WorkflowState.RUNNING:
+            return
+        if any(j.state == JobState.STUCK for j in wf.jobs):
+            if wf.state != WorkflowState.STUCK:
+                wf.state = WorkflowState.STUCK
+            return
+        if any(j.state not in _SETTLED_JOB for j in wf.jobs):
+            return
+        wf.state = WorkflowState.SUCCEEDED if wf.code == Code.OK else WorkflowState.FAILED
+        wf.finished_ms = self.now_ms
+        self._emit(EventKind.FINISHED, wf, None, None, wf.code)
+        del self._active[wf.workflow_id]
+        self._finished[wf.workflow_id] = wf
+        while len(self._finished) > self.finished_retained_max:
+            old_id = next(iter(self._finished))
+            old = self._finished.pop(old_id)
+            self.horizon_ms = max(self.horizon_ms, old.issued_ms)
+
+    def _job_results(self, results: list[tuple[bytes, int, int, int, int]]) -> Outcome:
+        if len(results) > JOB_RESULTS_MAX:
+            return Outcome(status="refused", reason=Refusal.INVALID_SPEC,
+                           message=f"{len(results)} results, over JOB_RESULTS_MAX={JOB_RESULTS_MAX}")
+        accepted = ignored = 0
+        touched: dict[int, Workflow] = {}
+        for wid_b, k, attempt, code, seq in results:
+            wf = self._active.get(int.from_bytes(wid_b, "little")) if len(wid_b) == 16 else None
+            j = wf.jobs[k] if wf is not None and 0 <= k < len(wf.jobs) else None
+            if (wf is None or j is None or j.state != JobState.READY or j.attempt != attempt
+                    or not 0 <= code <= 0xFFFF or not 0 <= seq < 1 << 64):
+                ignored += 1
+                continue
+            accepted += 1
+            self._ready.pop((wf.workflow_id, k), None)
+            j.seq = seq
+            if j.kind in _PHASE2 and code not in PHASE2_DONE_CODES[j.kind]:
+                j.code = code
+                if code in PHASE2_RETRY_CODES and j.attempt + 1 < PHASE2_ATTEMPTS_MAX:
+                    self.phase2_retries += 1
+                    self._emit(EventKind.JOB_RETRY, wf, k, j, code)
+                    j.attempt += 1
+                    j.dedup_id = derive_id(wf.workflow_id, b"J", k, j.attempt)
+                    j.not_before_ms = self.now_ms + min(PHASE2_RETRY_MAX_MS,
+                                                        PHASE2_RETRY_BASE_MS << min(j.attempt - 1, 20))
+                    self._make_ready(wf, k, j)
+                else:
+                    j.state = JobState.STUCK
+                    self.stuck_jobs += 1
+                    self._emit(EventKind.STUCK, wf, k, j, code)
+                    wf.state = WorkflowState.STUCK
+            else:
+                j.state, j.code = JobState.DONE, code
+                self._emit(EventKind.JOB_DONE, wf, k, j, code)
+            touched[wf.workflow_id] = wf
+        for wf in touched.values():
+            self._advance(wf)
+        self.ignored_results += ignored
+        return Outcome(status="accepted", accepted=accepted, ignored=ignored)
+
+    def _check_deadlines(self) -> None:
+        while self._deadlines and self._deadlines[0][0] < self.now_ms:
+            _, _, wid = heapq.heappop(self._deadlines)
+            wf = self._active.get(wid)
+            if wf is None:
+                continue
+            if wf.state == WorkflowState.RUNNING:
+                k = next(i for i, j in enumerate(wf.jobs) if j.kind == JobKind.DECIDE)
+                self._decide(wf, k, int(MarkerCode.DEADLINE_EXCEEDED))
+                self._advance(wf)
+                if wf.workflow_id in self._active:       # rolling back past the deadline: visible
+                    wf.overdue = True
+                    self._emit(EventKind.OVERDUE, wf, None, None, wf.code)
+            elif not wf.overdue:
+                wf.overdue = True
+                self._emit(EventKind.OVERDUE, wf, None, None, wf.code)
+
+    # ----------------------------------------------------------------------------------------- events
+    def _emit(self, kind: EventKind, wf: Workflow, k: int | None, j: Job | None, code: int | None = None) -> None:
+        self.last_seq += 1
+        self._events.append((self.last_seq, kind, wf, k, j, code))
+
+    def _flush_events(self) -> None:
+        if not self._events:
+            return
+        evs = np.zeros(len(self._events), dtype=MARKER_EVENT_DTYPE)
+        for i, (seq, kind, wf, k, j, code) in enumerate(self._events):
+            r = evs[i]
+            r["seq_num"], r["timestamp"] = seq, self.now_ms
+            r["workflow_id"] = (wf.workflow_id & 0xFFFFFFFFFFFFFFFF, wf.workflow_id >> 64)
+            r["kind"], r["workflow_kind"], r["state"] = int(kind), wf.kind, int(wf.state)
+            r["job_index"] = NO_JOB if k is None else k
+            r["shard_id"] = NO_SHARD if j is None else j.shard
+            r["code"] = 0 if code is None else code
+            r["deadline_ms"], r["shard_epoch"] = wf.deadline_ms, wf.epoch
+            if j is not None:
+                r["dedup_id"] = (j.dedup_id & 0xFFFFFFFFFFFFFFFF, j.dedup_id >> 64)
+                r["job_kind"], r["attempt"] = int(j.kind), min(j.attempt, 0xFFFF)
+                r["job_seq"], r["issued_ms"] = j.seq, j.issued_ms
+            else:
+                r["issued_ms"] = wf.issued_ms
+        self._events.clear()
+        if self.event_sink is not None:
+            self.event_sink([evs])
+
+    # ------------------------------------------------------------------------------------ for the driver
+    def ready_jobs(self) -> Iterator[ReadyJob]:
+        """Every READY job, in the order they became ready (what a leader's driver sends)."""
+        for wid, k in self._ready:
+            j = self._active[wid].jobs[k]
+            yield ReadyJob(wid, k, j.attempt, j.shard, j.dedup_id, j.kind, j.not_before_ms)
+
+    def job_records(self, wf_or_id: Workflow | int, k: int) -> np.ndarray:
+        """The op records (OP_DTYPE) of job ``k`` of a workflow at its current attempt: the same bytes on
+        every leader and every retry. ValueError for a DECIDE job or an unknown workflow."""
+        wf = wf_or_id if isinstance(wf_or_id, Workflow) else (self._active.get(wf_or_id)
+                                                               or self._finished.get(wf_or_id))
+        if wf is None:
+            raise ValueError(f"unknown workflow {wf_or_id}")
+        j = wf.jobs[k]
+        enc, ts, spec = self._encoder, j.issued_ms, wf.spec
+        if j.kind in (JobKind.TRY, JobKind.CONFIRM, JobKind.CANCEL):
+            assert isinstance(spec, TccSpec)
+            txn = derive_id(wf.workflow_id, b"X", j.ref)
+            if j.kind == JobKind.TRY:
+                legs = [spec.legs[i] for i in wf.groups[j.ref][1]]
+                return enc.tcc_try(j.dedup_id, txn, [(bytes_u128(a), bytes_i128(m), c) for a, m, c in legs],
+                                   timestamp=ts)
+            if j.kind == JobKind.CONFIRM:
+                return enc.tcc_confirm(j.dedup_id, txn, timestamp=ts)
+            return enc.tcc_cancel(j.dedup_id, txn, timestamp=ts)
+        if j.kind == JobKind.STEP:
+            assert isinstance(spec, SagaSpec)
+            st = spec.steps[j.ref]
+            if isinstance(st, TransferStep):
+                return enc.transfer(j.dedup_id, bytes_u128(st.from_id), bytes_u128(st.to_id), bytes_i128(st.amount),
+                                    st.currency,
+                                    None if st.expected_from is None else bytes_i128(st.expected_from),
+                                    None if st.expected_to is None else bytes_i128(st.expected_to), timestamp=ts)
+            assert isinstance(st, BatchStep)
+            return enc.batch_balance_operation(
+                j.dedup_id, [(bytes_u128(a), bytes_i128(m), c) for a, m, c in st.specs],
+                [(bytes_u128(a), bytes_i128(e)) for a, e in st.preconditions], timestamp=ts)
+        if j.kind == JobKind.COMPENSATE:
+            original = wf.jobs[j.ref].dedup_id
+            return enc.compensate(j.dedup_id, original, timestamp=ts)
+        raise ValueError(f"job {k} of workflow {wf.workflow_id} is internal ({j.kind.name})")
+
+    # ---------------------------------------------------------------------------------------- queries
+    def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
+        wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
+        if wf is None:
+            return None
+        return {
+            "workflow_id": wf.workflow_id, "kind": "TCC" if wf.kind == WORKFLOW_KIND_TCC else "SAGA",
+            "state": wf.state.name, "code": wf.code, "created_ms": wf.created_ms, "decided_ms": wf.decided_ms,
+            "finished_ms": wf.finished_ms, "deadline_ms": wf.deadline_ms, "issued_ms": wf.issued_ms,
+            "overdue": wf.overdue, "shard_epoch": wf.epoch,
+            "jobs": [{"index": k, "kind": j.kind.name, "shard": None if j.shard == NO_SHARD else j.shard,
+                      "dedup_id": j.dedup_id, "state": j.state.name, "code": j.code, "seq": j.seq,
+                      "attempt": j.attempt, "issued_ms": j.issued_ms} for k, j in enumerate(wf.jobs)],
+        }
+
+    def status(self) -> dict[str, Any]:
+        active = self._active.values()
+        return {
+            "in_flight": len(self._active), "finished_retained": len(self._finished),
+            "overdue": sum(1 for w in active if w.overdue),
+            "stuck": sum(1 for w in active if w.state == WorkflowState.STUCK),
+            "ready_jobs": len(self._ready), "draining": self.draining, "now_ms": self.now_ms,
+            "last_seq": self.last_seq, "horizon_ms": self.horizon_ms, "stuck_jobs": self.stuck_jobs,
+            "phase2_retries": self.phase2_retries, "ignored_results": self.ignored_results,
+            "applied_entries": self.applied_entries, "rejected_entries": self.rejected_entries,
+            "workflows_inflight_max": self.workflows_inflight_max,
+            "finished_retained_max": self.finished_retained_max,
+        }
+
+    def workflow_ids(self, finished: bool = False) -> list[int]:
+        return list(self._finished if finished else self._active)
+
+    # --------------------------------------------------------------------------- snapshot and digest
+    @staticmethod
+    def _wf_state(wf: Workflow) -> tuple:
+        return (wf.spec_bytes, wf.part_shards, wf.epoch, wf.create_seq, wf.created_ms, int(wf.state), wf.code,
+                wf.decided_ms, wf.finished_ms, wf.overdue,
+                [(int(j.state), j.code, j.seq, j.attempt, j.issued_ms, j.not_before_ms) for j in wf.jobs])
+
+    def snapshot(self) -> bytes:
+        """The whole state, canonical (same state, same bytes): msgpack, versioned."""
+        return msgspec.msgpack.encode((
+            SNAPSHOT_VERSION, self.null_cancel, self.now_ms, self.last_seq, self.create_seq, self.draining,
+            self.horizon_ms, self.applied_entries, self.rejected_entries, self.stuck_jobs, self.phase2_retries,
+            self.ignored_results, [self._wf_state(w) for w in self._active.values()],
+            [self._wf_state(w) for w in self._finished.values()]))
+
+    def digest(self) -> bytes:
+        return hashlib.blake2b(self.snapshot(), digest_size=32).digest()
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's. ValueError if it is not one (the state is then unchanged)."""
+        try:
+            doc = msgspec.msgpack.decode(data)
+            (version, null_cancel, now_ms, last_seq, create_seq, draining, horizon_ms, applied, rejected, stuck,
+             retries, ignored, active, finished) = doc
+            if version != SNAPSHOT_VERSION:
+                raise ValueError(f"snapshot version {version}, not {SNAPSHOT_VERSION}")
+            act = [self._wf_from(w) for w in active]
+            fin = [self._wf_from(w) for w in finished]
+        except (msgspec.MsgspecError, TypeError, KeyError, IndexError) as exc:
+            raise ValueError(f"not a Marker snapshot: {exc}") from None
+        self._reset()
+        self.null_cancel = bool(null_cancel)
+        self.now_ms, self.last_seq, self.create_seq, self.draining, self.horizon_ms = (
+            now_ms, last_seq, create_seq, draining, horizon_ms)
+        self.applied_entries, self.rejected_entries, self.stuck_jobs = applied, rejected, stuck
+        self.phase2_retries, self.ignored_results = retries, ignored
+        for wf in act:
+            self._active[wf.workflow_id] = wf
+            heapq.heappush(self._deadlines, (wf.deadline_ms, wf.create_seq, wf.workflow_id))
+            for k, j in enumerate(wf.jobs):
+                if j.state == JobState.READY:
+                    self._ready[(wf.workflow_id, k)] = None
+        for wf in fin:
+            self._finished[wf.workflow_id] = wf
+
+    def _wf_from(self, w: list) -> Workflow:
+        spec_bytes, part_shards, epoch, create_seq, created_ms, state, code, decided, finished, overdue, jobs = w
+        spec = decode_spec(spec_bytes)
+        wf = self._plan(bytes_u128(spec.workflow_id), spec, spec_bytes, list(part_shards), create_seq, created_ms,
+                        epoch)
+        if len(jobs) != len(wf.jobs):
+            raise ValueError("snapshot: a workflow's job count does not match its spec")
+        wf.state, wf.code, wf.decided_ms, wf.finished_ms, wf.overdue = (WorkflowState(state), code, decided,
+                                                                        finished, overdue)
+        for k, (j, (st, jcode, seq, attempt, issued, not_before)) in enumerate(zip(wf.jobs, jobs)):
+            j.state, j.code, j.seq, j.attempt, j.issued_ms, j.not_before_ms = (JobState(st), jcode, seq, attempt,
+                                                                              issued, not_before)
+            if j.kind != JobKind.DECIDE:
+                j.dedup_id = derive_id(wf.workflow_id, b"J", k, attempt)
+        return wf
