@@ -239,8 +239,7 @@ def validate_spec(spec: WorkflowSpec, now_ms: int) -> None:
         raise ValueError(f"a saga has 1..{SAGA_STEPS_MAX} steps, not {len(spec.steps)}")
     for k, st in enumerate(spec.steps):
         if isinstance(st, TransferStep):
-            a, b = _account(st.from_id, f"step {k} from"), _account(st.to_id, f"step {k} to")
-            if a == b:
+            if _account(st.from_id, f"step {k} from") == _account(st.to_id, f"step {k} to"):
                 raise ValueError(f"step {k}: same account")
             if bytes_i128(st.amount) <= 0:
                 raise ValueError(f"step {k}: amount must be > 0")
