@@ -221,7 +221,7 @@ def test_event_store_ranges_limits_holes_and_reopen(tmp_path):
 
 
 def test_event_store_groups_appends_into_few_transactions_and_reads_see_them(tmp_path, monkeypatch):
-    import engine.event_store as es_mod
+    import engine.service.event_store as es_mod      # the store (and its bounds) are the service's
     led = _ledger_events(60)                       # seqs 1..62
     es = EventStore(str(tmp_path))
 
