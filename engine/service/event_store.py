@@ -104,7 +104,8 @@ class EventStore:
                  retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT) -> None:
         dtype = np.dtype(dtype)
         names = dtype.names or ()
-        if "seq_num" not in names or dtype.fields["seq_num"][1] != 0 or dtype.fields["seq_num"][0] != np.dtype("<u8"):
+        seq_field = (dtype.fields or {}).get("seq_num")
+        if seq_field is None or seq_field[1] != 0 or seq_field[0] != np.dtype("<u8"):
             raise ValueError("event records need a little-endian u64 seq_num as their first field")
         self.dtype = dtype
         self._rec = dtype.itemsize
