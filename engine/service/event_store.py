@@ -104,7 +104,7 @@ class EventStore:
                  retention_seqs: int = EVENT_RETENTION_SEQS_DEFAULT) -> None:
         dtype = np.dtype(dtype)
         names = dtype.names or ()
-        seq_field = (dtype.fields or {}).get("seq_num")
+        seq_field = dtype.fields["seq_num"] if dtype.fields is not None and "seq_num" in dtype.fields else None
         if seq_field is None or seq_field[1] != 0 or seq_field[0] != np.dtype("<u8"):
             raise ValueError("event records need a little-endian u64 seq_num as their first field")
         self.dtype = dtype
