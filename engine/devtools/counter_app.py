@@ -1,7 +1,7 @@
 """The smallest app on the replicated-service machinery: a counter. ``zwallet replica`` runs one replica;
 the Raft tests and ``bench/bench_raft.py`` run three (``engine/devtools/local_raft.py``).
 
-    python -m engine.devtools.counter_app --id 1 --peers 1=tcp://...,2=... --client tcp://... --pub tcp://... \
+    zwallet replica --id 1 --peers 1=tcp://...,2=... --clients 1=tcp://...,2=... --pubs 1=...,2=... \
         --data-dir DIR
 
 State machine (deterministic, never raises on any entry bytes): an entry holds a batch of counter
