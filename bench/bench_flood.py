@@ -3,7 +3,7 @@
     python -m bench.bench_flood                 # 20 s of flood (about 40 s in all)
     python -m bench.bench_flood --seconds 5     # shorter
 
-Setup: ``NodeCluster(3, tmpdir)`` (engine/cluster.py) with its defaults, ``--accounts`` USD accounts. Then
+Setup: ``NodeCluster(3, tmpdir)`` (engine/devtools/cluster.py) with its defaults, ``--accounts`` USD accounts. Then
 for ``--seconds`` one flooder process per attack below sends to every replica at once, bounded in rate and
 time, while an honest ``Client`` runs a closed loop of one transfer, one linearizable read (GET_ACCOUNTS
 of both accounts) and one FOLLOWER read, pausing ``--honest-pause-ms`` between calls. The attacks:
@@ -43,7 +43,7 @@ import zmq
 from engine import records as R
 from engine import wire as W
 from engine.client import Client, ClientError
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 
 RSS_BAR_BYTES = 3 << 30
 P99_BAR_MS = 250.0

@@ -23,7 +23,7 @@ import numpy as np
 
 from engine import Code, Ledger
 from engine import records as R
-from engine.workload import Workload
+from engine.devtools.workload import Workload
 
 BATCH = R.BATCH_SIZE_MAX
 BARS = {"apply_batch_uniform_per_s": 3_000_000, "vs_model_ratio": 100, "per_call_per_s": 300_000,

@@ -4,7 +4,7 @@
     python -m bench.bench_node --quick           # smoke run (under a minute)
     python -m bench.bench_node --write-results   # also replace the node section of bench/RESULTS.md
 
-Setup: ``NodeCluster(3, tmpdir)`` (engine/cluster.py) with its defaults (fsync on every Raft log commit), then
+Setup: ``NodeCluster(3, tmpdir)`` (engine/devtools/cluster.py) with its defaults (fsync on every Raft log commit), then
 ``--accounts`` USD accounts created in 8190-record batches, each with no lower limit (``lower_limit=None``),
 so every transfer between them succeeds and any non-OK result code is a failure of the system.
 Measured, in one run on one cluster:
@@ -63,7 +63,7 @@ from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
 from engine.client import Client, ClientError
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 from engine.stalls import replicas_text, stall_delta
 from engine.zmq_io import recv_message
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from engine import records as R
 from engine.client import Client
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 
 BATCH = 8190
 

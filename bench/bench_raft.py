@@ -33,11 +33,10 @@ import threading
 import time
 from typing import Any
 
-import zmq
 
 from bench.results import write_section
-from engine.raft.local_cluster import ClusterClient, LocalCluster, free_ports
-from engine.raft.replica_main import counter_entry
+from engine.devtools.local_raft import ClusterClient, LocalCluster, free_ports
+from engine.devtools.counter_app import counter_entry
 
 SECTION_BEGIN = "<!-- raft-bench:begin -->"
 SECTION_END = "<!-- raft-bench:end -->"
@@ -63,15 +62,11 @@ def pipelined_load(client: ClusterClient, leader: int, entry: bytes, entries_per
             break
         if not sock.poll(max(1, int((end - now) * 1000)) if now < end else 5000):
             break
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            sent = outstanding.pop(frames[0], None)
+        for key, status, _body in client.take_replies(leader):
+            sent = outstanding.pop(key, None)
             if sent is None:
                 continue
-            if frames[1] == b"OK":
+            if status == b"OK":
                 acked += entries_per_request
                 latencies.append(time.monotonic() - sent)
             else:
@@ -158,13 +153,11 @@ def _commit_at(client: ClusterClient, nodes: list[int], timeout_s: float) -> flo
         poll_until = time.monotonic() + 0.02
         while time.monotonic() < poll_until:
             for n in nodes:
-                sock = client.socks[n]
-                while sock.poll(0):
-                    frames = sock.recv_multipart()
-                    if frames[0] != pending.get(n):
+                for key, status, _body in client.take_replies(n):
+                    if key != pending.get(n):
                         continue
                     del pending[n]
-                    if frames[1] == b"OK":
+                    if status == b"OK":
                         return time.monotonic()
             time.sleep(0.001)
     return None

@@ -1001,7 +1001,7 @@ def run_batched(dsn: str, batches: Sequence[np.ndarray], connections: int = 1, d
     """Apply ``batches`` (each one transaction, as ``PgLedger.apply_batch``) over ``connections``
     connections, one thread each (psycopg releases the GIL while it waits; the encoding is numpy), each
     taking the next batch as soon as its previous one committed; with ``duration_s``, no batch is started
-    after that long (``batches`` may then be a lazy sequence, e.g. ``engine.workload.BatchStream``). Concurrent
+    after that long (``batches`` may then be a lazy sequence, e.g. ``engine.devtools.workload.BatchStream``). Concurrent
     batches that name the same accounts wait for each other's row locks: that is the baseline's behaviour,
     measured as it is.
 
@@ -1086,7 +1086,7 @@ def smoke(accounts: int = 100_000, batches: int = 5, unbatched_s: float = 10.0, 
           processes: int = 2) -> None:
     """Rough numbers, to know the baseline's order of magnitude (the real comparison is the bench)."""
     from bench.pg_server import PostgresServer
-    from engine.workload import Workload
+    from engine.devtools.workload import Workload
     with tempfile.TemporaryDirectory(prefix="zwallet-pg-smoke-") as base, PostgresServer(base) as pg:
         s = pg.settings()
         print("settings: " + ", ".join(f"{k}={s[k]}" for k in ("server_version", "fsync", "synchronous_commit",
@@ -1150,7 +1150,7 @@ def smoke(accounts: int = 100_000, batches: int = 5, unbatched_s: float = 10.0, 
             assert tot["available"] == accounts * 1_000_000, tot
             print(f"money conserved: sum of available = {tot['available']:,}")
 
-            # the mixed workload (engine/workload.py), on a fresh schema: accounts created by commands
+            # the mixed workload (engine/devtools/workload.py), on a fresh schema: accounts created by commands
             led.create_schema()
             w = Workload(20_000, seed=3)
             conn = led.connect()

@@ -10,9 +10,9 @@ Raft log commit) and a private PostgreSQL from Debian's packages (``bench.pg_ser
 fsync on, synchronous_commit on), loads the same accounts into both, runs every workload against zwallet and then
 against PostgreSQL, and writes a Markdown + JSON report and PNG plots (``bench.report``).
 
-The accounts are ``engine.workload.Workload``'s: a bank (account 1, no lower limit) and customers 2..N+1, each
+The accounts are ``devtools.workload.Workload``'s: a bank (account 1, no lower limit) and customers 2..N+1, each
 funded with 1,000,000 minor units (zwallet: by create and transfer commands through the cluster; PostgreSQL: by
-COPY into the same rows, its fastest path). The streams are ``engine.workload.BatchStream``s: batch i is the same
+COPY into the same rows, its fastest path). The streams are ``devtools.workload.BatchStream``s: batch i is the same
 array for both systems; in a time box each system runs the prefix of the stream it reaches.
 
 Workloads (each system for ``--duration-s``):
@@ -55,9 +55,9 @@ from bench.bench_raft import machine_info
 from bench.results import write_section
 from engine import records as R
 from engine.client import Client
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 from engine.stalls import replicas_text
-from engine.workload import BANK, CURRENCY, FUNDING, BatchStream, Workload
+from engine.devtools.workload import BANK, CURRENCY, FUNDING, BatchStream, Workload
 
 SECTION_BEGIN = "<!-- suite-bench:begin -->"
 SECTION_END = "<!-- suite-bench:end -->"

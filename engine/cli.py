@@ -12,12 +12,12 @@ from types import ModuleType
 
 COMMANDS = {
     "node": ("engine.node", "run one replica of a shard from a TOML config (--config, --id, --verbose)"),
-    "cluster": ("engine.cluster", "run N local replicas on loopback until Ctrl-C (--replicas 3)"),
+    "cluster": ("engine.devtools.cluster", "run N local replicas on loopback until Ctrl-C (--replicas 3)"),
     "status": ("engine.status", "leader, terms, applied index and digests of every replica (--nodes)"),
-    "demo": ("engine.demo", "a local 3-replica shard doing real work, with a failover"),
+    "demo": ("engine.devtools.demo", "a local 3-replica shard doing real work, with a failover"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
-    "replica": ("engine.raft.replica_main", "run one bare Raft replica of a counter (Raft tests/benchmark)"),
+    "replica": ("engine.devtools.counter_app", "run one replica of the counter app (Raft tests/benchmark)"),
 }
 BENCH_COMMANDS = frozenset({"bench"})     # tools from the source tree's bench/ package, not the product
 

@@ -12,7 +12,9 @@ clock stamps the events. To retry a command yourself after a failed call, pass t
 again: see "exactly-once past the window" below.)
 ``apply_batch(ops)`` is the binary hot path: a numpy array of op records in, result records out.
 
-How it works. One I/O thread per client owns a DEALER per replica. Calls from any number of threads or
+How it works (the generic part is the service's client core, ``engine/service/client_core.py``; the
+shard's ops, coalescing and DEDUP_EXPIRED settling are here). One I/O thread per client owns a DEALER per
+replica. Calls from any number of threads or
 coroutines are queued to it; per-call commands that are queued together travel in ONE batch (pipelining:
 many concurrent calls share batches), and any number of requests can be in flight. Writes go to the
 leader: a replica that is not the leader answers NOT_LEADER with the leader's address and the request is
@@ -36,13 +38,10 @@ least everything this client has seen (read-your-writes by seq_num).
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -53,42 +52,22 @@ import zmq
 from engine import records as R
 from engine._ledger import OpEncoder
 from engine import wire as W
-from engine.zmq_io import Waker, recv_message
-from engine.wire import Consistency, ErrorCode, Op, Status
+from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, CLIENT_QUEUE_MAX, INFLIGHT_REQUESTS_MAX,
+                                        RATE_LIMITED_BACKOFF_S, RETRY_BACKOFF_S, RETRYABLE, TIMEOUT_S_DEFAULT, Call,
+                                        ClientError, Inflight, IoCore, RequestRefused, Unavailable)
+from engine.wire import Consistency, Op
 
-TIMEOUT_S_DEFAULT = 10.0
-ATTEMPT_TIMEOUT_S_DEFAULT = 1.0
-RETRY_BACKOFF_S = 0.02
-RATE_LIMITED_BACKOFF_S = 0.1         # a replica's budget for O(accounts) reads refills in about this long
-INFLIGHT_REQUESTS_MAX = 4096          # requests this client has sent and not yet had answered
-CLIENT_QUEUE_MAX = 100_000            # calls waiting for the I/O thread
+_RETRYABLE = RETRYABLE
 
-_RETRYABLE = {ErrorCode.OVERLOADED, ErrorCode.NOT_READY, ErrorCode.TIMEOUT, ErrorCode.OUTCOME_UNKNOWN,
-              ErrorCode.SHUTTING_DOWN, ErrorCode.EVENTS_UNAVAILABLE, ErrorCode.RATE_LIMITED}
-_WRITE_OPS = {Op.APPLY}
-
-
-class ClientError(Exception):
-    pass
-
-
-class RequestRefused(ClientError):
-    """The node refused the request as malformed or too large (the caller's fault); nothing was applied."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
+__all__ = ["ATTEMPT_TIMEOUT_S_DEFAULT", "CLIENT_QUEUE_MAX", "INFLIGHT_REQUESTS_MAX", "RATE_LIMITED_BACKOFF_S",
+           "RETRY_BACKOFF_S", "TIMEOUT_S_DEFAULT", "AsyncClient", "Client", "ClientError", "OutcomeUnknown",
+           "RemoteResult", "RequestRefused", "Subscriber", "Unavailable"]
 
 
 class OutcomeUnknown(ClientError):
     """A command was refused as issued before the dedup window's horizon (DEDUP_EXPIRED), and no replica
     holds enough of the event history to say whether an earlier attempt applied it. It will never be
     applied from now on; look for its effects by other means (the account's history)."""
-
-
-class Unavailable(ClientError):
-    """No answer within the call's timeout. For a write the outcome is unknown: retry with the same dedup
-    id (never applied twice) or ask ``result_of``."""
 
 
 class RemoteResult:
@@ -120,136 +99,20 @@ class RemoteResult:
 
 
 # ----------------------------------------------------------------------------------------- the I/O core
-@dataclass(slots=True)
-class _Call:
-    op: Op
-    future: Future
-    payload: bytes = b""
-    records: np.ndarray | None = None        # per-call command: its op records (coalesced by the I/O thread)
-    want_events: bool = False
-    consistency: int = 0
-    first_seq: int = 0
-    last_seq: int = 0
-    currency: str = ""
-    with_digest: bool = False
-    node: int | None = None                  # a fixed replica (status of one replica), else routed
-    with_reply: bool = False                 # the future gets (reply header, payload)
-    issued_ms: int = 0                       # RESULT_OF: the commands were issued at or after this
+_Call = Call
+_Inflight = Inflight
 
 
-@dataclass(slots=True)
-class _Inflight:
-    req_id: int
-    calls: list[_Call]                       # one, or several per-call commands sharing a batch
-    header: W.Request
-    payload: bytes
-    deadline: float
-    node: int = -1
-    attempt_deadline: float = 0.0
-    not_before: float = 0.0
-    tried: set[int] = field(default_factory=set)
-    offsets: list[int] = field(default_factory=list)
+class _IoCore(IoCore):
+    """The service's client core with the shard's ops: APPLY goes to the leader; per-call commands queued
+    together are coalesced into one APPLY batch; replies are result records (and events); a per-call
+    command refused DEDUP_EXPIRED is settled by asking RESULT_OF (``_settle_expired``)."""
 
-
-class _IoCore:
-    def __init__(self, addresses: Sequence[str], timeout_s: float, attempt_timeout_s: float) -> None:
-        if not addresses:
-            raise ValueError("a client needs at least one replica address")
-        self.addresses = list(addresses)
-        self.timeout_s = timeout_s
-        self.attempt_timeout_s = attempt_timeout_s
-        self.ctx = zmq.Context()
-        self.socks: list[zmq.Socket] = []
-        self.leader: int | None = None
-        self.rr = itertools.count()
-        self.last_seq_seen = 0
-        self._queue: collections.deque[_Call] = collections.deque()
-        self._waker = Waker()
-        self._ids = itertools.count(1)
-        self._inflight: dict[int, _Inflight] = {}
-        self._waiting: list[_Inflight] = []       # to (re)send when their not_before comes
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        for addr in self.addresses:
-            self._add_socket(addr)
-        self._thread = threading.Thread(target=self._run, name="zwallet-client-io", daemon=True)
-        self._thread.start()
-
-    def _add_socket(self, addr: str) -> int:
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 100_000)
-        s.setsockopt(zmq.RCVHWM, 100_000)
-        s.setsockopt(zmq.RECONNECT_IVL, 50)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        s.setsockopt(zmq.IMMEDIATE, 1)           # no queueing for a replica that is down: try another
-        s.connect(addr)
-        self.socks.append(s)
-        if addr not in self.addresses:
-            self.addresses.append(addr)
-        return len(self.socks) - 1
-
-    def submit(self, call: _Call) -> Future:
-        if self._stop.is_set():
-            raise ClientError("the client is closed")
-        if len(self._queue) >= CLIENT_QUEUE_MAX:
-            raise ClientError(f"CLIENT_QUEUE_MAX={CLIENT_QUEUE_MAX} calls are already waiting")
-        self._queue.append(call)
-        self._waker.wake()
-        return call.future
-
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._waker.wake()
-        self._thread.join(5)
-        self._waker.close()
-
-    # --- I/O thread ---------------------------------------------------------------------------------
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._waker.fd, zmq.POLLIN)
-        registered = 0
-        try:
-            while not self._stop.is_set():
-                while registered < len(self.socks):
-                    poller.register(self.socks[registered], zmq.POLLIN)
-                    registered += 1
-                timeout = self._next_timeout_ms()
-                events = dict(poller.poll(timeout))
-                if self._waker.fd in events:
-                    self._waker.drain()
-                for idx, s in enumerate(self.socks):
-                    if s in events:
-                        self._receive(idx, s)
-                self._take_queue()
-                self._send_due()
-                self._expire()
-        finally:
-            err = ClientError("the client was closed")
-            for inf in list(self._inflight.values()) + self._waiting:
-                for c in inf.calls:
-                    if not c.future.done():
-                        c.future.set_exception(err)
-            while self._queue:
-                c = self._queue.popleft()
-                if not c.future.done():
-                    c.future.set_exception(err)
-            for s in self.socks:
-                s.close(0)
-            self.ctx.term()
-
-    def _next_timeout_ms(self) -> int:
-        if self._waiting:
-            return 2
-        if self._inflight:
-            return 20
-        return 200
+    write_ops = frozenset({int(Op.APPLY)})
 
     def _take_queue(self) -> None:
         now = time.monotonic()
-        per_call: list[_Call] = []
+        per_call: list[Call] = []
         per_call_records = 0
         while self._queue and len(self._inflight) + len(self._waiting) < INFLIGHT_REQUESTS_MAX:
             c = self._queue.popleft()
@@ -264,151 +127,21 @@ class _IoCore:
         if per_call:
             self._new_request(per_call, now)
 
-    def _new_request(self, calls: list[_Call], now: float) -> None:
+    def _new_request(self, calls: list[Call], now: float) -> None:
         c0 = calls[0]
-        req_id = next(self._ids)
+        if c0.records is None:
+            super()._new_request(calls, now)
+            return
+        req_id = self.next_req_id()
         offsets: list[int] = []
-        if c0.records is not None:
-            off = 0
-            records = [c.records for c in calls if c.records is not None]
-            for r in records:
-                offsets.append(off)
-                off += len(r)
-            payload = b"".join(r.tobytes() for r in records)
-            header = W.Request(req_id, Op.APPLY, want_events=True)
-        else:
-            payload = c0.payload
-            min_seq = self.last_seq_seen if c0.consistency == Consistency.FOLLOWER else 0
-            header = W.Request(req_id, c0.op, consistency=c0.consistency, min_seq=min_seq,
-                               first_seq=c0.first_seq, last_seq=c0.last_seq, want_events=c0.want_events,
-                               currency=c0.currency, with_digest=c0.with_digest, issued_ms=c0.issued_ms)
-        inf = _Inflight(req_id, calls, header, payload, now + self.timeout_s, offsets=offsets)
-        self._waiting.append(inf)
-
-    def _target(self, inf: _Inflight) -> int:
-        c0 = inf.calls[0]
-        if c0.node is not None:
-            return c0.node
-        is_read = c0.records is None and c0.op is not Op.APPLY
-        if is_read and c0.consistency == Consistency.FOLLOWER:
-            return next(self.rr) % len(self.socks)
-        if is_read and inf.header.op == Op.EVENTS and inf.tried:
-            untried = [i for i in range(len(self.socks)) if i not in inf.tried]
-            if untried:
-                return untried[0]
-        if self.leader is not None:
-            return self.leader
-        return next(self.rr) % len(self.socks)
-
-    def _send_due(self) -> None:
-        if not self._waiting:
-            return
-        now = time.monotonic()
-        still = []
-        for inf in self._waiting:
-            if inf.not_before > now:
-                still.append(inf)
-                continue
-            node = self._target(inf)
-            inf.node = node
-            inf.tried.add(node)
-            inf.attempt_deadline = now + self.attempt_timeout_s
-            try:
-                s = self.socks[node]
-                s.send(W.encode(inf.header), zmq.SNDMORE | zmq.NOBLOCK)
-                s.send(inf.payload, 0, copy=len(inf.payload) < 65536)
-            except zmq.Again:                    # not connected (down, restarting) or its queue is full
-                if self.leader == node:
-                    self.leader = None
-                inf.not_before = now + RETRY_BACKOFF_S
-                still.append(inf)
-                continue
-            self._inflight[inf.req_id] = inf
-        self._waiting = still
-
-    def _retry(self, inf: _Inflight, delay_s: float, forget_leader: bool = False) -> None:
-        self._inflight.pop(inf.req_id, None)
-        if forget_leader and self.leader == inf.node:
-            self.leader = None
-        inf.not_before = time.monotonic() + delay_s
-        self._waiting.append(inf)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for inf in list(self._inflight.values()):
-            if now >= inf.deadline:
-                self._inflight.pop(inf.req_id, None)
-                self._fail(inf, Unavailable(f"no answer within {self.timeout_s}s (last tried "
-                                            f"{self.addresses[inf.node]}); a write's outcome is unknown: "
-                                            "retry with the same dedup id"))
-            elif now >= inf.attempt_deadline:
-                # this replica did not answer: try elsewhere (the next replica redirects us if needed)
-                if self.leader == inf.node:
-                    self.leader = None
-                self._retry(inf, 0.0)
-        still = []
-        for inf in self._waiting:
-            if now >= inf.deadline:
-                self._fail(inf, Unavailable(f"no answer within {self.timeout_s}s; a write's outcome is "
-                                            "unknown: retry with the same dedup id"))
-            else:
-                still.append(inf)
-        self._waiting = still
-
-    def _fail(self, inf: _Inflight, exc: BaseException) -> None:
-        for c in inf.calls:
-            if not c.future.done():
-                c.future.set_exception(exc)
-
-    def _receive(self, idx: int, sock: zmq.Socket) -> None:
-        for _ in range(10_000):
-            try:
-                frames = recv_message(sock)
-            except zmq.Again:
-                return
-            head, frames = frames[0], frames[1:]
-            try:
-                reply = W.decode_reply(head)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            inf = self._inflight.get(reply.req_id)
-            if inf is None:
-                continue                         # a late answer to a request already answered
-            self._on_reply(idx, inf, reply, frames)
-
-    def _on_reply(self, idx: int, inf: _Inflight, reply: W.Reply, frames: list[zmq.Frame]) -> None:
-        status = reply.status
-        if status == Status.OK:
-            self._inflight.pop(inf.req_id, None)
-            if inf.header.op == Op.APPLY and inf.calls[0].node is None:
-                self.leader = idx
-            try:
-                self._resolve(inf, reply, frames)
-            except Exception as exc:  # noqa: BLE001 - a reply that does not parse: fail, do not kill the thread
-                self._fail(inf, ClientError(f"malformed reply: {exc}"))
-            return
-        if idx != inf.node:
-            return                               # a stale answer from a replica we no longer wait on
-        if status == Status.NOT_LEADER:
-            target = None
-            if reply.leader_address:
-                if reply.leader_address in self.addresses:
-                    target = self.addresses.index(reply.leader_address)
-                else:
-                    target = self._add_socket(reply.leader_address)
-            self.leader = target
-            self._retry(inf, 0.0 if target is not None and target != idx else RETRY_BACKOFF_S * 5)
-            return
-        code = ErrorCode(reply.error) if reply.error in ErrorCode._value2member_map_ else ErrorCode.BAD_REQUEST
-        if code is ErrorCode.EVENTS_UNAVAILABLE and len(inf.tried) >= len(self.socks):
-            self._inflight.pop(inf.req_id, None)  # every replica was asked and none holds it: say so now
-            self._fail(inf, RequestRefused(code, f"no replica holds these events (last: {reply.message})"))
-            return
-        if code in _RETRYABLE:
-            self._retry(inf, RATE_LIMITED_BACKOFF_S if code is ErrorCode.RATE_LIMITED else RETRY_BACKOFF_S)
-            return
-        self._inflight.pop(inf.req_id, None)
-        self._fail(inf, RequestRefused(code, reply.message))
+        off = 0
+        records = [c.records for c in calls if c.records is not None]
+        for r in records:
+            offsets.append(off)
+            off += len(r)
+        payload = b"".join(r.tobytes() for r in records)
+        header = W.Request(req_id, Op.APPLY, want_events=True)
+        self._queue_request(Inflight(req_id, calls, header, payload, now + self.timeout_s, offsets=offsets))
 
     def _resolve(self, inf: _Inflight, reply: W.Reply, frames: list[zmq.Frame]) -> None:
         payload = frames[0].bytes if frames else b""
@@ -438,7 +171,7 @@ class _IoCore:
                     continue
                 c.future.set_result(RemoteResult(rec, evs))
             return
-        if c0.op is Op.APPLY:
+        if c0.op == Op.APPLY:
             results = W.results_view(payload)
             self._saw(results)
             if c0.want_events and len(frames) > 1:

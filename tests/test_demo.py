@@ -1,5 +1,5 @@
 """The README's main job, small: a 3-replica shard with the leader killed part-way."""
-from engine import demo
+from engine.devtools import demo
 
 
 def test_demo_conserves_money_converges_and_streams_every_event(capsys):

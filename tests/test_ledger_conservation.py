@@ -79,7 +79,7 @@ def test_money_is_conserved_under_a_random_workload(seed):
 
 def test_model_and_ledger_agree_on_raw_record_batches():
     """The mixed op-record batches of the benchmark and the demo, through both apply_batch paths."""
-    from engine.workload import Workload
+    from engine.devtools.workload import Workload
     from tests.ledger_model import ModelLedger
     led, model = Ledger(), ModelLedger()
     work = Workload(300, seed=3)

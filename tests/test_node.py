@@ -12,7 +12,7 @@ import pytest
 from engine import Ledger
 from engine import records as R
 from engine.client import AsyncClient, Client, RequestRefused, Subscriber
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pytest
 from engine import records as R
 from engine import wire as W
 from engine.client import Client, Unavailable
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 from engine.wire import ErrorCode, Op, Status
 from tests.node_helpers import (CURRENCY, RawPeer, check_event_log, decode_status, events_from_replicas,
                                 find_leader, header, replay_balances, retry_unavailable, status_client, status_of,

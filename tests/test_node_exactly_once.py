@@ -9,7 +9,7 @@ import pytest
 
 from engine import records as R
 from engine.client import Client
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 from engine.node import NodeConfig
 
 WINDOW = 1 << 17                  # the node's minimum (4 full log entries)

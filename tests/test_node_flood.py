@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from bench.bench_flood import report, run_flood
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 
 RSS_MAX_BYTES = 1 << 30
 P99_MAX_MS = 1000.0

@@ -139,7 +139,7 @@ def test_machine_applies_a_run_of_batches_in_one_call_exactly_as_one_call_each()
     # An entry of many small client batches (mixed commands, groups, duplicates, rejections, one malformed
     # batch, one batch too big to join a run): the machine's outcomes, seq ranges, events and digest equal
     # those of applying every batch by itself on a plain ledger.
-    from engine.workload import Workload
+    from engine.devtools.workload import Workload
     rng = np.random.default_rng(3)
     work = Workload(300, seed=9, first_account=1)
     setup = list(work.create_batches())
@@ -221,7 +221,7 @@ def test_event_store_ranges_limits_holes_and_reopen(tmp_path):
 
 
 def test_event_store_groups_appends_into_few_transactions_and_reads_see_them(tmp_path, monkeypatch):
-    import engine.event_store as es_mod
+    import engine.service.event_store as es_mod      # the store (and its bounds) are the service's
     led = _ledger_events(60)                       # seqs 1..62
     es = EventStore(str(tmp_path))
 
@@ -362,7 +362,7 @@ def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
     import threading
     from engine.client import Client, ClientError
     from engine.node import Node
-    from engine.raft.local_cluster import free_ports
+    from engine.devtools.local_raft import free_ports
     ports = free_ports(3)
     replicas = {1: {"raft": f"tcp://127.0.0.1:{ports[0]}", "client": f"tcp://127.0.0.1:{ports[1]}",
                     "pub": f"tcp://127.0.0.1:{ports[2]}"}}

@@ -13,7 +13,7 @@ from engine import Ledger
 from engine import records as R
 from engine._ledger import OpEncoder
 from engine.records import Code
-from engine.workload import Workload
+from engine.devtools.workload import Workload
 
 pytestmark = pytest.mark.bench      # benchmark-only: run with `pytest -m bench` (CI runs them)
 

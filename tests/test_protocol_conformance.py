@@ -23,7 +23,7 @@ import pytest
 from engine import records as R
 from engine import wire as W
 from engine._ledger import OpEncoder
-from engine.cluster import NodeCluster
+from engine.devtools.cluster import NodeCluster
 from tests.node_helpers import RawPeer
 
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")

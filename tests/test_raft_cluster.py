@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from engine.raft.local_cluster import ClusterClient, LocalCluster
+from engine.devtools.local_raft import ClusterClient, LocalCluster
 from engine.raft.log_store import LogStore
-from engine.raft.replica_main import counter_entry
+from engine.devtools.counter_app import counter_entry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,7 +99,7 @@ def test_kill_leader_under_load_then_restart(cluster, client):
 
     logs = {}
     for n in cluster.ids:
-        with LogStore(cluster.data_dir(n), map_size_bytes=1 << 30) as store:
+        with LogStore(cluster.raft_log_dir(n), map_size_bytes=1 << 30) as store:
             _hs, snap, entries = store.initial_state()
             assert snap is None
             assert store.last_index >= final_commit
@@ -117,8 +117,8 @@ def test_kill_leader_under_load_then_restart(cluster, client):
 
 # --- in-process drivers (threads): API behaviour that does not need separate processes ---------------------
 from engine.raft.driver import DriverConfig, NotLeader, RaftDriver  # noqa: E402 - with the tests that use them
-from engine.raft.local_cluster import free_ports  # noqa: E402
-from engine.raft.replica_main import CounterMachine  # noqa: E402
+from engine.devtools.local_raft import free_ports  # noqa: E402
+from engine.devtools.counter_app import CounterMachine  # noqa: E402
 
 
 class _Member:

@@ -317,7 +317,7 @@ def test_codec_round_trips_the_transfer_announcement_and_old_peers_default_it():
 
 # --- over real ZeroMQ: a DEALER that takes a peer's routing id, against running drivers ---------------
 def test_forged_messages_over_zeromq_leave_the_follower_serving(members):
-    from engine.raft.replica_main import counter_entry
+    from engine.devtools.counter_app import counter_entry
     from engine.raft.transport import peer_identity
     from tests.test_raft_cluster import WAIT_S, _wait_converged, _wait_leader
 

@@ -152,10 +152,15 @@ class RaftDriver:
 
     def __init__(self, node_id: int, peers: dict[int, str], data_dir: str, *, apply: ApplyFn,
                  snapshot: SnapshotFn, restore: RestoreFn, config: DriverConfig | None = None,
-                 after_ready: Callable[[], None] | None = None, stalls: StallLog | None = None) -> None:
+                 after_ready: Callable[[], None] | None = None, stalls: StallLog | None = None,
+                 on_role_change: Callable[[bool, int], None] | None = None) -> None:
         """``after_ready`` (optional) runs on the driver thread at the end of every ready round, after the
         round's applies: an app that must wake another thread for what ``apply`` produced does it there,
         once, instead of in the middle of applying (where the woken thread takes the GIL from this one).
+        ``on_role_change(is_leader, term)`` (optional) runs on the driver thread on every leadership edge:
+        ``(True, term)`` when this replica becomes leader of ``term``, ``(False, term)`` when it stops being
+        leader (a newer term, a step-down, the driver stopping); edges alternate, starting with a gain. It
+        must not block (a service hands it to its main thread: engine/service/server.py).
         ``stalls`` (optional) receives the loop's long phases: raft-persist, raft-apply, raft-snapshot."""
         if node_id not in peers:
             raise ValueError(f"peers must include this replica's own address (id {node_id})")
@@ -186,6 +191,8 @@ class RaftDriver:
         self._core_rejections_seen = 0
         self.is_leader = False               # read by other threads on their hot path (no dict, no lock)
         self.leader_id: int | None = None
+        self._role_change_fn = on_role_change
+        self._leader_term = 0                # the term this replica leads (0: not leader), for the edges
         self._read_ids = itertools.count(1)
 
     # --- public API (any thread) --------------------------------------------------------------------
@@ -380,6 +387,7 @@ class RaftDriver:
         self._store.close()
         self.is_leader = False
         self._status_state = ("stopped",) + self._status_state[1:]
+        self._note_role(False, self._status_state[1])
 
     def _leader_error(self) -> NotLeader:
         leader = _core_leader(self._core)
@@ -685,6 +693,21 @@ class RaftDriver:
         self._status_state = state
         self.leader_id = state[2]
         self.is_leader = state[0] == "leader"
+        if self._role_change_fn is not None:
+            self._note_role(self.is_leader, state[1])
+
+    def _note_role(self, is_leader: bool, term: int) -> None:
+        """Report the leadership edges (a lost one before a gained one, in order) to ``on_role_change``."""
+        fn = self._role_change_fn
+        if fn is None:
+            return
+        leading = self._leader_term
+        if leading and (not is_leader or term != leading):
+            self._leader_term = 0
+            fn(False, term)
+        if is_leader and not self._leader_term:
+            self._leader_term = term
+            fn(True, term)
 
 
 def _fail(fut: Future, exc: BaseException) -> None:

@@ -1,5 +1,6 @@
-"""A local cluster of counter replicas (``engine.raft.replica_main``) as separate processes on 127.0.0.1, and
-a small client for them. Used by the multi-process tests and by ``bench/bench_raft.py``.
+"""A local cluster of counter replicas (``engine/devtools/counter_app.py``, the smallest app on the service
+machinery) as separate processes on 127.0.0.1, and a small client for them. Used by the multi-process tests
+and by ``bench/bench_raft.py``.
 
 Every process is started with its own data directory under ``base_dir/replica-<id>`` and killed by pid
 (``kill`` = SIGKILL, ``stop`` = SIGTERM then SIGKILL); ``close()`` always ends every process it started.
@@ -18,6 +19,9 @@ from collections.abc import Sequence
 
 import msgspec
 import zmq
+
+from engine.devtools.counter_app import OP_PROPOSE, OP_READ
+from engine.service import protocol as P
 
 REQUEST_TIMEOUT_S_DEFAULT = 2.0
 START_TIMEOUT_S = 30.0
@@ -44,10 +48,11 @@ class LocalCluster:
                  map_size_gib: int = 4, log_level: str = "WARNING", machine: str = "counter") -> None:
         self.size = size
         self.base_dir = base_dir
-        ports = free_ports(2 * size)
+        ports = free_ports(3 * size)
         self.ids = list(range(1, size + 1))
         self.raft_addr = {i: f"tcp://127.0.0.1:{ports[k]}" for k, i in enumerate(self.ids)}
         self.client_addr = {i: f"tcp://127.0.0.1:{ports[size + k]}" for k, i in enumerate(self.ids)}
+        self.pub_addr = {i: f"tcp://127.0.0.1:{ports[2 * size + k]}" for k, i in enumerate(self.ids)}
         self.procs: dict[int, subprocess.Popen] = {}
         self._args = dict(tick_ms=tick_ms, election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks,
                           snapshot_threshold=snapshot_threshold, sync=sync, map_size_gib=map_size_gib,
@@ -55,6 +60,10 @@ class LocalCluster:
 
     def data_dir(self, node: int) -> str:
         return os.path.join(self.base_dir, f"replica-{node}")
+
+    def raft_log_dir(self, node: int) -> str:
+        """Where replica ``node`` keeps its Raft log (the service's ``<data_dir>/raft``)."""
+        return os.path.join(self.data_dir(node), "raft")
 
     def start(self) -> None:
         for i in self.ids:
@@ -65,13 +74,16 @@ class LocalCluster:
     def command(self, node: int) -> list[str]:
         """The command line that runs replica ``node`` (subclasses run other kinds of replica)."""
         a = self._args
-        peers = ",".join(f"{i}={addr}" for i, addr in self.raft_addr.items())
-        cmd = [sys.executable, "-m", "engine.raft.replica_main", "--id", str(node), "--peers", peers,
-               "--client", self.client_addr[node], "--data-dir", self.data_dir(node),
+        def joined(addrs: dict[int, str]) -> str:
+            return ",".join(f"{i}={addr}" for i, addr in addrs.items())
+        if a["machine"] != "counter":
+            raise ValueError(f"unknown state machine {a['machine']!r}")
+        cmd = [sys.executable, "-m", "engine.devtools.counter_app", "--id", str(node), "--peers",
+               joined(self.raft_addr), "--clients", joined(self.client_addr), "--pubs", joined(self.pub_addr),
+               "--data-dir", self.data_dir(node),
                "--tick-ms", str(a["tick_ms"]), "--election-ticks", str(a["election_ticks"]),
                "--heartbeat-ticks", str(a["heartbeat_ticks"]), "--snapshot-threshold", str(a["snapshot_threshold"]),
-               "--map-size-gib", str(a["map_size_gib"]), "--log-level", str(a["log_level"]),
-               "--machine", str(a["machine"])]
+               "--map-size-gib", str(a["map_size_gib"]), "--log-level", str(a["log_level"])]
         if not a["sync"]:
             cmd.append("--no-sync")
         return cmd
@@ -151,7 +163,13 @@ class LocalCluster:
 
 
 class ClusterClient:
-    """One DEALER per replica; requests carry an 8-byte id and replies are matched to it."""
+    """One DEALER per replica, speaking the service's header (engine/service/protocol.py) to counter replicas.
+    ``send(node, cmd, payloads)`` sends one request per payload (cmd b"P": PROPOSE each; b"S": STATUS;
+    b"R": a linearizable READ) and returns a key; ``take_replies(node)`` hands back (key, status, body) for
+    every key whose requests are all answered: status b"OK" (body: [[index, counter], ...] for b"P", the
+    status dict, the counter), b"NL" (body: the leader id or None) or b"ER" (body: the message)."""
+
+    _OPS = {b"P": OP_PROPOSE, b"S": P.OP_STATUS, b"R": OP_READ}
 
     def __init__(self, client_addr: dict[int, str]) -> None:
         self.ctx = zmq.Context()
@@ -165,6 +183,8 @@ class ClusterClient:
             self.socks[node] = s
         self._ids = itertools.count(1)
         self.leader: int | None = None
+        self._keys: dict[int, tuple[bytes, int]] = {}            # req_id -> (key, position)
+        self._gathering: dict[bytes, list[Any]] = {}            # key -> [cmd, answers left, status, bodies]
 
     def close(self) -> None:
         for s in self.socks.values():
@@ -172,22 +192,65 @@ class ClusterClient:
         self.ctx.term()
 
     def send(self, node: int, cmd: bytes, payloads: Sequence[bytes] = ()) -> bytes:
-        req_id = next(self._ids).to_bytes(8, "big")
-        self.socks[node].send_multipart([req_id, cmd, *payloads], copy=len(payloads) < 2)
-        return req_id
+        op = self._OPS[cmd]
+        bodies = list(payloads) if cmd == b"P" else [b""]
+        key = next(self._ids).to_bytes(8, "big")
+        self._gathering[key] = [cmd, len(bodies), b"OK", [None] * len(bodies)]
+        sock = self.socks[node]
+        for k, body in enumerate(bodies):
+            req_id = next(self._ids)
+            self._keys[req_id] = (key, k)
+            sock.send(P.encode(P.Request(req_id, op)), zmq.SNDMORE)
+            sock.send(body, 0, copy=len(body) < 65536)
+        return key
+
+    def take_replies(self, node: int) -> list[tuple[bytes, bytes, Any]]:
+        """Every (key, status, body) completed by the replies waiting on ``node``'s socket (no blocking)."""
+        sock = self.socks[node]
+        done: list[tuple[bytes, bytes, Any]] = []
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return done
+            try:
+                reply = P.decode_reply(frames[0])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            got = self._keys.pop(reply.req_id, None)
+            if got is None:
+                continue      # a late reply to an older request
+            key, k = got
+            g = self._gathering.get(key)
+            if g is None:
+                continue
+            g[1] -= 1
+            if reply.status == P.Status.OK:
+                g[3][k] = msgspec.msgpack.decode(frames[1]) if len(frames) > 1 and frames[1] else None
+            elif g[2] == b"OK":
+                g[2] = b"NL" if reply.status == P.Status.NOT_LEADER else b"ER"
+                g[3] = reply.leader_id if reply.status == P.Status.NOT_LEADER else reply.message
+            if g[1] == 0:
+                del self._gathering[key]
+                body = g[3] if g[2] != b"OK" or g[0] == b"P" else g[3][0]
+                done.append((key, g[2], body))
 
     def recv(self, node: int, req_id: bytes, timeout_s: float) -> tuple[bytes, Any] | None:
         sock = self.socks[node]
         deadline = time.monotonic() + timeout_s
         while True:
+            for key, status, body in self.take_replies(node):
+                if key == req_id:
+                    return status, body
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            if req_id not in self._gathering or left <= 0 or not sock.poll(int(left * 1000) + 1):
+                self._forget(req_id)
                 return None
-            frames = sock.recv_multipart()
-            if frames[0] != req_id:
-                continue      # a late reply to an older request
-            status, body = frames[1], frames[2]
-            return status, (msgspec.msgpack.decode(body) if status in (b"OK", b"NL") else body.decode())
+
+    def _forget(self, key: bytes) -> None:
+        if self._gathering.pop(key, None) is not None:
+            for rid in [r for r, (k, _) in self._keys.items() if k == key]:
+                del self._keys[rid]
 
     def request(self, node: int, cmd: bytes, payloads: Sequence[bytes] = (),
                 timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT) -> tuple[bytes, Any] | None:

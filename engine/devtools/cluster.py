@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any
 
-from engine.raft.local_cluster import LocalCluster, free_ports
+from engine.devtools.local_raft import LocalCluster, free_ports
 
 
 class NodeCluster(LocalCluster):
