@@ -24,7 +24,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint16_t group_size
         uint32_t reserved
         uint64_t issued_ms
-        uint64_t reserved2
+        uint64_t expires_ms
 
     cdef packed struct ResRec:
         unsigned char dedup_id[16]
@@ -87,6 +87,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint64_t last_ts
         uint64_t chain_a
         uint64_t chain_b
+        uint64_t seq_before_commands
         uint64_t oldest_issued()
         uint64_t index_bytes()
         int64_t validate(const OpRec* ops, uint64_t n, const char** why)
@@ -95,6 +96,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         void pending_of(const unsigned char* id, vector[KV]& out) except +
         void totals(const char* currency8, unsigned char* lo4x16, int64_t* carry4)
         string serialize() except +
+        const char* check_invariants() except +
         const char* deserialize(const char* p, const char* end) except +
         bint view(const unsigned char* id, AccountView* v)
         int64_t find_bytes(const unsigned char* id)

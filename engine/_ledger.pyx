@@ -20,7 +20,7 @@ from libcpp.string cimport string
 
 from engine import records as _records
 from engine.records import (Code, Kind, State, OpFlag, ResultFlag, OP_DTYPE, RESULT_DTYPE, EVENT_DTYPE,
-                            BATCH_SIZE_MAX, GROUP_SPECS_MAX, U128_MAX, I128_MAX, I128_MIN)
+                            BATCH_SIZE_MAX, GROUP_SPECS_MAX, SUCCESS_CODES, U128_MAX, I128_MAX, I128_MIN)
 
 cnp.import_array()
 
@@ -41,6 +41,7 @@ _CODE_BY_VALUE = {int(c): c for c in Code}
 _STATES = {int(s): s for s in State}
 _KINDS = {int(k): k for k in Kind}
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
+_SUCCESS_VALUES = frozenset(int(c) for c in SUCCESS_CODES)
 
 
 class _Unchanged:
@@ -70,7 +71,7 @@ def _check_layouts():
         "currency": <char*>&_op_probe.currency[0] - base, "kind": <char*>&_op_probe.kind - base,
         "flags": <char*>&_op_probe.flags - base, "group_size": <char*>&_op_probe.group_size - base,
         "reserved": <char*>&_op_probe.reserved - base, "issued_ms": <char*>&_op_probe.issued_ms - base,
-        "reserved2": <char*>&_op_probe.reserved2 - base,
+        "expires_ms": <char*>&_op_probe.expires_ms - base,
     }
     for name, off in offs.items():
         assert OP_DTYPE.fields[name][1] == off, f"OpRec.{name} offset"
@@ -187,7 +188,7 @@ cdef class Result:
 
     @property
     def ok(self):
-        return self.code == Code.OK or self.code == Code.NULL_COMPENSATED
+        return self.code in SUCCESS_CODES
 
     @property
     def accounts(self):
@@ -351,10 +352,15 @@ cdef class _CommandApi:
             _put_i128(o.amount, amount, "amount")
         return self._call(1, ts)
 
-    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0):
+    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0, expires_ms=0):
+        """Set money aside for txn_id: negative specs move available to pending_out, positive ones are
+        recorded in pending_in. ``expires_ms`` (ms since the Unix epoch, 0 = never): at the first entry time
+        >= it the ledger cancels the try itself, and a confirm from then on is refused."""
         cdef uint64_t ts = self._ts(timestamp)
+        cdef uint64_t expires = self._ts(expires_ms)
         cdef uint64_t n = self._group(10, dedup_id, specs, ())
         _put_u128(self._ops[0].other_id, txn_id, "txn_id")
+        self._ops[0].expires_ms = expires
         return self._call(n, ts)
 
     def tcc_confirm(self, dedup_id, txn_id, *, timestamp=0):
@@ -508,7 +514,7 @@ cdef class Ledger(_CommandApi):
         cdef Result res = Result.__new__(Result)
         res.code = _CODE_BY_VALUE[code]
         res.duplicate = True
-        res.seq_num = seq if code in (0, 20) else 0
+        res.seq_num = seq if code in _SUCCESS_VALUES else 0
         res.dedup_id = _get_u128(key)
         res.kind = _KINDS.get(kind, kind)
         res._ledger = self
@@ -584,6 +590,20 @@ cdef class Ledger(_CommandApi):
     @property
     def dedup_count(self):
         return self.core.dedup_size()
+
+    @property
+    def seq_before_commands(self):
+        """``last_seq`` as it was when the latest apply call had expired the TCC tries due at its time and
+        was about to apply its commands: that call's expiry events are the seqs just before and up to it,
+        its commands' events the seqs after it."""
+        return self.core.seq_before_commands
+
+    def _check_invariants(self):
+        """O(state) check of the open-item, pending_in-sum, txn and expiry-index bookkeeping (for tests).
+        Raises AssertionError naming the first broken invariant."""
+        cdef const char* why = self.core.check_invariants()
+        if why != NULL:
+            raise AssertionError(why.decode())
 
     def memory_bytes(self):
         """Bytes of the per-account structures (the account records and the id -> index table) and of

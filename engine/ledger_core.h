@@ -14,6 +14,7 @@
 #include <deque>
 #include <map>
 #include <new>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -42,8 +43,10 @@ enum Code : uint16_t {
     INVALID_STATE_TRANSITION = 15, OVERFLOW = 16, SAME_ACCOUNT = 17, ORIGINAL_COMPENSATED = 18,
     BATCH_TOO_LARGE = 19, NULL_COMPENSATED = 20, NOT_COMPENSATABLE = 21, INVALID_LIMITS = 22,
     INVALID_CURRENCY = 23, INVALID_ID = 24, DEDUP_EXPIRED = 25, ISSUED_IN_FUTURE = 26,
-    OPEN_ITEMS_LIMIT_EXCEEDED = 27, ACCOUNT_CAPACITY_EXCEEDED = 28
+    OPEN_ITEMS_LIMIT_EXCEEDED = 27, ACCOUNT_CAPACITY_EXCEEDED = 28, NULL_CANCELLED = 29, TXN_EXPIRED = 30
 };
+// The codes of an applied command (it gets a seq and an event); every other code is a rejection.
+static inline bool is_success(uint16_t c) { return c == OK || c == NULL_COMPENSATED || c == NULL_CANCELLED; }
 
 enum State : uint8_t { NORMAL = 0, LOCKED = 1, DELETED = 2 };
 
@@ -60,6 +63,14 @@ static const uint64_t ISSUED_AHEAD_MAX_MS = 60000;
 // Reservations plus open TCC pending entries on one account (each is a node in an ordered map; the
 // account's delete and every read of it walk them).
 static const uint32_t OPEN_ITEMS_MAX_DEFAULT = 4096;
+// TCC expiry: the event records the expiry of due tries may write at one entry time (ts), over all the apply
+// calls stamped with it (a node applies an entry batch by batch, and its event ring must hold every event of
+// an entry: see ledger_machine.NODE_EVENT_RETENTION). A try has at most GROUP_SPECS_MAX specs, so every entry
+// time with a due try expires at least one. The rest stay due and expire at the next entry times.
+static const uint64_t EXPIRY_RECORDS_PER_TS_MAX = 8192;
+// A due try whose cancel is refused (OVERFLOW, or BALANCE_LIMIT_EXCEEDED: money came into the account since
+// the try, so giving its pending_out back would pass the upper limit) is tried again this much later.
+static const uint64_t EXPIRY_RETRY_MS = 1000;
 
 #pragma pack(push, 1)
 struct OpRec {
@@ -69,7 +80,8 @@ struct OpRec {
     uint16_t group_size;
     uint32_t reserved;
     uint64_t issued_ms;         // when the command was first issued (kept across retries); group: header's
-    uint64_t reserved2;
+    uint64_t expires_ms;        // TCC_TRY header: cancelled by the ledger at an entry time >= this (0: never);
+                                // must be 0 on every other record
 };
 struct ResRec {
     unsigned char dedup_id[16];
@@ -84,7 +96,8 @@ struct EvRec {
     uint64_t version;
     char currency[8];
     uint8_t kind, state;
-    uint16_t part, parts, code;     // code: the command's result, OK or NULL_COMPENSATED
+    uint16_t part, parts, code;     // code: the command's result (OK, NULL_COMPENSATED, NULL_CANCELLED), or
+                                    // TXN_EXPIRED for the ledger's own cancel of an expired try
     uint64_t reserved2;
 };
 #pragma pack(pop)
@@ -178,9 +191,19 @@ struct Dedup {
 };
 static_assert(sizeof(Dedup) == 48, "dedup entry: one cache line with its id");
 struct Pending { i128 in, out; };
-enum TxnState : uint8_t { TXN_TRIED = 1, TXN_CONFIRMED = 2, TXN_CANCELLED = 3 };
+// TXN_NULL_CANCELLED: a tombstone, a cancel of a txn never tried (so its late try is refused)
+enum TxnState : uint8_t { TXN_TRIED = 1, TXN_CONFIRMED = 2, TXN_CANCELLED = 3, TXN_NULL_CANCELLED = 4 };
 struct Spec { uint32_t idx; i128 amount; };
-struct Txn { uint8_t state; std::vector<Spec> specs; };
+struct Txn {
+    uint8_t state;
+    uint64_t expires_ms = 0;    // TRIED: 0 never, else not confirmable at an entry time >= it
+    uint64_t due_ms = 0;        // TRIED with expires_ms: its key in Core::expiry (expires_ms, later on a retry)
+    std::vector<Spec> specs;
+};
+// A finished txn as the finished window remembers it; horizon_ms: a tombstone's time (its cancel's issue
+// time or its entry time, the later; 0 for any other finished txn). See Core::txn_finished.
+struct Finished { u128 id; uint64_t horizon_ms; };
+typedef std::pair<uint64_t, u128> DueKey;        // (due_ms, txn_id)
 typedef std::pair<uint32_t, u128> IdxKey;
 
 static inline bool valid_currency(const char* c) {
@@ -199,7 +222,10 @@ inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
     while (i < n) {
         const OpRec& o = ops[i];
         if (o.kind == 0 || o.kind > K_MAX) { *why = "unknown operation kind"; return (int64_t)i; }
-        if (o.reserved != 0 || o.reserved2 != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
+        if (o.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)i; }
+        if (o.expires_ms != 0 && o.kind != K_TCC_TRY) {
+            *why = "expires_ms must be 0 except on a TCC_TRY header"; return (int64_t)i;
+        }
         if (o.kind == K_SPEC || o.kind == K_PRECONDITION) {
             *why = "SPEC/PRECONDITION record outside a group"; return (int64_t)i;
         }
@@ -210,7 +236,8 @@ inline int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why) {
                 const OpRec& m = ops[j];
                 bool ok_kind = m.kind == K_SPEC || (m.kind == K_PRECONDITION && o.kind == K_BATCH_BALANCE);
                 if (!ok_kind) { *why = "group member of the wrong kind"; return (int64_t)j; }
-                if (m.reserved != 0 || m.reserved2 != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                if (m.reserved != 0) { *why = "reserved bytes must be zero"; return (int64_t)j; }
+                if (m.expires_ms != 0) { *why = "expires_ms must be 0 on a group member"; return (int64_t)j; }
                 if (m.issued_ms != 0 && m.issued_ms != o.issued_ms) {
                     *why = "group member's issued_ms is neither 0 nor its header's"; return (int64_t)j;
                 }
@@ -274,7 +301,13 @@ class Core {
     std::map<IdxKey, i128> reservations;                           // (account index, reservation_id)
     std::map<IdxKey, Pending> pending;                             // (account index, txn_id)
     std::unordered_map<u128, Txn, H128> txns;
-    std::deque<u128> finished_txns;                                // confirmed/cancelled, for eviction
+    std::deque<Finished> finished_txns;                            // confirmed/cancelled, for eviction
+    // TCC expiry: the TRIED txns that have an expires_ms, by (due_ms, txn_id): the ones to cancel at an entry
+    // time ts are a prefix (nothing due: one comparison). expiry_ts / expiry_records: the entry time whose
+    // EXPIRY_RECORDS_PER_TS_MAX budget is being spent, and how much of it is spent.
+    std::set<DueKey> expiry;
+    uint64_t expiry_ts = 0, expiry_records = 0;
+    uint64_t seq_before_commands = 0;    // last_seq once the latest apply() had expired what was due
 
     // events: a ring of event_retention records
     MappedArray<EvRec> ev;
@@ -493,10 +526,19 @@ class Core {
         e.id = id; e.d = d;
         dindex(id, h, pos);
     }
-    void txn_finished(u128 txn) {
-        finished_txns.push_back(txn);
+    // Finished txns are remembered in a FIFO window of dedup_retention. Evicting a tombstone moves the
+    // dedup horizon past its time (as evicting a null compensation does): a late try of that txn was issued
+    // before its cancel was applied, so it is refused with DEDUP_EXPIRED once the tombstone is gone. Without
+    // this, expiries (finished txns that are no command, so take no dedup slot) could evict a tombstone while
+    // the null cancel's own dedup entry, and with it the horizon, had not yet moved past the try.
+    void txn_finished(u128 txn, uint64_t horizon_ms) {
+        finished_txns.push_back(Finished{txn, horizon_ms});
         while (finished_txns.size() > dedup_retention) {
-            txns.erase(finished_txns.front());
+            const Finished& f = finished_txns.front();
+            auto t = txns.find(f.id);
+            assert_or_abort(t != txns.end(), "a finished txn is missing from the txns");
+            if (t->second.state == TXN_NULL_CANCELLED && f.horizon_ms >= horizon) horizon = f.horizon_ms + 1;
+            txns.erase(t);
             finished_txns.pop_front();
         }
     }
@@ -542,6 +584,8 @@ class Core {
     // applied (a new leader whose clock is behind) is taken as the newest seen: time never goes back.
     void apply(const OpRec* ops, uint64_t n, ResRec* out, uint64_t ts) {
         if (ts < last_ts) ts = last_ts; else last_ts = ts;
+        if (!expiry.empty() && expiry.begin()->first <= ts) expire_due(ts);
+        seq_before_commands = last_seq;
         uint64_t i = 0;
         for (uint64_t r = 0; r < n && r < PREFETCH_FAR; r++) prefetch_slots(ops[r]);
         while (i < n) {
@@ -593,7 +637,7 @@ class Core {
             case K_COMPENSATE: code = compensate(o, seq, ts); break;
             default: code = INVALID_ID; break;   // unreachable after validate()
         }
-        if (code == OK || code == NULL_COMPENSATED) {
+        if (is_success(code)) {
             last_seq = seq;
             *seq_out = seq;
             d.seq = seq;
@@ -814,7 +858,10 @@ class Core {
         if (txn == 0) return INVALID_ID;
         if (g - 1 > GROUP_SPECS_MAX) return BATCH_TOO_LARGE;
         if (g < 2) return INVALID_AMOUNT;
-        if (txns.find(txn) != txns.end()) return TXN_ALREADY_EXISTS;
+        auto known = txns.find(txn);
+        if (known != txns.end())    // anti-suspension: the cancel came first, this try must never apply
+            return known->second.state == TXN_NULL_CANCELLED ? TXN_ALREADY_CANCELLED : TXN_ALREADY_EXISTS;
+        if (o->expires_ms != 0 && o->expires_ms <= ts) return TXN_EXPIRED;
         specbuf.clear();
         for (uint64_t j = 1; j < g; j++) {
             const OpRec& m = o[j];
@@ -859,6 +906,8 @@ class Core {
         Txn& t = txns[txn];
         t.state = TXN_TRIED;
         t.specs = specbuf;
+        t.expires_ms = t.due_ms = o->expires_ms;
+        if (t.expires_ms != 0) expiry.insert(DueKey(t.due_ms, txn));
         ev_begin(seq);
         for (auto& s : specbuf) {
             Account& a = acc[s.idx];
@@ -878,17 +927,41 @@ class Core {
         u128 txn = ld_u(o->other_id);
         if (txn == 0) return INVALID_ID;
         auto tit = txns.find(txn);
-        if (tit == txns.end()) return TXN_NOT_FOUND;
+        if (tit == txns.end()) {
+            if (confirm) return TXN_NOT_FOUND;       // a confirm never comes first
+            // Null cancel: the try has not arrived (delayed or lost). Leave a tombstone, in this same step,
+            // so a try that arrives later is refused and nothing stays pending forever.
+            Txn& t = txns[txn];
+            t.state = TXN_NULL_CANCELLED;
+            txn_finished(txn, std::max(o->issued_ms, ts));
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_TCC_CANCEL, nullptr, txn, 0);
+            ev[(ev_total - 1) & (ev.size() - 1)].code = NULL_CANCELLED;
+            ev_end(seq);
+            return NULL_CANCELLED;
+        }
         Txn& t = tit->second;
         if (t.state == TXN_CONFIRMED) return TXN_ALREADY_CONFIRMED;
-        if (t.state == TXN_CANCELLED) return TXN_ALREADY_CANCELLED;
+        if (t.state == TXN_CANCELLED || t.state == TXN_NULL_CANCELLED) return TXN_ALREADY_CANCELLED;
+        // due but not yet cancelled (the expiry budget of this entry time is spent, or its cancel was refused
+        // and is retried later): it can only be cancelled now
+        if (confirm && t.expires_ms != 0 && t.expires_ms <= ts) return TXN_EXPIRED;
+        return finish_txn(txn, t, confirm, seq, ts, o->dedup_id, o->kind, OK);
+    }
+
+    // Confirm or cancel a TRIED txn, all or nothing: OK, or OVERFLOW / BALANCE_LIMIT_EXCEEDED and nothing
+    // changed. Its events carry dedup_id, kind and ev_code (the ledger's own expiry: TXN_EXPIRED).
+    uint16_t finish_txn(u128 txn, Txn& t, bool confirm, uint64_t seq, uint64_t ts, const unsigned char* dedup_id,
+                        uint8_t kind, uint16_t ev_code) {
+        assert_or_abort(t.state == TXN_TRIED, "finishing a txn that is not TRIED");
         // what each account gets back into available: confirm -> pending_in; cancel -> pending_out
         scratch.clear();
         for (auto& s : t.specs) {
             size_t j = 0;
             while (j < scratch.size() && scratch[j].first != s.idx) j++;
             if (j < scratch.size()) continue;
-            const Pending& p = pending.at(IdxKey(s.idx, txn));
+            auto pit = pending.find(IdxKey(s.idx, txn));
+            assert_or_abort(pit != pending.end(), "a TRIED txn's account has no pending entry for it");
+            const Pending& p = pit->second;
             i128 back = confirm ? p.in : p.out, na;
             if (__builtin_add_overflow(acc[s.idx].available, back, &na)) return OVERFLOW;
             if (back > 0 && !(acc[s.idx].flags & A_UPPER_UNBOUNDED) && na > acc[s.idx].upper)
@@ -902,15 +975,91 @@ class Core {
             auto pit = pending.find(IdxKey(p.first, txn));
             if (pit->second.in != 0) pin_sub(p.first, pit->second.in);
             pending.erase(pit);
+            assert_or_abort(a.open_items > 0, "open_items would go below zero");
             a.open_items--;
         }
-        for (auto& s : t.specs)    // amount: the spec as tried (confirm) or its reversal (cancel)
-            ev_add(seq, ts, o->dedup_id, o->kind, &acc[s.idx], txn, confirm ? s.amount : -s.amount);
+        for (auto& s : t.specs) {  // amount: the spec as tried (confirm) or its reversal (cancel)
+            ev_add(seq, ts, dedup_id, kind, &acc[s.idx], txn, confirm ? s.amount : -s.amount);
+            ev[(ev_total - 1) & (ev.size() - 1)].code = ev_code;
+        }
         ev_end(seq);
+        if (t.expires_ms != 0) {
+            size_t erased = expiry.erase(DueKey(t.due_ms, txn));
+            assert_or_abort(erased == 1, "a TRIED txn with expires_ms is missing from the expiry index");
+        }
         t.state = confirm ? TXN_CONFIRMED : TXN_CANCELLED;
         std::vector<Spec>().swap(t.specs);
-        txn_finished(txn);
+        txn_finished(txn, 0);
         return OK;
+    }
+
+    // Cancel, as a tcc_cancel would, every TRIED txn due at ts, in (due_ms, txn_id) order, before the commands
+    // of an apply call: a pure function of the state and ts. Each is one seq; its events have kind TCC_CANCEL,
+    // code TXN_EXPIRED and dedup_id 0 (no command did it; 0 is never a command's dedup id, so RESULT_OF of the
+    // try's dedup id keeps answering the try). At most EXPIRY_RECORDS_PER_TS_MAX records per entry time;
+    // a cancel that is refused is tried again EXPIRY_RETRY_MS later.
+    void expire_due(uint64_t ts) {
+        static const unsigned char no_command[16] = {0};
+        if (ts != expiry_ts) { expiry_ts = ts; expiry_records = 0; }
+        while (!expiry.empty() && expiry.begin()->first <= ts) {
+            const DueKey key = *expiry.begin();
+            auto tit = txns.find(key.second);
+            assert_or_abort(tit != txns.end(), "the expiry index holds an unknown txn");
+            Txn& t = tit->second;
+            assert_or_abort(t.state == TXN_TRIED && t.due_ms == key.first && t.expires_ms != 0 &&
+                            t.expires_ms <= t.due_ms, "the expiry index disagrees with its txn");
+            if (expiry_records + t.specs.size() > EXPIRY_RECORDS_PER_TS_MAX) break;
+            expiry_records += t.specs.size();
+            const uint64_t seq = last_seq + 1;
+            if (finish_txn(key.second, t, false, seq, ts, no_command, K_TCC_CANCEL, TXN_EXPIRED) == OK) {
+                last_seq = seq;
+            } else {                              // the money moved on: try again later
+                expiry.erase(expiry.begin());
+                t.due_ms = ts + EXPIRY_RETRY_MS;
+                expiry.insert(DueKey(t.due_ms, key.second));
+            }
+        }
+        assert_or_abort(expiry.empty() || expiry.begin()->first > ts ||
+                        expiry_records + txns.at(expiry.begin()->second).specs.size() > EXPIRY_RECORDS_PER_TS_MAX,
+                        "a due txn was left although the expiry budget allowed it");
+    }
+
+    // O(state) check of the TCC and open-item bookkeeping, for tests: nullptr, or what is wrong.
+    const char* check_invariants() const {
+        std::unordered_map<uint32_t, Wide> pin;
+        std::vector<uint32_t> items(acc_count, 0);
+        for (auto& r : reservations) items[r.first.first]++;
+        for (auto& p : pending) {
+            items[p.first.first]++;
+            if (p.second.in != 0) pin[p.first.first].add(p.second.in);
+            auto t = txns.find(p.first.second);
+            if (t == txns.end() || t->second.state != TXN_TRIED) return "a pending entry of a txn that is not TRIED";
+        }
+        for (uint32_t k = 0; k < acc_count; k++) if (items[k] != acc[k].open_items) return "open_items is not the count of reservations + pending entries";
+        if (pin.size() != pin_sum.size()) return "pending_in sums: an account missing or extra";
+        for (auto& ps : pin_sum) {
+            auto it = pin.find(ps.first);
+            if (it == pin.end() || it->second.lo != ps.second.lo || it->second.carry != ps.second.carry)
+                return "pending_in sum differs from the sum of the account's pending_in";
+        }
+        size_t with_expiry = 0, tried = 0;
+        for (auto& t : txns) {
+            tried += t.second.state == TXN_TRIED;
+            if (t.second.state != TXN_TRIED) { if (!t.second.specs.empty()) return "a finished txn keeps specs"; continue; }
+            if (t.second.specs.empty()) return "a TRIED txn without specs";
+            if (t.second.expires_ms == 0) continue;
+            with_expiry++;
+            if (!expiry.count(DueKey(t.second.due_ms, t.first))) return "a TRIED txn with expires_ms is not in the expiry index";
+        }
+        if (with_expiry != expiry.size()) return "the expiry index holds entries that are no TRIED txn";
+        if (tried + finished_txns.size() != txns.size()) return "a txn neither TRIED nor in the finished window";
+        for (auto& f : finished_txns) {
+            auto t = txns.find(f.id);
+            if (t == txns.end() || t->second.state == TXN_TRIED) return "a finished txn missing or TRIED";
+            if (f.horizon_ms != 0 && t->second.state != TXN_NULL_CANCELLED)
+                return "a finished txn that is no tombstone carries a horizon time";
+        }
+        return nullptr;
     }
 
     void pin_sub(uint32_t idx, i128 in) {
@@ -1047,7 +1196,8 @@ class Core {
     template <class T> static void put(std::string& s, const T& v) { s.append((const char*)&v, sizeof(T)); }
     std::string serialize() const {
         std::string s;
-        put(s, (uint64_t)2);  // format version (1: no issued times, horizon, clock or chain)
+        put(s, (uint64_t)3);  // format version (1: no issued times, horizon, clock or chain; 2: no TCC expiry
+                              // or tombstone times)
         put(s, dedup_retention); put(s, event_retention); put(s, last_seq);
         put(s, (uint64_t)acc_count);
         s.append((const char*)acc, (size_t)acc_count * sizeof(Account));
@@ -1072,17 +1222,18 @@ class Core {
         put(s, (uint64_t)open.size());
         for (const u128& id : open) {
             const Txn& t = txns.at(id);
-            put(s, id); put(s, (uint64_t)t.specs.size());
+            put(s, id); put(s, t.expires_ms); put(s, t.due_ms); put(s, (uint64_t)t.specs.size());
             for (auto& sp : t.specs) { put(s, sp.idx); put(s, sp.amount); }
         }
         put(s, (uint64_t)finished_txns.size());
-        for (const u128& id : finished_txns) { put(s, id); put(s, txns.at(id).state); }
+        for (const Finished& f : finished_txns) { put(s, f.id); put(s, txns.at(f.id).state); put(s, f.horizon_ms); }
         // events still retained
         put(s, seq_first_live);
         uint64_t pos0 = seq_first_live <= last_seq ? seq_pos[seq_first_live & (seq_pos.size() - 1)] : ev_total;
         put(s, ev_total - pos0);
         for (uint64_t p = pos0; p < ev_total; p++) put(s, ev[p & (ev.size() - 1)]);
         put(s, horizon); put(s, last_ts); put(s, chain_a); put(s, chain_b);
+        put(s, expiry_ts); put(s, expiry_records);
         return s;
     }
 
@@ -1098,7 +1249,7 @@ class Core {
     }
     const char* deserialize(const char* p, const char* end) {
         uint64_t ver, n;
-        if (!get(p, end, &ver) || (ver != 1 && ver != 2)) return "unknown snapshot format version";
+        if (!get(p, end, &ver) || ver < 1 || ver > 3) return "unknown snapshot format version";
         if (!get(p, end, &dedup_retention) || !get(p, end, &event_retention) || !get(p, end, &last_seq)) return "truncated header";
         if (dedup_retention != dring.size() || event_retention != ev.size())
             return "retention is not the one this ledger was made with (or not a power of two)";
@@ -1139,20 +1290,26 @@ class Core {
         }
         if (!get(p, end, &n)) return "truncated txns";
         for (uint64_t k = 0; k < n; k++) {
-            u128 id; uint64_t ns;
-            if (!get(p, end, &id) || !get(p, end, &ns) || ns > GROUP_SPECS_MAX) return "bad txn";
+            u128 id; uint64_t ns, expires = 0, due = 0;
+            if (!get(p, end, &id) || (ver >= 3 && (!get(p, end, &expires) || !get(p, end, &due))) ||
+                !get(p, end, &ns) || ns == 0 || ns > GROUP_SPECS_MAX) return "bad txn";
+            if (txns.count(id) || (expires == 0) != (due == 0) || due < expires) return "bad txn";
             Txn& t = txns[id]; t.state = TXN_TRIED; t.specs.resize(ns);
+            t.expires_ms = expires; t.due_ms = due;
+            if (expires != 0) expiry.insert(DueKey(due, id));
             for (auto& sp : t.specs) if (!get(p, end, &sp.idx) || !get(p, end, &sp.amount) || sp.idx >= acc_count) return "bad txn spec";
         }
         if (!get(p, end, &n)) return "truncated finished txns";
         for (uint64_t k = 0; k < n; k++) {
-            u128 id; uint8_t st;
-            if (!get(p, end, &id) || !get(p, end, &st)) return "bad finished txn";
-            txns[id].state = st; finished_txns.push_back(id);
+            u128 id; uint8_t st; uint64_t hz = 0;
+            if (!get(p, end, &id) || !get(p, end, &st) || (ver >= 3 && !get(p, end, &hz))) return "bad finished txn";
+            if (txns.count(id) || st < TXN_CONFIRMED || st > (ver >= 3 ? TXN_NULL_CANCELLED : TXN_CANCELLED) ||
+                (hz != 0 && st != TXN_NULL_CANCELLED)) return "bad finished txn";
+            txns[id].state = st; finished_txns.push_back(Finished{id, hz});
         }
         uint64_t nev;
         if (!get(p, end, &seq_first_live) || !get(p, end, &nev)) return "truncated events";
-        const size_t tail = ver >= 2 ? 4 * sizeof(uint64_t) : 0;
+        const size_t tail = ver >= 3 ? 6 * sizeof(uint64_t) : ver >= 2 ? 4 * sizeof(uint64_t) : 0;
         if ((size_t)(end - p) != nev * sizeof(EvRec) + tail) return "bad event section size";
         if (nev > event_retention) return "more events than the retention";
         const uint64_t cap = event_retention;
@@ -1164,6 +1321,8 @@ class Core {
         }
         if (ver >= 2 && (!get(p, end, &horizon) || !get(p, end, &last_ts) || !get(p, end, &chain_a) ||
                          !get(p, end, &chain_b))) return "truncated clock section";
+        if (ver >= 3 && (!get(p, end, &expiry_ts) || !get(p, end, &expiry_records))) return "truncated expiry section";
+        seq_before_commands = last_seq;
         for (auto& pd : pending) if (pd.second.in != 0) pin_sum[pd.first.first].add(pd.second.in);
         return nullptr;
     }

@@ -285,6 +285,9 @@ class LedgerMachine:
             outcomes.append(BatchOutcome(None, str(exc), first, first - 1))
             return
         self.ops += len(ops)
+        # the TCC tries the ledger expired before the batch's commands are no batch's events (they are in
+        # the entry's events all the same)
+        first = ledger.seq_before_commands + 1
         outcomes.append(BatchOutcome(res, "", first, ledger.last_seq))
 
     def _apply_whole(self, data: Any, ts: int, counts: np.ndarray, body: int) -> EntryOutcomes | None:
@@ -308,10 +311,10 @@ class LedgerMachine:
         except (TypeError, ValueError):
             return None
         ledger = self.ledger
-        first = ledger.last_seq + 1
         res = ledger.apply_batch(ops, ts)
         self.ops += total
-        return EntryOutcomes(res, starts, sizes, first, ledger.last_seq)
+        # after the seqs of the TCC tries it expired first (no batch's events)
+        return EntryOutcomes(res, starts, sizes, ledger.seq_before_commands + 1, ledger.last_seq)
 
     def snapshot(self) -> bytes:
         """The machine's counters and the ledger's snapshot, LZ4-compressed (``compress_snapshot``)."""

@@ -53,8 +53,8 @@ class Kind(IntEnum):
 
 
 class Code(IntEnum):
-    """Result of one command. OK and NULL_COMPENSATED are successes; every other code is a rejection
-    that changed nothing (except that the rejection itself is remembered for exactly-once)."""
+    """Result of one command. OK, NULL_COMPENSATED and NULL_CANCELLED are successes; every other code is a
+    rejection that changed nothing (except that the rejection itself is remembered for exactly-once)."""
     OK = 0
     ACCOUNT_NOT_FOUND = 1
     ACCOUNT_ALREADY_EXISTS = 2
@@ -85,9 +85,13 @@ class Code(IntEnum):
     ISSUED_IN_FUTURE = 26          # issued_ms more than ISSUED_AHEAD_MAX_MS past the entry's time
     OPEN_ITEMS_LIMIT_EXCEEDED = 27  # the account already has OPEN_ITEMS_MAX reservations + open TCC tries
     ACCOUNT_CAPACITY_EXCEEDED = 28  # the ledger holds accounts_max accounts
+    NULL_CANCELLED = 29            # tcc_cancel of a txn never tried: recorded, its try will be refused
+    TXN_EXPIRED = 30               # tcc_try whose expires_ms is not after its entry's time, or tcc_confirm of
+                                   # a try past its expires_ms; in an event's code: the ledger cancelled an
+                                   # expired try
 
 
-SUCCESS_CODES = frozenset({Code.OK, Code.NULL_COMPENSATED})
+SUCCESS_CODES = frozenset({Code.OK, Code.NULL_COMPENSATED, Code.NULL_CANCELLED})
 
 
 class State(IntEnum):
@@ -125,7 +129,9 @@ _U128 = ("<u8", (2,))
 #   group_size  records in the command (1 for single-record kinds; header of a group: 1 + members)
 #   issued_ms   when the command was first issued, ms since the Unix epoch; a retry re-sends the same value.
 #               Only a group's header's is read (members: 0 or the header's). See docs/ledger.md, exactly-once.
-#   reserved, reserved2  must be zero
+#   expires_ms  TCC_TRY header: the ledger cancels the try at the first entry time >= it (0: never expires);
+#               must be 0 on every other record (members too). See docs/ledger.md, TCC.
+#   reserved    must be zero
 OP_DTYPE = np.dtype(
     [
         ("dedup_id", _U128),
@@ -140,7 +146,7 @@ OP_DTYPE = np.dtype(
         ("group_size", "<u2"),
         ("reserved", "<u4"),
         ("issued_ms", "<u8"),
-        ("reserved2", "<u8"),
+        ("expires_ms", "<u8"),
     ],
     align=False,
 )
@@ -180,7 +186,8 @@ EVENT_DTYPE = np.dtype(
         ("state", "u1"),         # account state after
         ("part", "<u2"),
         ("parts", "<u2"),
-        ("code", "<u2"),         # the command's result: OK, or NULL_COMPENSATED (a compensate of an unseen id)
+        ("code", "<u2"),         # the command's result: OK, NULL_COMPENSATED or NULL_CANCELLED; TXN_EXPIRED:
+                                 # the ledger's own cancel of an expired try (dedup_id 0)
         ("reserved2", "<u8"),
     ]
 )

@@ -2,7 +2,9 @@
 
 Used by the stateful property test (every result and every account compared with the real ledger) and by
 the benchmark (the speed of the straightforward implementation, on the same commands). It keeps no
-retention windows: tests that use it stay below the ledger's dedup and event retention.
+retention windows: tests that use it stay below the ledger's dedup and event retention. Time: every
+command takes the ledger's ``timestamp`` (the entry's time, never going back); TCC tries with an
+``expires_ms`` are cancelled by the ledger before the first command at a time >= it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.records import GROUP_SPECS_MAX, I128_MAX, I128_MIN, Code, Kind, State
+from engine.records import GROUP_SPECS_MAX, I128_MAX, I128_MIN, SUCCESS_CODES, Code, Kind, State
+
+EXPIRY_RECORDS_PER_TS_MAX = 8192      # engine/ledger_core.h: expiry event records per entry time
+EXPIRY_RETRY_MS = 1000                # a due try whose cancel was refused is tried again this much later
 
 
 def _id(v) -> int:
@@ -62,12 +67,41 @@ class ModelLedger:
     def __init__(self) -> None:
         self.accounts: dict[int, Account] = {}
         self.dedup: dict[int, dict] = {}          # dedup_id -> {code, seq, kind, compensated, null, undo}
-        self.txns: dict[int, dict] = {}           # txn_id -> {state, specs}
+        # txn_id -> {state: tried/confirmed/cancelled/null_cancelled, specs, expires, due}
+        self.txns: dict[int, dict] = {}
         self.last_seq = 0
         self.event_parts: list[int] = []          # parts per seq
+        self.last_ts = 0
+        self.now = 0                              # the time of the command being applied
+        self.expiry_ts = self.expiry_records = 0
 
     # --------------------------------------------------------------------------------------- engine
-    def _run(self, dedup_id, kind: Kind, fn) -> ModelResult:
+    def _expire(self) -> None:
+        """Cancel the tries due now, in (due, txn_id) order, within the per-time record budget."""
+        ts = self.now
+        if ts != self.expiry_ts:
+            self.expiry_ts, self.expiry_records = ts, 0
+        while True:
+            due = sorted((t["due"], txn) for txn, t in self.txns.items()
+                         if t["state"] == "tried" and t["expires"] and t["due"] <= ts)
+            if not due:
+                return
+            txn = due[0][1]
+            t = self.txns[txn]
+            if self.expiry_records + len(t["specs"]) > EXPIRY_RECORDS_PER_TS_MAX:
+                return
+            self.expiry_records += len(t["specs"])
+            try:
+                parts = self._finish_txn(txn, t, False)
+            except _Reject:
+                t["due"] = ts + EXPIRY_RETRY_MS
+                continue
+            self.last_seq += 1
+            self.event_parts.append(parts)
+
+    def _run(self, dedup_id, kind: Kind, fn, timestamp: int = 0) -> ModelResult:
+        self.now = self.last_ts = max(self.last_ts, timestamp)
+        self._expire()
         did = _id(dedup_id)
         if did == 0:
             return ModelResult(Code.INVALID_ID, False, 0)
@@ -80,9 +114,9 @@ class ModelLedger:
                                  "undo": None}
         try:
             parts, undo = fn(self.last_seq + 1)
-            code = Code.NULL_COMPENSATED if parts == "null" else Code.OK
+            code = {"null": Code.NULL_COMPENSATED, "null_cancel": Code.NULL_CANCELLED}.get(parts, Code.OK)
             self.last_seq += 1
-            self.event_parts.append(1 if parts == "null" else parts)
+            self.event_parts.append(1 if isinstance(parts, str) else parts)
             entry.update(code=code, seq=self.last_seq, undo=undo)
         except _Reject as r:
             entry["code"] = r.code
@@ -110,9 +144,9 @@ class ModelLedger:
             self._need(upper_limit is None or upper_limit >= 0, Code.INVALID_LIMITS)
             self.accounts[aid] = Account(aid, currency, lower_limit, upper_limit)
             return 1, None
-        return self._run(dedup_id, Kind.CREATE_ACCOUNT, op)
+        return self._run(dedup_id, Kind.CREATE_ACCOUNT, op, timestamp)
 
-    def _set_state(self, kind, dedup_id, account_id):
+    def _set_state(self, kind, dedup_id, account_id, timestamp=0):
         def op(seq):
             a = self._acc(account_id)
             if kind == Kind.LOCK_ACCOUNT:
@@ -128,16 +162,16 @@ class ModelLedger:
                 a.state = State.DELETED
             a.version += 1
             return 1, None
-        return self._run(dedup_id, kind, op)
+        return self._run(dedup_id, kind, op, timestamp)
 
     def delete_account(self, dedup_id, account_id, *, timestamp=0):
-        return self._set_state(Kind.DELETE_ACCOUNT, dedup_id, account_id)
+        return self._set_state(Kind.DELETE_ACCOUNT, dedup_id, account_id, timestamp)
 
     def lock_account(self, dedup_id, account_id, *, timestamp=0):
-        return self._set_state(Kind.LOCK_ACCOUNT, dedup_id, account_id)
+        return self._set_state(Kind.LOCK_ACCOUNT, dedup_id, account_id, timestamp)
 
     def unlock_account(self, dedup_id, account_id, *, timestamp=0):
-        return self._set_state(Kind.UNLOCK_ACCOUNT, dedup_id, account_id)
+        return self._set_state(Kind.UNLOCK_ACCOUNT, dedup_id, account_id, timestamp)
 
     def update_account_config(self, dedup_id, account_id, *, lower_limit=..., upper_limit=..., timestamp=0):
         def op(seq):
@@ -150,7 +184,7 @@ class ModelLedger:
             a.lower_limit, a.upper_limit = lo, hi
             a.version += 1
             return 1, None
-        return self._run(dedup_id, Kind.UPDATE_ACCOUNT_CONFIG, op)
+        return self._run(dedup_id, Kind.UPDATE_ACCOUNT_CONFIG, op, timestamp)
 
     # ------------------------------------------------------------------------------------ balances
     def _apply_deltas(self, deltas: list[tuple[Account, int]]) -> None:
@@ -180,7 +214,7 @@ class ModelLedger:
             self._need(expected_to_balance is None or t.available == expected_to_balance, Code.PRECONDITION_FAILED)
             self._apply_deltas([(f, -amount), (t, amount)])
             return 2, [(f.account_id, amount), (t.account_id, -amount)]
-        return self._run(dedup_id, Kind.TRANSFER, op)
+        return self._run(dedup_id, Kind.TRANSFER, op, timestamp)
 
     def batch_balance_operation(self, dedup_id, specs, preconditions=(), *, timestamp=0):
         specs, preconditions = list(specs), list(preconditions)
@@ -199,7 +233,7 @@ class ModelLedger:
                 self._need(self._acc(aid).available == expected, Code.PRECONDITION_FAILED)
             self._apply_deltas(resolved)
             return len(resolved), [(a.account_id, -amount) for a, amount in resolved]
-        return self._run(dedup_id, Kind.BATCH_BALANCE, op)
+        return self._run(dedup_id, Kind.BATCH_BALANCE, op, timestamp)
 
     def reserve(self, dedup_id, account_id, reservation_id, amount, *, timestamp=0):
         def op(seq):
@@ -214,7 +248,7 @@ class ModelLedger:
             a.available, a.reservations[rid] = new_avail, new_res
             a.version += 1
             return 1, None
-        return self._run(dedup_id, Kind.RESERVE, op)
+        return self._run(dedup_id, Kind.RESERVE, op, timestamp)
 
     def release(self, dedup_id, account_id, reservation_id, amount=None, *, timestamp=0):
         def op(seq):
@@ -235,10 +269,10 @@ class ModelLedger:
                 del a.reservations[rid]
             a.version += 1
             return 1, None
-        return self._run(dedup_id, Kind.RELEASE, op)
+        return self._run(dedup_id, Kind.RELEASE, op, timestamp)
 
     # ------------------------------------------------------------------------------------------ TCC
-    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0):
+    def tcc_try(self, dedup_id, txn_id, specs, *, timestamp=0, expires_ms=0):
         specs = list(specs)
 
         def op(seq):
@@ -246,7 +280,11 @@ class ModelLedger:
             self._need(txn != 0, Code.INVALID_ID)
             self._need(len(specs) <= GROUP_SPECS_MAX, Code.BATCH_TOO_LARGE)
             self._need(bool(specs), Code.INVALID_AMOUNT)
-            self._need(txn not in self.txns, Code.TXN_ALREADY_EXISTS)
+            known = self.txns.get(txn)
+            if known is not None:
+                raise _Reject(Code.TXN_ALREADY_CANCELLED if known["state"] == "null_cancelled"
+                              else Code.TXN_ALREADY_EXISTS)
+            self._need(expires_ms == 0 or expires_ms > self.now, Code.TXN_EXPIRED)
             resolved = []
             for aid, amount, cur in specs:
                 self._need(amount != 0, Code.INVALID_AMOUNT)
@@ -285,11 +323,34 @@ class ModelLedger:
                 else:
                     a.pending_in[txn] = a.pending_in.get(txn, 0) + amount
                     a.pending_out.setdefault(txn, 0)
-            self.txns[txn] = {"state": "tried", "specs": [(a.account_id, amount) for a, amount in resolved]}
+            self.txns[txn] = {"state": "tried", "specs": [(a.account_id, amount) for a, amount in resolved],
+                              "expires": expires_ms, "due": expires_ms}
             return len(resolved), None
-        return self._run(dedup_id, Kind.TCC_TRY, op)
+        return self._run(dedup_id, Kind.TCC_TRY, op, timestamp)
 
-    def _finish(self, kind, dedup_id, txn_id):
+    def _finish_txn(self, txn: int, t: dict, confirm: bool) -> int:
+        """Confirm or cancel a tried txn (all or nothing); its event parts."""
+        touched = []
+        for aid, _ in t["specs"]:
+            if aid not in touched:
+                touched.append(aid)
+        back = {}
+        for aid in touched:
+            a = self.accounts[aid]
+            amt = a.pending_in[txn] if confirm else a.pending_out[txn]
+            v = a.available + amt
+            self._need(_fits(v), Code.OVERFLOW)
+            self._need(amt <= 0 or a.upper_limit is None or v <= a.upper_limit, Code.BALANCE_LIMIT_EXCEEDED)
+            back[aid] = v
+        for aid in touched:
+            a = self.accounts[aid]
+            a.available = back[aid]
+            a.version += 1
+            del a.pending_in[txn], a.pending_out[txn]
+        t["state"] = "confirmed" if confirm else "cancelled"
+        return len(t["specs"])
+
+    def _finish(self, kind, dedup_id, txn_id, timestamp=0):
         confirm = kind == Kind.TCC_CONFIRM
 
         def op(seq):
@@ -297,35 +358,20 @@ class ModelLedger:
             self._need(txn != 0, Code.INVALID_ID)
             t = self.txns.get(txn)
             if t is None:
-                raise _Reject(Code.TXN_NOT_FOUND)
+                self._need(not confirm, Code.TXN_NOT_FOUND)
+                self.txns[txn] = {"state": "null_cancelled", "specs": [], "expires": 0, "due": 0}
+                return "null_cancel", None
             self._need(t["state"] != "confirmed", Code.TXN_ALREADY_CONFIRMED)
-            self._need(t["state"] != "cancelled", Code.TXN_ALREADY_CANCELLED)
-            touched = []
-            for aid, _ in t["specs"]:
-                if aid not in touched:
-                    touched.append(aid)
-            back = {}
-            for aid in touched:
-                a = self.accounts[aid]
-                amt = a.pending_in[txn] if confirm else a.pending_out[txn]
-                v = a.available + amt
-                self._need(_fits(v), Code.OVERFLOW)
-                self._need(amt <= 0 or a.upper_limit is None or v <= a.upper_limit, Code.BALANCE_LIMIT_EXCEEDED)
-                back[aid] = v
-            for aid in touched:
-                a = self.accounts[aid]
-                a.available = back[aid]
-                a.version += 1
-                del a.pending_in[txn], a.pending_out[txn]
-            t["state"] = "confirmed" if confirm else "cancelled"
-            return len(t["specs"]), None
-        return self._run(dedup_id, kind, op)
+            self._need(t["state"] not in ("cancelled", "null_cancelled"), Code.TXN_ALREADY_CANCELLED)
+            self._need(not (confirm and t["expires"] and t["expires"] <= self.now), Code.TXN_EXPIRED)
+            return self._finish_txn(txn, t, confirm), None
+        return self._run(dedup_id, kind, op, timestamp)
 
     def tcc_confirm(self, dedup_id, txn_id, *, timestamp=0):
-        return self._finish(Kind.TCC_CONFIRM, dedup_id, txn_id)
+        return self._finish(Kind.TCC_CONFIRM, dedup_id, txn_id, timestamp)
 
     def tcc_cancel(self, dedup_id, txn_id, *, timestamp=0):
-        return self._finish(Kind.TCC_CANCEL, dedup_id, txn_id)
+        return self._finish(Kind.TCC_CANCEL, dedup_id, txn_id, timestamp)
 
     # ----------------------------------------------------------------------------------- compensate
     def compensate(self, dedup_id, original_dedup_id, *, timestamp=0):
@@ -347,7 +393,7 @@ class ModelLedger:
             self._apply_deltas(deltas)
             d["compensated"] = True
             return len(deltas), None
-        return self._run(dedup_id, Kind.COMPENSATE, op)
+        return self._run(dedup_id, Kind.COMPENSATE, op, timestamp)
 
     # ---------------------------------------------------------------------------------------- reads
     def get_account(self, account_id):
@@ -363,7 +409,7 @@ class ModelLedger:
         d = self.dedup.get(_id(dedup_id))
         if d is None:
             return None
-        return ModelResult(d["code"], True, d["seq"] if d["code"] in (Code.OK, Code.NULL_COMPENSATED) else 0)
+        return ModelResult(d["code"], True, d["seq"] if d["code"] in SUCCESS_CODES else 0)
 
     def totals(self, currency):
         accs = [a for a in self.accounts.values() if a.currency == currency]
@@ -375,11 +421,17 @@ class ModelLedger:
     # ---------------------------------------------------------------------------------- op records
     def apply_batch(self, ops, timestamp: int = 0) -> list[ModelResult]:
         """The same op-record batches the real ledger takes (records.OP_DTYPE), decoded in Python and
-        dispatched to the methods above; one result per record (group members repeat their header's)."""
+        dispatched to the methods above; one result per record (group members repeat their header's).
+        Every command runs at the batch's time (the ledger's time never goes back: the methods' default
+        timestamp 0 means "the newest time seen")."""
         from engine.records import OpFlag, get_i128, get_u128
+        if not len(ops):
+            return []                              # the ledger does not even look at the time
+        self.last_ts = max(self.last_ts, timestamp)
         dedup, acct, other = get_u128(ops["dedup_id"]), get_u128(ops["account_id"]), get_u128(ops["other_id"])
         amount, exp_a, exp_b = get_i128(ops["amount"]), get_i128(ops["expected_a"]), get_i128(ops["expected_b"])
         kinds, flags, sizes = ops["kind"].tolist(), ops["flags"].tolist(), ops["group_size"].tolist()
+        expires = ops["expires_ms"].tolist()
         cur = [bytes(c).rstrip(b"\0").decode("ascii", "replace") for c in ops["currency"]]
         out: list[ModelResult] = []
         i = 0
@@ -411,7 +463,8 @@ class ModelLedger:
             elif k == Kind.RELEASE:
                 r = self.release(dedup[i], acct[i], other[i], None if f & OpFlag.FULL_RELEASE else amount[i])
             elif k == Kind.TCC_TRY:
-                r = self.tcc_try(dedup[i], other[i], [(acct[j], amount[j], cur[j]) for j in range(i + 1, i + g)])
+                r = self.tcc_try(dedup[i], other[i], [(acct[j], amount[j], cur[j]) for j in range(i + 1, i + g)],
+                                 expires_ms=expires[i])
             elif k in (Kind.TCC_CONFIRM, Kind.TCC_CANCEL):
                 r = self._finish(k, dedup[i], other[i])
             elif k == Kind.COMPENSATE:

@@ -444,7 +444,7 @@ def test_tcc_try_cancel_and_codes():
     led = make((1, USD), (2, USD, 0, 50), (3, "EUR"))
     fund(led, 1, 1, 100)
     assert led.tcc_confirm(2, 1).code == Code.TXN_NOT_FOUND
-    assert led.tcc_cancel(3, 1).code == Code.TXN_NOT_FOUND
+    assert led.tcc_cancel(3, 99).code == Code.NULL_CANCELLED       # never tried: a tombstone (tests/test_ledger_tcc.py)
     assert led.tcc_try(4, 0, [(1, -1, USD)]).code == Code.INVALID_ID
     assert led.tcc_try(5, 1, []).code == Code.INVALID_AMOUNT
     assert led.tcc_try(6, 1, [(1, 0, USD)]).code == Code.INVALID_AMOUNT
@@ -637,6 +637,7 @@ def test_apply_batch_groups():
     (lambda ops: ops["reserved"].__setitem__(1, 1), "reserved bytes"),
     (lambda ops: ops["group_size"].__setitem__(1, 2), "group_size"),
     (lambda ops: ops["group_size"].__setitem__(1, 0), "group_size"),
+    (lambda ops: ops["expires_ms"].__setitem__(1, 5), "expires_ms must be 0 except on a TCC_TRY header"),
 ])
 def test_apply_batch_rejects_malformed_records_and_changes_nothing(mutate, message):
     led = Ledger()
@@ -711,6 +712,7 @@ def test_every_code_is_reached_by_these_tests():
         Code.BATCH_TOO_LARGE, Code.NULL_COMPENSATED, Code.NOT_COMPENSATABLE, Code.INVALID_LIMITS,
         Code.INVALID_CURRENCY, Code.INVALID_ID, Code.DEDUP_EXPIRED, Code.ISSUED_IN_FUTURE,
         Code.OPEN_ITEMS_LIMIT_EXCEEDED, Code.ACCOUNT_CAPACITY_EXCEEDED,
+        Code.NULL_CANCELLED, Code.TXN_EXPIRED,                      # tests/test_ledger_tcc.py
     }
     assert produced == set(Code)
 

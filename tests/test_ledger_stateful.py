@@ -12,7 +12,7 @@ from tests.ledger_model import ModelLedger
 ACCOUNTS = st.integers(1, 6)        # 1-5 exist from the start (5 is an unbounded "bank"); 6 may be created
 CURRENCIES = st.sampled_from(["USD", "EUR"])
 RESERVATIONS = st.integers(0, 3)
-TXNS = st.integers(0, 4)
+TXNS = st.integers(0, 12)
 AMOUNTS = st.one_of(st.integers(-5, 60), st.integers(-5, 60), st.integers(-5, 60),
                     st.sampled_from([I128_MAX, I128_MAX - 10, -I128_MAX, 10 ** 30]))
 LIMITS = st.one_of(st.none(), st.integers(-100, 100))
@@ -25,6 +25,7 @@ class LedgerVsModel(RuleBasedStateMachine):
         self.model = ModelLedger()
         self.next_dedup = 1
         self.used: list[int] = []
+        self.now = 1000                 # every command's timestamp (the entry's time); see advance_time
         setup = [("USD", 0, None), ("USD", -50, None), ("USD", 0, 150), ("EUR", 0, None), ("USD", None, None)]
         for aid, (cur, lo, hi) in enumerate(setup, start=1):
             self.both("create_account", self.dedup(None), aid, cur, lower_limit=lo, upper_limit=hi)
@@ -41,6 +42,7 @@ class LedgerVsModel(RuleBasedStateMachine):
         return d
 
     def both(self, method, *args, **kwargs):
+        kwargs.setdefault("timestamp", self.now)
         real = getattr(self.ledger, method)(*args, **kwargs)
         model = getattr(self.model, method)(*args, **kwargs)
         assert (real.code, real.duplicate, real.seq_num) == (model.code, model.duplicate, model.seq_num), \
@@ -87,9 +89,23 @@ class LedgerVsModel(RuleBasedStateMachine):
     def release(self, reuse, aid, rid, amount):
         self.both("release", self.dedup(reuse), aid, rid, amount)
 
-    @rule(reuse=REUSE, txn=TXNS, specs=st.lists(st.tuples(ACCOUNTS, AMOUNTS, CURRENCIES), max_size=3))
-    def tcc_try(self, reuse, txn, specs):
-        self.both("tcc_try", self.dedup(reuse), txn, specs)
+    # expires: 0 (never), or relative to now (<= 0: already past, refused)
+    @rule(reuse=REUSE, txn=TXNS, specs=st.lists(st.tuples(ACCOUNTS, AMOUNTS, CURRENCIES), max_size=3),
+          expires=st.one_of(st.just(None), st.integers(-5, 5), st.integers(0, 3000)))
+    def tcc_try(self, reuse, txn, specs, expires):
+        self.both("tcc_try", self.dedup(reuse), txn, specs,
+                  expires_ms=0 if expires is None else max(1, self.now + expires))
+
+    # a try that usually applies (so expiry, and a cancel refused by 3's upper limit, are reached often)
+    @rule(reuse=REUSE, txn=TXNS, a=st.sampled_from([1, 2, 3, 5]), b=st.sampled_from([3, 5]),
+          amount=st.integers(1, 40), expires=st.integers(1, 3000))
+    def tcc_try_expiring(self, reuse, txn, a, b, amount, expires):
+        self.both("tcc_try", self.dedup(reuse), txn, [(a, -amount, "USD"), (b, amount, "USD")],
+                  expires_ms=self.now + expires)
+
+    @rule(dt=st.one_of(st.integers(0, 10), st.integers(0, 2500)))
+    def advance_time(self, dt):
+        self.now += dt
 
     @rule(reuse=REUSE, txn=TXNS, confirm=st.booleans())
     def tcc_finish(self, reuse, txn, confirm):
@@ -123,6 +139,10 @@ class LedgerVsModel(RuleBasedStateMachine):
             assert self.ledger.get_account(aid) == self.model.get_account(aid), aid
         for cur in ("USD", "EUR"):
             assert self.ledger.totals(cur) == self.model.totals(cur)
+
+    @invariant()
+    def bookkeeping_is_consistent(self):
+        self.ledger._check_invariants()
 
     @invariant()
     def events_are_gap_free(self):
