@@ -14,6 +14,8 @@ COMMANDS = {
     "node": ("engine.node", "run one replica of a shard from a TOML config (--config, --id, --verbose)"),
     "cluster": ("engine.devtools.cluster", "run N local replicas on loopback until Ctrl-C (--replicas 3)"),
     "status": ("engine.status", "leader, terms, applied index and digests of every replica (--nodes)"),
+    "up": ("engine.devtools.up", "a whole local system: S shards x R replicas + a Marker group, system.toml"),
+    "marker": ("marker.server", "run one replica of a Marker group from a TOML config (--config, --id)"),
     "demo": ("engine.devtools.demo", "a local 3-replica shard doing real work, with a failover"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),

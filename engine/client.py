@@ -264,7 +264,7 @@ class _ClientBase:
             raise ValueError(f"consistency must be one of {sorted(_CONSISTENCY)}") from None
         return self._io.submit(_Call(op, Future(), payload=payload, consistency=level, **fields))
 
-    def _apply_call(self, ops: np.ndarray, want_events: bool) -> Future:
+    def _apply_call(self, ops: np.ndarray, want_events: bool, shard_epoch: int = 0) -> Future:
         if not isinstance(ops, np.ndarray) or ops.dtype != R.OP_DTYPE:
             raise TypeError("ops must be a numpy array of engine.records.OP_DTYPE")
         if not 1 <= len(ops) <= R.BATCH_SIZE_MAX:
@@ -275,7 +275,7 @@ class _ClientBase:
             ops = ops.copy()
             ops["issued_ms"] = int(time.time() * 1000)
         return self._io.submit(_Call(Op.APPLY, Future(), payload=np.ascontiguousarray(ops).tobytes(),
-                                     want_events=want_events))
+                                     want_events=want_events, shard_epoch=shard_epoch))
 
 
 def _ids(ids: Iterable[Any]) -> list[int]:
@@ -331,14 +331,15 @@ class Client(_ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def apply_batch(self, ops: np.ndarray, want_events: bool = False) -> Any:
+    def apply_batch(self, ops: np.ndarray, want_events: bool = False, shard_epoch: int = 0) -> Any:
         """Apply a batch of op records (up to 8190) as one request; returns the result records (and the
-        events if ``want_events``: a tuple (results, events))."""
-        return self._apply_call(ops, want_events).result()
+        events if ``want_events``: a tuple (results, events)). ``shard_epoch``: the shard map epoch the
+        batch was routed with (a replica serving another refuses it STALE_EPOCH; 0: not checked)."""
+        return self._apply_call(ops, want_events, shard_epoch).result()
 
-    def apply_batch_async(self, ops: np.ndarray) -> Future:
+    def apply_batch_async(self, ops: np.ndarray, shard_epoch: int = 0) -> Future:
         """Send a batch without waiting: a Future of the result records (for pipelining from one thread)."""
-        return self._apply_call(ops, False)
+        return self._apply_call(ops, False, shard_epoch)
 
     def get_account(self, account_id: Any, consistency: str = "linearizable") -> dict[str, Any] | None:
         return self.get_accounts([account_id], consistency)[0]
@@ -389,8 +390,8 @@ class AsyncClient(_ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    async def apply_batch(self, ops: np.ndarray, want_events: bool = False) -> Any:
-        return await self._aw(self._apply_call(ops, want_events))
+    async def apply_batch(self, ops: np.ndarray, want_events: bool = False, shard_epoch: int = 0) -> Any:
+        return await self._aw(self._apply_call(ops, want_events, shard_epoch))
 
     async def get_account(self, account_id: Any, consistency: str = "linearizable") -> dict[str, Any] | None:
         return (await self.get_accounts([account_id], consistency))[0]

@@ -46,6 +46,8 @@ from engine.service.server import (CLIENT_RCVHWM, CLIENT_SNDHWM, CUT_REASONS, IN
                                    ReadBudget, ReplicatedServer, RequestError, ok_reply_parts)
 from engine.service.snapshot import (SNAPSHOT_CHILD_BOOST_S, SNAPSHOT_CHILD_NICE, SNAPSHOT_WRITE_CHUNK_BYTES,
                                      SNAPSHOT_WRITE_PAUSE_S, ForkedSnapshot)
+from engine.shard_map import SHARD_ID_MAX, ShardMap
+from engine.system import System
 from engine.wire import ErrorCode, Op
 
 __all__ = ["CLIENT_FRAME_BYTES_MAX", "CLIENT_RCVHWM", "CLIENT_SNDHWM", "CUT_REASONS", "DEDUP_RETENTION_MAX",
@@ -57,6 +59,7 @@ __all__ = ["CLIENT_FRAME_BYTES_MAX", "CLIENT_RCVHWM", "CLIENT_SNDHWM", "CUT_REAS
 _OP_DTYPE = R.OP_DTYPE
 _OP_BYTES = R.OP_DTYPE.itemsize
 _RESULT_BYTES = R.RESULT_DTYPE.itemsize
+_TRANSFER = int(R.Kind.TRANSFER)
 
 CLIENT_FRAME_BYTES_MAX = W.FRAME_BYTES_MAX_DEFAULT   # default ZMQ_MAXMSGSIZE on the client ROUTER: a full
                                       # APPLY batch plus a header's worth; a larger frame drops the peer
@@ -84,7 +87,12 @@ class NodeConfig(ServiceConfig):
     dedup_retention: int = DEDUP_RETENTION_DEFAULT  # commands remembered for exactly-once (~96 bytes each;
                                                   # every replica alike: it is part of the replicated state)
     accounts_max: int = ACCOUNTS_MAX_DEFAULT      # accounts the ledger can hold (address space reserved)
+    # [shard]: which shard this replica serves, in which system (0 / "": a standalone shard that owns every
+    # account); the shard map comes from the system file (engine/system.py)
+    shard_id: int = 0
+    system: str = ""
 
+    TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"shard": ("shard_id", "system")}
     TOML_LIMITS: ClassVar[tuple[str, ...]] = ("batch_records_max", "entry_records_max", "dedup_retention",
                                               "accounts_max") + SERVICE_LIMITS
 
@@ -103,6 +111,20 @@ class NodeConfig(ServiceConfig):
                              "that commands issued together are never evicted before the last is applied)")
         if not 1 <= self.accounts_max <= ACCOUNT_CAPACITY_MAX:
             raise ValueError(f"accounts_max must be 1..{ACCOUNT_CAPACITY_MAX}")
+        if not 0 <= self.shard_id <= SHARD_ID_MAX:
+            raise ValueError(f"[shard] shard_id must be 0..{SHARD_ID_MAX}")
+        if bool(self.system) != bool(self.shard_id):
+            raise ValueError("[shard] shard_id and system go together: a shard of a system names both, a "
+                             "standalone shard neither")
+
+    def load_shard_map(self) -> ShardMap | None:
+        """The shard map of the system this replica serves (None: standalone), checked to name this shard."""
+        if not self.system:
+            return None
+        smap = System.load(self.system).shard_map
+        if self.shard_id not in smap.shards:
+            raise ValueError(f"{self.system}: the shard map (epoch {smap.epoch}) has no shard {self.shard_id}")
+        return smap
 
 
 def _apply_size_error(batch_records_max: int) -> Any:
@@ -127,6 +149,7 @@ class Node(ReplicatedServer):
     """The shard app: a ``LedgerMachine`` on the machinery. ``machine.ledger`` is read under ``self.lock``."""
 
     EVENT_DTYPE = R.EVENT_DTYPE
+    APP_REFUSAL_REASONS = ("wrong_shard",)
     config: NodeConfig
     events: EventStore
 
@@ -147,6 +170,11 @@ class Node(ReplicatedServer):
         self.entry_requests_max = ENTRY_BATCHES_MAX
         self._read_budget = ReadBudget(config.expensive_read_ms_per_s)
         self._complete_cache: tuple[Any, int] = (None, 0)
+        self.shard_map = config.load_shard_map()
+        self.shard_id = config.shard_id
+        self.shard_epoch = self.shard_map.epoch if self.shard_map is not None else 0
+        # with one shard in the map every account is ours: no per-record check
+        self._check_owner = self.shard_map is not None and len(self.shard_map.shards) > 1
 
     def open_event_store(self, path: str) -> EventStore:
         return EventStore(path, retention_seqs=self.config.event_retention_seqs)
@@ -168,15 +196,44 @@ class Node(ReplicatedServer):
 
     def accept_write(self, p: Pending, payload: Any) -> int:
         # its size was checked by the intake (whole records, 1..batch_records_max)
+        ops = np.frombuffer(payload, dtype=_OP_DTYPE)
         try:                                      # every replica says what is wrong with a bad batch
-            check_batch(np.frombuffer(payload, dtype=_OP_DTYPE))
+            check_batch(ops)
         except (TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        epoch = p.req.shard_epoch
+        if epoch and epoch != self.shard_epoch:
+            raise RequestError(ErrorCode.STALE_EPOCH, f"routed with shard map epoch {epoch}; this replica of "
+                               f"shard {self.shard_id} serves epoch {self.shard_epoch}; nothing was applied",
+                               reason="wrong_shard")
+        if self._check_owner:
+            self._check_accounts(ops)
         p.payload = payload
         return len(payload) // _OP_BYTES
 
     def make_entry(self, payloads: list[Any], timestamp_ms: int) -> bytes:
         return ledger_entry(payloads, timestamp_ms)
+
+    def _check_accounts(self, ops: np.ndarray) -> None:
+        """WRONG_SHARD unless the shard map gives this shard every account the batch names (``account_id``
+        of every record that has one, and a transfer's ``other_id``): a command on another shard's account
+        would create it here, or move money the owner never sees."""
+        smap = self.shard_map
+        assert smap is not None
+        acc = ops["account_id"]
+        named = (acc[:, 0] | acc[:, 1]) != 0
+        bad = named & (smap.shards_of(acc) != self.shard_id)
+        transfers = ops["kind"] == _TRANSFER
+        if transfers.any():
+            bad[transfers] |= smap.shards_of(ops["other_id"][transfers]) != self.shard_id
+        if bad.any():
+            k = int(np.argmax(bad))
+            wrong = R.get_u128(ops["account_id"][k:k + 1])[0]
+            if not wrong or smap.shard_of(wrong) == self.shard_id:
+                wrong = R.get_u128(ops["other_id"][k:k + 1])[0]      # the transfer's counterparty
+            raise RequestError(ErrorCode.WRONG_SHARD, f"record {k}: account {wrong} belongs to shard "
+                               f"{smap.shard_of(wrong)} in shard map epoch {smap.epoch}, not to shard "
+                               f"{self.shard_id}; nothing was applied", reason="wrong_shard")
 
     def entry_applied(self, group: list[Pending], outcomes: Any) -> None:
         if outcomes is None or len(outcomes) != len(group):    # cannot happen: the leader built the entry
@@ -322,7 +379,8 @@ class Node(ReplicatedServer):
         m = self.machine
         # ``digest``: the ledger's running hash of its history (O(1)); replicas at the same sm_applied
         # have the same one (STATUS's ``with_digest`` is accepted for compatibility: it is always there now)
-        return dict(sm_applied=m.applied, last_seq=m.ledger.last_seq, accounts=m.ledger.account_count, ops=m.ops,
+        return dict(shard_id=self.shard_id, shard_epoch=self.shard_epoch,
+                    sm_applied=m.applied, last_seq=m.ledger.last_seq, accounts=m.ledger.account_count, ops=m.ops,
                     rejected_batches=m.rejected_batches, dedup=m.ledger.dedup_window(),
                     digest=m.ledger.chain_digest().hex())
 

@@ -19,16 +19,28 @@ from typing import Any
 from engine.devtools.local_raft import LocalCluster, free_ports
 
 
-class NodeCluster(LocalCluster):
-    def __init__(self, size: int, base_dir: str, *, base_port: int | None = None, verbose: bool = False,
-                 **settings: Any) -> None:
-        """``settings`` are NodeConfig fields for every replica (``tick_ms``, ``snapshot_threshold_entries``,
-        ``sync``, limits ...). Ports: three per replica (raft, client, pub) from ``base_port``, else free ones."""
+class ServiceCluster(LocalCluster):
+    """N replicas of a service app (``module`` run with ``--config``, its config a ``config_cls``)."""
+    module = "engine.node"
+    file_prefix = "node"
+
+    def config_class(self) -> Any:
         from engine.node import NodeConfig
+        return NodeConfig
+
+    def __init__(self, size: int, base_dir: str, *, base_port: int | None = None, verbose: bool = False,
+                 ports: list[int] | None = None, **settings: Any) -> None:
+        """``settings`` are config fields for every replica (``tick_ms``, ``snapshot_threshold_entries``,
+        ``sync``, limits ...). Ports: three per replica (raft, client, pub): ``ports`` if given, else from
+        ``base_port``, else free ones."""
+        config_cls = self.config_class()
         self.size = size
         self.base_dir = base_dir
         self.ids = list(range(1, size + 1))
-        ports = list(range(base_port, base_port + 3 * size)) if base_port else free_ports(3 * size)
+        if ports is None:
+            ports = list(range(base_port, base_port + 3 * size)) if base_port else free_ports(3 * size)
+        if len(ports) != 3 * size:
+            raise ValueError(f"{size} replicas need {3 * size} ports, not {len(ports)}")
         self.raft_addr = {i: f"tcp://127.0.0.1:{ports[k]}" for k, i in enumerate(self.ids)}
         self.client_addr = {i: f"tcp://127.0.0.1:{ports[size + k]}" for k, i in enumerate(self.ids)}
         self.pub_addr = {i: f"tcp://127.0.0.1:{ports[2 * size + k]}" for k, i in enumerate(self.ids)}
@@ -39,20 +51,20 @@ class NodeCluster(LocalCluster):
         os.makedirs(base_dir, exist_ok=True)
         self.configs = {}
         for i in self.ids:
-            cfg = NodeConfig(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings)
+            cfg = config_cls(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings)
             cfg.validate()
             self.configs[i] = cfg
             with open(self.config_path(i), "w") as f:
                 f.write(cfg.to_toml())
 
     def config_path(self, node: int) -> str:
-        return os.path.join(self.base_dir, f"node-{node}.toml")
+        return os.path.join(self.base_dir, f"{self.file_prefix}-{node}.toml")
 
     def data_dir(self, node: int) -> str:
-        return os.path.join(self.base_dir, f"node-{node}")
+        return os.path.join(self.base_dir, f"{self.file_prefix}-{node}")
 
     def command(self, node: int) -> list[str]:
-        return [sys.executable, "-m", "engine.node", "--config", self.config_path(node)]
+        return [sys.executable, "-m", self.module, "--config", self.config_path(node)]
 
     @property
     def client_addresses(self) -> list[str]:
@@ -72,6 +84,10 @@ class NodeCluster(LocalCluster):
         except (OSError, KeyError):
             return None
         return None
+
+
+class NodeCluster(ServiceCluster):
+    """A local shard: N ``zwallet node`` replicas."""
 
 
 def main(argv: list[str] | None = None) -> int:

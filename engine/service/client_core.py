@@ -41,9 +41,10 @@ class ClientError(Exception):
 class RequestRefused(ClientError):
     """The server refused the request as malformed or too large (the caller's fault); nothing was applied."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, shard_epoch: int = 0) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
+        self.shard_epoch = shard_epoch     # WRONG_SHARD / STALE_EPOCH: the shard map epoch the replica serves
 
 
 class Unavailable(ClientError):
@@ -67,6 +68,7 @@ class Call:
     node: int | None = None                  # a fixed replica (status of one replica), else routed
     with_reply: bool = False                 # the future gets (reply header, payload)
     issued_ms: int = 0                       # RESULT_OF: the commands were issued at or after this
+    shard_epoch: int = 0                     # writes routed by a shard map: its epoch (0: not checked)
 
 
 @dataclass(slots=True)
@@ -207,7 +209,8 @@ class IoCore:
         min_seq = self.last_seq_seen if c0.consistency == Consistency.FOLLOWER else 0
         header = P.Request(req_id, c0.op, consistency=c0.consistency, min_seq=min_seq,
                            first_seq=c0.first_seq, last_seq=c0.last_seq, want_events=c0.want_events,
-                           currency=c0.currency, with_digest=c0.with_digest, issued_ms=c0.issued_ms)
+                           currency=c0.currency, with_digest=c0.with_digest, issued_ms=c0.issued_ms,
+                           shard_epoch=c0.shard_epoch)
         self._queue_request(Inflight(req_id, calls, header, c0.payload, now + self.timeout_s))
 
     def _queue_request(self, inf: Inflight) -> None:
@@ -339,7 +342,7 @@ class IoCore:
             self._retry(inf, RATE_LIMITED_BACKOFF_S if code is ErrorCode.RATE_LIMITED else RETRY_BACKOFF_S)
             return
         self._inflight.pop(inf.req_id, None)
-        self._fail(inf, RequestRefused(code, reply.message))
+        self._fail(inf, RequestRefused(code, reply.message, reply.shard_epoch))
 
     def _resolve(self, inf: Inflight, reply: P.Reply, frames: list[zmq.Frame]) -> None:
         payload = frames[0].bytes if frames else b""

@@ -62,6 +62,10 @@ class ErrorCode(IntEnum):
     EVENTS_UNAVAILABLE = 9
     SHUTTING_DOWN = 10
     RATE_LIMITED = 11
+    WRONG_SHARD = 12   # the shard map gives an account of the request to another shard (Reply.shard_epoch:
+                       # the map this replica serves); nothing applied: refresh the map and route again
+    STALE_EPOCH = 13   # the request was routed with a shard map epoch other than this replica's
+                       # (Reply.shard_epoch); nothing applied
 
 
 class Request(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -76,6 +80,7 @@ class Request(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     with_digest: bool = False         # STATUS: accepted for compatibility (the digest is always there)
     version: int = PROTOCOL_VERSION
     issued_ms: int = 0                # shard RESULT_OF: the commands were issued at or after this
+    shard_epoch: int = 0              # shard writes: the shard map epoch the router used (0: not checked)
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -89,6 +94,8 @@ class Reply(msgspec.Struct, array_like=True):
     node_id: int = 0
     results_complete_since_ms: int = 0  # shard RESULT_OF: every command applied at or after this time (ms)
                                         # is found (in the dedup window or the event store's index)
+    shard_epoch: int = 0              # errors of a replica that serves a shard map: its epoch (WRONG_SHARD,
+                                      # STALE_EPOCH say the router's map is not this one)
 
 
 class EventsHeader(msgspec.Struct, array_like=True):

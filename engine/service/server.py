@@ -240,6 +240,7 @@ class ReplicatedServer:
         self.entry_weight_max = 1 << 30        # a group's weight (sum of accept_write's) before it is sealed
         self.entry_requests_max = 1 << 30      # ... and its requests
         self.tick_interval_ms = IDLE_POLL_MS   # tick(now_ms) runs every pass, and passes are at most this apart
+        self.shard_epoch = 0                   # an app serving a shard map: its epoch, in every ERROR reply
         self._group: list[Pending] = []
         self._group_records = 0
         self._sealed: collections.deque[list[Pending]] = collections.deque()   # full groups, not yet proposed
@@ -671,7 +672,7 @@ class ReplicatedServer:
         """An ERROR reply to a request that was never accepted (nothing pending to finish)."""
         self.count_refusal(reason, code)
         self._reply_raw(ident, P.Reply(req_id, Status.ERROR, code, message, last_seq=self.last_seq(),
-                                       node_id=self.node_id))
+                                       node_id=self.node_id, shard_epoch=self.shard_epoch))
 
     def _accept_write(self, p: Pending, payload: Any) -> None:
         n = self.accept_write(p, payload)
@@ -815,7 +816,8 @@ class ReplicatedServer:
     def error(self, p: Pending, code: ErrorCode, message: str) -> None:
         self.finish(p)
         self._reply_raw(p.ident, P.Reply(p.req.req_id, Status.ERROR, code, message,
-                                         last_seq=self.last_seq(), node_id=self.node_id))
+                                         last_seq=self.last_seq(), node_id=self.node_id,
+                                         shard_epoch=self.shard_epoch))
 
     def reply(self, p: Pending, payload: bytes = b"", extra: bytes | None = None,
               complete_since_ms: int = 0) -> None:

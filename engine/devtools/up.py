@@ -1,0 +1,181 @@
+"""``zwallet up``: a whole local zwallet system on loopback, until Ctrl-C.
+
+    zwallet up --shards 2 --replicas 3 --dir D [--base-port 7100] [--no-sync]
+
+starts S shards of R ``zwallet node`` replicas each (shard ids 1..S, the slots split evenly between them)
+and a Marker group of R replicas, writes ``D/system.toml`` (engine/system.py: every address and the shard
+map), prints a line containing ``ready`` once every group has a leader that answers, and stops everything
+on SIGINT or SIGTERM. Data and per-process configs live under ``D/shard-<id>/`` and ``D/marker/``; running
+``zwallet up`` again on the same directory restarts the same system with its data.
+
+Ports, from ``--base-port`` P: shard s (1-based) uses P + (s-1)*3R .. P + s*3R - 1 (raft, client, pub per
+replica), the Marker group the next 3R.
+
+``LocalSystem`` is the same thing as a class, for tests, the demo and the benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from engine.devtools.cluster import NodeCluster
+from engine.devtools.local_raft import free_ports
+from engine.shard_map import ShardMap
+from engine.system import Group, System
+
+READY_TIMEOUT_S = 60.0
+
+
+class LocalSystem:
+    """S shards x R replicas plus a Marker group of R replicas, as local processes under ``base_dir``."""
+
+    def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
+                 sync: bool = True, verbose: bool = False, marker: bool = True,
+                 node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
+        if not 1 <= shards <= 64:
+            raise ValueError("shards must be 1..64")
+        if replicas not in (1, 3, 5):
+            raise ValueError("replicas must be 1, 3 or 5")
+        self.base_dir = os.path.abspath(base_dir)
+        os.makedirs(self.base_dir, exist_ok=True)
+        self.shard_ids = list(range(1, shards + 1))
+        self.replicas = replicas
+        self.shard_map = ShardMap.uniform(self.shard_ids, epoch=1)
+        block = 3 * replicas
+        groups = shards + (1 if marker else 0)
+        ports = (list(range(base_port, base_port + block * groups)) if base_port
+                 else free_ports(block * groups))
+        self.shards: dict[int, NodeCluster] = {}
+        self.system_path = os.path.join(self.base_dir, "system.toml")
+        settings = dict(node_settings or {})
+        for k, sid in enumerate(self.shard_ids):
+            self.shards[sid] = NodeCluster(replicas, os.path.join(self.base_dir, f"shard-{sid}"),
+                                           ports=ports[k * block:(k + 1) * block], verbose=verbose, sync=sync,
+                                           shard_id=sid, system=self.system_path, **settings)
+        self.marker = None
+        groups_desc = {sid: Group(sid, tuple(c.client_addresses), tuple(c.pub_addresses),
+                                  tuple(c.raft_addr[i] for i in c.ids)) for sid, c in self.shards.items()}
+        markers: tuple[Group, ...] = ()
+        if marker:
+            from marker.cluster import MarkerCluster
+            self.marker = MarkerCluster(replicas, os.path.join(self.base_dir, "marker"), self.system_path,
+                                        ports=ports[shards * block:(shards + 1) * block], verbose=verbose,
+                                        sync=sync, **dict(marker_settings or {}))
+            markers = (Group(1, tuple(self.marker.client_addresses), tuple(self.marker.pub_addresses),
+                             tuple(self.marker.raft_addr[i] for i in self.marker.ids)),)
+        self.system = System(self.shard_map, groups_desc, markers)
+        self.system.write(self.system_path)
+
+    @property
+    def groups(self) -> dict[str, NodeCluster]:
+        out: dict[str, Any] = {f"shard {sid}": c for sid, c in self.shards.items()}
+        if self.marker is not None:
+            out["marker"] = self.marker
+        return out
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        for c in self.shards.values():
+            for i in c.ids:
+                c.start_replica(i, wait=False)
+        if self.marker is not None:
+            for i in self.marker.ids:
+                self.marker.start_replica(i, wait=False)
+        for c in self.groups.values():
+            for i in c.ids:
+                c._wait_ready(i)
+        self.wait_leaders(timeout_s)
+
+    def wait_leaders(self, timeout_s: float = READY_TIMEOUT_S) -> dict[str, int]:
+        """Wait until every group has a leader that answers STATUS; ``{group name: leader replica id}``."""
+        from engine.client import Client, ClientError
+        deadline = time.monotonic() + timeout_s
+        leaders: dict[str, int] = {}
+        for name, c in self.groups.items():
+            with Client(c.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5) as client:
+                while name not in leaders:
+                    for k, node in enumerate(c.ids):
+                        try:
+                            st = client.status(k)
+                        except ClientError:
+                            continue
+                        if st.get("role") == "leader":
+                            leaders[name] = node
+                            break
+                    else:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{name}: no leader within {timeout_s:.0f} s")
+                        time.sleep(0.05)
+        return leaders
+
+    def alive(self) -> list[str]:
+        """What died: ``["shard 1 replica 2: <stderr tail>", ...]`` (empty: everything runs)."""
+        dead = []
+        for name, c in self.groups.items():
+            for i in c.ids:
+                if not c.alive(i):
+                    dead.append(f"{name} replica {i}: {c.stderr_tail(i, 600)}")
+        return dead
+
+    def close(self) -> None:
+        for c in self.groups.values():
+            c.close()
+
+    def __enter__(self) -> LocalSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zwallet up", description="a whole local zwallet system until Ctrl-C")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--dir", required=True, help="data, configs and system.toml go here")
+    p.add_argument("--base-port", type=int, default=7100)
+    p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    stop = {"now": False}
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        stop["now"] = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        system = LocalSystem(args.dir, args.shards, args.replicas, base_port=args.base_port,
+                             sync=not args.no_sync, verbose=args.verbose)
+    except (ValueError, OSError) as exc:
+        print(f"zwallet up: {exc}", file=sys.stderr)
+        return 2
+    code = 0
+    try:
+        system.start()
+        print(f"zwallet up: {args.shards} shard(s) x {args.replicas} replicas + a Marker group of "
+              f"{args.replicas}; system file {system.system_path}")
+        for name, c in system.groups.items():
+            print(f"  {name}: clients {','.join(c.client_addresses)}")
+        print("zwallet up: ready (Ctrl-C stops everything)", flush=True)
+        while not stop["now"]:
+            dead = system.alive()
+            if dead:
+                print("zwallet up: a process exited; stopping everything:\n  " + "\n  ".join(dead),
+                      file=sys.stderr, flush=True)
+                code = 1
+                break
+            time.sleep(0.2)
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"zwallet up: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        system.close()
+        print("zwallet up: stopped", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Clients of the Marker: submit cross-shard transfers, multi-leg transfers and sagas; wait for or query
+their outcome.
+
+    from marker import Client
+    with Client.from_system("D/system.toml") as m:
+        r = m.transfer(dedup_id=42, from_account_id=1, to_account_id=2, amount=5_00, currency="USD")
+        assert r.code == Code.OK            # or the business code that made it fail (nothing moved then)
+        m.get_workflow(42)["state"]         # "SUCCEEDED"
+
+The dedup id IS the workflow id: re-sending the same dedup id (from this client or any other, while the
+Marker remembers the workflow) is the same workflow; its outcome comes back and nothing moves again. A
+call retries on its own (same bytes) until ``timeout_s``; when it gives up, the workflow may still be
+running: ``WorkflowPending`` says so, and ``get_workflow`` (or the same call again) gives the outcome
+later. To retry safely after your own process restarted, pass the first attempt's ``timestamp``
+(its issue time, ms) again, as with the ledger's commands.
+
+With several Marker groups (``[[marker.group]]`` in system.toml) a workflow goes to group
+``blake2b(workflow_id) mod groups``: every client computes the same.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from engine.records import Code
+from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
+                                        Unavailable)
+from engine.service.protocol import Consistency
+from engine.system import System
+from marker import wire as MW
+from marker.commands import (BatchStep, SagaSpec, TccSpec, TransferStep, saga_spec, tcc_spec, u128_bytes)
+from marker.workflow import MarkerCode
+
+TIMEOUT_S_DEFAULT = 30.0
+DEADLINE_MS_DEFAULT = 60_000          # a workflow's phase 1 must end this long after it was issued
+WAIT_MS_PER_ATTEMPT = 2_000           # a SUBMIT is held this long for its outcome, then asked again
+OVERLOADED_BACKOFF_S = 0.05
+
+
+class WorkflowRefused(ClientError):
+    """The Marker refused to create the workflow (nothing ran): ``reason`` OVERLOADED, DRAINING,
+    INVALID_SPEC, EXPIRED (issued before the Marker's horizon: it may have run before; ask get_workflow)
+    or ISSUED_IN_FUTURE."""
+
+    def __init__(self, workflow_id: int, reason: str, message: str) -> None:
+        super().__init__(f"workflow {workflow_id}: {reason}: {message}")
+        self.workflow_id = workflow_id
+        self.reason = reason
+
+
+class WorkflowPending(ClientError):
+    """The call's timeout passed before the workflow finished: it goes on (ask ``get_workflow``)."""
+
+    def __init__(self, workflow_id: int, state: str) -> None:
+        super().__init__(f"workflow {workflow_id} has not finished within the call's timeout (state {state}); "
+                         "it goes on: ask get_workflow, or call again with the same dedup_id")
+        self.workflow_id = workflow_id
+        self.state = state
+
+
+class WorkflowResult:
+    """A finished workflow. ``code``: ``Code.OK``, or the ledger's business code that made it fail (a
+    ``Code``), or a ``MarkerCode`` (DEADLINE_EXCEEDED); ``state``: SUCCEEDED, FAILED or STUCK;
+    ``duplicate``: this call found the workflow already submitted."""
+    __slots__ = ("workflow_id", "code", "state", "duplicate")
+
+    def __init__(self, workflow_id: int, code: int, state: str, duplicate: bool) -> None:
+        self.workflow_id = workflow_id
+        self.code: Code | MarkerCode | int = _code(code)
+        self.state = state
+        self.duplicate = duplicate
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.OK and self.state == "SUCCEEDED"
+
+    def __repr__(self) -> str:
+        name = getattr(self.code, "name", str(self.code))
+        return f"WorkflowResult({self.workflow_id}, {name}, {self.state}{', duplicate' if self.duplicate else ''})"
+
+
+def _code(c: int | None) -> Code | MarkerCode | int:
+    if c is None:
+        return -1
+    for enum in (Code, MarkerCode):
+        try:
+            return enum(c)
+        except ValueError:
+            pass
+    return c
+
+
+class _MarkerIo(IoCore):
+    write_ops = frozenset({MW.OP_SUBMIT, MW.OP_DRAIN})
+    thread_name = "zwallet-marker-client-io"
+
+
+class _Base:
+    def __init__(self, addresses: Sequence[str] | str | Sequence[Sequence[str]], *,
+                 timeout_s: float = TIMEOUT_S_DEFAULT,
+                 attempt_timeout_s: float = WAIT_MS_PER_ATTEMPT / 1000 + ATTEMPT_TIMEOUT_S_DEFAULT) -> None:
+        """``addresses``: the client addresses of one Marker group (a list or comma-separated), or a list of
+        groups (each a list)."""
+        if isinstance(addresses, str):
+            groups = [[a for a in addresses.split(",") if a]]
+        elif addresses and not isinstance(addresses[0], str):
+            groups = [list(g) for g in addresses]
+        else:
+            groups = [list(addresses)]                        # type: ignore[arg-type]
+        if not groups or not all(groups):
+            raise ValueError("a Marker client needs the client addresses of at least one Marker group")
+        self.timeout_s = timeout_s
+        self._ios = [_MarkerIo(g, timeout_s, attempt_timeout_s) for g in groups]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_system(cls, path: str, **kwargs: Any) -> Any:
+        """The client of the system described by ``path`` (a system.toml, as ``zwallet up`` writes)."""
+        system = System.load(path)
+        if not system.markers:
+            raise ValueError(f"{path}: no [marker] table")
+        return cls([list(g.clients) for g in system.markers], **kwargs)
+
+    def close(self) -> None:
+        for io in self._ios:
+            io.close()
+
+    # ------------------------------------------------------------------------------------ building
+    def _io_of(self, workflow_id: int) -> IoCore:
+        if len(self._ios) == 1:
+            return self._ios[0]
+        h = hashlib.blake2b(workflow_id.to_bytes(16, "little"), digest_size=8).digest()
+        return self._ios[int.from_bytes(h, "little") % len(self._ios)]
+
+    @staticmethod
+    def _times(timestamp: int | None, deadline_ms: int | None) -> tuple[int, int]:
+        issued = int(timestamp) if timestamp else int(time.time() * 1000)
+        return issued, int(deadline_ms) if deadline_ms else issued + DEADLINE_MS_DEFAULT
+
+    def _tcc(self, dedup_id: int, legs: Iterable[tuple[int, int, str]], timestamp: int | None,
+             deadline_ms: int | None) -> TccSpec:
+        issued, deadline = self._times(timestamp, deadline_ms)
+        return tcc_spec(int(dedup_id), [(int(a), int(m), str(c)) for a, m, c in legs], issued_ms=issued,
+                        deadline_ms=deadline)
+
+    def _submit(self, specs: list[TccSpec | SagaSpec], wait_ms: int) -> Future:
+        """One SUBMIT request (all specs to the group of the first one's id): a Future of SubmitReplies."""
+        wid = int.from_bytes(specs[0].workflow_id, "little")
+        payload = MW.encode(MW.SubmitRequest(wait_ms, specs))
+        inner = self._io_of(wid).submit(Call(MW.OP_SUBMIT, Future(), payload=payload))
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            try:
+                out.set_result(MW.decode_submit_replies(f.result()))
+            except Exception as e:  # noqa: BLE001 - a reply that does not decode is the server's bug
+                out.set_exception(ClientError(f"undecodable SUBMIT reply: {e}"))
+        inner.add_done_callback(done)
+        return out
+
+    def _run_to_outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
+        """Submit one workflow and wait for its outcome (blocking), re-asking until ``timeout_s``."""
+        wid = int.from_bytes(spec.workflow_id, "little")
+        deadline = time.monotonic() + self.timeout_s
+        duplicate: bool | None = None
+        state = "UNKNOWN"
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise WorkflowPending(wid, state)
+            try:
+                r = self._submit([spec], min(WAIT_MS_PER_ATTEMPT, left_ms)).result()[0]
+            except Unavailable:
+                continue                                   # the group is electing or unreachable: again
+            if r.status == "refused":
+                if r.reason == "OVERLOADED" and time.monotonic() < deadline:
+                    time.sleep(OVERLOADED_BACKOFF_S)
+                    continue
+                raise WorkflowRefused(wid, r.reason, r.message)
+            if r.status == "error":
+                raise ClientError(f"workflow {wid}: {r.reason}: {r.message}")
+            if duplicate is None:
+                duplicate = r.status == "duplicate"
+            state = r.state
+            if r.finished:
+                return WorkflowResult(wid, r.code if r.code is not None else -1, r.state, duplicate)
+
+    # ------------------------------------------------------------------------------------ reading
+    def _get_workflows_future(self, workflow_ids: Sequence[int]) -> Future:
+        ids = [int(w) for w in workflow_ids]
+        payload = b"".join(u128_bytes(w) for w in ids)
+        inner = self._io_of(ids[0]).submit(Call(MW.OP_GET_WORKFLOW, Future(), payload=payload,
+                                                consistency=Consistency.LINEARIZABLE))
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            import msgspec
+            try:
+                out.set_result([_from_wire(w) for w in msgspec.msgpack.decode(f.result())])
+            except Exception as e:  # noqa: BLE001
+                out.set_exception(ClientError(f"undecodable GET_WORKFLOW reply: {e}"))
+        inner.add_done_callback(done)
+        return out
+
+    def _status_future(self, node: int | None, group: int) -> Future:
+        import msgspec
+        from engine.service.protocol import OP_STATUS
+        io = self._ios[group]
+        inner = io.submit(Call(OP_STATUS, Future(), node=node))
+        out: Future = Future()
+        inner.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() is not None
+                                else out.set_result(msgspec.msgpack.decode(f.result())))
+        return out
+
+
+def _from_wire(w: dict[str, Any] | None) -> dict[str, Any] | None:
+    if w is None:
+        return None
+    out = dict(w)
+    out["workflow_id"] = int.from_bytes(w["workflow_id"], "little")
+    out["jobs"] = [dict(j, dedup_id=int.from_bytes(j["dedup_id"], "little")) for j in w["jobs"]]
+    return out
+
+
+class Client(_Base):
+    """Blocking Marker client; thread-safe."""
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def transfer(self, dedup_id: int, from_account_id: int, to_account_id: int, amount: int, currency: str, *,
+                 timestamp: int | None = None, deadline_ms: int | None = None) -> WorkflowResult:
+        """Move ``amount`` from one account to another, on the same shard or two: a TCC workflow. Returns
+        once it has its outcome: ``.code`` OK, or the business code that made it fail (nothing moved)."""
+        legs = [(from_account_id, -int(amount), currency), (to_account_id, int(amount), currency)]
+        return self._run_to_outcome(self._tcc(dedup_id, legs, timestamp, deadline_ms))
+
+    def transfer_multi(self, dedup_id: int, legs: Iterable[tuple[int, int, str]], *, timestamp: int | None = None,
+                       deadline_ms: int | None = None) -> WorkflowResult:
+        """An atomic multi-leg transfer: legs ``(account_id, signed_amount, currency)``, zero-sum per
+        currency, over any accounts on any shards."""
+        return self._run_to_outcome(self._tcc(dedup_id, legs, timestamp, deadline_ms))
+
+    def saga(self, dedup_id: int, steps: Sequence[TransferStep | BatchStep], *, timestamp: int | None = None,
+             deadline_ms: int | None = None) -> WorkflowResult:
+        """Ordered steps (``marker.commands.transfer_step`` / ``batch_step``); a failing step compensates
+        the ones before it, in reverse."""
+        issued, deadline = self._times(timestamp, deadline_ms)
+        return self._run_to_outcome(saga_spec(int(dedup_id), list(steps), issued_ms=issued, deadline_ms=deadline))
+
+    def transfer_many(self, transfers: Sequence[tuple[int, int, int, int, str]], *, wait: bool = True,
+                      timestamp: int | None = None) -> list[MW.SubmitReply]:
+        """Many transfers ``(dedup_id, from, to, amount, currency)`` in one SUBMIT request (batched); with
+        ``wait`` the reply comes once they have all finished (or after the wait: check ``finished``)."""
+        specs: list[TccSpec | SagaSpec] = [self._tcc(d, [(f, -int(a), c), (t, int(a), c)], timestamp, None)
+                                           for d, f, t, a, c in transfers]
+        return self._submit(specs, int(self.timeout_s * 1000) if wait else 0).result()
+
+    def submit_async(self, specs: list[TccSpec | SagaSpec], wait_ms: int = 0) -> Future:
+        """Send one SUBMIT of ready-made specs without waiting: a Future of ``SubmitReply`` list."""
+        return self._submit(specs, wait_ms)
+
+    def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
+        """The workflow's state, outcome code and every job (shard, kind, dedup id, state, result code, seq);
+        None if the Marker does not know it (never submitted, or finished and evicted)."""
+        return self._get_workflows_future([workflow_id]).result()[0]
+
+    def get_workflows(self, workflow_ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        return self._get_workflows_future(workflow_ids).result()
+
+    def drain(self, on: bool = True, group: int = 0) -> None:
+        """Make a Marker group refuse new workflows (``on``) while it finishes what it has, or accept again."""
+        import msgspec
+        inner = self._ios[group].submit(Call(MW.OP_DRAIN, Future(), payload=msgspec.msgpack.encode(bool(on))))
+        inner.result()
+
+    def status(self, node: int | None = None, group: int = 0) -> dict[str, Any]:
+        return self._status_future(node, group).result()
+
+
+class AsyncClient(_Base):
+    """The same for asyncio: every method is a coroutine."""
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
+        return await asyncio.get_running_loop().run_in_executor(None, self._run_to_outcome, spec)
+
+    async def transfer(self, dedup_id: int, from_account_id: int, to_account_id: int, amount: int, currency: str,
+                       *, timestamp: int | None = None, deadline_ms: int | None = None) -> WorkflowResult:
+        legs = [(from_account_id, -int(amount), currency), (to_account_id, int(amount), currency)]
+        return await self._outcome(self._tcc(dedup_id, legs, timestamp, deadline_ms))
+
+    async def transfer_multi(self, dedup_id: int, legs: Iterable[tuple[int, int, str]], *,
+                             timestamp: int | None = None, deadline_ms: int | None = None) -> WorkflowResult:
+        return await self._outcome(self._tcc(dedup_id, legs, timestamp, deadline_ms))
+
+    async def saga(self, dedup_id: int, steps: Sequence[TransferStep | BatchStep], *,
+                   timestamp: int | None = None, deadline_ms: int | None = None) -> WorkflowResult:
+        issued, deadline = self._times(timestamp, deadline_ms)
+        return await self._outcome(saga_spec(int(dedup_id), list(steps), issued_ms=issued, deadline_ms=deadline))
+
+    async def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
+        return (await asyncio.wrap_future(self._get_workflows_future([workflow_id])))[0]
+
+    async def status(self, node: int | None = None, group: int = 0) -> dict[str, Any]:
+        return await asyncio.wrap_future(self._status_future(node, group))
+
+
+__all__ = ["AsyncClient", "Client", "RequestRefused", "Unavailable", "WorkflowPending", "WorkflowRefused",
+           "WorkflowResult"]

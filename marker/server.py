@@ -1,0 +1,477 @@
+"""The Marker: the workflow state machine (``marker.workflow.MarkerMachine``) on the replicated-service
+machinery (``engine/service/server.py``), with the leader's job driver (``marker.job_driver.JobDriver``)
+talking to the shards.
+
+    zwallet marker --config marker-1.toml        # python -m marker.server --config ...
+
+Every replica applies the Marker's Raft log: SUBMITs (client workflows, grouped into one entry per round),
+JOB_RESULTS (definite shard results gathered by the leader's driver) and ticks (empty entries that move
+the machine's time so deadlines pass without traffic). Only the leader drives: when this replica becomes
+leader it waits for a ReadIndex barrier (its state then holds every committed entry of earlier terms),
+builds a fresh JobDriver over the machine and sends every READY job again (the same records: the shards
+dedup them); when it loses leadership the driver is dropped and waiting submitters are told NOT_LEADER
+(they re-submit to the new leader, which answers the duplicate once the workflow finishes).
+
+Main thread, each pass (``tick``): the driver's sends go to the shards through one shard client each
+(``engine.client.Client``: its own I/O thread, leader tracking, same-bytes retries); their replies come
+back through ``call_soon``; the definite results are proposed as one JOB_RESULTS entry (at most
+``results_entries_inflight_max`` in flight). Nothing the driver learns changes a workflow until that
+entry is committed and applied: a decision is always in the log before a phase-2 job is sent.
+
+Config: the service's sections plus ``[marker]`` (``MarkerConfig``): ``system`` (the system.toml that
+lists every shard and the shard map), the machine's and the driver's limits.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import heapq
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgspec
+import numpy as np
+
+from engine import records as R
+from engine import wire as W
+from engine.client import Client as ShardClient
+from engine.service.config import ServiceConfig
+from engine.service.logs import setup_logging
+from engine.service.protocol import ErrorCode
+from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
+from engine.system import System
+from marker import wire as MW
+from marker.commands import Drain, Submit, encode_entry, u128_bytes
+from marker.events import MARKER_EVENT_DTYPE, EventKind
+from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, NOT_REMEMBERED, RETRY_BASE_MS, RETRY_MAX_MS, JobDriver,
+                               Send, job_results_command)
+from marker.workflow import FINISHED_RETAINED_MAX, WORKFLOWS_INFLIGHT_MAX, MarkerMachine, Outcome
+
+log = logging.getLogger("zwallet.marker")
+
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STUCK"})
+_FINISH_KINDS = (int(EventKind.FINISHED), int(EventKind.STUCK))
+
+
+@dataclass
+class MarkerConfig(ServiceConfig):
+    system: str = ""                                   # system.toml: the shards' addresses and the shard map
+    workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX
+    finished_retained_max: int = FINISHED_RETAINED_MAX
+    inflight_jobs_per_shard_max: int = INFLIGHT_JOBS_PER_SHARD_MAX
+    retry_base_ms: int = RETRY_BASE_MS
+    retry_max_ms: int = RETRY_MAX_MS
+    shard_timeout_ms: int = 5_000                      # one send to a shard: no answer by then = unknown outcome
+    shard_attempt_timeout_ms: int = 500                # ... re-sent (same bytes) this often meanwhile
+    results_entries_inflight_max: int = 2              # JOB_RESULTS entries proposed and not yet applied
+    tick_entry_ms: int = 500                           # with workflows in flight, an entry at least this often
+    waiters_max: int = 100_000                         # SUBMITs held for their outcome
+
+    TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "marker": ("system", "workflows_inflight_max", "finished_retained_max", "inflight_jobs_per_shard_max",
+                   "retry_base_ms", "retry_max_ms", "shard_timeout_ms", "shard_attempt_timeout_ms",
+                   "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.system:
+            raise ValueError("[marker] system: the path of the system.toml listing the shards is required")
+        for name in ("workflows_inflight_max", "finished_retained_max", "inflight_jobs_per_shard_max",
+                     "retry_base_ms", "shard_timeout_ms", "shard_attempt_timeout_ms",
+                     "results_entries_inflight_max", "tick_entry_ms", "waiters_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"[marker] {name} must be >= 1")
+        if self.retry_max_ms < self.retry_base_ms:
+            raise ValueError("[marker] retry_max_ms must be >= retry_base_ms")
+        if self.shard_attempt_timeout_ms > self.shard_timeout_ms:
+            raise ValueError("[marker] shard_attempt_timeout_ms must be <= shard_timeout_ms")
+
+
+class _Waiter:
+    """A SUBMIT held until its workflows finish (or ``deadline``)."""
+    __slots__ = ("p", "replies", "open", "deadline")
+
+    def __init__(self, p: Pending, replies: list[MW.SubmitReply], deadline: float) -> None:
+        self.p: Pending | None = p
+        self.replies = replies
+        self.open = sum(1 for r in replies if not r.finished and r.status in ("created", "duplicate"))
+        self.deadline = deadline
+
+
+class MarkerServer(ReplicatedServer):
+    EVENT_DTYPE = MARKER_EVENT_DTYPE
+    APP_REFUSAL_REASONS = ("waiters",)
+    LOGGER_NAMES = ("zwallet",)
+    config: MarkerConfig
+
+    def __init__(self, config: MarkerConfig) -> None:
+        super().__init__(config)
+        self.system = System.load(config.system)
+        self.machine = MarkerMachine(self.system.shard_map, event_sink=self._on_events,
+                                     workflows_inflight_max=config.workflows_inflight_max,
+                                     finished_retained_max=config.finished_retained_max)
+        self.ops = {
+            MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
+            MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
+            MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16),
+        }
+        self.entry_weight_max = 4096                 # specs in one entry
+        self.tick_interval_ms = 20
+        self._finished_q: collections.deque[int] = collections.deque()   # Raft thread -> main thread
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._waiter_deadlines: list[tuple[float, int, _Waiter]] = []
+        self._waiter_seq = 0
+        self._nwaiters = 0
+        self._driver: JobDriver | None = None
+        self._driver_term = -1
+        self._shards: dict[int, ShardClient] = {}
+        self._results_inflight = 0
+        self._last_entry_ts = 0
+        self._last_entry_at = 0.0
+        self.counters_marker = collections.Counter[str]()
+
+    # ------------------------------------------------------------- the Raft thread (lock held)
+    def apply_entries(self, entries: Sequence[Any]) -> list[Any]:
+        return [self.machine.apply(e.data) for e in entries]
+
+    def _on_events(self, chunks: list[np.ndarray]) -> None:
+        for evs in chunks:
+            done = evs[np.isin(evs["kind"], _FINISH_KINDS)]
+            if len(done):
+                wid = done["workflow_id"]
+                for lo, hi in wid.tolist():
+                    self._finished_q.append(int(lo) | (int(hi) << 64))
+        self.emit_events(chunks)
+        if self._finished_q:
+            self._wake_soon()
+
+    def snapshot_state(self) -> bytes:
+        return self.machine.snapshot()
+
+    def restore_state(self, data: bytes) -> None:
+        self.machine.restore(data)
+
+    def last_seq(self) -> int:
+        return self.machine.last_seq
+
+    # ------------------------------------------------------------------------------ main thread: writes
+    def accept_write(self, p: Pending, payload: Any) -> int:
+        op = p.req.op
+        if op == MW.OP_SUBMIT:
+            try:
+                req = MW.decode_submit(payload)
+            except ValueError as exc:
+                raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            if req.wait_ms and self._nwaiters >= self.config.waiters_max:
+                raise RequestError(ErrorCode.OVERLOADED, "too many SUBMITs are waiting for their outcome "
+                                   "(waiters_max); submit without waiting or retry later", reason="waiters")
+            p.payload = req
+            return len(req.specs)
+        try:
+            on = msgspec.msgpack.decode(bytes(payload), type=bool)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"DRAIN takes a msgpack bool: {exc}") from None
+        p.payload = on
+        return 1
+
+    def make_entry(self, payloads: list[Any], timestamp_ms: int) -> bytes:
+        commands: list[Any] = []
+        for pl in payloads:
+            if isinstance(pl, MW.SubmitRequest):
+                commands.extend(Submit(s) for s in pl.specs)
+            else:
+                commands.append(Drain(bool(pl)))
+        self._note_entry(timestamp_ms)
+        return encode_entry(commands, timestamp_ms)
+
+    def entry_applied(self, group: list[Pending], outcome: Any) -> None:
+        outcomes: list[Outcome] = outcome
+        if len(outcomes) == 1 and outcomes[0].status == "error":
+            for p in group:                     # cannot happen: this leader built the entry
+                self.error(p, ErrorCode.OUTCOME_UNKNOWN, f"the Marker refused its own entry: {outcomes[0].message}")
+            return
+        at = 0
+        for p in group:
+            pl = p.payload
+            if not isinstance(pl, MW.SubmitRequest):
+                o = outcomes[at]
+                at += 1
+                self.reply(p, MW.encode([_reply_of(o, None)]))
+                continue
+            mine = outcomes[at:at + len(pl.specs)]
+            at += len(pl.specs)
+            with self.lock:
+                replies = [_reply_of(o, self._brief(o.workflow_id) if o.workflow_id else None) for o in mine]
+            w = _Waiter(p, replies, time.monotonic() + pl.wait_ms / 1000)
+            if not pl.wait_ms or not w.open:
+                self.reply(p, MW.encode(replies))
+                continue
+            self._park(w)
+        self._kick()
+
+    def _brief(self, wid: int) -> tuple[str, int | None] | None:
+        wf = self.machine.get_workflow(wid)
+        return None if wf is None else (wf["state"], wf["code"])
+
+    def _park(self, w: _Waiter) -> None:
+        for r in w.replies:
+            if not r.finished and r.status in ("created", "duplicate"):
+                self._waiters.setdefault(int.from_bytes(r.workflow_id, "little"), []).append(w)
+        self._waiter_seq += 1
+        self._nwaiters += 1
+        heapq.heappush(self._waiter_deadlines, (w.deadline, self._waiter_seq, w))
+
+    def _settle_finished(self) -> None:
+        q = self._finished_q
+        while q:
+            wid = q.popleft()
+            ws = self._waiters.pop(wid, None)
+            if not ws:
+                continue
+            with self.lock:
+                brief = self._brief(wid)
+            for w in ws:
+                if w.p is None:
+                    continue
+                for k, r in enumerate(w.replies):
+                    if int.from_bytes(r.workflow_id, "little") == wid and not r.finished and brief is not None:
+                        w.replies[k] = _finished_reply(r, brief)
+                        w.open -= 1
+                if w.open <= 0:
+                    self._answer(w)
+
+    def _answer(self, w: _Waiter) -> None:
+        p, w.p = w.p, None
+        if p is not None:
+            self._nwaiters -= 1
+            self.reply(p, MW.encode(w.replies))
+
+    def _expire_waiters(self, now: float) -> None:
+        dl = self._waiter_deadlines
+        while dl and (dl[0][0] <= now or dl[0][2].p is None):
+            _, _, w = heapq.heappop(dl)
+            if w.p is not None:
+                self._answer(w)                 # the states they have now; the workflows go on
+
+    def _drop_waiters(self) -> None:
+        for _, _, w in self._waiter_deadlines:
+            if w.p is not None:
+                p, w.p = w.p, None
+                self._nwaiters -= 1
+                self.not_leader(p)              # re-submit at the new leader: a duplicate that waits again
+        self._waiter_deadlines.clear()
+        self._waiters.clear()
+
+    # ------------------------------------------------------------------------------ main thread: reads
+    def accept_read(self, p: Pending, payload: Any) -> None:
+        raw = bytes(payload)
+        p.payload = [int.from_bytes(raw[k:k + 16], "little") for k in range(0, len(raw), 16)]
+
+    def serve_read(self, p: Pending) -> None:
+        with self.lock:
+            found = [self.machine.get_workflow(wid) for wid in p.payload]
+        self.reply(p, MW.encode([_wire_workflow(w) for w in found]))
+
+    def status_fields(self) -> dict[str, Any]:
+        st = self.machine.status()
+        out: dict[str, Any] = {"last_seq": self.machine.last_seq, "sm_applied": self.machine.applied_entries,
+                               "marker": st, "digest": self.machine.digest().hex() if st["in_flight"] < 50_000 else "",
+                               "waiting_submits": self._nwaiters}
+        if self._driver is not None:
+            out["driver"] = self._driver.status()
+        return out
+
+    # --------------------------------------------------------------------------- the leader's driver
+    def on_role_change(self, is_leader: bool, term: int) -> None:
+        if is_leader:
+            self.read_barrier(functools.partial(self._start_driving, term=term))
+        else:
+            self._stop_driving()
+
+    def _start_driving(self, fut: Future, *, term: int) -> None:
+        if fut.exception() is not None or not self.is_leader or self._driver is not None:
+            return
+        with self.lock:
+            self._driver = JobDriver(self.machine, inflight_jobs_per_shard_max=self.config.inflight_jobs_per_shard_max,
+                                     retry_base_ms=self.config.retry_base_ms, retry_max_ms=self.config.retry_max_ms,
+                                     send_id_base=1)
+        self._driver_term = term
+        self._results_inflight = 0
+        log.info("marker %d leads term %d: driving %d workflows in flight", self.node_id, term,
+                 self._in_flight())
+        self._kick()
+
+    def _in_flight(self) -> int:
+        return len(self.machine._active)        # one int read (the GIL): no lock needed
+
+    def _stop_driving(self) -> None:
+        if self._driver is not None:
+            log.info("marker %d: no longer the leader; the driver stops", self.node_id)
+        self._driver = None
+        self._drop_waiters()
+
+    def _shard(self, shard_id: int) -> ShardClient:
+        c = self._shards.get(shard_id)
+        if c is None:
+            cfg = self.config
+            c = self._shards[shard_id] = ShardClient(self.system.shard_clients(shard_id),
+                                                     timeout_s=cfg.shard_timeout_ms / 1000,
+                                                     attempt_timeout_s=cfg.shard_attempt_timeout_ms / 1000)
+        return c
+
+    def tick(self, now_ms: int) -> None:
+        self._settle_finished()
+        if self._waiter_deadlines:
+            self._expire_waiters(time.monotonic())
+        if self._driver is not None and self.is_leader:
+            self._drive(now_ms)
+
+    def _kick(self) -> None:
+        if self._driver is not None:
+            self._drive(int(time.time() * 1000))
+
+    def _drive(self, now_ms: int) -> None:
+        driver = self._driver
+        assert driver is not None
+        with self.lock:
+            sends = driver.poll(now_ms)
+        for s in sends:
+            self._send(s)
+        if self._results_inflight < self.config.results_entries_inflight_max:
+            results = driver.take_results()
+            if results:
+                self._propose([job_results_command(results)])
+            elif (self._in_flight()
+                  and time.monotonic() - self._last_entry_at > self.config.tick_entry_ms / 1000):
+                self._propose([])                # a tick: the machine's time moves on (deadlines)
+
+    def _send(self, s: Send) -> None:
+        try:
+            client = self._shard(s.shard)
+            if s.records is not None:
+                fut = client.apply_batch_async(s.records)
+            else:
+                fut = client._read(W.Op.RESULT_OF, W.encode_ids(s.dedup_ids or []), issued_ms=s.issued_ms,
+                                   with_reply=True)
+        except Exception as exc:  # noqa: BLE001 - a closed or broken client: the outcome is unknown
+            self._on_reply(s, None, f"send failed: {exc}")
+            return
+        fut.add_done_callback(functools.partial(self._future_done, s))
+
+    def _future_done(self, s: Send, f: Future) -> None:
+        self.call_soon(lambda: self._on_future(s, f))      # the shard client's I/O thread -> main thread
+
+    def _on_future(self, s: Send, f: Future) -> None:
+        exc = f.exception()
+        if exc is not None:
+            self.counters_marker["shard_errors"] += 1
+            self._on_reply(s, None, f"{type(exc).__name__}: {exc}")
+            return
+        if s.records is not None:
+            self._on_reply(s, np.asarray(f.result()), None)
+            return
+        reply, payload = f.result()
+        found = np.array(W.results_view(payload), copy=True)
+        R.put_u128(found["dedup_id"], s.dedup_ids or [])
+        unknown = found["code"] == W.RESULT_UNKNOWN
+        if unknown.any():
+            # never applied for sure when issued after the shard's history is complete (the client's rule)
+            never = s.issued_ms >= reply.results_complete_since_ms + R.ISSUED_AHEAD_MAX_MS
+            found["code"][unknown] = int(R.Code.DEDUP_EXPIRED) if never else NOT_REMEMBERED
+        self._on_reply(s, found, None)
+
+    def _on_reply(self, s: Send, results: np.ndarray | None, error: str | None) -> None:
+        if self._driver is None:
+            return
+        self._driver.on_reply(s.send_id, results, error, int(time.time() * 1000))
+        self._kick()
+
+    def _note_entry(self, ts: int) -> None:
+        self._last_entry_ts = max(self._last_entry_ts, ts)
+        self._last_entry_at = time.monotonic()
+
+    def _propose(self, commands: list[Any]) -> None:
+        ts = max(self._last_entry_ts, int(time.time() * 1000))
+        self._note_entry(ts)
+        self._results_inflight += 1
+        term = self._driver_term
+
+        def done(f: Future) -> None:
+            if term == self._driver_term:
+                self._results_inflight -= 1
+            if f.exception() is not None:
+                self.counters_marker["results_entries_failed"] += 1   # the results are found again (re-sent)
+            self._kick()
+        self.propose(encode_entry(commands, ts), done)
+
+    def on_stop(self) -> None:
+        self._drop_waiters()
+        for c in self._shards.values():
+            c.close()
+        self._shards.clear()
+
+
+def _reply_of(o: Outcome, brief: tuple[str, int | None] | None) -> MW.SubmitReply:
+    wid = u128_bytes(o.workflow_id) if o.workflow_id else b""
+    r = MW.SubmitReply(wid, o.status, o.state, o.code, False, o.reason, o.message)
+    if brief is not None:
+        r = _finished_reply(r, brief) if brief[0] in TERMINAL_STATES else MW.SubmitReply(
+            wid, o.status, brief[0], brief[1], False, o.reason, o.message)
+    return r
+
+
+def _finished_reply(r: MW.SubmitReply, brief: tuple[str, int | None]) -> MW.SubmitReply:
+    return MW.SubmitReply(r.workflow_id, r.status, brief[0], brief[1], brief[0] in TERMINAL_STATES, r.reason,
+                          r.message)
+
+
+def _wire_workflow(wf: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A workflow dict with its u128 ids as 16-byte little-endian bytes (msgpack ints stop at 64 bits)."""
+    if wf is None:
+        return None
+    out = dict(wf)
+    out["workflow_id"] = u128_bytes(wf["workflow_id"])
+    out["jobs"] = [dict(j, dedup_id=u128_bytes(j["dedup_id"])) for j in wf["jobs"]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zwallet marker", description="run one replica of a Marker group")
+    p.add_argument("--config", required=True, help="TOML config file (docs/marker.md)")
+    p.add_argument("--id", type=int, help="this replica's id (overrides [node] id)")
+    p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = {"node_id": args.id}
+    if args.no_sync:
+        overrides["sync"] = False
+    if args.verbose:
+        overrides["verbose"] = True
+    try:
+        config = MarkerConfig.from_toml(args.config, **overrides)
+    except (OSError, ValueError) as exc:
+        print(f"zwallet marker: {exc}", flush=True)
+        return 2
+    setup_logging(config.node_id, config.verbose)
+    server = MarkerServer(config)
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        server.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print("READY", flush=True)
+    server.serve()
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
