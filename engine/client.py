@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -52,6 +52,7 @@ import zmq
 from engine import records as R
 from engine._ledger import OpEncoder
 from engine import wire as W
+from engine.service.stream import StreamSubscriber, fetch_range
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, CLIENT_QUEUE_MAX, INFLIGHT_REQUESTS_MAX,
                                         RATE_LIMITED_BACKOFF_S, RETRY_BACKOFF_S, RETRYABLE, TIMEOUT_S_DEFAULT, Call,
                                         ClientError, Inflight, IoCore, RequestRefused, Unavailable)
@@ -360,16 +361,8 @@ class Client(_ClientBase):
     def events(self, first_seq: int, last_seq: int, consistency: str = "linearizable") -> np.ndarray:
         """Event records of seqs first_seq..last_seq (inclusive, every part), from the replicas' event
         stores; long ranges are fetched in pieces."""
-        out = []
-        seq = first_seq
-        while seq <= last_seq:
-            evs = np.frombuffer(self._read(Op.EVENTS, b"", consistency, first_seq=seq, last_seq=last_seq).result(),
-                                dtype=R.EVENT_DTYPE)
-            if not len(evs):
-                break
-            out.append(evs)
-            seq = int(evs["seq_num"][-1]) + 1
-        return np.concatenate(out) if out else np.zeros(0, dtype=R.EVENT_DTYPE)
+        return fetch_range(lambda a, b: self._read(Op.EVENTS, b"", consistency, first_seq=a, last_seq=b),
+                           first_seq, last_seq, R.EVENT_DTYPE)
 
     def status(self, node: int | None = None, with_digest: bool = False) -> dict[str, Any]:
         """STATUS of replica ``node`` (an index into the address list), or of whichever answers."""
@@ -432,35 +425,20 @@ _make_methods(AsyncClient, lambda self, fut: AsyncClient._aw(fut))
 
 
 # -------------------------------------------------------------------------------------- subscriber
-class Subscriber:
-    """Yields the shard's events in seq order with no gap and no repeat, starting at ``from_seq``.
-
-    Subscribes to every replica's PUB socket (any one alive is enough); when what arrives skips ahead of
-    the next expected seq (a lost message, a slow start, a failover), or nothing arrives for
-    ``idle_check_s`` while the shard is ahead, the missing range is fetched from the replicas' event
-    stores through a ``Client``. ``poll()`` returns the next chunk of event records (all parts of whole
-    seqs) or None; iterating blocks."""
+class Subscriber(StreamSubscriber):
+    """Yields the shard's events in seq order with no gap and no repeat, starting at ``from_seq``
+    (``engine.service.stream.StreamSubscriber`` over a shard ``Client``'s EVENTS and STATUS): subscribes to
+    every replica's PUB socket, fetches any missing range from the replicas' event stores. ``poll()``
+    returns the next chunk of event records (all parts of whole seqs) or None; iterating blocks."""
 
     def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], from_seq: int = 1,
                  *, idle_check_s: float = 0.5, timeout_s: float = TIMEOUT_S_DEFAULT) -> None:
-        if from_seq < 1:
-            raise ValueError("from_seq starts at 1")
-        self.next_seq = from_seq
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.sub.setsockopt(zmq.SUBSCRIBE, W.EVENTS_TOPIC)
-        for a in pub_addresses:
-            self.sub.connect(a)
         self.client = Client(client_addresses, timeout_s=timeout_s)
-        self.idle_check_s = idle_check_s
-        self._last_progress = time.monotonic()
-        self.fetched_ranges = 0
+        super().__init__(pub_addresses, self.client.events, lambda: int(self.client.status().get("last_seq", 0)),
+                         R.EVENT_DTYPE, from_seq, idle_check_s=idle_check_s)
 
     def close(self) -> None:
-        self.sub.close(0)
-        self.ctx.term()
+        super().close()
         self.client.close()
 
     def __enter__(self) -> Subscriber:
@@ -468,49 +446,3 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _take(self, evs: np.ndarray) -> np.ndarray | None:
-        seqs = evs["seq_num"]
-        keep = evs[seqs >= self.next_seq]
-        if not len(keep):
-            return None
-        if int(keep["seq_num"][0]) != self.next_seq:
-            return None
-        self.next_seq = int(keep["seq_num"][-1]) + 1
-        self._last_progress = time.monotonic()
-        return keep
-
-    def _fetch(self, last_seq: int) -> np.ndarray | None:
-        evs = self.client.events(self.next_seq, last_seq)
-        self.fetched_ranges += 1
-        return self._take(evs) if len(evs) else None
-
-    def poll(self, timeout_ms: int = 1000) -> np.ndarray | None:
-        if self.sub.poll(timeout_ms):
-            topic = self.sub.recv()
-            frames = []
-            while self.sub.rcvmore:
-                frames.append(self.sub.recv())
-            if topic != W.EVENTS_TOPIC or len(frames) != 2:
-                return None
-            try:
-                head = W.decode_events_header(frames[0])
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return None
-            if head.last_seq < self.next_seq:
-                return None                        # already delivered (another replica's copy)
-            if head.first_seq > self.next_seq:
-                return self._fetch(head.first_seq - 1)   # a gap: fill it from an event store first
-            return self._take(np.frombuffer(frames[1], dtype=R.EVENT_DTYPE))
-        if time.monotonic() - self._last_progress >= self.idle_check_s:
-            self._last_progress = time.monotonic()
-            head = self.client.status().get("last_seq", 0)
-            if head >= self.next_seq:
-                return self._fetch(head)
-        return None
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
-            evs = self.poll(1000)
-            if evs is not None:
-                yield evs

@@ -27,13 +27,17 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
+
 from engine.records import Code
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
                                         Unavailable)
-from engine.service.protocol import Consistency
+from engine.service.protocol import OP_EVENTS, Consistency
+from engine.service.stream import StreamSubscriber, fetch_range
 from engine.system import System
 from marker import wire as MW
 from marker.commands import (BatchStep, SagaSpec, TccSpec, TransferStep, saga_spec, tcc_spec, u128_bytes)
+from marker.events import MARKER_EVENT_DTYPE
 from marker.workflow import MarkerCode
 
 TIMEOUT_S_DEFAULT = 30.0
@@ -284,6 +288,13 @@ class Client(_Base):
     def get_workflows(self, workflow_ids: Sequence[int]) -> list[dict[str, Any] | None]:
         return self._get_workflows_future(workflow_ids).result()
 
+    def events(self, first_seq: int, last_seq: int, group: int = 0) -> np.ndarray:
+        """The Marker group's events of seqs first_seq..last_seq (``MARKER_EVENT_DTYPE`` records), from its
+        replicas' event stores."""
+        io = self._ios[group]
+        return fetch_range(lambda a, b: io.submit(Call(OP_EVENTS, Future(), first_seq=a, last_seq=b)),
+                           first_seq, last_seq, MARKER_EVENT_DTYPE)
+
     def drain(self, on: bool = True, group: int = 0) -> None:
         """Make a Marker group refuse new workflows (``on``) while it finishes what it has, or accept again."""
         import msgspec
@@ -327,5 +338,31 @@ class AsyncClient(_Base):
         return await asyncio.wrap_future(self._status_future(node, group))
 
 
-__all__ = ["AsyncClient", "Client", "RequestRefused", "Unavailable", "WorkflowPending", "WorkflowRefused",
+class Subscriber(StreamSubscriber):
+    """A Marker group's events in seq order, no gap, no repeat (created / job done / decided / finished ...):
+    its replicas' PUB sockets, gaps fetched with EVENTS. ``Subscriber.from_system(path, from_seq=1)``."""
+
+    def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], from_seq: int = 1,
+                 *, idle_check_s: float = 0.5, timeout_s: float = 10.0) -> None:
+        self.client = Client(list(client_addresses), timeout_s=timeout_s)
+        super().__init__(pub_addresses, self.client.events, lambda: int(self.client.status().get("last_seq", 0)),
+                         MARKER_EVENT_DTYPE, from_seq, idle_check_s=idle_check_s)
+
+    @classmethod
+    def from_system(cls, path: str, from_seq: int = 1, group: int = 0, **kwargs: Any) -> Subscriber:
+        g = System.load(path).markers[group]
+        return cls(list(g.pubs), list(g.clients), from_seq, **kwargs)
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Subscriber", "AsyncClient", "Client", "RequestRefused", "Unavailable", "WorkflowPending", "WorkflowRefused",
            "WorkflowResult"]

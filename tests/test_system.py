@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from engine import Code
@@ -228,3 +229,30 @@ def test_zwallet_up_command(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_marker_events_are_gap_free_and_fetchable(local_system, bank):
+    from marker.events import MARKER_EVENT_DTYPE, EventKind
+    system, sc, accts, m = bank
+    head = m.status()["last_seq"]
+    with marker.Subscriber.from_system(local_system.system_path, from_seq=max(1, head - 5)) as sub:
+        r = m.transfer(1_000_030, accts[1][0], accts[2][0], 3, CUR)
+        assert r.code == Code.OK
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            evs = sub.poll(200)
+            if evs is not None:
+                got.append(evs)
+                mine = [e for e in np.concatenate(got) if R.get_u128(e["workflow_id"])[0] == 1_000_030]
+                if any(int(e["kind"]) == EventKind.FINISHED for e in mine):
+                    break
+        evs = np.concatenate(got)
+    assert evs.dtype == MARKER_EVENT_DTYPE
+    assert evs["seq_num"].tolist() == list(range(max(1, head - 5), int(evs["seq_num"][-1]) + 1))
+    kinds = [int(e["kind"]) for e in evs if R.get_u128(e["workflow_id"])[0] == 1_000_030]
+    assert kinds[0] == EventKind.CREATED and EventKind.DECIDED in kinds and kinds[-1] == EventKind.FINISHED
+    assert kinds.count(EventKind.JOB_DONE) == 4                       # 2 tries, 2 confirms
+    fetched = m.events(1, int(evs["seq_num"][-1]))
+    assert fetched["seq_num"].tolist() == list(range(1, int(evs["seq_num"][-1]) + 1))
+    assert fetched[-len(evs):].tobytes() == evs.tobytes()
