@@ -75,7 +75,10 @@ _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
 
 def dedup_hashes(ids: np.ndarray) -> np.ndarray:
     """64-bit hashes of dedup ids given as an (n, 2) u64 [lo, hi] array (the records' layout)."""
-    lo, hi = ids[:, 0], ids[:, 1]
+    return _mix(ids[:, 0], ids[:, 1])
+
+
+def _mix(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = lo ^ (hi * _M1)
         x ^= x >> np.uint64(31)
@@ -86,12 +89,13 @@ def dedup_hashes(ids: np.ndarray) -> np.ndarray:
 
 def _index_part(evs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """What the index needs of a chunk of events: its commands' (first events', part 0) dedup id hashes, seqs,
-    and the least and greatest of their timestamps. Gathered field by field through the part-0 positions:
-    a boolean index of the 128-byte records and then a multi-field view of them cost ~5x as much (~0.22 us
-    a transfer, 14% of a replica's apply thread at 400K transfers/s)."""
+    and the least and greatest of their timestamps. Gathered column by column through the part-0 positions
+    (~35 ns a transfer): a boolean index of the 128-byte records and a multi-field view of them cost ~225 ns
+    (14% of a replica's apply thread at ~330K transfers/s), a 2-D take of the ids ~10 ns more."""
     at = np.flatnonzero(evs["part"] == 0)
+    ids = evs["dedup_id"]
+    hashes = _mix(ids[:, 0].take(at), ids[:, 1].take(at))
     seqs = evs["seq_num"].take(at)
-    hashes = dedup_hashes(evs["dedup_id"].take(at, axis=0))
     if not len(at):
         return hashes, seqs, 0, 0
     ts = evs["timestamp"].take(at)
