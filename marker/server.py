@@ -43,6 +43,7 @@ from engine import wire as W
 from engine.client import Client as ShardClient
 from engine.service.config import ServiceConfig
 from engine.service.logs import setup_logging
+from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
 from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
 from engine.system import System
@@ -461,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zwallet marker: {exc}", flush=True)
         return 2
     setup_logging(config.node_id, config.verbose)
+    tune_malloc()                          # before any thread starts
     server = MarkerServer(config)
 
     def on_signal(_sig: int, _frm: Any) -> None:
