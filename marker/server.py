@@ -314,6 +314,8 @@ class MarkerServer(ReplicatedServer):
     def _stop_driving(self) -> None:
         if self._driver is not None:
             log.info("marker %d: no longer the leader; the driver stops", self.node_id)
+            with self.lock:
+                self._driver.close()
         self._driver = None
         self._drop_waiters()
 
