@@ -35,6 +35,7 @@ account, bank debts included, is 0; nothing reserved or pending).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -299,7 +300,7 @@ def run_cross_batched(m: MarkerClient, pairs: Pairs, ids: Ids, args: argparse.Na
         slots.acquire()
         sent = time.perf_counter()
         fut = m.submit_async(specs, wait_ms=WAIT_MS)
-        fut.add_done_callback(lambda f, s=sent: on_done(s, f))
+        fut.add_done_callback(functools.partial(on_done, sent))
         submitted += n
     for _ in range(args.submits_inflight):
         slots.acquire(timeout=REPLY_WAIT_S)
