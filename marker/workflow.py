@@ -643,6 +643,12 @@ class MarkerMachine:
         raise ValueError(f"job {k} of workflow {wf.workflow_id} is internal ({j.kind.name})")
 
     # ---------------------------------------------------------------------------------------- queries
+    def workflow_brief(self, workflow_id: int) -> tuple[str, int | None] | None:
+        """(state name, outcome code) of a workflow, or None: what a SUBMIT's reply needs, without
+        ``get_workflow``'s dicts."""
+        wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
+        return None if wf is None else (wf.state.name, wf.code)
+
     def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
         wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
         if wf is None:
