@@ -522,27 +522,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ids = Ids()
             m = MarkerClient.from_system(ls.system_path, timeout_s=REPLY_WAIT_S)
             try:
-                _, leader_addr = marker_leader(m, system)
                 for name, fn in (
                         ("single", lambda: run_single_shard(list(system.shards[1].clients),
                                                             accounts[1], args)),
                         ("cross_batched", lambda: run_cross_batched(m, pairs, ids, args)),
-                        ("cross_unbatched", lambda: run_cross_unbatched(leader_addr, pairs, ids, args))):
+                        ("cross_unbatched", lambda: run_cross_unbatched(marker_leader(m, system)[1], pairs, ids,
+                                                                        args))):
                     if name not in args.only:
                         continue
                     print(f"-- {name} ...", flush=True)
+                    term = m.status()["term"]
                     cpu = CpuMeter(ls)
                     res[name] = fn()
                     res[name]["cpu"] = cpu.stop()
+                    res[name]["marker_elections"] = m.status()["term"] - term
                     print(f"   {summary(name, res[name])}", flush=True)
                     wait_drained(m)
                 if "latency" in args.only:
                     res["latency"] = []
                     for rate in args.rates:
                         print(f"-- latency at {rate:,.0f}/s ...", flush=True)
+                        term = m.status()["term"]
                         cpu = CpuMeter(ls)
-                        r = run_latency(leader_addr, pairs, ids, args, rate)
+                        r = run_latency(marker_leader(m, system)[1], pairs, ids, args, rate)
                         r["cpu"] = cpu.stop()
+                        r["marker_elections"] = m.status()["term"] - term
                         res["latency"].append(r)
                         print(f"   p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} p999 {r['p999_ms']:.2f} ms "
                               f"(answered {r['answered']}/{r['requests']}, not OK {r['not_ok']})", flush=True)
@@ -575,7 +579,7 @@ def summary(name: str, r: dict[str, Any]) -> str:
               f"SUBMIT p50/p99 {r['submit_p50_ms']:.0f}/{r['submit_p99_ms']:.0f} ms")
     if name == "cross_unbatched":
         s += f", unanswered {r['unanswered']}; p50/p99 {r['p50_ms']:.1f}/{r['p99_ms']:.1f} ms"
-    return s + f"; cpu {r['cpu']}"
+    return s + f"; Marker terms moved {r['marker_elections']}; cpu {r['cpu']}"
 
 
 def checks(res: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -604,8 +608,8 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
              (f"Setup: LocalSystem, 2 shards x 3 replicas + a Marker group of 3, fsync on every Raft log commit, "
               f"loopback; {args.accounts:,} funded accounts per shard; two-leg TCC transfers from an account of "
               f"one shard to one of the other (direction alternating)."), ""]
-    lines += ["| workload | transfers/s (mean) | median 1-s window | vs single-shard batched | CPU (cores) |",
-              "|---|---:|---:|---:|---|"]
+    lines += [("| workload | transfers/s (mean) | median 1-s window | vs single-shard batched | Marker elections "
+              "| CPU (cores) |"), "|---|---:|---:|---:|---:|---|"]
     single = res.get("single", {}).get("mean_per_s")
     labels = {"single": "single-shard, batched (8190 per APPLY, straight to shard 1)",
               "cross_batched": (f"cross-shard via the Marker, batched ({args.specs_per_submit} per SUBMIT, "
@@ -617,7 +621,8 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
         r = res[name]
         ratio = f"1 / {single / r['mean_per_s']:.1f}" if single and r["mean_per_s"] and name != "single" else "1"
         cpu = ", ".join(f"{k} {v}" for k, v in r["cpu"].items() if k != "machine")
-        lines.append(f"| {label} | {r['mean_per_s']:,.0f} | {r['median_window_per_s']:,.0f} | {ratio} | {cpu} |")
+        lines.append(f"| {label} | {r['mean_per_s']:,.0f} | {r['median_window_per_s']:,.0f} | {ratio} | "
+                     f"{r['marker_elections']} | {cpu} |")
     if "cross_unbatched" in res:
         r = res["cross_unbatched"]
         lines += ["", (f"One per SUBMIT, closed loop: request latency p50 {r['p50_ms']:.1f} ms, "
@@ -630,14 +635,14 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
     if res.get("latency"):
         lines += ["", "Open-loop latency, one transfer per SUBMIT, from the due time to the reply with the outcome:",
                   "", ("| offered/s | sent/s | answered | not OK | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-                  "| CPU (cores) |"),
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| elections | CPU (cores) |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in res["latency"]:
             cpu = ", ".join(f"{k} {v}" for k, v in r["cpu"].items() if k != "machine")
             lines.append(f"| {r['rate_per_s']:,.0f} | {r['achieved_send_per_s']:,.0f} | "
                          f"{r['answered']}/{r['requests']} | {r['not_ok']} | {r['p50_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{r['p999_ms']:.2f} | {r['max_ms']:.1f} | {cpu} |")
+                         f"{r['p999_ms']:.2f} | {r['max_ms']:.1f} | {r['marker_elections']} | {cpu} |")
     lines += ["", "Bars:"]
     if "cross_batched" in res:
         v = res["cross_batched"]["mean_per_s"]
@@ -671,7 +676,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--single-connections", type=int, default=2)
     p.add_argument("--single-inflight", type=int, default=4, help="(a) batches in flight per connection")
     p.add_argument("--cross-s", type=float, help="(b) cross-shard batched: timed seconds (the bar: 60)")
-    p.add_argument("--specs-per-submit", type=int, default=2048)
+    p.add_argument("--specs-per-submit", type=int, default=512)
     p.add_argument("--submits-inflight", type=int, default=4)
     p.add_argument("--unbatched-s", type=float, help="(c) one per SUBMIT: timed seconds")
     p.add_argument("--callers", type=int, default=256, help="(c) concurrent closed-loop callers")
