@@ -97,12 +97,16 @@ class MarkerConfig(ServiceConfig):
 
 class _Waiter:
     """A SUBMIT held until its workflows finish (or ``deadline``)."""
-    __slots__ = ("p", "replies", "open", "deadline")
+    __slots__ = ("p", "replies", "open", "deadline", "at")
 
     def __init__(self, p: Pending, replies: list[MW.SubmitReply], deadline: float) -> None:
         self.p: Pending | None = p
         self.replies = replies
-        self.open = sum(1 for r in replies if not r.finished and r.status in ("created", "duplicate"))
+        self.at: dict[int, list[int]] = {}       # workflow id -> the indexes of its open replies
+        for k, r in enumerate(replies):
+            if not r.finished and r.status in ("created", "duplicate"):
+                self.at.setdefault(int.from_bytes(r.workflow_id, "little"), []).append(k)
+        self.open = sum(len(v) for v in self.at.values())
         self.deadline = deadline
 
 
@@ -218,13 +222,11 @@ class MarkerServer(ReplicatedServer):
         self._kick()
 
     def _brief(self, wid: int) -> tuple[str, int | None] | None:
-        wf = self.machine.get_workflow(wid)
-        return None if wf is None else (wf["state"], wf["code"])
+        return self.machine.workflow_brief(wid)
 
     def _park(self, w: _Waiter) -> None:
-        for r in w.replies:
-            if not r.finished and r.status in ("created", "duplicate"):
-                self._waiters.setdefault(int.from_bytes(r.workflow_id, "little"), []).append(w)
+        for wid in w.at:
+            self._waiters.setdefault(wid, []).append(w)
         self._waiter_seq += 1
         self._nwaiters += 1
         heapq.heappush(self._waiter_deadlines, (w.deadline, self._waiter_seq, w))
@@ -238,13 +240,14 @@ class MarkerServer(ReplicatedServer):
                 continue
             with self.lock:
                 brief = self._brief(wid)
+            if brief is None:
+                continue
             for w in ws:
                 if w.p is None:
                     continue
-                for k, r in enumerate(w.replies):
-                    if int.from_bytes(r.workflow_id, "little") == wid and not r.finished and brief is not None:
-                        w.replies[k] = _finished_reply(r, brief)
-                        w.open -= 1
+                for k in w.at.pop(wid, ()):
+                    w.replies[k] = _finished_reply(w.replies[k], brief)
+                    w.open -= 1
                 if w.open <= 0:
                     self._answer(w)
 
@@ -315,6 +318,8 @@ class MarkerServer(ReplicatedServer):
     def _stop_driving(self) -> None:
         if self._driver is not None:
             log.info("marker %d: no longer the leader; the driver stops", self.node_id)
+            with self.lock:
+                self._driver.close()
         self._driver = None
         self._drop_waiters()
 
