@@ -46,9 +46,10 @@ from engine.service.logs import setup_logging
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
 from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
-from engine.system import System
+from engine.system import Group, System
 from marker import wire as MW
 from marker.commands import Drain, Submit, encode_entry, u128_bytes
+from marker.groups import GroupMap
 from marker.events import MARKER_EVENT_DTYPE, EventKind
 from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, NOT_REMEMBERED, RETRY_BASE_MS, RETRY_MAX_MS, JobDriver,
                                Send, job_results_command)
@@ -63,6 +64,7 @@ _FINISH_KINDS = (int(EventKind.FINISHED), int(EventKind.STUCK))
 @dataclass
 class MarkerConfig(ServiceConfig):
     system: str = ""                                   # system.toml: the shards' addresses and the shard map
+    group_id: int = 1                                  # this Marker group's id in system.toml (marker/groups.py)
     workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX
     finished_retained_max: int = FINISHED_RETAINED_MAX
     inflight_jobs_per_shard_max: int = INFLIGHT_JOBS_PER_SHARD_MAX
@@ -75,9 +77,9 @@ class MarkerConfig(ServiceConfig):
     waiters_max: int = 100_000                         # SUBMITs held for their outcome
 
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "marker": ("system", "workflows_inflight_max", "finished_retained_max", "inflight_jobs_per_shard_max",
-                   "retry_base_ms", "retry_max_ms", "shard_timeout_ms", "shard_attempt_timeout_ms",
-                   "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
+        "marker": ("system", "group_id", "workflows_inflight_max", "finished_retained_max",
+                   "inflight_jobs_per_shard_max", "retry_base_ms", "retry_max_ms", "shard_timeout_ms",
+                   "shard_attempt_timeout_ms", "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
     }
 
     def validate(self) -> None:
@@ -112,13 +114,18 @@ class _Waiter:
 
 class MarkerServer(ReplicatedServer):
     EVENT_DTYPE = MARKER_EVENT_DTYPE
-    APP_REFUSAL_REASONS = ("waiters",)
+    APP_REFUSAL_REASONS = ("waiters", "wrong_group")
     LOGGER_NAMES = ("zwallet",)
     config: MarkerConfig
 
     def __init__(self, config: MarkerConfig) -> None:
         super().__init__(config)
         self.system = System.load(config.system)
+        self.groups = GroupMap(self.system.markers or (Group(config.group_id, ("",)),))
+        if config.group_id not in {g.id for g in self.groups.groups}:
+            raise ValueError(f"{config.system}: lists no Marker group {config.group_id} (this replica's group_id)")
+        if config.group_id in self.groups.removed:
+            raise ValueError(f"{config.system}: Marker group {config.group_id} is marked removed; it does not serve")
         self.machine = MarkerMachine(self.system.shard_map, event_sink=self._on_events,
                                      workflows_inflight_max=config.workflows_inflight_max,
                                      finished_retained_max=config.finished_retained_max)
@@ -174,6 +181,13 @@ class MarkerServer(ReplicatedServer):
                 req = MW.decode_submit(payload)
             except ValueError as exc:
                 raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            if self.groups.several:
+                me = self.config.group_id
+                for spec in req.specs:
+                    why = self.groups.refusal(int.from_bytes(spec.workflow_id, "little"), spec.issued_ms, me)
+                    if why is not None:
+                        raise RequestError(ErrorCode.WRONG_GROUP, why + "; nothing was created",
+                                           reason="wrong_group")
             if req.wait_ms and self._nwaiters >= self.config.waiters_max:
                 raise RequestError(ErrorCode.OVERLOADED, "too many SUBMITs are waiting for their outcome "
                                    "(waiters_max); submit without waiting or retry later", reason="waiters")
