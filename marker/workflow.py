@@ -48,9 +48,10 @@ compensation (NULL_COMPENSATED, the late original is refused).
 ``blake2b(workflow_id(16 LE) || tag || index u32 || attempt u32, 16 bytes)`` read little-endian, 0 -> 1;
 tag b"J" for a job's dedup id, b"X" for the txn id of a TCC's k-th shard. Derived when needed, never
 kept before (the same on every replica and after a restore): a phase-1 job's at planning, a phase-2 job's
-when it becomes READY (most phase-2 jobs are skipped and never need one), a txn id at the first record built. issued_ms of a phase-1 job is
-the creating entry's time; of a phase-2 job the deciding entry's time (a retry attempt: the entry's time
-that re-issued it). A job's op records are built from the spec and these values (``job_records``).
+when it becomes READY (most phase-2 jobs are skipped and never need one), a txn id at the first record
+built. issued_ms of a phase-1 job is the creating entry's time; of a phase-2 job the deciding entry's
+time (a retry attempt: the entry's time that re-issued it). A job's op records are built from the spec
+and these values (``job_records``).
 
 **What is persisted before what is acted on.** Every state change above happens only in ``apply``, that
 is after the entry carrying it is committed in the Marker's log: a decision is made by applying the
