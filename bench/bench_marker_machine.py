@@ -32,7 +32,8 @@ T0 = 1_800_000_000_000
 
 
 def _accounts(sm: ShardMap, shard: int, n: int) -> list[int]:
-    out, a = [], 1 << 20
+    out: list[int] = []
+    a = 1 << 20
     while len(out) < n:
         a += 1
         if sm.shard_of(a) == shard:

@@ -249,26 +249,30 @@ def _shape(kind: int, n: int) -> _Shape:
     kinds: list[JobKind] = []
     refs: list[int] = []
     deps: list[tuple[tuple[int, Cond], ...]] = []
+
+    def add(kind: JobKind, ref: int, dep: tuple[tuple[int, Cond], ...]) -> None:
+        kinds.append(kind)
+        refs.append(ref)
+        deps.append(dep)
     if kind == WORKFLOW_KIND_TCC:
         for k in range(n):
-            kinds.append(JobKind.TRY), refs.append(k), deps.append(())
-        kinds.append(JobKind.DECIDE), refs.append(0), deps.append(tuple((k, Cond.SETTLED) for k in range(n)))
+            add(JobKind.TRY, k, ())
+        add(JobKind.DECIDE, 0, tuple((k, Cond.SETTLED) for k in range(n)))
         for k in range(n):
-            kinds.append(JobKind.CONFIRM), refs.append(k), deps.append(((n, Cond.OK),))
+            add(JobKind.CONFIRM, k, ((n, Cond.OK),))
         for k in range(n):
-            kinds.append(JobKind.CANCEL), refs.append(k)
-            deps.append(((n, Cond.FAILED), (k, Cond.APPLIED_OR_UNKNOWN)))
+            add(JobKind.CANCEL, k, ((n, Cond.FAILED), (k, Cond.APPLIED_OR_UNKNOWN)))
     else:
         m = n
         for k in range(m):
-            kinds.append(JobKind.STEP), refs.append(k), deps.append(((k - 1, Cond.OK),) if k else ())
-        kinds.append(JobKind.DECIDE), refs.append(0), deps.append(tuple((k, Cond.SETTLED) for k in range(m)))
+            add(JobKind.STEP, k, ((k - 1, Cond.OK),) if k else ())
+        add(JobKind.DECIDE, 0, tuple((k, Cond.SETTLED) for k in range(m)))
         for r in range(m):                          # job m+1+r compensates step m-1-r
             step = m - 1 - r
             d = [(m, Cond.FAILED), (step, Cond.APPLIED_OR_UNKNOWN)]
             if r:
                 d.append((m + r, Cond.SETTLED))
-            kinds.append(JobKind.COMPENSATE), refs.append(step), deps.append(tuple(d))
+            add(JobKind.COMPENSATE, step, tuple(d))
     got = _Shape(tuple(kinds), tuple(refs), tuple(deps))
     if len(_shapes) < 4096:
         _shapes[(kind, n)] = got
