@@ -50,18 +50,26 @@ from engine.system import System
 from marker import wire as MW
 from marker.commands import Drain, Submit, encode_entry, u128_bytes
 from marker.events import MARKER_EVENT_DTYPE, EventKind
-from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, NOT_REMEMBERED, RETRY_BASE_MS, RETRY_MAX_MS, JobDriver,
-                               Send, job_results_command)
+from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, JOB_RESULTS_ENTRY_MAX, NOT_REMEMBERED, RETRY_BASE_MS,
+                               RETRY_MAX_MS, JobDriver, Send, job_results_command)
 from marker.workflow import FINISHED_RETAINED_MAX, WORKFLOWS_INFLIGHT_MAX, MarkerMachine, Outcome
 
 log = logging.getLogger("zwallet.marker")
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STUCK"})
+# Specs in one SUBMIT entry (the group-commit weight). Every replica's Raft thread applies an entry in one go
+# and sends no heartbeat meanwhile: ~80 us a spec on one replica (bench/bench_marker_machine.py), ~2x that
+# in wall time while the leader's main thread shares the GIL, so 256 specs are ~20-40 ms. (One SUBMIT
+# request is never split: a request of more specs than this is an entry of its own, up to
+# marker.wire.SUBMIT_SPECS_MAX.) Throughput comes from pipelining instead: ``inflight_entries_max``.
+SUBMIT_ENTRY_SPECS_MAX = 256
+SUBMIT_ENTRIES_INFLIGHT = 4                            # the Marker's default for the service's inflight_entries_max
 _FINISH_KINDS = (int(EventKind.FINISHED), int(EventKind.STUCK))
 
 
 @dataclass
 class MarkerConfig(ServiceConfig):
+    inflight_entries_max: int = SUBMIT_ENTRIES_INFLIGHT  # SUBMIT entries proposed and not yet applied
     system: str = ""                                   # system.toml: the shards' addresses and the shard map
     workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX
     finished_retained_max: int = FINISHED_RETAINED_MAX
@@ -70,7 +78,7 @@ class MarkerConfig(ServiceConfig):
     retry_max_ms: int = RETRY_MAX_MS
     shard_timeout_ms: int = 5_000                      # one send to a shard: no answer by then = unknown outcome
     shard_attempt_timeout_ms: int = 500                # ... re-sent (same bytes) this often meanwhile
-    results_entries_inflight_max: int = 2              # JOB_RESULTS entries proposed and not yet applied
+    results_entries_inflight_max: int = 4              # JOB_RESULTS entries proposed and not yet applied
     tick_entry_ms: int = 500                           # with workflows in flight, an entry at least this often
     waiters_max: int = 100_000                         # SUBMITs held for their outcome
 
@@ -127,7 +135,7 @@ class MarkerServer(ReplicatedServer):
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
             MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16),
         }
-        self.entry_weight_max = 4096                 # specs in one entry
+        self.entry_weight_max = SUBMIT_ENTRY_SPECS_MAX  # specs in one entry
         self.tick_interval_ms = 20
         self._finished_q: collections.deque[int] = collections.deque()   # Raft thread -> main thread
         self._waiters: dict[int, list[_Waiter]] = {}
@@ -350,13 +358,16 @@ class MarkerServer(ReplicatedServer):
             sends = driver.poll(now_ms)
         for s in sends:
             self._send(s)
-        if self._results_inflight < self.config.results_entries_inflight_max:
-            results = driver.take_results()
-            if results:
-                self._propose([job_results_command(results)])
-            elif (self._in_flight()
-                  and time.monotonic() - self._last_entry_at > self.config.tick_entry_ms / 1000):
-                self._propose([])                # a tick: the machine's time moves on (deadlines)
+        proposed = False
+        while self._results_inflight < self.config.results_entries_inflight_max:
+            results = driver.take_results(JOB_RESULTS_ENTRY_MAX)     # small entries, pipelined
+            if not results:
+                break
+            self._propose([job_results_command(results)])
+            proposed = True
+        if (not proposed and self._results_inflight < self.config.results_entries_inflight_max
+                and self._in_flight() and time.monotonic() - self._last_entry_at > self.config.tick_entry_ms / 1000):
+            self._propose([])                    # a tick: the machine's time moves on (deadlines)
 
     def _send(self, s: Send) -> None:
         try:

@@ -468,3 +468,23 @@ def test_phase_two_dedup_ids_are_derived_only_when_needed_and_the_same_after_a_r
     assert [j["dedup_id"] for j in got["jobs"]] == [j["dedup_id"] for j in before["jobs"]]
     skipped = [e for e in np.concatenate(r.events) if e["kind"] == EventKind.JOB_SKIPPED]
     assert len(skipped) == 2 and all(get_u128(e["dedup_id"].reshape(1, 2)) == [0] for e in skipped)
+
+
+def test_driver_bounds_jobs_per_poll_and_results_per_take():
+    r = Rig()
+    for w in range(100, 110):
+        r.submit(_tcc(w, r.now))
+    drv = JobDriver(r.m)
+    first = drv.poll(r.now, jobs_max=7)                     # 20 tries READY: 7 now, the rest later
+    assert sum(len(s.jobs) for s in first) == 7
+    rest = drv.poll(r.now, jobs_max=100)
+    assert sum(len(s.jobs) for s in rest) == 13
+    led = _ledgers()
+    for s in first + rest:
+        assert s.records is not None
+        drv.on_reply(s.send_id, led[s.shard].apply_batch(s.records, timestamp=r.now), None, r.now)
+    a, b, c = drv.take_results(8), drv.take_results(8), drv.take_results(8)
+    assert (len(a), len(b), len(c)) == (8, 8, 4) and drv.take_results() == []
+    assert len({(w, k) for w, k, *_ in a + b + c}) == 20
+    with pytest.raises(ValueError):
+        drv.take_results(0)
