@@ -37,7 +37,7 @@ from marker.workflow import MarkerMachine
 
 SEND_RECORDS_MAX = BATCH_SIZE_MAX                 # op records (or RESULT_OF ids) in one send
 # Results in one JOB_RESULTS entry. Every replica's Raft thread applies an entry in one go (heartbeats wait
-# meanwhile), so an entry is sized from the measured apply cost (bench/bench_marker_machine.py: ~10-15 us a
+# meanwhile), so an entry is sized from the measured apply cost (bench/bench_marker_machine.py: ~12-16 us a
 # result on one replica, ~2x that in wall time when the leader's main thread shares the GIL): ~10-25 ms,
 # well inside the 300 ms election timeout even with a few such entries applied in one Raft round.
 JOB_RESULTS_ENTRY_MAX = 1024

@@ -58,8 +58,8 @@ log = logging.getLogger("zwallet.marker")
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STUCK"})
 # Specs in one SUBMIT entry (the group-commit weight). Every replica's Raft thread applies an entry in one go
-# and sends no heartbeat meanwhile: ~80 us a spec on one replica (bench/bench_marker_machine.py), ~2x that
-# in wall time while the leader's main thread shares the GIL, so 256 specs are ~20-40 ms. (One SUBMIT
+# and sends no heartbeat meanwhile: ~80-115 us a spec on one replica (bench/bench_marker_machine.py), ~2x
+# that in wall time while the leader's main thread shares the GIL, so 256 specs are ~20-60 ms. (One SUBMIT
 # request is never split: a request of more specs than this is an entry of its own, up to
 # marker.wire.SUBMIT_SPECS_MAX.) Throughput comes from pipelining instead: ``inflight_entries_max``.
 SUBMIT_ENTRY_SPECS_MAX = 256
