@@ -91,12 +91,14 @@ class MarkerConfig(ServiceConfig):
     tick_entry_ms: int = 500                           # with workflows in flight, an entry at least this often
     waiters_max: int = 100_000                         # SUBMITs held for their outcome
     apply_entries_per_round_max: int = APPLY_ENTRIES_PER_ROUND_MAX   # committed entries per Raft apply call
+    try_expiry_ms: int = 0                             # TCC tries expire this long after creation (0: never;
+                                                       # a safety net for a lost Marker: docs/marker.md)
 
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "marker": ("system", "group_id", "workflows_inflight_max", "finished_retained_max",
                    "inflight_jobs_per_shard_max", "retry_base_ms", "retry_max_ms", "shard_timeout_ms",
                    "shard_attempt_timeout_ms", "results_entries_inflight_max", "tick_entry_ms", "waiters_max",
-                   "apply_entries_per_round_max"),
+                   "apply_entries_per_round_max", "try_expiry_ms"),
     }
 
     def driver_config(self) -> DriverConfig:
@@ -150,7 +152,8 @@ class MarkerServer(ReplicatedServer):
             raise ValueError(f"{config.system}: Marker group {config.group_id} is marked removed; it does not serve")
         self.machine = MarkerMachine(self.system.shard_map, event_sink=self._on_events,
                                      workflows_inflight_max=config.workflows_inflight_max,
-                                     finished_retained_max=config.finished_retained_max)
+                                     finished_retained_max=config.finished_retained_max,
+                                     try_expiry_ms=config.try_expiry_ms)
         self.ops = {
             MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),

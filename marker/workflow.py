@@ -89,6 +89,7 @@ from marker.commands import (
 )
 from marker.events import MARKER_EVENT_DTYPE, NO_JOB, NO_SHARD, EventKind
 
+TRY_EXPIRY_MIN_MS = 4 * 3_600_000        # try_expiry_ms, when on: 4 x DEADLINE_AHEAD_MAX_MS at least
 WORKFLOWS_INFLIGHT_MAX = 10_000          # workflows not yet finished (stuck ones included): more is OVERLOADED
 FINISHED_RETAINED_MAX = 100_000          # finished workflows kept for duplicate submits and queries
 PHASE2_ATTEMPTS_MAX = 16                 # attempts (new dedup ids) of a phase-2 job refused with a retryable code
@@ -219,12 +220,14 @@ def one_op_record(kind: int, dedup_id: int, other_id: int, issued_ms: int) -> by
             + bytes((kind, 0, 1, 0)) + _Z4 + issued_ms.to_bytes(8, "little") + _Z8)
 
 
-def tcc_try_records(dedup_id: int, txn_id: int, legs: list[tuple[bytes, bytes, str]], issued_ms: int) -> bytes:
-    """A TCC_TRY group: the header (other_id = txn id, group_size = 1 + legs) and one GROUP_SPEC per leg."""
+def tcc_try_records(dedup_id: int, txn_id: int, legs: list[tuple[bytes, bytes, str]], issued_ms: int,
+                    expires_ms: int = 0) -> bytes:
+    """A TCC_TRY group: the header (other_id = txn id, group_size = 1 + legs, ``expires_ms``: 0 = never) and one
+    GROUP_SPEC per leg."""
     d = dedup_id.to_bytes(16, "little")
     n = 1 + len(legs)
     parts = [d, _Z16, txn_id.to_bytes(16, "little"), _Z56, bytes((_KIND_TCC_TRY, 0)), n.to_bytes(2, "little"), _Z4,
-             issued_ms.to_bytes(8, "little"), _Z8]
+             issued_ms.to_bytes(8, "little"), expires_ms.to_bytes(8, "little")]
     member_tail = bytes((_KIND_GROUP_SPEC, 0, 0, 0)) + _Z4 + _Z16
     for account, amount, currency in legs:
         parts += (d, account, _Z16, amount, _Z32, _currency8(currency), member_tail)
@@ -348,9 +351,19 @@ class MarkerMachine:
 
     def __init__(self, shard_map: ShardMap, *, event_sink: EventSink | None = None,
                  workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX,
-                 finished_retained_max: int = FINISHED_RETAINED_MAX, null_cancel: bool | None = None) -> None:
+                 finished_retained_max: int = FINISHED_RETAINED_MAX, null_cancel: bool | None = None,
+                 try_expiry_ms: int = 0) -> None:
+        """``try_expiry_ms`` (configuration, the same on every replica; 0: off): TCC tries carry
+        ``expires_ms`` = the workflow's creation time + it, after which a shard cancels a try it still holds
+        by itself (docs/ledger.md, expiry). A safety net for a Marker group lost for good; it must be far
+        longer than any outage to ride out, since a try that expires before its decided confirm arrives makes
+        the workflow STUCK (its other shards confirmed)."""
         if not 1 <= workflows_inflight_max <= 1 << 24 or not 1 <= finished_retained_max <= 1 << 26:
             raise ValueError("workflows_inflight_max in 1..2**24, finished_retained_max in 1..2**26")
+        if try_expiry_ms and not TRY_EXPIRY_MIN_MS <= try_expiry_ms <= 1 << 40:
+            raise ValueError(f"try_expiry_ms is 0 (off) or at least TRY_EXPIRY_MIN_MS={TRY_EXPIRY_MIN_MS}: "
+                             "longer than any workflow's phase 1 (DEADLINE_AHEAD_MAX_MS) with room for phase 2")
+        self.try_expiry_ms = int(try_expiry_ms)
         self.shard_map = shard_map
         self.event_sink = event_sink
         self.workflows_inflight_max = workflows_inflight_max
@@ -764,7 +777,8 @@ class MarkerMachine:
             assert isinstance(spec, TccSpec)
             legs = spec.legs
             return tcc_try_records(self._dedup_id(wf, k, j), self._txn_id(wf, j.ref),
-                                   [legs[i] for i in wf.groups[j.ref][1]], ts)
+                                   [legs[i] for i in wf.groups[j.ref][1]], ts,
+                                   wf.created_ms + self.try_expiry_ms if self.try_expiry_ms else 0)
         if kind == _CONFIRM or kind == _CANCEL:
             return one_op_record(_KIND_TCC_CONFIRM if kind == _CONFIRM else _KIND_TCC_CANCEL,
                                  self._dedup_id(wf, k, j), self._txn_id(wf, j.ref), ts)

@@ -488,3 +488,29 @@ def test_driver_bounds_jobs_per_poll_and_results_per_take():
     assert len({(w, k) for w, k, *_ in a + b + c}) == 20
     with pytest.raises(ValueError):
         drv.take_results(0)
+
+
+def test_try_expiry_is_configuration_carried_by_every_try():
+    """``try_expiry_ms``: every TCC try carries expires_ms = the workflow's creation time + it (the ledger
+    cancels a try it still holds by then: a safety net for a lost Marker); off by default; refused if too
+    short to outlive phase 1."""
+    import numpy as np
+    from engine.records import OP_DTYPE
+    from engine.shard_map import ShardMap
+    from marker.commands import Submit, encode_entry, transfer
+    from marker.workflow import TRY_EXPIRY_MIN_MS, JobKind, MarkerMachine
+    smap = ShardMap.uniform([1, 2])
+    a = next(x for x in range(1, 100) if smap.shard_of(x) == 1)
+    b = next(x for x in range(1, 100) if smap.shard_of(x) == 2)
+    t0 = 1_700_000_000_000
+    for expiry, want in ((0, 0), (TRY_EXPIRY_MIN_MS, t0 + TRY_EXPIRY_MIN_MS)):
+        m = MarkerMachine(smap, try_expiry_ms=expiry)
+        m.apply(encode_entry([Submit(transfer(7, a, b, 5, "USD", issued_ms=t0, deadline_ms=t0 + 60_000))], t0))
+        tries = [k for k, j in enumerate(m.get_workflow(7)["jobs"]) if j["kind"] == JobKind.TRY.name]
+        assert len(tries) == 2
+        for k in tries:
+            recs = np.frombuffer(bytes(m.job_records(7, k)), dtype=OP_DTYPE) if not isinstance(
+                m.job_records(7, k), np.ndarray) else m.job_records(7, k)
+            assert int(recs["expires_ms"][0]) == want and not recs["expires_ms"][1:].any()
+    with pytest.raises(ValueError, match="try_expiry_ms"):
+        MarkerMachine(smap, try_expiry_ms=60_000)
