@@ -1,0 +1,117 @@
+"""The gateway service's protocol, on the service header (``engine/service/protocol.py``).
+
+Every request is ``[Request header] [payload]``; replies ``[Reply header] [payload]``.
+
+| op | name | payload | reply payload |
+|---|---|---|---|
+| 1 | CALL | msgpack ``[method, [args...], {kwargs}]``, <= CALL_BYTES_MAX | ``["ok", value]``, ``["err", kind, msg]`` |
+| 5 | STATUS | empty | msgpack dict |
+
+``method`` is one of ``gateway.ops.OPERATIONS`` (the embedded Ledger's method names, the business API's);
+``args`` / ``kwargs`` are the Python call's, with these msgpack extension types for what msgpack has not:
+
+| ext | what | data |
+|---|---|---|
+| 1 | an int outside the signed 64-bit range (u128 ids, i128 amounts) | 16 bytes, little-endian two's complement |
+| 2 | the Ledger's ``UNCHANGED`` (update_account_config) | empty |
+| 3 | event records (``engine.records.EVENT_DTYPE``) | the records' bytes |
+| 4 | op records (``engine.records.OP_DTYPE``: apply_batch) | the records' bytes |
+| 5 | a ``gateway.Result`` | msgpack map of its fields (``Result.to_dict``) |
+
+A business outcome is an ``ok`` value (a Result with a code); ``err`` is an exception the call raised: ``kind``
+ValueError / TypeError / TemplateError (the caller's: nothing applied), WorkflowPending (the workflow goes on),
+WorkflowRefused, Unavailable (outcome unknown: retry with the same ids), ClientError. A request refused before
+it ran is a service ERROR reply (BAD_REQUEST, FRAME_TOO_LARGE, OVERLOADED, UNKNOWN_OP).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from engine import records as R
+from engine._ledger import UNCHANGED
+from gateway.result import Result
+
+OP_CALL = 1
+OP_STATUS = 5
+CALL_BYTES_MAX = 4 << 20              # a CALL payload, checked before decoding
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1     # what a msgpack int holds
+
+EXT_BIGINT, EXT_UNCHANGED, EXT_EVENTS, EXT_OPS, EXT_RESULT = 1, 2, 3, 4, 5
+
+
+def _walk(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, (str, bytes, float)):
+        return v
+    if isinstance(v, int):
+        if _INT_MIN <= v <= _INT_MAX:
+            return int(v)
+        return msgspec.msgpack.Ext(EXT_BIGINT, int(v).to_bytes(16, "little", signed=True))
+    if isinstance(v, np.integer):
+        return _walk(int(v))
+    if isinstance(v, dict):
+        return {_walk(k): _walk(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_walk(x) for x in v]
+    if isinstance(v, Result):
+        return msgspec.msgpack.Ext(EXT_RESULT, _encoder.encode(_walk(v.to_dict())))
+    if isinstance(v, np.ndarray):
+        if v.dtype == R.EVENT_DTYPE:
+            return msgspec.msgpack.Ext(EXT_EVENTS, np.ascontiguousarray(v).tobytes())
+        if v.dtype == R.OP_DTYPE:
+            return msgspec.msgpack.Ext(EXT_OPS, np.ascontiguousarray(v).tobytes())
+        raise TypeError(f"cannot send a numpy array of dtype {v.dtype}")
+    if v is UNCHANGED:
+        return msgspec.msgpack.Ext(EXT_UNCHANGED, b"")
+    import uuid
+    if isinstance(v, uuid.UUID):
+        return _walk(v.int)
+    raise TypeError(f"cannot send {type(v).__name__} to the gateway")
+
+
+def _ext(code: int, data: memoryview) -> Any:
+    if code == EXT_BIGINT:
+        if len(data) != 16:
+            raise ValueError("a big int is 16 bytes")
+        return int.from_bytes(data, "little", signed=True)
+    if code == EXT_UNCHANGED:
+        return UNCHANGED
+    if code == EXT_EVENTS:
+        return np.frombuffer(bytes(data), dtype=R.EVENT_DTYPE)
+    if code == EXT_OPS:
+        if len(data) % R.OP_DTYPE.itemsize:
+            raise ValueError("op records are whole 128-byte records")
+        return np.frombuffer(bytes(data), dtype=R.OP_DTYPE)
+    if code == EXT_RESULT:
+        return Result.from_dict(_decoder.decode(data))
+    raise ValueError(f"unknown msgpack extension {code}")
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ext_hook=_ext)
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(_walk(value))
+
+
+def decode(data: bytes | memoryview) -> Any:
+    return _decoder.decode(data)
+
+
+def encode_call(method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> bytes:
+    return encode([method, list(args), kwargs])
+
+
+def decode_call(data: bytes | memoryview) -> tuple[str, list[Any], dict[str, Any]]:
+    """A CALL payload (its size already checked): ValueError for anything that is not one."""
+    try:
+        v = decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ValueError(f"bad CALL payload: {exc}") from None
+    if (not isinstance(v, list) or len(v) != 3 or not isinstance(v[0], str) or not isinstance(v[1], list)
+            or not isinstance(v[2], dict) or not all(isinstance(k, str) for k in v[2])):
+        raise ValueError("a CALL payload is [method, [args...], {kwargs}]")
+    return v[0], v[1], v[2]
