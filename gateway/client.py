@@ -96,7 +96,7 @@ class _ServiceTransport:
                 out.set_exception(ClientError(f"undecodable gateway reply: {e}"))
                 return
             if isinstance(v, list) and len(v) == 2 and v[0] == "ok":
-                out.set_result(v[1])
+                out.set_result(GW.account_states(v[1]))
             elif isinstance(v, list) and len(v) == 3 and v[0] == "err":
                 out.set_exception(_exception(str(v[1]), str(v[2])))
             else:

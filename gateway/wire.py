@@ -12,7 +12,9 @@ Every request is ``[Request header] [payload]``; replies ``[Reply header] [paylo
 
 | ext | what | data |
 |---|---|---|
-| 1 | an int outside the signed 64-bit range (u128 ids, i128 amounts) | 16 bytes, little-endian two's complement |
+| 1 | an int above the u64 range (u128 ids, i128 amounts) | 16 bytes, little-endian unsigned |
+| 7 | a map whose keys are not all strings or 64-bit ints (u128 txn / reservation ids) | msgpack list of [key, value] |
+| 6 | an int below the i64 range (i128 amounts) | 16 bytes, little-endian two's complement |
 | 2 | the Ledger's ``UNCHANGED`` (update_account_config) | empty |
 | 3 | event records (``engine.records.EVENT_DTYPE``) | the records' bytes |
 | 4 | op records (``engine.records.OP_DTYPE``: apply_batch) | the records' bytes |
@@ -39,7 +41,7 @@ OP_STATUS = 5
 CALL_BYTES_MAX = 4 << 20              # a CALL payload, checked before decoding
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1     # what a msgpack int holds
 
-EXT_BIGINT, EXT_UNCHANGED, EXT_EVENTS, EXT_OPS, EXT_RESULT = 1, 2, 3, 4, 5
+EXT_BIGINT, EXT_UNCHANGED, EXT_EVENTS, EXT_OPS, EXT_RESULT, EXT_NEGINT, EXT_MAP = 1, 2, 3, 4, 5, 6, 7
 
 
 def _walk(v: Any) -> Any:
@@ -48,11 +50,15 @@ def _walk(v: Any) -> Any:
     if isinstance(v, int):
         if _INT_MIN <= v <= _INT_MAX:
             return int(v)
-        return msgspec.msgpack.Ext(EXT_BIGINT, int(v).to_bytes(16, "little", signed=True))
+        if v > 0:
+            return msgspec.msgpack.Ext(EXT_BIGINT, int(v).to_bytes(16, "little"))
+        return msgspec.msgpack.Ext(EXT_NEGINT, int(v).to_bytes(16, "little", signed=True))
     if isinstance(v, np.integer):
         return _walk(int(v))
     if isinstance(v, dict):
-        return {_walk(k): _walk(x) for k, x in v.items()}
+        if all(isinstance(k, str) or (isinstance(k, int) and _INT_MIN <= k <= _INT_MAX) for k in v):
+            return {k: _walk(x) for k, x in v.items()}
+        return msgspec.msgpack.Ext(EXT_MAP, _encoder.encode([[_walk(k), _walk(x)] for k, x in v.items()]))
     if isinstance(v, (list, tuple)):
         return [_walk(x) for x in v]
     if isinstance(v, Result):
@@ -72,10 +78,15 @@ def _walk(v: Any) -> Any:
 
 
 def _ext(code: int, data: memoryview) -> Any:
-    if code == EXT_BIGINT:
+    if code in (EXT_BIGINT, EXT_NEGINT):
         if len(data) != 16:
             raise ValueError("a big int is 16 bytes")
-        return int.from_bytes(data, "little", signed=True)
+        return int.from_bytes(data, "little", signed=code == EXT_NEGINT)
+    if code == EXT_MAP:
+        pairs = _decoder.decode(data)
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise ValueError("a map is a list of [key, value] pairs")
+        return dict(pairs)
     if code == EXT_UNCHANGED:
         return UNCHANGED
     if code == EXT_EVENTS:
@@ -99,6 +110,20 @@ def encode(value: Any) -> bytes:
 
 def decode(data: bytes | memoryview) -> Any:
     return _decoder.decode(data)
+
+
+def account_states(v: Any) -> Any:
+    """Account dicts (get_account(s), Result.accounts) come back with ``state`` as ``engine.State``, as the
+    embedded Ledger gives it."""
+    if isinstance(v, dict) and "state" in v and "account_id" in v and isinstance(v["state"], int):
+        v["state"] = R.State(v["state"])
+    elif isinstance(v, list):
+        for x in v:
+            account_states(x)
+    elif isinstance(v, Result):
+        for acc in v.accounts.values():
+            account_states(acc)
+    return v
 
 
 def encode_call(method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> bytes:
