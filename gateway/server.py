@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import logging
 import signal
 import sys
@@ -178,9 +179,9 @@ class GatewayServer:
         self._bytes_by_client[ident] += nbytes
         fut = self.gateway.call(name, args, kwargs)
         item = (ident, req.req_id, nbytes, fut)
-        fut.add_done_callback(lambda _f, item=item: self._completed(item))
+        fut.add_done_callback(functools.partial(self._completed, item))
 
-    def _completed(self, item: tuple[bytes, int, int, Future]) -> None:
+    def _completed(self, item: tuple[bytes, int, int, Future], _fut: Future) -> None:
         self._done.append(item)          # any thread; the main thread replies
         self._waker.wake()
 
