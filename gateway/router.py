@@ -362,11 +362,11 @@ class Router:
     def shard_of(self, account_id: Any) -> int:
         return self.shard_map.shard_of(_id(account_id))
 
-    def refresh(self, epoch_used: int) -> Future:
-        """Reload the system file unless the map already moved past ``epoch_used``; coalesced: every caller
-        meanwhile gets the same Future (done when the reload is)."""
+    def refresh(self, map_used: ShardMap) -> Future:
+        """Reload the system file unless it was reloaded since ``map_used`` was the router's map; coalesced:
+        every caller meanwhile gets the same Future (done when the reload is)."""
         with self._lock:
-            if self.shard_map.epoch != epoch_used:
+            if self.shard_map is not map_used:
                 return _done(None)
             if self._reload is not None:
                 return self._reload
@@ -420,7 +420,7 @@ class Router:
                             out.set_exception(exc)
                         else:
                             attempt(n + 1)
-                    self.refresh(smap.epoch).add_done_callback(reloaded)
+                    self.refresh(smap).add_done_callback(reloaded)
                     return
                 if exc is not None:
                     out.set_exception(exc)
