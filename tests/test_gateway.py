@@ -446,3 +446,62 @@ def test_a_shard_down_does_not_stop_the_other(ls):
             for i in shard2.ids:
                 shard2._wait_ready(i)
             ls.wait_leaders()
+
+
+# ------------------------------------------------------------------------------------ the Ledger's scenarios
+def _scenario_accounts(led, n, d):
+    x, y, z, eur = n["x"], n["y"], n["z"], n["eur"]
+    out = [led.create_account(d(), x, CUR, lower_limit=-100, upper_limit=1000).code,
+           led.create_account(d(), y, CUR).code, led.create_account(d(), z, CUR).code,
+           led.create_account(d(), eur, "EUR").code, led.create_account(d(), x, CUR).code,
+           led.create_account(d(), n["new"], CUR, lower_limit=5).code]
+    for a, b, amt, cur in [(x, y, 50, CUR), (x, y, 100, CUR), (y, x, 2000, CUR), (x, eur, 1, CUR),
+                           (x, x, 1, CUR), (x, y, 0, CUR), (x, n["missing"], 1, CUR), (y, z, 20, CUR),
+                           (z, x, 20, CUR)]:
+        out.append(led.transfer(d(), a, b, amt, cur).code)
+    out.append(led.lock_account(d(), y).code)
+    out.append(led.transfer(d(), x, y, 1, CUR).code)
+    out.append(led.unlock_account(d(), y).code)
+    out.append(led.delete_account(d(), y).code)
+    out.append(led.update_account_config(d(), x, upper_limit=10).code)
+    out.append(led.update_account_config(d(), x, lower_limit=None).code)
+    dup = d()
+    out += [led.transfer(dup, y, x, 5, CUR).code, led.transfer(dup, y, x, 5, CUR).duplicate]
+    return out, [led.get_account(a)["available"] for a in (x, y, z)]
+
+
+def _scenario_reserve_tcc_compensate(led, n, d):
+    x, z = n["x"], n["z"]
+    out = [led.create_account(d(), x, CUR, lower_limit=None).code, led.create_account(d(), z, CUR).code]
+    rid = n["rid"]
+    out += [led.batch_balance_operation(d(), [(z, 100, CUR), (x, -100, CUR)]).code,
+            led.reserve(d(), z, rid, 30).code, led.reserve(d(), z, rid, 100).code,
+            led.release(d(), z, n["rid2"]).code, led.release(d(), z, rid, 40).code, led.release(d(), z, rid).code]
+    txn, txn2 = n["txn"], n["txn2"]
+    out += [led.tcc_try(d(), txn, [(z, -60, CUR), (x, 60, CUR)]).code, led.tcc_try(d(), txn, [(z, -1, CUR)]).code,
+            led.tcc_confirm(d(), txn).code, led.tcc_cancel(d(), txn).code,
+            led.tcc_cancel(d(), txn2).code, led.tcc_try(d(), txn2, [(z, -1, CUR)]).code]
+    orig = d()
+    out += [led.transfer(orig, z, x, 10, CUR).code, led.compensate(d(), orig).code, led.compensate(d(), orig).code]
+    late = d()
+    out += [led.compensate(d(), late).code, led.transfer(late, z, x, 1, CUR).code]
+    out.append(led.batch_balance_operation(d(), [(z, -5, CUR)], [(z, 39)]).code)
+    return out, [led.get_account(a)["available"] for a in (x, z)]
+
+
+@pytest.mark.parametrize("scenario", [_scenario_accounts, _scenario_reserve_tcc_compensate])
+def test_the_ledgers_scenarios_give_the_same_codes_on_two_shards(client, ls, scenario):
+    """The same code against the embedded Ledger and against the whole system (x and y on two shards: their
+    transfers are Marker workflows there): the same result codes, the same balances."""
+    from engine import Ledger
+    embedded_ids = {k: 10 + i for i, k in enumerate(("x", "y", "z", "eur", "new", "missing", "rid", "rid2",
+                                                     "txn", "txn2"))}
+    system_ids = {"x": account_on(ls, 1), "y": account_on(ls, 2), "z": account_on(ls, 1),
+                  "eur": account_on(ls, 2), "new": account_on(ls, 2), "missing": account_on(ls, 2),
+                  **{k: new_id() for k in ("rid", "rid2", "txn", "txn2")}}
+    counter = itertools.count(1)
+    base = new_id() * 1_000_000
+    embedded = scenario(Ledger(), embedded_ids, lambda: next(counter))
+    on_system = scenario(client, system_ids, lambda: base + next(counter))
+    assert [int(c) for c in on_system[0]] == [int(c) for c in embedded[0]]
+    assert on_system[1] == embedded[1]
