@@ -18,6 +18,7 @@ Every request is ``[Request header] [payload]``; replies ``[Reply header] [paylo
 | 2 | the Ledger's ``UNCHANGED`` (update_account_config) | empty |
 | 3 | event records (``engine.records.EVENT_DTYPE``) | the records' bytes |
 | 4 | op records (``engine.records.OP_DTYPE``: apply_batch) | the records' bytes |
+| 8 | result records (``engine.records.RESULT_DTYPE``: apply_batch's answer) | the records' bytes |
 | 5 | a ``gateway.Result`` | msgpack map of its fields (``Result.to_dict``) |
 
 A business outcome is an ``ok`` value (a Result with a code); ``err`` is an exception the call raised: ``kind``
@@ -41,7 +42,7 @@ OP_STATUS = 5
 CALL_BYTES_MAX = 4 << 20              # a CALL payload, checked before decoding
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1     # what a msgpack int holds
 
-EXT_BIGINT, EXT_UNCHANGED, EXT_EVENTS, EXT_OPS, EXT_RESULT, EXT_NEGINT, EXT_MAP = 1, 2, 3, 4, 5, 6, 7
+EXT_BIGINT, EXT_UNCHANGED, EXT_EVENTS, EXT_OPS, EXT_RESULT, EXT_NEGINT, EXT_MAP, EXT_RESULTS = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 def _walk(v: Any) -> Any:
@@ -68,6 +69,8 @@ def _walk(v: Any) -> Any:
             return msgspec.msgpack.Ext(EXT_EVENTS, np.ascontiguousarray(v).tobytes())
         if v.dtype == R.OP_DTYPE:
             return msgspec.msgpack.Ext(EXT_OPS, np.ascontiguousarray(v).tobytes())
+        if v.dtype == R.RESULT_DTYPE:
+            return msgspec.msgpack.Ext(EXT_RESULTS, np.ascontiguousarray(v).tobytes())
         raise TypeError(f"cannot send a numpy array of dtype {v.dtype}")
     if v is UNCHANGED:
         return msgspec.msgpack.Ext(EXT_UNCHANGED, b"")
@@ -95,6 +98,10 @@ def _ext(code: int, data: memoryview) -> Any:
         if len(data) % R.OP_DTYPE.itemsize:
             raise ValueError("op records are whole 128-byte records")
         return np.frombuffer(bytes(data), dtype=R.OP_DTYPE)
+    if code == EXT_RESULTS:
+        if len(data) % R.RESULT_DTYPE.itemsize:
+            raise ValueError("result records are whole records")
+        return np.frombuffer(bytes(data), dtype=R.RESULT_DTYPE)
     if code == EXT_RESULT:
         return Result.from_dict(_decoder.decode(data))
     raise ValueError(f"unknown msgpack extension {code}")
