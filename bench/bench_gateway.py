@@ -22,7 +22,8 @@ CUR = "USD"
 
 
 def accounts_on(smap, shard: int, n: int, start: int) -> list[int]:
-    out, a = [], start
+    out: list[int] = []
+    a = start
     while len(out) < n:
         if smap.shard_of(a) == shard:
             out.append(a)
