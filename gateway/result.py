@@ -30,7 +30,8 @@ class Result:
     """``code``, ``duplicate``, ``seq_num``, ``dedup_id``, ``kind``, ``ok``, ``accounts`` as the embedded
     ``Result``; plus ``shard`` (the shard that applied it, None for a workflow) and ``workflow_state``
     (None unless it ran as a Marker workflow)."""
-    __slots__ = ("code", "duplicate", "seq_num", "dedup_id", "kind", "shard", "workflow_state", "_accounts")
+    __slots__ = ("code", "duplicate", "seq_num", "dedup_id", "kind", "shard", "workflow_state", "_accounts",
+                 "_remote")
 
     def __init__(self, code: int, duplicate: bool, seq_num: int, dedup_id: int, kind: int,
                  shard: int | None = None, workflow_state: str | None = None,
@@ -43,12 +44,14 @@ class Result:
         self.shard = shard
         self.workflow_state = workflow_state
         self._accounts = accounts
+        self._remote: Any = None
 
     @classmethod
     def of_shard(cls, remote: Any, shard: int) -> Result:
-        """From an ``engine.client.RemoteResult`` of shard ``shard``."""
-        return cls(int(remote.code), remote.duplicate, remote.seq_num, remote.dedup_id, int(remote.kind), shard,
-                   None, remote.accounts)
+        """From an ``engine.client.RemoteResult`` of shard ``shard`` (its accounts decoded when asked for)."""
+        r = cls(int(remote.code), remote.duplicate, remote.seq_num, remote.dedup_id, int(remote.kind), shard)
+        r._remote = remote
+        return r
 
     @classmethod
     def of_workflow(cls, wf: Any, kind: int) -> Result:
@@ -63,12 +66,14 @@ class Result:
 
     @property
     def accounts(self) -> dict[int, dict[str, Any]]:
+        if self._accounts is None and self._remote is not None:
+            self._accounts = self._remote.accounts
         return self._accounts or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": int(self.code), "duplicate": self.duplicate, "seq_num": self.seq_num,
                 "dedup_id": self.dedup_id, "kind": int(self.kind), "shard": self.shard,
-                "workflow_state": self.workflow_state, "accounts": self._accounts or {}}
+                "workflow_state": self.workflow_state, "accounts": self.accounts}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
