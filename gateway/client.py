@@ -33,6 +33,7 @@ from engine.client import ClientError, RequestRefused, Unavailable
 from engine.service.client_core import Call, IoCore
 from engine.system import System
 from gateway import wire as GW
+from marker.client import WorkflowPending, WorkflowRefused
 
 CLIENT_TIMEOUT_S_DEFAULT = 40.0          # a call through the gateway: longer than the gateway's workflow wait
 ATTEMPT_TIMEOUT_S_DEFAULT = 35.0         # the gateway holds a workflow call up to its outcome (30 s)
@@ -46,15 +47,9 @@ class RemoteError(ClientError):
         self.kind = kind
 
 
-class WorkflowPending(RemoteError):
-    """The workflow did not finish within the call's timeout; it goes on (ask result_of with its dedup id)."""
-
-
-class WorkflowRefused(RemoteError):
-    """The Marker refused to create the workflow; nothing ran."""
-
-
-def _exception(kind: str, message: str) -> BaseException:
+def _exception(kind: str, message: str, fields: dict[str, Any]) -> BaseException:
+    """The exception the gateway raised, as the same class here where it is one of ours (so ``except
+    marker.client.WorkflowPending`` works the same in-process and through the service)."""
     from gateway.business import TemplateError
     simple: dict[str, type[BaseException]] = {"ValueError": ValueError, "TypeError": TypeError,
                                                "TemplateError": TemplateError}
@@ -62,10 +57,18 @@ def _exception(kind: str, message: str) -> BaseException:
         return simple[kind](message)
     if kind in ("Unavailable", "OutcomeUnknown"):
         return Unavailable(message)
-    if kind == "WorkflowPending":
-        return WorkflowPending(kind, message)
-    if kind == "WorkflowRefused":
-        return WorkflowRefused(kind, message)
+    wid = fields.get("workflow_id")
+    if kind == "WorkflowPending" and isinstance(wid, int):
+        return WorkflowPending(wid, str(fields.get("state", "UNKNOWN")))
+    if kind == "WorkflowRefused" and isinstance(wid, int):
+        e = WorkflowRefused(wid, str(fields.get("reason", "")), message)
+        e.args = (message,)
+        return e
+    if kind == "RequestRefused" and isinstance(fields.get("code"), int):
+        from engine.service.protocol import ErrorCode
+        code = fields["code"]
+        return RequestRefused(ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.BAD_REQUEST,
+                              message)
     return RemoteError(kind, message)
 
 
@@ -97,8 +100,9 @@ class _ServiceTransport:
                 return
             if isinstance(v, list) and len(v) == 2 and v[0] == "ok":
                 out.set_result(GW.account_states(v[1]))
-            elif isinstance(v, list) and len(v) == 3 and v[0] == "err":
-                out.set_exception(_exception(str(v[1]), str(v[2])))
+            elif isinstance(v, list) and len(v) in (3, 4) and v[0] == "err":
+                fields = v[3] if len(v) == 4 and isinstance(v[3], dict) else {}
+                out.set_exception(_exception(str(v[1]), str(v[2]), fields))
             else:
                 out.set_exception(ClientError("malformed gateway reply"))
         inner.add_done_callback(done)
@@ -165,6 +169,9 @@ class _Api:
         gw = system.extra.get("gateway", {})
         clients = list(gw.get("clients", [])) if isinstance(gw, dict) else []
         if clients and not direct:
+            if templates:
+                raise ValueError("templates are the gateway service's (zwallet gateway --templates); pass "
+                                 "direct=True to route in-process with your own")
             return cls(clients, **kwargs)
         return cls.direct(system, templates=templates, **kwargs)
 

@@ -201,7 +201,9 @@ class GatewayServer:
                 if exc is None:
                     payload = GW.encode(["ok", fut.result()])
                 else:
-                    payload = GW.encode(["err", type(exc).__name__, str(exc)])
+                    fields = {k: getattr(exc, k) for k in ("workflow_id", "state", "reason", "code")
+                              if isinstance(getattr(exc, k, None), (int, str))}
+                    payload = GW.encode(["err", type(exc).__name__, str(exc), fields])
             except (TypeError, ValueError, OverflowError) as e:
                 payload = GW.encode(["err", "ClientError", f"the gateway cannot encode the answer: {e}"])
             self.counters["answered"] += 1

@@ -21,7 +21,8 @@ Every request is ``[Request header] [payload]``; replies ``[Reply header] [paylo
 | 8 | result records (``engine.records.RESULT_DTYPE``: apply_batch's answer) | the records' bytes |
 | 5 | a ``gateway.Result`` | msgpack map of its fields (``Result.to_dict``) |
 
-A business outcome is an ``ok`` value (a Result with a code); ``err`` is an exception the call raised: ``kind``
+A business outcome is an ``ok`` value (a Result with a code); ``err`` is an exception the call raised (``["err",
+kind, message, {fields}]``: fields such as workflow_id, state, reason, code, when it has them): ``kind``
 ValueError / TypeError / TemplateError (the caller's: nothing applied), WorkflowPending (the workflow goes on),
 WorkflowRefused, Unavailable (outcome unknown: retry with the same ids), ClientError. A request refused before
 it ran is a service ERROR reply (BAD_REQUEST, FRAME_TOO_LARGE, OVERLOADED, UNKNOWN_OP).

@@ -399,6 +399,36 @@ def test_a_stale_map_is_reloaded_once_for_many_refusals(ls, tmp_path):
         r.close()
 
 
+def test_a_stale_epoch_is_reloaded_and_the_batch_re_sent(ls, tmp_path):
+    """apply_batch carries the map's epoch: a replica serving another refuses it STALE_EPOCH (nothing
+    applied); the router reloads and re-sends the same records."""
+    from engine._ledger import OpEncoder
+    real = System.load(ls.system_path)
+    newer = ShardMap.from_dict({**real.shard_map.to_dict(), "epoch": real.shard_map.epoch + 1})
+    path = tmp_path / "system.toml"
+    System(newer, real.shards, real.markers).write(str(path))
+    with Router(str(path)) as r:
+        a, b = account_on(ls, 1), account_on(ls, 1)
+        for x in (a, b):
+            assert r.create_account(new_id(), x, CUR, None).result().ok
+        ops = OpEncoder().transfer(new_id(), a, b, 5, CUR)
+        shutil.copy(ls.system_path, path)
+        res = r.apply_batch(ops).result()
+        assert int(res["code"][0]) == Code.OK and r.reloads == 1 and r.shard_map.epoch == real.shard_map.epoch
+        assert r.get_account(b).result()["available"] == 5
+
+
+def test_workflow_errors_are_the_markers_classes_either_way(svc, direct, ls):
+    import marker.client
+    a, b = funded(svc, ls, 1, 10), funded(svc, ls, 2, 0)
+    for c in (svc, direct):
+        with pytest.raises(marker.client.WorkflowRefused) as e:
+            # a workflow whose first issue is an hour before the Marker's clock: refused, nothing ran
+            c.batch_balance_operation(new_id(), [(a, -1, CUR), (b, 1, CUR)], timestamp=int(time.time() * 1000)
+                                      - 7_200_000)
+        assert e.value.workflow_id and e.value.reason
+
+
 def test_a_map_that_stays_wrong_is_a_clear_error(ls, tmp_path):
     real = System.load(ls.system_path)
     path = tmp_path / "system.toml"
