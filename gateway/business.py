@@ -199,10 +199,17 @@ class _Hold:
         return r
 
 
+def _held(r: Result) -> bool:
+    """A try's result says the hold is there: OK (now or, a duplicate, before), or TXN_ALREADY_EXISTS (the
+    re-sent try left the dedup window, but its txn is there: held, or already settled)."""
+    return r.ok or r.code == Code.TXN_ALREADY_EXISTS
+
+
 def hold(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int, currency: str,
          expires_ms: int = 0) -> Result:
     """Hold ``amount`` moving from ``from_account`` to ``to_account`` (a TCC try per shard): OK, or the code
-    of the try that refused it (then every shard's part is cancelled: nothing stays held)."""
+    of the try that refused it (then every shard's part is cancelled: nothing stays held). A retry after the
+    shards' dedup window may answer TXN_ALREADY_EXISTS: the hold is there (or was settled)."""
     h = _Hold(router, request_id, from_account, to_account, amount, currency)
     if amount <= 0:
         return _reject(Code.INVALID_AMOUNT, h.txn, Kind.TCC_TRY)
@@ -212,7 +219,7 @@ def hold(router: Router, request_id: int, from_account: Any, to_account: Any, am
         raise ValueError("a hold across two shards cannot expire (one shard's part could expire while the other "
                          "is settled): release it explicitly")
     results = h.tries(expires_ms)
-    bad = [r for r in results if not r.ok]
+    bad = [r for r in results if not _held(r)]
     if bad:
         h.decide("tcc_cancel")
         return bad[0]
@@ -224,7 +231,7 @@ def settle(router: Router, request_id: int, from_account: Any, to_account: Any, 
     """Settle a hold (the same arguments as the hold): OK once every shard's part is confirmed; else the code
     that refused it (TXN_ALREADY_CANCELLED: it was released; a try's code: the hold never held)."""
     h = _Hold(router, request_id, from_account, to_account, amount, currency)
-    bad = [r for r in h.tries(0) if not r.ok]
+    bad = [r for r in h.tries(0) if not _held(r)]
     if bad:
         h.decide("tcc_cancel")
         return bad[0]

@@ -249,7 +249,7 @@ class _Workflows:
                 self._send(batch)
 
     def _send(self, batch: list[_Wf]) -> None:
-        left_ms = int(min(w.deadline for w in batch) - time.monotonic()) * 1000
+        left_ms = int((min(w.deadline for w in batch) - time.monotonic()) * 1000)
         wait_ms = max(1, min(WORKFLOW_WAIT_MS, left_ms))
         try:
             f = self.marker.submit_async([w.spec for w in batch], wait_ms)
@@ -275,7 +275,13 @@ class _Workflows:
                 else:
                     w.future.set_exception(exc)
         else:
-            for w, r in zip(batch, f.result()):
+            replies = f.result()
+            if len(replies) != len(batch):          # the Marker answers every spec: anything else is its bug
+                for w in batch:
+                    w.future.set_exception(ClientError(f"the Marker answered {len(replies)} of {len(batch)} "
+                                                       "workflows of one SUBMIT"))
+                replies = []
+            for w, r in zip(batch, replies):
                 wid = int.from_bytes(w.spec.workflow_id, "little")
                 if r.status == "refused":
                     if r.reason == "OVERLOADED" and now < w.deadline:
