@@ -1,9 +1,10 @@
 """The gateway hop's cost: the same work direct to a shard, through the in-process router, and through the
 gateway service, on one local system (``python -m bench.bench_gateway --replicas 3``).
 
-Measures: single-shard transfers batched (apply_batch of 8190 records) and unbatched (concurrent per-call
-transfers from asyncio, which the clients coalesce), cross-shard transfers (Marker workflows) and payments
-with a fee whose payer, merchant and fee accounts span two shards. Prints one line per measure.
+Measures: single-shard transfers batched (apply_batch of 8190 records) and unbatched (concurrent
+per-call transfers from asyncio, which the clients coalesce), the latency of one call at a time,
+cross-shard transfers (Marker workflows) and payments with a fee whose payer, merchant and fee accounts
+span two shards. Prints one line per measure.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=1000)
+    p.add_argument("--sequential", type=int, default=300, help="calls one at a time, for the latency")
     args = p.parse_args(argv)
     import gateway
     from engine.client import AsyncClient as ShardAsync
@@ -99,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                 assert (res["code"] == 0).all()
             rate = args.batches * R.BATCH_SIZE_MAX / (time.perf_counter() - t0)
             print(f"single-shard batched   {name:8s} {rate:10,.0f} transfers/s", flush=True)
+        for name, sync in (("direct", shard), ("router", router), ("gateway", svc)):
+            lat = []
+            for k in range(args.sequential):
+                t0 = time.perf_counter()
+                assert sync.transfer(next(ids), src, dst[k % len(dst)], 1, CUR).code == 0
+                lat.append(time.perf_counter() - t0)
+            lat.sort()
+            print(f"one call at a time     {name:8s} p50 {lat[len(lat) // 2] * 1000:6.2f} ms  "
+                  f"p99 {lat[int(len(lat) * 0.99)] * 1000:6.2f} ms", flush=True)
         clients = {"direct": lambda: ShardAsync(list(system.shards[1].clients)),
                    "router": lambda: gateway.AsyncClient.direct(ls.system_path),
                    "gateway": lambda: gateway.AsyncClient(ls.gateway_addresses)}
