@@ -36,7 +36,8 @@ from gateway import wire as GW
 from marker.client import WorkflowPending, WorkflowRefused
 
 CLIENT_TIMEOUT_S_DEFAULT = 40.0          # a call through the gateway: longer than the gateway's workflow wait
-ATTEMPT_TIMEOUT_S_DEFAULT = 35.0         # the gateway holds a workflow call up to its outcome (30 s)
+ATTEMPT_TIMEOUT_S_DEFAULT = 3.0          # a gateway answers within its hold (2 s: the outcome, or TIMEOUT and
+                                         # the client re-sends the same bytes); no answer: try another replica
 
 
 class RemoteError(ClientError):

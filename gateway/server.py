@@ -40,6 +40,20 @@ from gateway.ops import Gateway
 log = logging.getLogger("zwallet.gateway")
 
 RECV_PER_PASS_MAX = 4096
+HOLD_MS_DEFAULT = 2_000          # a call is answered within this: its result, or TIMEOUT (re-send the same
+                                 # request: the same ids; the work goes on meanwhile)
+
+
+class _Item:
+    __slots__ = ("ident", "req_id", "nbytes", "future", "hold_until", "answered")
+
+    def __init__(self, ident: bytes, req_id: int, nbytes: int, future: Future, hold_until: float) -> None:
+        self.ident = ident
+        self.req_id = req_id
+        self.nbytes = nbytes
+        self.future = future
+        self.hold_until = hold_until
+        self.answered = False
 
 
 @dataclass
@@ -64,8 +78,9 @@ class Limits:
 
 class GatewayServer:
     def __init__(self, gateway: Gateway, client_address: str, *, node_id: int = 1,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, hold_ms: int = HOLD_MS_DEFAULT) -> None:
         self.gateway = gateway
+        self.hold_s = hold_ms / 1000
         self.node_id = node_id
         self.limits = limits or Limits()
         self.limits.validate()
@@ -78,7 +93,8 @@ class GatewayServer:
         self.sock.bind(client_address)
         self.address = client_address
         self._waker = Waker()
-        self._done: collections.deque[tuple[bytes, int, int, Future]] = collections.deque()
+        self._done: collections.deque[_Item] = collections.deque()
+        self._held: collections.deque[_Item] = collections.deque()     # in arrival order: hold_until ascends
         self._stop = threading.Event()
         self.pending = 0
         self.pending_bytes = 0
@@ -93,12 +109,13 @@ class GatewayServer:
         poller.register(self._waker.fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(200))
+                events = dict(poller.poll(50 if self._held else 200))
                 if self._waker.fd in events:
                     self._waker.drain()
                 if self.sock in events:
                     self._receive()
                 self._send_done()
+                self._answer_held()
         finally:
             self.sock.close(0)
             self.ctx.term()
@@ -178,16 +195,33 @@ class GatewayServer:
         self._by_client[ident] += 1
         self._bytes_by_client[ident] += nbytes
         fut = self.gateway.call(name, args, kwargs)
-        item = (ident, req.req_id, nbytes, fut)
+        item = _Item(ident, req.req_id, nbytes, fut, time.monotonic() + self.hold_s)
+        self._held.append(item)
         fut.add_done_callback(functools.partial(self._completed, item))
 
-    def _completed(self, item: tuple[bytes, int, int, Future], _fut: Future) -> None:
+    def _completed(self, item: _Item, _fut: Future) -> None:
         self._done.append(item)          # any thread; the main thread replies
         self._waker.wake()
 
+    def _answer_held(self) -> None:
+        """Calls still running past hold_s are answered TIMEOUT (retryable: the client re-sends the same
+        bytes, here or at another replica, and gets the outcome then); the work goes on, and the call keeps
+        its share of the pending bounds until it ends."""
+        now = time.monotonic()
+        held = self._held
+        while held and (held[0].answered or held[0].future.done() or held[0].hold_until <= now):
+            item = held.popleft()
+            if item.answered or item.future.done():
+                continue
+            item.answered = True
+            self.counters["held_timeout"] += 1
+            self._refuse(item.ident, item.req_id, ErrorCode.TIMEOUT,
+                         f"still running after {self.hold_s:.1f} s; re-send the same request for its outcome")
+
     def _send_done(self) -> None:
         while self._done:
-            ident, req_id, nbytes, fut = self._done.popleft()
+            item = self._done.popleft()
+            ident, req_id, nbytes, fut = item.ident, item.req_id, item.nbytes, item.future
             self.pending -= 1
             self.pending_bytes -= nbytes
             for counter, n in ((self._by_client, 1), (self._bytes_by_client, nbytes)):
@@ -206,6 +240,9 @@ class GatewayServer:
                     payload = GW.encode(["err", type(exc).__name__, str(exc), fields])
             except (TypeError, ValueError, OverflowError) as e:
                 payload = GW.encode(["err", "ClientError", f"the gateway cannot encode the answer: {e}"])
+            if item.answered:
+                continue                 # answered TIMEOUT already: the re-sent request gets the outcome
+            item.answered = True
             self.counters["answered"] += 1
             self._reply(ident, req_id, payload)
 

@@ -441,7 +441,7 @@ def test_a_map_that_stays_wrong_is_a_clear_error(ls, tmp_path):
 
 
 def test_a_killed_gateway_replica_loses_nothing(ls):
-    with gateway.Client(ls.gateway_addresses, attempt_timeout_s=1.0, timeout_s=20) as c:
+    with gateway.Client(ls.gateway_addresses) as c:             # the default timeouts
         a, b = funded(c, ls, 1, 1000), funded(c, ls, 2, 0)
         served_by = c._t.io.leader
         gid = served_by + 1

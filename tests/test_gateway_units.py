@@ -111,8 +111,9 @@ def test_templates_file(tmp_path):
 
 # ------------------------------------------------------------------------------------ the service's intake
 @pytest.fixture
-def server():
+def server(request):
     """A gateway service whose shards are addresses nobody listens on (calls to them wait)."""
+    hold_ms = getattr(request, "param", 2_000)
     ports = free_ports(3)
     dead = {1: Group(1, (f"tcp://127.0.0.1:{ports[0]}",)), 2: Group(2, (f"tcp://127.0.0.1:{ports[1]}",))}
     system = System(ShardMap.uniform([1, 2]), dead)
@@ -121,7 +122,7 @@ def server():
     srv = GatewayServer(Gateway(router), addr, limits=Limits(pending_requests_max=4, pending_per_client_max=2,
                                                              pending_bytes_max=1 << 20,
                                                              pending_bytes_per_client_max=1 << 19,
-                                                             call_bytes_max=1 << 16))
+                                                             call_bytes_max=1 << 16), hold_ms=hold_ms)
     t = threading.Thread(target=srv.serve, daemon=True)
     t.start()
     ctx = zmq.Context()
@@ -178,3 +179,13 @@ def test_a_bad_call_is_an_error_answer_and_a_good_one_waits(server):
         time.sleep(0.01)
     rep, _ = ask(sock, header(5), GW.encode_call("get_account", [3], {}))
     assert rep.error == ErrorCode.OVERLOADED and "pending_per_client_max" in rep.message
+
+
+@pytest.mark.parametrize("server", [150], indirect=True)
+def test_a_call_still_running_is_answered_timeout_and_keeps_its_pending_share(server):
+    srv, sock = server
+    t0 = time.monotonic()
+    rep, _ = ask(sock, header(1), GW.encode_call("get_account", [1], {}))
+    assert rep.status == Status.ERROR and rep.error == ErrorCode.TIMEOUT and rep.req_id == 1
+    assert 0.1 <= time.monotonic() - t0 < 3
+    assert srv.pending == 1 and srv.counters["held_timeout"] == 1          # the work goes on
