@@ -326,8 +326,8 @@ class Router:
         self.shard_map: ShardMap = system.shard_map
         self.shards: dict[int, ShardClient] = {}
         self._shard_addrs: dict[int, tuple[str, ...]] = {}
-        self._connect_shards(system)
         self.sched = _Scheduler()
+        self._connect_shards(system)
         self.marker: Any = None
         self.workflows: _Workflows | None = None
         if system.markers:
@@ -348,11 +348,11 @@ class Router:
                 self.shards[sid] = ShardClient(list(addrs), timeout_s=self.timeout_s,
                                                attempt_timeout_s=self.attempt_timeout_s)
                 self._shard_addrs[sid] = addrs
-                if old is not None:
-                    old.close()
+                if old is not None:        # calls in flight on it finish (or time out) first
+                    self.sched.call_later(self.timeout_s + 1.0, old.close)
 
     def close(self) -> None:
-        self.sched.close()
+        self.sched.close()                 # (shard clients it was to close later are closed below or dropped)
         if self.marker is not None:
             self.marker.close()
         for c in self.shards.values():
