@@ -326,6 +326,7 @@ class Router:
         self.shard_map: ShardMap = system.shard_map
         self.shards: dict[int, ShardClient] = {}
         self._shard_addrs: dict[int, tuple[str, ...]] = {}
+        self._retired: list[ShardClient] = []
         self.sched = _Scheduler()
         self._connect_shards(system)
         self.marker: Any = None
@@ -349,14 +350,15 @@ class Router:
                                                attempt_timeout_s=self.attempt_timeout_s)
                 self._shard_addrs[sid] = addrs
                 if old is not None:        # calls in flight on it finish (or time out) first
+                    self._retired.append(old)
                     self.sched.call_later(self.timeout_s + 1.0, old.close)
 
     def close(self) -> None:
-        self.sched.close()                 # (shard clients it was to close later are closed below or dropped)
+        self.sched.close()
         if self.marker is not None:
             self.marker.close()
-        for c in self.shards.values():
-            c.close()
+        for c in [*self.shards.values(), *self._retired]:
+            c.close()                      # closing twice is a no-op
 
     def __enter__(self) -> Router:
         return self
