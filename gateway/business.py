@@ -205,11 +205,48 @@ def _held(r: Result) -> bool:
     return r.ok or r.code == Code.TXN_ALREADY_EXISTS
 
 
+def _rerouted(router: Router, fn: Callable[[], Result]) -> Result:
+    """Run a hold step; a WRONG_SHARD / STALE_EPOCH refusal (nothing applied) reloads the map and runs it
+    again (every step is idempotent by its derived ids)."""
+    from engine.client import RequestRefused
+    from gateway.router import REFUSED_REROUTE, ROUTE_ATTEMPTS_MAX
+    for attempt in range(ROUTE_ATTEMPTS_MAX):
+        smap = router.shard_map
+        try:
+            return fn()
+        except RequestRefused as exc:
+            if exc.code not in REFUSED_REROUTE or attempt + 1 == ROUTE_ATTEMPTS_MAX:
+                raise
+            router.refresh(smap).result()
+    raise AssertionError("unreachable")
+
+
 def hold(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int, currency: str,
          expires_ms: int = 0) -> Result:
     """Hold ``amount`` moving from ``from_account`` to ``to_account`` (a TCC try per shard): OK, or the code
     of the try that refused it (then every shard's part is cancelled: nothing stays held). A retry after the
     shards' dedup window may answer TXN_ALREADY_EXISTS: the hold is there (or was settled)."""
+    return _rerouted(router, lambda: _hold(router, request_id, from_account, to_account, amount, currency,
+                                           expires_ms))
+
+
+def settle(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int,
+           currency: str) -> Result:
+    """Settle a hold (the same arguments as the hold): OK once every shard's part is confirmed; else the code
+    that refused it (TXN_ALREADY_CANCELLED: it was released; a try's code: the hold never held)."""
+    return _rerouted(router, lambda: _settle(router, request_id, from_account, to_account, amount, currency))
+
+
+def release(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int,
+            currency: str) -> Result:
+    """Release a hold: OK (or NULL_CANCELLED: it never held) once every shard's part is cancelled;
+    TXN_ALREADY_CONFIRMED if it was settled first."""
+    return _rerouted(router, lambda: _Hold(router, request_id, from_account, to_account, amount,
+                                           currency).decide("tcc_cancel"))
+
+
+def _hold(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int, currency: str,
+          expires_ms: int = 0) -> Result:
     h = _Hold(router, request_id, from_account, to_account, amount, currency)
     if amount <= 0:
         return _reject(Code.INVALID_AMOUNT, h.txn, Kind.TCC_TRY)
@@ -226,24 +263,14 @@ def hold(router: Router, request_id: int, from_account: Any, to_account: Any, am
     return results[0]
 
 
-def settle(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int,
-           currency: str) -> Result:
-    """Settle a hold (the same arguments as the hold): OK once every shard's part is confirmed; else the code
-    that refused it (TXN_ALREADY_CANCELLED: it was released; a try's code: the hold never held)."""
+def _settle(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int,
+            currency: str) -> Result:
     h = _Hold(router, request_id, from_account, to_account, amount, currency)
     bad = [r for r in h.tries(0) if not _held(r)]
     if bad:
         h.decide("tcc_cancel")
         return bad[0]
     return h.decide("tcc_confirm")
-
-
-def release(router: Router, request_id: int, from_account: Any, to_account: Any, amount: int,
-            currency: str) -> Result:
-    """Release a hold: OK (or NULL_CANCELLED: it never held) once every shard's part is cancelled;
-    TXN_ALREADY_CONFIRMED if it was settled first."""
-    h = _Hold(router, request_id, from_account, to_account, amount, currency)
-    return h.decide("tcc_cancel")
 
 
 # ------------------------------------------------------------------------------------ templates
