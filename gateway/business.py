@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.client import ClientError
+from engine.client import ClientError, RequestRefused
 from engine.records import Code, Kind
 from gateway.result import Result
 from gateway.router import Router, _check_currency, _id, derive_id, now_ms
@@ -168,6 +168,8 @@ class _Hold:
             try:
                 r: Result = self.router._shard_command(shard, name, *args, **kwargs).result()
                 return r
+            except RequestRefused:
+                raise                    # not a reachability problem (WRONG_SHARD: rerouted by the caller)
             except ClientError:
                 if time.monotonic() > end:
                     raise
@@ -208,7 +210,6 @@ def _held(r: Result) -> bool:
 def _rerouted(router: Router, fn: Callable[[], Result]) -> Result:
     """Run a hold step; a WRONG_SHARD / STALE_EPOCH refusal (nothing applied) reloads the map and runs it
     again (every step is idempotent by its derived ids)."""
-    from engine.client import RequestRefused
     from gateway.router import REFUSED_REROUTE, ROUTE_ATTEMPTS_MAX
     for attempt in range(ROUTE_ATTEMPTS_MAX):
         smap = router.shard_map
