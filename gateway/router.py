@@ -63,7 +63,6 @@ OVERLOADED_BACKOFF_S = 0.05
 DEADLINE_MS_DEFAULT = 60_000           # a workflow's phase 1 ends this long after it was issued
 REFUSED_REROUTE = frozenset({ErrorCode.WRONG_SHARD, ErrorCode.STALE_EPOCH})
 
-_U64 = (1 << 64) - 1
 
 
 def now_ms() -> int:
@@ -82,11 +81,6 @@ def derive_id(request_id: int, tag: bytes, index: int = 0) -> int:
     h = hashlib.blake2b(int(request_id).to_bytes(16, "little") + b"gw:" + tag + index.to_bytes(4, "little"),
                         digest_size=16).digest()
     return int.from_bytes(h, "little") or 1
-
-
-class WorkflowFailed(ClientError):
-    """Not raised for business outcomes (those are results); reserved for a workflow the Marker reports in
-    an unexpected status."""
 
 
 class _Scheduler:
