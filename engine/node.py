@@ -39,6 +39,7 @@ from engine.event_store import EventStore, EventsUnavailable
 from engine.ledger_machine import (ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, EntryOutcomes, LedgerMachine, events_between,
                                    ledger_entry)
 from engine.service.config import SERVICE_LIMITS, ServiceConfig
+from engine.service.process import tune_malloc
 from engine.service.logs import KeyValueFormatter as _KeyValueFormatter
 from engine.service.logs import setup_logging as _setup_logging
 from engine.service.server import (CLIENT_RCVHWM, CLIENT_SNDHWM, CUT_REASONS, INT_ENCODER, READ, RECEIVE_DEFER_MS,
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["sync"] = False
     if args.verbose:
         overrides["verbose"] = True
+    tune_malloc()                          # before any thread starts
     config = NodeConfig.from_toml(args.config, **overrides)
     setup_logging(config.node_id, config.verbose)
     node = Node(config)

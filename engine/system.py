@@ -43,6 +43,7 @@ class Group:
     clients: tuple[str, ...]
     pubs: tuple[str, ...] = ()
     raft: tuple[str, ...] = ()
+    removed_ms: int = 0                 # a Marker group taken out of service at this time (marker/groups.py)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], what: str, default_id: int = 1) -> Group:
@@ -53,8 +54,12 @@ class Group:
             raise ValueError(f"{what}: needs id and clients: {exc}") from None
         if not clients:
             raise ValueError(f"{what} {gid}: clients is empty")
+        try:
+            removed_ms = int(doc.get("removed_ms", 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} {gid}: removed_ms must be an integer (ms since the Unix epoch)") from None
         return cls(gid, clients, tuple(str(a) for a in doc.get("pubs", ())),
-                   tuple(str(a) for a in doc.get("raft", ())))
+                   tuple(str(a) for a in doc.get("raft", ())), removed_ms)
 
     def toml_lines(self) -> list[str]:
         out = [f"id = {self.id}", f"clients = {_toml_list(self.clients)}"]
@@ -62,6 +67,8 @@ class Group:
             out.append(f"pubs = {_toml_list(self.pubs)}")
         if self.raft:
             out.append(f"raft = {_toml_list(self.raft)}")
+        if self.removed_ms:
+            out.append(f"removed_ms = {self.removed_ms}")
         return out
 
 
@@ -123,7 +130,7 @@ class System:
                  "slots = [" + ", ".join(f"[{a}, {b}, {s}]" for a, b, s in m["slots"]) + "]"]
         for sid in sorted(self.shards):
             lines += ["", "[[shard]]", *self.shards[sid].toml_lines()]
-        if len(self.markers) == 1:
+        if len(self.markers) == 1 and not self.markers[0].removed_ms and self.markers[0].id == 1:
             g = self.markers[0]
             lines += ["", "[marker]", *g.toml_lines()]
         elif self.markers:

@@ -49,7 +49,7 @@ from engine.client import ClientError, RequestRefused, Unavailable
 from engine.records import Code, Kind
 from engine.service.protocol import ErrorCode
 from engine.shard_map import ShardMap
-from engine.system import System
+from engine.system import Group, System
 from gateway.result import Result
 
 ROUTE_ATTEMPTS_MAX = 4                 # routings of one command (the first + re-routes after a map reload)
@@ -197,9 +197,9 @@ class _Workflows:
     (a re-submit of a known workflow id is a duplicate: it waits again, nothing runs twice) until its call's
     timeout, then fails with ``marker.client.WorkflowPending`` (it goes on: ask result_of / get_workflow)."""
 
-    def __init__(self, marker: Any, groups: int, sched: _Scheduler, timeout_s: float) -> None:
+    def __init__(self, marker: Any, groups: Any, sched: _Scheduler, timeout_s: float) -> None:
         self.marker = marker
-        self.groups = groups
+        self.groups = groups                 # marker.groups.GroupMap: the same owner as the Marker client's
         self.sched = sched
         self.timeout_s = timeout_s
         self._queue: collections.deque[_Wf] = collections.deque()
@@ -208,10 +208,10 @@ class _Workflows:
         self._lock = threading.Lock()
 
     def group_of(self, workflow_id: int) -> int:
-        if self.groups == 1:
-            return 0
-        h = hashlib.blake2b(workflow_id.to_bytes(16, "little"), digest_size=8).digest()
-        return int.from_bytes(h, "little") % self.groups
+        """The Marker group a workflow goes to (rendezvous hashing, marker/groups.py): one SUBMIT carries
+        workflows of one group only (the Marker client sends it to its first workflow's group)."""
+        owner: int = self.groups.owner(workflow_id)
+        return owner
 
     def run(self, spec: Any, kind: int) -> Future:
         wid = int.from_bytes(spec.workflow_id, "little")
@@ -327,8 +327,15 @@ class Router:
         self.workflows: _Workflows | None = None
         if system.markers:
             import marker as marker_pkg
-            self.marker = marker_pkg.Client([list(g.clients) for g in system.markers], timeout_s=workflow_timeout_s)
-            self.workflows = _Workflows(self.marker, len(system.markers), self.sched, workflow_timeout_s)
+            from marker.groups import GroupMap
+            if system.path is not None:     # the groups' ids and removals as system.toml says
+                self.marker = marker_pkg.Client.from_system(system.path, timeout_s=workflow_timeout_s)
+            else:
+                self.marker = marker_pkg.Client([list(g.clients) for g in system.markers],
+                                                timeout_s=workflow_timeout_s)
+            groups = GroupMap(system.markers if system.path is not None else
+                              [Group(k + 1, g.clients) for k, g in enumerate(system.markers)])
+            self.workflows = _Workflows(self.marker, groups, self.sched, workflow_timeout_s)
         self.reloads = 0
         self._reload: Future | None = None
         self._last_reload = 0.0

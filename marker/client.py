@@ -14,13 +14,13 @@ running: ``WorkflowPending`` says so, and ``get_workflow`` (or the same call aga
 later. To retry safely after your own process restarted, pass the first attempt's ``timestamp``
 (its issue time, ms) again, as with the ledger's commands.
 
-With several Marker groups (``[[marker.group]]`` in system.toml) a workflow goes to group
-``blake2b(workflow_id) mod groups``: every client computes the same.
+With several Marker groups (``[[marker.group]]`` in system.toml) a workflow goes to the group that ranks
+first for it by rendezvous hashing (marker/groups.py); every client and every group computes the same, and
+a group refuses a workflow that is not its own (WRONG_GROUP).
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -32,12 +32,13 @@ import numpy as np
 from engine.records import Code
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
                                         Unavailable)
-from engine.service.protocol import OP_EVENTS, Consistency
+from engine.service.protocol import OP_EVENTS, Consistency, ErrorCode
 from engine.service.stream import StreamSubscriber, fetch_range
-from engine.system import System
+from engine.system import Group, System
 from marker import wire as MW
 from marker.commands import (BatchStep, SagaSpec, TccSpec, TransferStep, saga_spec, tcc_spec, u128_bytes)
 from marker.events import MARKER_EVENT_DTYPE
+from marker.groups import GroupMap
 from marker.workflow import MarkerCode
 
 TIMEOUT_S_DEFAULT = 30.0
@@ -120,6 +121,9 @@ class _Base:
             raise ValueError("a Marker client needs the client addresses of at least one Marker group")
         self.timeout_s = timeout_s
         self._ios = [_MarkerIo(g, timeout_s, attempt_timeout_s) for g in groups]
+        # group ids in the order given (1..n unless from_system says otherwise); routing: marker/groups.py
+        self._group_map = GroupMap([Group(k + 1, tuple(g)) for k, g in enumerate(groups)])
+        self._io_by_group = {k + 1: io for k, io in enumerate(self._ios)}
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,7 +132,10 @@ class _Base:
         system = System.load(path)
         if not system.markers:
             raise ValueError(f"{path}: no [marker] table")
-        return cls([list(g.clients) for g in system.markers], **kwargs)
+        client = cls([list(g.clients) for g in system.markers], **kwargs)
+        client._group_map = GroupMap(system.markers)
+        client._io_by_group = {g.id: io for g, io in zip(system.markers, client._ios)}
+        return client
 
     def close(self) -> None:
         for io in self._ios:
@@ -138,8 +145,7 @@ class _Base:
     def _io_of(self, workflow_id: int) -> IoCore:
         if len(self._ios) == 1:
             return self._ios[0]
-        h = hashlib.blake2b(workflow_id.to_bytes(16, "little"), digest_size=8).digest()
-        return self._ios[int.from_bytes(h, "little") % len(self._ios)]
+        return self._io_by_group[self._group_map.owner(workflow_id)]
 
     @staticmethod
     def _times(timestamp: int | None, deadline_ms: int | None) -> tuple[int, int]:
@@ -185,6 +191,11 @@ class _Base:
                 r = self._submit([spec], min(WAIT_MS_PER_ATTEMPT, left_ms)).result()[0]
             except Unavailable:
                 continue                                   # the group is electing or unreachable: again
+            except RequestRefused as exc:
+                if exc.code == ErrorCode.WRONG_GROUP:
+                    raise WorkflowRefused(wid, "EXPIRED" if "removed" in str(exc) else "WRONG_GROUP",
+                                          str(exc)) from None
+                raise
             if r.status == "refused":
                 if r.reason == "OVERLOADED" and time.monotonic() < deadline:
                     time.sleep(OVERLOADED_BACKOFF_S)

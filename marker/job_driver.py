@@ -23,12 +23,15 @@ Bounded: at most ``inflight_jobs_per_shard_max`` jobs in flight to one shard.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import heapq
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.records import BATCH_SIZE_MAX, RESULT_DTYPE, Code
+from engine.records import BATCH_SIZE_MAX, OP_DTYPE, RESULT_DTYPE, Code
 from marker.commands import JobResults, u128_bytes
 from marker.workflow import MarkerMachine
 
@@ -40,6 +43,7 @@ RESOLVED_HOLD_MS = 5_000                          # a definite result waiting to
 NOT_REMEMBERED = 0xFFFF                           # RESULT_OF: the shard cannot tell
 _DEDUP_EXPIRED = int(Code.DEDUP_EXPIRED)
 _ISSUED_IN_FUTURE = int(Code.ISSUED_IN_FUTURE)
+_OP_BYTES = OP_DTYPE.itemsize
 
 JobKey = tuple[int, int, int]                     # (workflow_id, job_index, attempt)
 JobResult = tuple[int, int, int, int, int]        # (workflow_id, job_index, attempt, code, seq)
@@ -59,13 +63,21 @@ class Send:
 
 @dataclass(slots=True)
 class _Track:
+    attempt: int
+    shard: int
     tries: int = 0
-    next_at_ms: int = 0
     result_of: bool = False
-    send_id: int = 0
+    send_id: int = 0                               # in flight in this send (0: not in flight)
+    token: int = 0                                 # the live entry of the job in a due queue / the timer heap
+    queued: bool = False                           # in its shard's due queue
 
 
 class JobDriver:
+    """The leader's driver over ``machine``. It keeps its own index of the machine's READY jobs (the
+    machine tells it which jobs become READY or leave it, ``MarkerMachine.add_ready_observer``), so a poll
+    costs O(jobs due now + timers due now), not O(every READY job): a job in flight, or waiting for its
+    retry or for its result to be applied, is not looked at until its reply or its timer comes."""
+
     def __init__(self, machine: MarkerMachine, *, inflight_jobs_per_shard_max: int = INFLIGHT_JOBS_PER_SHARD_MAX,
                  retry_base_ms: int = RETRY_BASE_MS, retry_max_ms: int = RETRY_MAX_MS,
                  resolved_hold_ms: int = RESOLVED_HOLD_MS, send_id_base: int = 1) -> None:
@@ -75,65 +87,137 @@ class JobDriver:
         self.inflight_jobs_per_shard_max = inflight_jobs_per_shard_max
         self.retry_base_ms, self.retry_max_ms, self.resolved_hold_ms = retry_base_ms, retry_max_ms, resolved_hold_ms
         self._next_send_id = send_id_base
-        self._tracks: dict[JobKey, _Track] = {}
+        self._tracks: dict[tuple[int, int], _Track] = {}
+        self._due: dict[int, collections.deque[tuple[tuple[int, int], int]]] = {}    # shard -> (job, token)
+        self._timers: list[tuple[int, int, tuple[int, int]]] = []                      # (at_ms, token, job)
+        self._tokens = itertools.count(1)
         self._sends: dict[int, Send] = {}
         self._inflight: dict[int, int] = {}
         self._results: list[JobResult] = []
         self.unknown_outcomes = 0
         self.bad_replies = 0
         self.sent_jobs = 0
+        # the machine's READY edges, appended by whichever thread applies entries, drained by poll
+        self._edges: collections.deque[tuple[int, int, int, int] | None] = collections.deque()
+        self._edges.append(None)                   # start from the machine's whole READY set
+        self._observer = self._edges.append
+        machine.add_ready_observer(self._observer)
+
+    def close(self) -> None:
+        """Stop observing the machine (a driver dropped on a lost leadership)."""
+        self.machine.remove_ready_observer(self._observer)
+
+    # ------------------------------------------------------------------------------------------ index
+    def _take_edges(self) -> None:
+        edges = self._edges
+        tracks = self._tracks
+        while edges:
+            e = edges.popleft()
+            if e is None:                          # (re)start: the machine's READY set as it is now
+                tracks.clear()
+                self._due.clear()
+                self._timers.clear()
+                for rj in self.machine.ready_jobs():
+                    self._track(rj.workflow_id, rj.job_index, rj.attempt, rj.shard)
+                continue
+            wid, k, attempt, shard = e
+            if attempt < 0:                        # left READY (done, abandoned, superseded)
+                t = tracks.get((wid, k))
+                if t is not None and t.send_id == 0:
+                    del tracks[(wid, k)]
+                elif t is not None:
+                    t.attempt = -1                 # in flight: forgotten when its reply comes
+                continue
+            t = tracks.get((wid, k))
+            if t is None or t.attempt != attempt:
+                self._track(wid, k, attempt, shard)
+
+    def _track(self, wid: int, k: int, attempt: int, shard: int) -> None:
+        old = self._tracks.get((wid, k))
+        t = self._tracks[(wid, k)] = _Track(attempt, shard)
+        if old is not None and old.send_id:
+            t.send_id = old.send_id                # the old attempt's send still counts against the shard
+            t.attempt = attempt
+        self._queue(wid, k, t)
+
+    def _queue(self, wid: int, k: int, t: _Track) -> None:
+        t.token = next(self._tokens)
+        t.queued = True
+        q = self._due.get(t.shard)
+        if q is None:
+            q = self._due[t.shard] = collections.deque()
+        q.append(((wid, k), t.token))
+
+    def _later(self, key: tuple[int, int], t: _Track, at_ms: int) -> None:
+        t.token = next(self._tokens)
+        t.queued = False
+        heapq.heappush(self._timers, (at_ms, t.token, key))
 
     # ------------------------------------------------------------------------------------------ poll
     def poll(self, now_ms: int) -> list[Send]:
         m = self.machine
-        apply: dict[int, tuple[list[np.ndarray], Send]] = {}
-        rof: dict[int, Send] = {}
-        seen: set[JobKey] = set()
-        for rj in m.ready_jobs():
-            key = (rj.workflow_id, rj.job_index, rj.attempt)
-            seen.add(key)
-            t = self._tracks.get(key)
-            if t is None:
-                t = self._tracks[key] = _Track()
-            if t.send_id or t.next_at_ms > now_ms or rj.not_before_ms > now_ms:
-                continue
-            if self._inflight.get(rj.shard, 0) >= self.inflight_jobs_per_shard_max:
-                continue
-            if t.result_of:
-                s = rof.get(rj.shard)
-                if s is None:
-                    s = rof[rj.shard] = Send(0, rj.shard, None, [], 0)
-                assert s.dedup_ids is not None
-                if len(s.dedup_ids) >= SEND_RECORDS_MAX:
-                    continue
-                issued = m.job_records(rj.workflow_id, rj.job_index)["issued_ms"][0]
-                s.issued_ms = int(issued) if not s.dedup_ids else min(s.issued_ms, int(issued))
-                s.jobs.append((key, len(s.dedup_ids), 1, rj.dedup_id))
-                s.dedup_ids.append(rj.dedup_id)
-            else:
-                recs = m.job_records(rj.workflow_id, rj.job_index)
-                parts, s = apply.get(rj.shard) or ([], Send(0, rj.shard, None, None, 0))
-                n = sum(len(p) for p in parts)
-                if n + len(recs) > SEND_RECORDS_MAX:
-                    continue                               # next round: a job's records are never split
-                parts.append(recs)
-                s.jobs.append((key, n, len(recs), rj.dedup_id))
-                apply[rj.shard] = (parts, s)
-            self._inflight[rj.shard] = self._inflight.get(rj.shard, 0) + 1
-            t.send_id = -1                                 # assigned below
-        for key in [k for k, t in self._tracks.items() if k not in seen and not t.send_id]:
-            del self._tracks[key]                          # done (or superseded by another attempt)
+        self._take_edges()
+        tracks = self._tracks
+        timers = self._timers
+        while timers and timers[0][0] <= now_ms:
+            _, token, key = heapq.heappop(timers)
+            t = tracks.get(key)
+            if t is not None and t.token == token and not t.send_id:
+                self._queue(key[0], key[1], t)
         out: list[Send] = []
-        for parts, s in apply.values():
-            s.records = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            out.append(s)
-        out += rof.values()
+        for shard, q in self._due.items():
+            room = self.inflight_jobs_per_shard_max - self._inflight.get(shard, 0)
+            parts: list[bytes] = []
+            apply = Send(0, shard, None, None, 0)
+            rof = Send(0, shard, None, [], 0)
+            n = 0
+            while q and room > 0:
+                key, token = q[0]
+                t = tracks.get(key)
+                if t is None or t.token != token or t.send_id:
+                    q.popleft()                    # a stale entry (left READY, re-queued, in flight)
+                    continue
+                rj = m.ready_job(key[0], key[1])
+                if rj is None or rj.attempt != t.attempt:
+                    q.popleft()                    # its READY edge is on its way
+                    continue
+                if rj.not_before_ms > now_ms:
+                    q.popleft()
+                    self._later(key, t, rj.not_before_ms)
+                    continue
+                jkey = (key[0], key[1], t.attempt)
+                if t.result_of:
+                    assert rof.dedup_ids is not None
+                    if len(rof.dedup_ids) >= SEND_RECORDS_MAX:
+                        break
+                    issued = m.job_issued_ms(key[0], key[1])
+                    rof.issued_ms = issued if not rof.dedup_ids else min(rof.issued_ms, issued)
+                    rof.jobs.append((jkey, len(rof.dedup_ids), 1, rj.dedup_id))
+                    rof.dedup_ids.append(rj.dedup_id)
+                else:
+                    recs = m.job_record_bytes(key[0], key[1])
+                    nrec = len(recs) // _OP_BYTES
+                    if n + nrec > SEND_RECORDS_MAX:
+                        break                      # next round: a job's records are never split
+                    parts.append(recs)
+                    apply.jobs.append((jkey, n, nrec, rj.dedup_id))
+                    n += nrec
+                q.popleft()
+                t.queued = False
+                t.send_id = -1                     # assigned below
+                room -= 1
+            if parts:
+                apply.records = np.frombuffer(b"".join(parts), dtype=OP_DTYPE)     # read-only
+                out.append(apply)
+            if rof.jobs:
+                out.append(rof)
         for s in out:
             s.send_id = self._next_send_id
             self._next_send_id += 1
             self._sends[s.send_id] = s
-            for key, _, _, _ in s.jobs:
-                self._tracks[key].send_id = s.send_id
+            self._inflight[s.shard] = self._inflight.get(s.shard, 0) + len(s.jobs)
+            for (wid, k, _), _, _, _ in s.jobs:
+                tracks[(wid, k)].send_id = s.send_id
             self.sent_jobs += len(s.jobs)
         return out
 
@@ -151,10 +235,16 @@ class JobDriver:
             self.bad_replies += 1
         for key, off, _n, dedup_id in s.jobs:
             self._inflight[s.shard] -= 1
-            t = self._tracks.get(key)
-            if t is None:
-                t = self._tracks[key] = _Track()
+            t = self._tracks.get((key[0], key[1]))
+            if t is None or t.send_id != send_id:
+                continue                           # a newer attempt took its place
             t.send_id = 0
+            if t.attempt != key[2]:                # left READY while in flight
+                if t.attempt < 0:
+                    del self._tracks[(key[0], key[1])]
+                else:
+                    self._queue(key[0], key[1], t)
+                continue
             definite = False
             if ok:
                 assert results is not None
@@ -164,17 +254,19 @@ class JobDriver:
                 if rid != dedup_id:
                     self.bad_replies += 1
                 elif s.records is not None and code == _DEDUP_EXPIRED:
-                    t.result_of, t.tries, t.next_at_ms = True, 0, now_ms
+                    t.result_of, t.tries = True, 0
+                    self._queue(key[0], key[1], t)
                     continue
                 elif code not in (_ISSUED_IN_FUTURE, NOT_REMEMBERED):
                     definite = True
             if definite:
                 self._results.append((key[0], key[1], key[2], code, seq))
-                t.tries, t.next_at_ms = 0, now_ms + self.resolved_hold_ms
+                t.tries = 0
+                self._later((key[0], key[1]), t, now_ms + self.resolved_hold_ms)
             else:
                 self.unknown_outcomes += 1
                 t.tries += 1
-                t.next_at_ms = now_ms + self._backoff_ms(dedup_id, t.tries)
+                self._later((key[0], key[1]), t, now_ms + self._backoff_ms(dedup_id, t.tries))
 
     def _backoff_ms(self, dedup_id: int, tries: int) -> int:
         delay = min(self.retry_max_ms, self.retry_base_ms << min(tries - 1, 20))

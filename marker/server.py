@@ -43,11 +43,13 @@ from engine import wire as W
 from engine.client import Client as ShardClient
 from engine.service.config import ServiceConfig
 from engine.service.logs import setup_logging
+from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
 from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
-from engine.system import System
+from engine.system import Group, System
 from marker import wire as MW
 from marker.commands import Drain, Submit, encode_entry, u128_bytes
+from marker.groups import GroupMap
 from marker.events import MARKER_EVENT_DTYPE, EventKind
 from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, NOT_REMEMBERED, RETRY_BASE_MS, RETRY_MAX_MS, JobDriver,
                                Send, job_results_command)
@@ -62,6 +64,7 @@ _FINISH_KINDS = (int(EventKind.FINISHED), int(EventKind.STUCK))
 @dataclass
 class MarkerConfig(ServiceConfig):
     system: str = ""                                   # system.toml: the shards' addresses and the shard map
+    group_id: int = 1                                  # this Marker group's id in system.toml (marker/groups.py)
     workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX
     finished_retained_max: int = FINISHED_RETAINED_MAX
     inflight_jobs_per_shard_max: int = INFLIGHT_JOBS_PER_SHARD_MAX
@@ -74,9 +77,9 @@ class MarkerConfig(ServiceConfig):
     waiters_max: int = 100_000                         # SUBMITs held for their outcome
 
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "marker": ("system", "workflows_inflight_max", "finished_retained_max", "inflight_jobs_per_shard_max",
-                   "retry_base_ms", "retry_max_ms", "shard_timeout_ms", "shard_attempt_timeout_ms",
-                   "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
+        "marker": ("system", "group_id", "workflows_inflight_max", "finished_retained_max",
+                   "inflight_jobs_per_shard_max", "retry_base_ms", "retry_max_ms", "shard_timeout_ms",
+                   "shard_attempt_timeout_ms", "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
     }
 
     def validate(self) -> None:
@@ -96,24 +99,33 @@ class MarkerConfig(ServiceConfig):
 
 class _Waiter:
     """A SUBMIT held until its workflows finish (or ``deadline``)."""
-    __slots__ = ("p", "replies", "open", "deadline")
+    __slots__ = ("p", "replies", "open", "deadline", "at")
 
     def __init__(self, p: Pending, replies: list[MW.SubmitReply], deadline: float) -> None:
         self.p: Pending | None = p
         self.replies = replies
-        self.open = sum(1 for r in replies if not r.finished and r.status in ("created", "duplicate"))
+        self.at: dict[int, list[int]] = {}       # workflow id -> the indexes of its open replies
+        for k, r in enumerate(replies):
+            if not r.finished and r.status in ("created", "duplicate"):
+                self.at.setdefault(int.from_bytes(r.workflow_id, "little"), []).append(k)
+        self.open = sum(len(v) for v in self.at.values())
         self.deadline = deadline
 
 
 class MarkerServer(ReplicatedServer):
     EVENT_DTYPE = MARKER_EVENT_DTYPE
-    APP_REFUSAL_REASONS = ("waiters",)
+    APP_REFUSAL_REASONS = ("waiters", "wrong_group")
     LOGGER_NAMES = ("zwallet",)
     config: MarkerConfig
 
     def __init__(self, config: MarkerConfig) -> None:
         super().__init__(config)
         self.system = System.load(config.system)
+        self.groups = GroupMap(self.system.markers or (Group(config.group_id, ("",)),))
+        if config.group_id not in {g.id for g in self.groups.groups}:
+            raise ValueError(f"{config.system}: lists no Marker group {config.group_id} (this replica's group_id)")
+        if config.group_id in self.groups.removed:
+            raise ValueError(f"{config.system}: Marker group {config.group_id} is marked removed; it does not serve")
         self.machine = MarkerMachine(self.system.shard_map, event_sink=self._on_events,
                                      workflows_inflight_max=config.workflows_inflight_max,
                                      finished_retained_max=config.finished_retained_max)
@@ -169,6 +181,13 @@ class MarkerServer(ReplicatedServer):
                 req = MW.decode_submit(payload)
             except ValueError as exc:
                 raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            if self.groups.several:
+                me = self.config.group_id
+                for spec in req.specs:
+                    why = self.groups.refusal(int.from_bytes(spec.workflow_id, "little"), spec.issued_ms, me)
+                    if why is not None:
+                        raise RequestError(ErrorCode.WRONG_GROUP, why + "; nothing was created",
+                                           reason="wrong_group")
             if req.wait_ms and self._nwaiters >= self.config.waiters_max:
                 raise RequestError(ErrorCode.OVERLOADED, "too many SUBMITs are waiting for their outcome "
                                    "(waiters_max); submit without waiting or retry later", reason="waiters")
@@ -217,13 +236,11 @@ class MarkerServer(ReplicatedServer):
         self._kick()
 
     def _brief(self, wid: int) -> tuple[str, int | None] | None:
-        wf = self.machine.get_workflow(wid)
-        return None if wf is None else (wf["state"], wf["code"])
+        return self.machine.workflow_brief(wid)
 
     def _park(self, w: _Waiter) -> None:
-        for r in w.replies:
-            if not r.finished and r.status in ("created", "duplicate"):
-                self._waiters.setdefault(int.from_bytes(r.workflow_id, "little"), []).append(w)
+        for wid in w.at:
+            self._waiters.setdefault(wid, []).append(w)
         self._waiter_seq += 1
         self._nwaiters += 1
         heapq.heappush(self._waiter_deadlines, (w.deadline, self._waiter_seq, w))
@@ -237,13 +254,14 @@ class MarkerServer(ReplicatedServer):
                 continue
             with self.lock:
                 brief = self._brief(wid)
+            if brief is None:
+                continue
             for w in ws:
                 if w.p is None:
                     continue
-                for k, r in enumerate(w.replies):
-                    if int.from_bytes(r.workflow_id, "little") == wid and not r.finished and brief is not None:
-                        w.replies[k] = _finished_reply(r, brief)
-                        w.open -= 1
+                for k in w.at.pop(wid, ()):
+                    w.replies[k] = _finished_reply(w.replies[k], brief)
+                    w.open -= 1
                 if w.open <= 0:
                     self._answer(w)
 
@@ -314,6 +332,8 @@ class MarkerServer(ReplicatedServer):
     def _stop_driving(self) -> None:
         if self._driver is not None:
             log.info("marker %d: no longer the leader; the driver stops", self.node_id)
+            with self.lock:
+                self._driver.close()
         self._driver = None
         self._drop_waiters()
 
@@ -461,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zwallet marker: {exc}", flush=True)
         return 2
     setup_logging(config.node_id, config.verbose)
+    tune_malloc()                          # before any thread starts
     server = MarkerServer(config)
 
     def on_signal(_sig: int, _frm: Any) -> None:

@@ -194,6 +194,7 @@ class Job:
     issued_ms: int = 0
     not_before_ms: int = 0
     dedup_id: int = 0
+    records: bytes | None = None          # derived: its op records at this attempt, built once (not snapshotted)
 
 
 @dataclass(slots=True)
@@ -236,6 +237,8 @@ class ReadyJob:
 
 
 EventSink = Callable[[list[np.ndarray]], None]
+_ZERO4 = (0, 0, 0, 0)
+ReadyObserver = Callable[[tuple[int, int, int, int] | None], None]
 
 
 class MarkerMachine:
@@ -253,6 +256,7 @@ class MarkerMachine:
         self.finished_retained_max = finished_retained_max
         self.null_cancel = (NULL_CANCELLED is not None) if null_cancel is None else bool(null_cancel)
         self._encoder = OpEncoder()
+        self._ready_observers: list[ReadyObserver] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -323,7 +327,8 @@ class MarkerMachine:
                             self.shard_map.epoch)
             for k in range(len(wf.jobs)):
                 if wf.jobs[k].kind in (JobKind.TRY, JobKind.STEP):
-                    self.job_records(wf, k)           # every phase-1 job must build: refuse it now if not
+                    # every phase-1 job must build: refuse it now if not (and keep them for the driver)
+                    wf.jobs[k].records = self.job_records(wf, k).tobytes()
         except (ValueError, TypeError, OverflowError) as exc:
             return Outcome(status="refused", reason=Refusal.INVALID_SPEC, workflow_id=wid, message=str(exc))
         self.create_seq += 1
@@ -413,6 +418,15 @@ class MarkerMachine:
             j.issued_ms = self.now_ms
         j.state = JobState.READY
         self._ready[(wf.workflow_id, k)] = None
+        for obs in self._ready_observers:
+            obs((wf.workflow_id, k, j.attempt, j.shard))
+
+    def _unready(self, wf: Workflow, k: int) -> None:
+        wid = wf.workflow_id
+        wf.jobs[k].records = None
+        if self._ready.pop((wid, k), 0) is None:
+            for obs in self._ready_observers:
+                obs((wid, k, -1, NO_SHARD))
 
     def _decide(self, wf: Workflow, k: int, forced: int | None) -> None:
         d = wf.jobs[k]
@@ -434,7 +448,7 @@ class MarkerMachine:
                     self._emit(EventKind.JOB_SKIPPED, wf, i, j)
                 elif j.state == JobState.READY and (wf.kind == WORKFLOW_KIND_SAGA or self.null_cancel):
                     j.state = JobState.ABANDONED
-                    self._ready.pop((wf.workflow_id, i), None)
+                    self._unready(wf, i)
                     self._emit(EventKind.JOB_ABANDONED, wf, i, j)
         self._emit(EventKind.DECIDED, wf, k, d, code)
 
@@ -449,6 +463,8 @@ class MarkerMachine:
             return
         wf.state = WorkflowState.SUCCEEDED if wf.code == Code.OK else WorkflowState.FAILED
         wf.finished_ms = self.now_ms
+        for j in wf.jobs:
+            j.records = None
         self._emit(EventKind.FINISHED, wf, None, None, wf.code)
         del self._active[wf.workflow_id]
         self._finished[wf.workflow_id] = wf
@@ -471,7 +487,7 @@ class MarkerMachine:
                 ignored += 1
                 continue
             accepted += 1
-            self._ready.pop((wf.workflow_id, k), None)
+            self._unready(wf, k)
             j.seq = seq
             if j.kind in _PHASE2 and code not in PHASE2_DONE_CODES[j.kind]:
                 j.code = code
@@ -520,29 +536,70 @@ class MarkerMachine:
         self._events.append((self.last_seq, kind, wf, k, j, code))
 
     def _flush_events(self) -> None:
+        # one tuple per record and one numpy conversion for the lot (a field assignment per record and field
+        # cost ~1 us each: ~100 us per workflow on every replica); the values are read now, at the end of
+        # the entry, as they always were
         if not self._events:
             return
-        evs = np.zeros(len(self._events), dtype=MARKER_EVENT_DTYPE)
-        for i, (seq, kind, wf, k, j, code) in enumerate(self._events):
-            r = evs[i]
-            r["seq_num"], r["timestamp"] = seq, self.now_ms
-            r["workflow_id"] = (wf.workflow_id & 0xFFFFFFFFFFFFFFFF, wf.workflow_id >> 64)
-            r["kind"], r["workflow_kind"], r["state"] = int(kind), wf.kind, int(wf.state)
-            r["job_index"] = NO_JOB if k is None else k
-            r["shard_id"] = NO_SHARD if j is None else j.shard
-            r["code"] = 0 if code is None else code
-            r["deadline_ms"], r["shard_epoch"] = wf.deadline_ms, wf.epoch
-            if j is not None:
-                r["dedup_id"] = (j.dedup_id & 0xFFFFFFFFFFFFFFFF, j.dedup_id >> 64)
-                r["job_kind"], r["attempt"] = int(j.kind), min(j.attempt, 0xFFFF)
-                r["job_seq"], r["issued_ms"] = j.seq, j.issued_ms
+        m64 = 0xFFFFFFFFFFFFFFFF
+        now = self.now_ms
+        rows = []
+        for seq, kind, wf, k, j, code in self._events:
+            wid = wf.workflow_id
+            c = 0 if code is None else code
+            if j is None:
+                rows.append((seq, now, (wid & m64, wid >> 64), (0, 0), kind, wf.kind, wf.state, 0,
+                             NO_JOB if k is None else k, NO_SHARD, c, 0, 0, 0, wf.spec.issued_ms,
+                             wf.spec.deadline_ms, wf.epoch, _ZERO4))
             else:
-                r["issued_ms"] = wf.issued_ms
+                d = j.dedup_id
+                rows.append((seq, now, (wid & m64, wid >> 64), (d & m64, d >> 64), kind, wf.kind, wf.state, j.kind,
+                             NO_JOB if k is None else k, j.shard, c, min(j.attempt, 0xFFFF), 0, j.seq, j.issued_ms,
+                             wf.spec.deadline_ms, wf.epoch, _ZERO4))
+        evs = np.array(rows, dtype=MARKER_EVENT_DTYPE)
         self._events.clear()
         if self.event_sink is not None:
             self.event_sink([evs])
 
     # ------------------------------------------------------------------------------------ for the driver
+    def add_ready_observer(self, observer: ReadyObserver) -> None:
+        """``observer((workflow_id, job_index, attempt, shard))`` whenever a job becomes READY (attempt -1:
+        it left READY), and ``observer(None)`` after a restore (the READY set is then ``ready_jobs()``).
+        Called in ``apply`` / ``restore``, on their thread: the leader's driver keeps its index with it. It
+        only learns: the machine's state does not depend on who observes it."""
+        self._ready_observers.append(observer)
+
+    def remove_ready_observer(self, observer: ReadyObserver) -> None:
+        if observer in self._ready_observers:
+            self._ready_observers.remove(observer)
+
+    def ready_job(self, workflow_id: int, k: int) -> ReadyJob | None:
+        """Job ``k`` of a workflow if it is READY now, else None."""
+        wf = self._active.get(workflow_id)
+        if wf is None or not 0 <= k < len(wf.jobs):
+            return None
+        j = wf.jobs[k]
+        if j.state != JobState.READY:
+            return None
+        return ReadyJob(workflow_id, k, j.attempt, j.shard, j.dedup_id, j.kind, j.not_before_ms)
+
+    def job_record_bytes(self, workflow_id: int, k: int) -> bytes:
+        """``job_records(workflow_id, k)`` as bytes, built once per attempt (phase-1 jobs: at their SUBMIT)."""
+        wf = self._active.get(workflow_id)
+        if wf is None:
+            return self.job_records(workflow_id, k).tobytes()
+        j = wf.jobs[k]
+        if j.records is None:
+            j.records = self.job_records(wf, k).tobytes()
+        return j.records
+
+    def job_issued_ms(self, workflow_id: int, k: int) -> int:
+        """The issued_ms job ``k``'s records carry at its current attempt."""
+        wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
+        if wf is None:
+            raise ValueError(f"unknown workflow {workflow_id}")
+        return wf.jobs[k].issued_ms
+
     def ready_jobs(self) -> Iterator[ReadyJob]:
         """Every READY job, in the order they became ready (what a leader's driver sends)."""
         for wid, k in self._ready:
@@ -586,6 +643,12 @@ class MarkerMachine:
         raise ValueError(f"job {k} of workflow {wf.workflow_id} is internal ({j.kind.name})")
 
     # ---------------------------------------------------------------------------------------- queries
+    def workflow_brief(self, workflow_id: int) -> tuple[str, int | None] | None:
+        """(state name, outcome code) of a workflow, or None: what a SUBMIT's reply needs, without
+        ``get_workflow``'s dicts."""
+        wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
+        return None if wf is None else (wf.state.name, wf.code)
+
     def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
         wf = self._active.get(workflow_id) or self._finished.get(workflow_id)
         if wf is None:
@@ -661,6 +724,8 @@ class MarkerMachine:
                     self._ready[(wf.workflow_id, k)] = None
         for wf in fin:
             self._finished[wf.workflow_id] = wf
+        for obs in self._ready_observers:
+            obs(None)
 
     def _wf_from(self, w: list) -> Workflow:
         spec_bytes, part_shards, epoch, create_seq, created_ms, state, code, decided, finished, overdue, jobs = w

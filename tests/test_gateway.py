@@ -535,3 +535,23 @@ def test_the_ledgers_scenarios_give_the_same_codes_on_two_shards(client, ls, sce
     on_system = scenario(client, system_ids, lambda: base + next(counter))
     assert [int(c) for c in on_system[0]] == [int(c) for c in embedded[0]]
     assert on_system[1] == embedded[1]
+
+
+def test_workflows_go_to_their_marker_group_when_there_are_several(tmp_path):
+    """Two Marker groups: the router batches each SUBMIT by the workflows' group (rendezvous hashing, the
+    Marker client's own), so none is refused WRONG_GROUP."""
+    with LocalSystem(str(tmp_path), shards=2, replicas=1, marker_groups=2, gateways=1) as s:
+        s.start()
+        with gateway.Client.from_system(s.system_path) as c:
+            a, b = account_on(s, 1), account_on(s, 2)
+            for x in (a, b):
+                assert c.create_account(new_id(), x, CUR, lower_limit=None).ok
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(c.transfer(new_id(), a, b, 1, CUR)))
+                       for _ in range(40)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(results) == 40 and all(r.ok for r in results), results
+            assert c.get_account(b)["available"] == 40

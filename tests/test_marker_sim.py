@@ -215,6 +215,7 @@ def _crash(sim: Sim, leader: Leader, ref: MarkerMachine, inflight_max: int) -> L
     sim.gen += 1
     sim.proposals.clear()
     sim.stats["crashes"] += 1
+    leader.driver.close()                                       # the old leader's driver is gone
     mode = sim.rng.choice(["same", "snapshot", "replay"])
     if mode == "same":
         m = leader.machine

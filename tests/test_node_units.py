@@ -482,3 +482,27 @@ def test_event_store_pruning_killed_midway_leaves_a_consistent_store(tmp_path):
     got = es.read(floor, es.last_seq, 100_000)
     assert got["seq_num"][0] == floor and got["seq_num"][-1] == es.last_seq
     es.close()
+
+
+def test_event_store_index_block_layout(tmp_path):
+    """A flush's index block is the documented layout, whatever the chunks: the header, then the commands'
+    (part-0 events') id hashes sorted (stable), then their seqs in that order."""
+    from engine.service.event_store import _BLOCK_HEADER, dedup_hashes
+    led = _ledger_events(40)                        # seqs 1, 2 (one part each), then 3..42 with 2 parts each
+    es = EventStore(str(tmp_path))
+    chunks = [led.events(1, 1), led.events(2, 9), led.events(10, 10), led.events(11, 42)]
+    for c in chunks:
+        es.append([c])
+    key, value = es._index_block()
+    evs = led.events(1, 42)
+    firsts = evs[evs["part"] == 0]
+    hashes = dedup_hashes(np.ascontiguousarray(firsts["dedup_id"]))
+    order = np.argsort(hashes, kind="stable")
+    ts = firsts["timestamp"]
+    want = (_BLOCK_HEADER.pack(1, 42, int(ts.min()), int(ts.max()), len(firsts))
+            + hashes[order].astype("<u8").tobytes() + firsts["seq_num"][order].astype("<u8").tobytes())
+    assert key == struct.pack(">Q", 1) and value == want
+    es.flush()
+    assert all(es.lookup(R.get_u128(firsts["dedup_id"][k:k + 1])[0]) == int(firsts["seq_num"][k])
+               for k in range(len(firsts)))
+    es.close()

@@ -260,3 +260,34 @@ def test_marker_events_are_gap_free_and_fetchable(local_system, bank):
     fetched = m.events(1, int(evs["seq_num"][-1]))
     assert fetched["seq_num"].tolist() == list(range(1, int(evs["seq_num"][-1]) + 1))
     assert fetched[-len(evs):].tobytes() == evs.tobytes()
+
+
+def test_a_shard_down_holds_only_its_workflows(local_system, bank):
+    """Every replica of shard 2 frozen (SIGSTOP): a workflow touching it waits, one on shard 1 alone
+    finishes; once shard 2 is back the waiting one finishes too, exactly once."""
+    system, sc, accts, m = bank
+    s2 = local_system.shards[2]
+    a1, a2, b = accts[1][0], accts[1][1], accts[2][0]
+    before = money(sc, system, [a1, a2])
+    for i in s2.ids:
+        s2.pause(i)
+    try:
+        import marker.commands as MC
+        now = int(time.time() * 1000)
+        waiting = m.submit_async([MC.transfer(1_000_040, a1, b, 5, CUR, issued_ms=now, deadline_ms=now + 60_000)],
+                                 wait_ms=0).result()[0]
+        assert waiting.status == "created"
+        r = m.transfer(1_000_041, a1, a2, 4, CUR)                   # both accounts on shard 1
+        assert r.code == Code.OK
+        time.sleep(0.5)
+        assert m.get_workflow(1_000_040)["state"] == "RUNNING"
+    finally:
+        for i in s2.ids:
+            s2.resume(i)
+    deadline = time.monotonic() + 30
+    while m.get_workflow(1_000_040)["state"] != "SUCCEEDED":
+        assert time.monotonic() < deadline, m.get_workflow(1_000_040)
+        time.sleep(0.1)
+    after = money(sc, system, [a1, a2])
+    assert after[a1]["available"] == before[a1]["available"] - 9 and after[a2]["available"] == \
+        before[a2]["available"] + 4

@@ -36,7 +36,8 @@ class LocalSystem:
     """S shards x R replicas plus a Marker group of R replicas, as local processes under ``base_dir``."""
 
     def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
-                 sync: bool = True, verbose: bool = False, marker: bool = True, gateways: int = 1,
+                 sync: bool = True, verbose: bool = False, marker: bool = True, marker_groups: int = 1,
+                 gateways: int = 1,
                  node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
         if not 1 <= shards <= 64:
             raise ValueError("shards must be 1..64")
@@ -50,7 +51,9 @@ class LocalSystem:
         self.replicas = replicas
         self.shard_map = ShardMap.uniform(self.shard_ids, epoch=1)
         block = 3 * replicas
-        groups = shards + (1 if marker else 0)
+        if not 1 <= marker_groups <= 16:
+            raise ValueError("marker_groups must be 1..16")
+        groups = shards + (marker_groups if marker else 0)
         nports = block * groups + gateways
         ports = list(range(base_port, base_port + nports)) if base_port else free_ports(nports)
         self.shards: dict[int, NodeCluster] = {}
@@ -61,36 +64,41 @@ class LocalSystem:
                                            ports=ports[k * block:(k + 1) * block], verbose=verbose, sync=sync,
                                            shard_id=sid, system=self.system_path, **settings)
         self.marker = None
+        self.markers: dict[int, Any] = {}          # Marker group id -> its MarkerCluster
         groups_desc = {sid: Group(sid, tuple(c.client_addresses), tuple(c.pub_addresses),
                                   tuple(c.raft_addr[i] for i in c.ids)) for sid, c in self.shards.items()}
-        markers: tuple[Group, ...] = ()
+        markers: list[Group] = []
         if marker:
             from marker.cluster import MarkerCluster
-            self.marker = MarkerCluster(replicas, os.path.join(self.base_dir, "marker"), self.system_path,
-                                        ports=ports[shards * block:(shards + 1) * block], verbose=verbose,
-                                        sync=sync, **dict(marker_settings or {}))
-            markers = (Group(1, tuple(self.marker.client_addresses), tuple(self.marker.pub_addresses),
-                             tuple(self.marker.raft_addr[i] for i in self.marker.ids)),)
+            for gid in range(1, marker_groups + 1):
+                at = (shards + gid - 1) * block
+                mc = MarkerCluster(replicas, os.path.join(self.base_dir, "marker" if gid == 1 else f"marker-{gid}"),
+                                   self.system_path, ports=ports[at:at + block], verbose=verbose, sync=sync,
+                                   group_id=gid, **dict(marker_settings or {}))
+                self.markers[gid] = mc
+                markers.append(Group(gid, tuple(mc.client_addresses), tuple(mc.pub_addresses),
+                                     tuple(mc.raft_addr[i] for i in mc.ids)))
+            self.marker = self.markers[1]
         self.gateway_addresses = [f"tcp://127.0.0.1:{p}" for p in ports[block * groups:block * groups + gateways]]
         self.gateways: dict[int, subprocess.Popen] = {}
         extra: dict[str, Any] = {"gateway": {"clients": self.gateway_addresses}} if gateways else {}
-        self.system = System(self.shard_map, groups_desc, markers, extra)
+        self.system = System(self.shard_map, groups_desc, tuple(markers), extra)
         self.system.write(self.system_path)
 
     @property
     def groups(self) -> dict[str, NodeCluster]:
         out: dict[str, Any] = {f"shard {sid}": c for sid, c in self.shards.items()}
-        if self.marker is not None:
-            out["marker"] = self.marker
+        for gid, mc in self.markers.items():
+            out["marker" if gid == 1 else f"marker {gid}"] = mc
         return out
 
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         for c in self.shards.values():
             for i in c.ids:
                 c.start_replica(i, wait=False)
-        if self.marker is not None:
-            for i in self.marker.ids:
-                self.marker.start_replica(i, wait=False)
+        for mc in self.markers.values():
+            for i in mc.ids:
+                mc.start_replica(i, wait=False)
         for c in self.groups.values():
             for i in c.ids:
                 c._wait_ready(i)
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--dir", required=True, help="data, configs and system.toml go here")
     p.add_argument("--base-port", type=int, default=7100)
+    p.add_argument("--marker-groups", type=int, default=1, help="Marker groups (workflows by rendezvous hash)")
     p.add_argument("--gateways", type=int, default=1, help="gateway replicas (0: none)")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
     p.add_argument("--verbose", action="store_true")
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         system = LocalSystem(args.dir, args.shards, args.replicas, base_port=args.base_port,
-                             sync=not args.no_sync, verbose=args.verbose, gateways=args.gateways)
+                             sync=not args.no_sync, verbose=args.verbose, marker_groups=args.marker_groups,
+                             gateways=args.gateways)
     except (ValueError, OSError) as exc:
         print(f"zwallet up: {exc}", file=sys.stderr)
         return 2

@@ -81,13 +81,31 @@ _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
 
 def dedup_hashes(ids: np.ndarray) -> np.ndarray:
     """64-bit hashes of dedup ids given as an (n, 2) u64 [lo, hi] array (the records' layout)."""
-    lo, hi = ids[:, 0], ids[:, 1]
+    return _mix(ids[:, 0], ids[:, 1])
+
+
+def _mix(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = lo ^ (hi * _M1)
         x ^= x >> np.uint64(31)
         x *= _M2
         x ^= x >> np.uint64(29)
     return x
+
+
+def _index_part(evs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """What the index needs of a chunk of events: its commands' (first events', part 0) dedup id hashes, seqs,
+    and the least and greatest of their timestamps. Gathered column by column through the part-0 positions
+    (~35 ns a transfer): a boolean index of the 128-byte records and a multi-field view of them cost ~225 ns
+    (14% of a replica's apply thread at ~330K transfers/s), a 2-D take of the ids ~10 ns more."""
+    at = np.flatnonzero(evs["part"] == 0)
+    ids = evs["dedup_id"]
+    hashes = _mix(ids[:, 0].take(at), ids[:, 1].take(at))
+    seqs = evs["seq_num"].take(at)
+    if not len(at):
+        return hashes, seqs, 0, 0
+    ts = evs["timestamp"].take(at)
+    return hashes, seqs, int(ts.min()), int(ts.max())
 
 
 def _hash_of(dedup_id: int) -> int:
@@ -139,7 +157,8 @@ class EventStore:
                 raw = _LAST.pack(self.last_seq + 1)
                 txn.put(b"index_from", raw)
             self._index_from = _LAST.unpack(raw)[0]
-        self._pending_index: list[np.ndarray] = []      # part-0 records of the pending chunks (for the index)
+        # the pending chunks' commands for the index: (id hashes, seqs, min timestamp, max timestamp) a chunk
+        self._pending_index: list[tuple[np.ndarray, np.ndarray, int, int]] = []
         self._prune_to = 0
         self._prune_wake = threading.Condition()
         self._pruner: threading.Thread | None = None
@@ -203,7 +222,7 @@ class EventStore:
                 value = self._encode(evs)
                 self._pending.append((_KEY.pack(first), value))
                 if self.indexed:
-                    self._pending_index.append(evs[evs["part"] == 0][["seq_num", "timestamp", "dedup_id"]])
+                    self._pending_index.append(_index_part(evs))
                 self._pending_bytes += len(value)
                 if not self._pending_first or first < self._pending_first:
                     self._pending_first = first
@@ -233,17 +252,19 @@ class EventStore:
 
     def _index_block(self) -> tuple[bytes, bytes] | None:
         """The dedup index block of the pending chunks (their commands' sorted id hashes and seqs)."""
-        parts = [p for p in self._pending_index if len(p)]
+        parts = [p for p in self._pending_index if len(p[0])]
         if not parts:
             return None
-        recs = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        seqs = recs["seq_num"].astype("<u8")
-        hashes = dedup_hashes(np.ascontiguousarray(recs["dedup_id"]))
+        if len(parts) == 1:
+            hashes, seqs = parts[0][0], parts[0][1]
+        else:
+            hashes = np.concatenate([p[0] for p in parts])
+            seqs = np.concatenate([p[1] for p in parts])
         order = np.argsort(hashes, kind="stable")
         first, last = int(seqs.min()), int(seqs.max())
-        ts = recs["timestamp"]
-        head = _BLOCK_HEADER.pack(first, last, int(ts.min()), int(ts.max()), len(recs))
-        return _KEY.pack(first), head + hashes[order].astype("<u8").tobytes() + seqs[order].tobytes()
+        ts0, ts1 = min(p[2] for p in parts), max(p[3] for p in parts)
+        head = _BLOCK_HEADER.pack(first, last, ts0, ts1, len(hashes))
+        return _KEY.pack(first), head + hashes[order].astype("<u8").tobytes() + seqs[order].astype("<u8").tobytes()
 
     def lookup(self, dedup_id: int, since_ms: int = 0) -> int | None:
         """The seq of the applied command with this dedup id, if the index holds it; None if not. Walks the

@@ -66,6 +66,8 @@ class ErrorCode(IntEnum):
                        # the map this replica serves); nothing applied: refresh the map and route again
     STALE_EPOCH = 13   # the request was routed with a shard map epoch other than this replica's
                        # (Reply.shard_epoch); nothing applied
+    WRONG_GROUP = 14   # a Marker group asked to run a workflow another group owns (or a removed one ran);
+                       # nothing created: the message says which (marker/groups.py)
 
 
 class Request(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
