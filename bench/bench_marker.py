@@ -23,7 +23,8 @@ d. **latency**: one transfer per SUBMIT at fixed offered rates (``--rates``), op
    ones; its latency runs from the due time to the reply carrying its outcome), ``--latency-s`` each after
    ``--latency-warmup-s`` not counted. An unanswered request counts as infinitely late.
 
-(c) and (d) use a bare DEALER to the Marker leader speaking docs/protocol.md (header + msgpack SUBMIT), not
+(c) and (d) use bare DEALERs (one to each Marker replica, requests to the leader, NOT_LEADER redirects
+followed mid-phase with the same request) speaking docs/protocol.md (header + msgpack SUBMIT), not
 ``marker.Client``: the load shares the 2 cores with 9 replicas, and the client's I/O thread and futures would
 take CPU from them. Transfers/s are counted at the client when the replies carrying the outcome arrive, per
 1-second window; the median window and the whole phase's mean are reported.
@@ -77,6 +78,7 @@ DEADLINE_MS = 60_000
 WAIT_MS = 60_000                     # SUBMITs are held this long for their outcome
 REPLY_WAIT_S = 60.0
 DRAIN_WAIT_S = 60.0
+FINISHED_RETAINED = 10_000           # the Marker's finished_retained_max in this benchmark (default 100,000)
 BARS = {"cross_batched_per_s": 20_000, "p99_ms_at_1000": 25.0}
 ANCHORS = [("Auticuro", "2,000 transactions/s per Marker shard (claimed, no benchmark published)"),
            ("DTM", "~10,900 global transactions/s with a Redis store and empty branches; 575/s with MySQL")]
@@ -311,44 +313,107 @@ def run_cross_batched(m: MarkerClient, pairs: Pairs, ids: Ids, args: argparse.Na
 
 
 class Wire:
-    """A bare DEALER to the Marker leader: SUBMIT requests out, (req_id, reply, SubmitReplies) in."""
+    """Bare DEALERs to every Marker replica: SUBMIT requests out (to the one believed leader), (req_id, outcome
+    OK) in. A NOT_LEADER answer is followed mid-phase: the same request (the same req_id and bytes: the same
+    workflow, a duplicate if it was created) goes again to the leader the reply names, or, if it names none,
+    to the next replica after ``REDIRECT_PAUSE_S``; a request's latency runs on across its redirects."""
 
-    def __init__(self, address: str) -> None:
+    REDIRECT_PAUSE_S = 0.02
+
+    def __init__(self, addresses: list[str], leader: int) -> None:
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        self.sock.setsockopt(zmq.RCVHWM, 1_000_000)
-        self.sock.connect(address)
+        self.addresses = list(addresses)
+        self.socks = []
+        self.poller = zmq.Poller()
+        for addr in self.addresses:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1_000_000)
+            sock.setsockopt(zmq.RCVHWM, 1_000_000)
+            sock.connect(addr)
+            self.socks.append(sock)
+            self.poller.register(sock, zmq.POLLIN)
+        self.leader = leader
+        self.redirects = 0
+        self._bodies: dict[int, bytes] = {}            # req_id -> SUBMIT payload, until its outcome comes
+        self._again: deque[tuple[float, int]] = deque()  # (not before, req_id): re-sends waiting for a leader
+        self._ready: deque[Any] = deque()               # sockets with a reply waiting
         self._dec = msgspec.msgpack.Decoder(list[MW.SubmitReply])
 
     def send(self, req_id: int, spec: TccSpec) -> None:
-        self.sock.send(P.encode(P.Request(req_id, MW.OP_SUBMIT)), zmq.SNDMORE)
-        self.sock.send(MW.encode(MW.SubmitRequest(WAIT_MS, [spec])))
+        body = MW.encode(MW.SubmitRequest(WAIT_MS, [spec]))
+        self._bodies[req_id] = body
+        self._send(req_id, body)
+
+    def _send(self, req_id: int, body: bytes) -> None:
+        sock = self.socks[self.leader]
+        sock.send(P.encode(P.Request(req_id, MW.OP_SUBMIT)), zmq.SNDMORE)
+        sock.send(body)
+
+    def _resend_due(self) -> None:
+        now = time.perf_counter()
+        while self._again and self._again[0][0] <= now:
+            _, rid = self._again.popleft()
+            body = self._bodies.get(rid)
+            if body is not None:
+                self._send(rid, body)
+
+    def poll(self, timeout_ms: int) -> bool:
+        """True if a reply is waiting (for ``wait_for_reply_or``); re-sends redirected requests that are due."""
+        self._resend_due()
+        if self._ready:
+            return True
+        if self._again:
+            timeout_ms = min(timeout_ms, max(0, int((self._again[0][0] - time.perf_counter()) * 1000) + 1))
+        self._ready.extend(s for s, _ in self.poller.poll(timeout_ms))
+        return bool(self._ready)
 
     def recv(self, timeout_ms: int) -> tuple[int, bool] | None:
-        """(req_id, outcome OK) of one reply, or None if none came within timeout_ms."""
-        if not self.sock.poll(timeout_ms):
-            return None
-        head = self.sock.recv()
-        body = self.sock.recv() if self.sock.getsockopt(zmq.RCVMORE) else b""
-        while self.sock.getsockopt(zmq.RCVMORE):
-            self.sock.recv()
-        reply = P.decode_reply(head)
-        ok = False
-        if reply.status == P.Status.OK:
-            rs = self._dec.decode(body)
-            ok = len(rs) == 1 and rs[0].finished and rs[0].code == 0
-        return reply.req_id, ok
+        """(req_id, outcome OK) of one answered request, or None if none came within timeout_ms."""
+        deadline = time.perf_counter() + timeout_ms / 1000
+        while True:
+            if not self._ready:
+                left_ms = max(0, int((deadline - time.perf_counter()) * 1000))
+                if not self.poll(left_ms) and time.perf_counter() >= deadline:
+                    return None
+                if not self._ready:
+                    continue
+            sock = self._ready[0]
+            if not sock.poll(0):
+                self._ready.popleft()
+                continue
+            head = sock.recv()
+            body = sock.recv() if sock.getsockopt(zmq.RCVMORE) else b""
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv()
+            reply = P.decode_reply(head)
+            if reply.status == P.Status.NOT_LEADER and reply.req_id in self._bodies:
+                self.redirects += 1
+                if reply.leader_address in self.addresses:
+                    self.leader = self.addresses.index(reply.leader_address)
+                    self._send(reply.req_id, self._bodies[reply.req_id])
+                else:
+                    if self.socks[self.leader] is sock:   # the leader is unknown: try the next replica
+                        self.leader = (self.leader + 1) % len(self.socks)
+                    self._again.append((time.perf_counter() + self.REDIRECT_PAUSE_S, reply.req_id))
+                continue
+            self._bodies.pop(reply.req_id, None)
+            ok = False
+            if reply.status == P.Status.OK:
+                rs = self._dec.decode(body)
+                ok = len(rs) == 1 and rs[0].finished and rs[0].code == 0
+            return reply.req_id, ok
 
     def close(self) -> None:
-        self.sock.close(0)
+        for sock in self.socks:
+            sock.close(0)
         self.ctx.term()
 
 
-def run_cross_unbatched(address: str, pairs: Pairs, ids: Ids, args: argparse.Namespace) -> dict[str, Any]:
+def run_cross_unbatched(addresses: list[str], leader: int, pairs: Pairs, ids: Ids,
+                        args: argparse.Namespace) -> dict[str, Any]:
     """(c): ``--callers`` closed-loop callers, one transfer per SUBMIT, each waiting for its outcome."""
-    w = Wire(address)
+    w = Wire(addresses, leader)
     time.sleep(0.2)
     sent_at: dict[int, float] = {}
     done_at: list[tuple[float, int]] = []
@@ -393,13 +458,16 @@ def run_cross_unbatched(address: str, pairs: Pairs, ids: Ids, args: argparse.Nam
                 send_one()
     finally:
         w.close()
+    redirects = w.redirects
     mean, median, wins = window_rates(done_at, t0 + args.warmup_s, t_end)
     la = np.array(lat) * 1000
     return {"mean_per_s": mean, "median_window_per_s": median, "windows": wins, "not_ok": not_ok,
-            "unanswered": len(sent_at), "p50_ms": pct(la, 50), "p99_ms": pct(la, 99), "callers": args.callers}
+            "unanswered": len(sent_at), "p50_ms": pct(la, 50), "p99_ms": pct(la, 99), "callers": args.callers,
+            "redirects": redirects}
 
 
-def run_latency(address: str, pairs: Pairs, ids: Ids, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+def run_latency(addresses: list[str], leader: int, pairs: Pairs, ids: Ids, args: argparse.Namespace,
+                rate: float) -> dict[str, Any]:
     """(d): one transfer per SUBMIT, due at t0 + k/rate, latency from the due time to its outcome."""
     warmup = int(rate * args.latency_warmup_s)
     total = warmup + int(rate * args.latency_s)
@@ -408,7 +476,7 @@ def run_latency(address: str, pairs: Pairs, ids: Ids, args: argparse.Namespace, 
     latency_s = np.full(total, np.nan)
     ok = np.zeros(total, dtype=bool)
     late_s = np.zeros(total)
-    w = Wire(address)
+    w = Wire(addresses, leader)
     answered = 0
     srcl, dstl, amtl = src.tolist(), dst.tolist(), amt.tolist()
 
@@ -440,7 +508,7 @@ def run_latency(address: str, pairs: Pairs, ids: Ids, args: argparse.Namespace, 
                 late_s[i] = now - (t0 + i / rate)
                 i += 1
             answered += drain(0)
-            if i < total and wait_for_reply_or(w.sock, t0 + i / rate):
+            if i < total and wait_for_reply_or(w, t0 + i / rate):
                 answered += drain(0)
         send_s = time.perf_counter() - t0
         deadline = time.perf_counter() + REPLY_WAIT_S
@@ -455,7 +523,7 @@ def run_latency(address: str, pairs: Pairs, ids: Ids, args: argparse.Namespace, 
             "not_ok": int(np.count_nonzero(~ok[warmup:] & ~np.isnan(lat))),
             "p50_ms": pct(lat_all, 50), "p90_ms": pct(lat_all, 90), "p99_ms": pct(lat_all, 99),
             "p999_ms": pct(lat_all, 99.9), "max_ms": float(lat_all.max()) if len(lat_all) else float("nan"),
-            "sender_late_ms_p99": 1000 * pct(late_s[warmup:], 99)}
+            "sender_late_ms_p99": 1000 * pct(late_s[warmup:], 99), "redirects": w.redirects}
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -473,12 +541,28 @@ def marker_leader(m: MarkerClient, system: System) -> tuple[int, str]:
     raise RuntimeError("no Marker leader")
 
 
+def raft_apply_max_ms(m: MarkerClient, since_unix: float) -> float:
+    """The longest raft-apply stall any Marker replica recorded since ``since_unix`` (from the last 32 stalls
+    each keeps): how long one Raft round's apply held that replica's Raft thread (its heartbeats wait)."""
+    worst = 0.0
+    for k in range(3):
+        try:
+            recent = m.status(k).get("stalls", {}).get("recent", [])
+        except Exception:  # noqa: BLE001 - a replica that does not answer now
+            continue
+        for t, cause, ms in recent:
+            if t >= since_unix and str(cause).startswith("raft-apply"):
+                worst = max(worst, float(ms))
+    return worst
+
+
 def wait_drained(m: MarkerClient) -> dict[str, Any]:
     deadline = time.monotonic() + DRAIN_WAIT_S
     while True:
         st = m.status()
         if st["marker"]["in_flight"] == 0 or time.monotonic() > deadline:
             return st
+        time.sleep(0.1)                  # STATUS takes the replica's state lock: do not spin on it
 
 
 def digests(status_of: Any, n: int, key: str) -> list[str]:
@@ -504,7 +588,9 @@ def conservation(shard_clients: dict[int, Client]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": machine_info()}
     base = tempfile.mkdtemp(prefix="zw-bench-marker-")
-    settings: dict[str, Any] = {}
+    # few finished workflows kept, so every replica's STATUS digest (O(state), marker/server.py) stays cheap
+    # and is computed: the end's digest check compares real digests
+    settings: dict[str, Any] = {"finished_retained_max": FINISHED_RETAINED}
     if args.workflows_inflight_max:
         settings["workflows_inflight_max"] = args.workflows_inflight_max
     try:
@@ -526,16 +612,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         ("single", lambda: run_single_shard(list(system.shards[1].clients),
                                                             accounts[1], args)),
                         ("cross_batched", lambda: run_cross_batched(m, pairs, ids, args)),
-                        ("cross_unbatched", lambda: run_cross_unbatched(marker_leader(m, system)[1], pairs, ids,
+                        ("cross_unbatched", lambda: run_cross_unbatched(list(system.markers[0].clients),
+                                                                        marker_leader(m, system)[0], pairs, ids,
                                                                         args))):
                     if name not in args.only:
                         continue
                     print(f"-- {name} ...", flush=True)
                     term = m.status()["term"]
+                    since = time.time()
                     cpu = CpuMeter(ls)
                     res[name] = fn()
                     res[name]["cpu"] = cpu.stop()
                     res[name]["marker_elections"] = m.status()["term"] - term
+                    res[name]["raft_apply_max_ms"] = raft_apply_max_ms(m, since)
                     print(f"   {summary(name, res[name])}", flush=True)
                     wait_drained(m)
                 if "latency" in args.only:
@@ -543,10 +632,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for rate in args.rates:
                         print(f"-- latency at {rate:,.0f}/s ...", flush=True)
                         term = m.status()["term"]
+                        since = time.time()
                         cpu = CpuMeter(ls)
-                        r = run_latency(marker_leader(m, system)[1], pairs, ids, args, rate)
+                        r = run_latency(list(system.markers[0].clients), marker_leader(m, system)[0], pairs, ids,
+                                        args, rate)
                         r["cpu"] = cpu.stop()
                         r["marker_elections"] = m.status()["term"] - term
+                        r["raft_apply_max_ms"] = raft_apply_max_ms(m, since)
                         res["latency"].append(r)
                         print(f"   p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} p999 {r['p999_ms']:.2f} ms "
                               f"(answered {r['answered']}/{r['requests']}, not OK {r['not_ok']})", flush=True)
@@ -579,7 +671,10 @@ def summary(name: str, r: dict[str, Any]) -> str:
               f"SUBMIT p50/p99 {r['submit_p50_ms']:.0f}/{r['submit_p99_ms']:.0f} ms")
     if name == "cross_unbatched":
         s += f", unanswered {r['unanswered']}; p50/p99 {r['p50_ms']:.1f}/{r['p99_ms']:.1f} ms"
-    return s + f"; Marker terms moved {r['marker_elections']}; cpu {r['cpu']}"
+    if "redirects" in r:
+        s += f", NOT_LEADER redirects followed {r['redirects']}"
+    return s + (f"; Marker terms moved {r['marker_elections']}, longest raft-apply {r['raft_apply_max_ms']:.0f} ms; "
+                f"cpu {r['cpu']}")
 
 
 def checks(res: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -609,7 +704,7 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
               f"loopback; {args.accounts:,} funded accounts per shard; two-leg TCC transfers from an account of "
               f"one shard to one of the other (direction alternating)."), ""]
     lines += [("| workload | transfers/s (mean) | median 1-s window | vs single-shard batched | Marker elections "
-              "| CPU (cores) |"), "|---|---:|---:|---:|---:|---|"]
+              "| longest raft-apply ms | CPU (cores) |"), "|---|---:|---:|---:|---:|---:|---|"]
     single = res.get("single", {}).get("mean_per_s")
     labels = {"single": "single-shard, batched (8190 per APPLY, straight to shard 1)",
               "cross_batched": (f"cross-shard via the Marker, batched ({args.specs_per_submit} per SUBMIT, "
@@ -622,11 +717,11 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
         ratio = f"1 / {single / r['mean_per_s']:.1f}" if single and r["mean_per_s"] and name != "single" else "1"
         cpu = ", ".join(f"{k} {v}" for k, v in r["cpu"].items() if k != "machine")
         lines.append(f"| {label} | {r['mean_per_s']:,.0f} | {r['median_window_per_s']:,.0f} | {ratio} | "
-                     f"{r['marker_elections']} | {cpu} |")
+                     f"{r['marker_elections']} | {r.get('raft_apply_max_ms', 0):.0f} | {cpu} |")
     if "cross_unbatched" in res:
         r = res["cross_unbatched"]
         lines += ["", (f"One per SUBMIT, closed loop: request latency p50 {r['p50_ms']:.1f} ms, "
-                      f"p99 {r['p99_ms']:.1f} ms.")]
+                      f"p99 {r['p99_ms']:.1f} ms; NOT_LEADER redirects followed: {r['redirects']}.")]
     if "cross_batched" in res:
         r = res["cross_batched"]
         lines += [(f"Batched: a SUBMIT's reply (at the outcome of all its transfers) p50 {r['submit_p50_ms']:.0f} "
@@ -635,14 +730,15 @@ def render(res: dict[str, Any], command: str, args: argparse.Namespace) -> str:
     if res.get("latency"):
         lines += ["", "Open-loop latency, one transfer per SUBMIT, from the due time to the reply with the outcome:",
                   "", ("| offered/s | sent/s | answered | not OK | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms "
-                  "| elections | CPU (cores) |"),
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| elections | redirects | longest raft-apply ms | CPU (cores) |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in res["latency"]:
             cpu = ", ".join(f"{k} {v}" for k, v in r["cpu"].items() if k != "machine")
             lines.append(f"| {r['rate_per_s']:,.0f} | {r['achieved_send_per_s']:,.0f} | "
                          f"{r['answered']}/{r['requests']} | {r['not_ok']} | {r['p50_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{r['p999_ms']:.2f} | {r['max_ms']:.1f} | {r['marker_elections']} | {cpu} |")
+                         f"{r['p999_ms']:.2f} | {r['max_ms']:.1f} | {r['marker_elections']} | {r['redirects']} | "
+                         f"{r.get('raft_apply_max_ms', 0):.0f} | {cpu} |")
     lines += ["", "Bars:"]
     if "cross_batched" in res:
         v = res["cross_batched"]["mean_per_s"]
@@ -676,8 +772,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--single-connections", type=int, default=2)
     p.add_argument("--single-inflight", type=int, default=4, help="(a) batches in flight per connection")
     p.add_argument("--cross-s", type=float, help="(b) cross-shard batched: timed seconds (the bar: 60)")
-    p.add_argument("--specs-per-submit", type=int, default=512)
-    p.add_argument("--submits-inflight", type=int, default=4)
+    p.add_argument("--specs-per-submit", type=int, default=256, help="(b) = the Marker's SUBMIT_ENTRY_SPECS_MAX")
+    p.add_argument("--submits-inflight", type=int, default=8)
     p.add_argument("--unbatched-s", type=float, help="(c) one per SUBMIT: timed seconds")
     p.add_argument("--callers", type=int, default=256, help="(c) concurrent closed-loop callers")
     p.add_argument("--rates", help="(d) offered rates per second, comma-separated")

@@ -8,7 +8,7 @@ little-endian, every reserved byte zero:
 | 0 | `seq_num` u64 | gap-free from 1 |
 | 8 | `timestamp` u64 | the entry's time (ms since the Unix epoch), never decreasing |
 | 16 | `workflow_id` u128 | `[lo, hi]` |
-| 32 | `dedup_id` u128 | the job's dedup id (this attempt's), 0 for workflow-level events |
+| 32 | `dedup_id` u128 | the job's dedup id (this attempt's), 0 for workflow-level events and JOB_SKIPPED (never sent) |
 | 48 | `kind` u8 | `EventKind` |
 | 49 | `workflow_kind` u8 | 1 TCC, 2 SAGA |
 | 50 | `state` u8 | the workflow's `WorkflowState` after the event |

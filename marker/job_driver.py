@@ -32,10 +32,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.records import BATCH_SIZE_MAX, OP_DTYPE, RESULT_DTYPE, Code
-from marker.commands import JobResults, u128_bytes
+from marker.commands import JOB_RESULTS_MAX, JobResults
 from marker.workflow import MarkerMachine
 
 SEND_RECORDS_MAX = BATCH_SIZE_MAX                 # op records (or RESULT_OF ids) in one send
+# Results in one JOB_RESULTS entry. Every replica's Raft thread applies an entry in one go (heartbeats wait
+# meanwhile), so an entry is sized from the measured apply cost (bench/bench_marker_machine.py: ~12-16 us a
+# result on one replica, ~2x that in wall time when the leader's main thread shares the GIL): ~10-25 ms,
+# well inside the 300 ms election timeout even with a few such entries applied in one Raft round.
+JOB_RESULTS_ENTRY_MAX = 1024
+POLL_JOBS_MAX = 4096                              # jobs taken by one poll (it runs with the machine's lock)
 INFLIGHT_JOBS_PER_SHARD_MAX = 16_384              # jobs in flight to one shard
 RETRY_BASE_MS = 50                                # first retry after ~this; doubles per unknown outcome
 RETRY_MAX_MS = 5_000
@@ -154,8 +160,11 @@ class JobDriver:
         heapq.heappush(self._timers, (at_ms, t.token, key))
 
     # ------------------------------------------------------------------------------------------ poll
-    def poll(self, now_ms: int) -> list[Send]:
+    def poll(self, now_ms: int, jobs_max: int = POLL_JOBS_MAX) -> list[Send]:
+        """The sends to make now: at most ``jobs_max`` jobs over every shard (the rest wait, queued, for the
+        next poll), at most one apply send and one RESULT_OF send per shard."""
         m = self.machine
+        budget = jobs_max
         self._take_edges()
         tracks = self._tracks
         timers = self._timers
@@ -166,7 +175,10 @@ class JobDriver:
                 self._queue(key[0], key[1], t)
         out: list[Send] = []
         for shard, q in self._due.items():
-            room = self.inflight_jobs_per_shard_max - self._inflight.get(shard, 0)
+            if budget <= 0:
+                break
+            room = min(budget, self.inflight_jobs_per_shard_max - self._inflight.get(shard, 0))
+            budget -= room
             parts: list[bytes] = []
             apply = Send(0, shard, None, None, 0)
             rof = Send(0, shard, None, [], 0)
@@ -206,6 +218,7 @@ class JobDriver:
                 t.queued = False
                 t.send_id = -1                     # assigned below
                 room -= 1
+            budget += room                         # what this shard did not use
             if parts:
                 apply.records = np.frombuffer(b"".join(parts), dtype=OP_DTYPE)     # read-only
                 out.append(apply)
@@ -273,9 +286,17 @@ class JobDriver:
         h = hashlib.blake2b(dedup_id.to_bytes(16, "little") + tries.to_bytes(4, "little"), digest_size=8).digest()
         return delay // 2 + int.from_bytes(h, "little") % (delay // 2 + 1)
 
-    def take_results(self) -> list[JobResult]:
-        """The definite results gathered since the last call (propose them: ``job_results_command``)."""
-        out, self._results = self._results, []
+    def take_results(self, max_results: int = JOB_RESULTS_ENTRY_MAX) -> list[JobResult]:
+        """The oldest ``max_results`` definite results not yet taken (propose them: ``job_results_command``);
+        the rest wait for the next call."""
+        if not 1 <= max_results <= JOB_RESULTS_MAX:
+            raise ValueError(f"max_results in 1..JOB_RESULTS_MAX={JOB_RESULTS_MAX}")
+        res = self._results
+        if len(res) <= max_results:
+            self._results = []
+            return res
+        out = res[:max_results]
+        del res[:max_results]
         return out
 
     def status(self) -> dict[str, int | dict[int, int]]:
@@ -287,5 +308,5 @@ class JobDriver:
 
 def job_results_command(results: list[JobResult]) -> JobResults:
     """The JOB_RESULTS command carrying driver results (for ``encode_entry``)."""
-    return JobResults([(u128_bytes(w), k, a, c, s) for w, k, a, c, s in results])
+    return JobResults([(w.to_bytes(16, "little"), k, a, c, s) for w, k, a, c, s in results])
 

@@ -41,7 +41,7 @@ import numpy as np
 from engine import records as R
 from engine import wire as W
 from engine.client import Client as ShardClient
-from engine.service.config import ServiceConfig
+from engine.service.config import DriverConfig, ServiceConfig
 from engine.service.logs import setup_logging
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
@@ -51,18 +51,33 @@ from marker import wire as MW
 from marker.commands import Drain, Submit, encode_entry, u128_bytes
 from marker.groups import GroupMap
 from marker.events import MARKER_EVENT_DTYPE, EventKind
-from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, NOT_REMEMBERED, RETRY_BASE_MS, RETRY_MAX_MS, JobDriver,
-                               Send, job_results_command)
+from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, JOB_RESULTS_ENTRY_MAX, NOT_REMEMBERED, RETRY_BASE_MS,
+                               RETRY_MAX_MS, JobDriver, Send, job_results_command)
 from marker.workflow import FINISHED_RETAINED_MAX, WORKFLOWS_INFLIGHT_MAX, MarkerMachine, Outcome
 
 log = logging.getLogger("zwallet.marker")
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STUCK"})
+# Specs in one SUBMIT entry (the group-commit weight). Every replica's Raft thread applies an entry in one go
+# and sends no heartbeat meanwhile: ~80-115 us a spec on one replica (bench/bench_marker_machine.py), ~2x
+# that in wall time while the leader's main thread shares the GIL, so 256 specs are ~20-60 ms. (One SUBMIT
+# request is never split: a request of more specs than this is an entry of its own, up to
+# marker.wire.SUBMIT_SPECS_MAX.) Throughput comes from pipelining instead: ``inflight_entries_max``.
+SUBMIT_ENTRY_SPECS_MAX = 256
+SUBMIT_ENTRIES_INFLIGHT = 4                            # the Marker's default for the service's inflight_entries_max
+# Committed entries the Raft core hands to one apply call (its max_committed_per_ready; the core's default,
+# 4096 entries or 8 MiB, suits the shard's fast C apply). Bounding each entry is not enough: a replica that
+# fell behind (a busy machine, a new leader's followers) would get hundreds of entries in one round and hold
+# its Raft thread for seconds (bench_marker: raft-apply stalls up to 2.4 s, elections). With a few entries a
+# round, the Raft driver goes back to its ticks and peers (heartbeats) after its 50 ms round budget.
+APPLY_ENTRIES_PER_ROUND_MAX = 2
+STATUS_DIGEST_WORKFLOWS_MAX = 20_000                   # STATUS gives the digest of a state this small ("" beyond)
 _FINISH_KINDS = (int(EventKind.FINISHED), int(EventKind.STUCK))
 
 
 @dataclass
 class MarkerConfig(ServiceConfig):
+    inflight_entries_max: int = SUBMIT_ENTRIES_INFLIGHT  # SUBMIT entries proposed and not yet applied
     system: str = ""                                   # system.toml: the shards' addresses and the shard map
     group_id: int = 1                                  # this Marker group's id in system.toml (marker/groups.py)
     workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX
@@ -72,15 +87,24 @@ class MarkerConfig(ServiceConfig):
     retry_max_ms: int = RETRY_MAX_MS
     shard_timeout_ms: int = 5_000                      # one send to a shard: no answer by then = unknown outcome
     shard_attempt_timeout_ms: int = 500                # ... re-sent (same bytes) this often meanwhile
-    results_entries_inflight_max: int = 2              # JOB_RESULTS entries proposed and not yet applied
+    results_entries_inflight_max: int = 4              # JOB_RESULTS entries proposed and not yet applied
     tick_entry_ms: int = 500                           # with workflows in flight, an entry at least this often
     waiters_max: int = 100_000                         # SUBMITs held for their outcome
+    apply_entries_per_round_max: int = APPLY_ENTRIES_PER_ROUND_MAX   # committed entries per Raft apply call
+    try_expiry_ms: int = 0                             # TCC tries expire this long after creation (0: never;
+                                                       # a safety net for a lost Marker: docs/marker.md)
 
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "marker": ("system", "group_id", "workflows_inflight_max", "finished_retained_max",
                    "inflight_jobs_per_shard_max", "retry_base_ms", "retry_max_ms", "shard_timeout_ms",
-                   "shard_attempt_timeout_ms", "results_entries_inflight_max", "tick_entry_ms", "waiters_max"),
+                   "shard_attempt_timeout_ms", "results_entries_inflight_max", "tick_entry_ms", "waiters_max",
+                   "apply_entries_per_round_max", "try_expiry_ms"),
     }
+
+    def driver_config(self) -> DriverConfig:
+        cfg = super().driver_config()
+        cfg.core_options = {**cfg.core_options, "max_committed_per_ready": self.apply_entries_per_round_max}
+        return cfg
 
     def validate(self) -> None:
         super().validate()
@@ -88,7 +112,7 @@ class MarkerConfig(ServiceConfig):
             raise ValueError("[marker] system: the path of the system.toml listing the shards is required")
         for name in ("workflows_inflight_max", "finished_retained_max", "inflight_jobs_per_shard_max",
                      "retry_base_ms", "shard_timeout_ms", "shard_attempt_timeout_ms",
-                     "results_entries_inflight_max", "tick_entry_ms", "waiters_max"):
+                     "results_entries_inflight_max", "tick_entry_ms", "waiters_max", "apply_entries_per_round_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"[marker] {name} must be >= 1")
         if self.retry_max_ms < self.retry_base_ms:
@@ -128,13 +152,14 @@ class MarkerServer(ReplicatedServer):
             raise ValueError(f"{config.system}: Marker group {config.group_id} is marked removed; it does not serve")
         self.machine = MarkerMachine(self.system.shard_map, event_sink=self._on_events,
                                      workflows_inflight_max=config.workflows_inflight_max,
-                                     finished_retained_max=config.finished_retained_max)
+                                     finished_retained_max=config.finished_retained_max,
+                                     try_expiry_ms=config.try_expiry_ms)
         self.ops = {
             MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
             MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16),
         }
-        self.entry_weight_max = 4096                 # specs in one entry
+        self.entry_weight_max = SUBMIT_ENTRY_SPECS_MAX  # specs in one entry
         self.tick_interval_ms = 20
         self._finished_q: collections.deque[int] = collections.deque()   # Raft thread -> main thread
         self._waiters: dict[int, list[_Waiter]] = {}
@@ -148,6 +173,7 @@ class MarkerServer(ReplicatedServer):
         self._last_entry_ts = 0
         self._last_entry_at = 0.0
         self.counters_marker = collections.Counter[str]()
+        self._digest_cache: tuple[tuple[int, ...], str] | None = None
 
     # ------------------------------------------------------------- the Raft thread (lock held)
     def apply_entries(self, entries: Sequence[Any]) -> list[Any]:
@@ -300,11 +326,23 @@ class MarkerServer(ReplicatedServer):
     def status_fields(self) -> dict[str, Any]:
         st = self.machine.status()
         out: dict[str, Any] = {"last_seq": self.machine.last_seq, "sm_applied": self.machine.applied_entries,
-                               "marker": st, "digest": self.machine.digest().hex() if st["in_flight"] < 50_000 else "",
-                               "waiting_submits": self._nwaiters}
+                               "marker": st, "digest": self._digest(st), "waiting_submits": self._nwaiters}
         if self._driver is not None:
             out["driver"] = self._driver.status()
         return out
+
+    def _digest(self, st: dict[str, Any]) -> str:
+        """The machine's digest (lock held): O(every workflow kept), ~5 us each, and the Raft thread waits
+        for the lock meanwhile (its heartbeats too), so it is computed only for a state of at most
+        ``STATUS_DIGEST_WORKFLOWS_MAX`` workflows ("" beyond), and once per state (STATUS polled in a loop
+        costs nothing more)."""
+        if st["in_flight"] + st["finished_retained"] > STATUS_DIGEST_WORKFLOWS_MAX:
+            return ""
+        m = self.machine
+        key = (m.applied_entries, m.rejected_entries, m.last_seq, m.create_seq, m.now_ms)
+        if self._digest_cache is None or self._digest_cache[0] != key:
+            self._digest_cache = (key, m.digest().hex())
+        return self._digest_cache[1]
 
     # --------------------------------------------------------------------------- the leader's driver
     def on_role_change(self, is_leader: bool, term: int) -> None:
@@ -364,13 +402,16 @@ class MarkerServer(ReplicatedServer):
             sends = driver.poll(now_ms)
         for s in sends:
             self._send(s)
-        if self._results_inflight < self.config.results_entries_inflight_max:
-            results = driver.take_results()
-            if results:
-                self._propose([job_results_command(results)])
-            elif (self._in_flight()
-                  and time.monotonic() - self._last_entry_at > self.config.tick_entry_ms / 1000):
-                self._propose([])                # a tick: the machine's time moves on (deadlines)
+        proposed = False
+        while self._results_inflight < self.config.results_entries_inflight_max:
+            results = driver.take_results(JOB_RESULTS_ENTRY_MAX)     # small entries, pipelined
+            if not results:
+                break
+            self._propose([job_results_command(results)])
+            proposed = True
+        if (not proposed and self._results_inflight < self.config.results_entries_inflight_max
+                and self._in_flight() and time.monotonic() - self._last_entry_at > self.config.tick_entry_ms / 1000):
+            self._propose([])                    # a tick: the machine's time moves on (deadlines)
 
     def _send(self, s: Send) -> None:
         try:

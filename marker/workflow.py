@@ -46,9 +46,12 @@ compensation (NULL_COMPENSATED, the late original is refused).
 
 **Ids.** Every id is derived from the workflow id, so every leader sends the same records:
 ``blake2b(workflow_id(16 LE) || tag || index u32 || attempt u32, 16 bytes)`` read little-endian, 0 -> 1;
-tag b"J" for a job's dedup id, b"X" for the txn id of a TCC's k-th shard. issued_ms of a phase-1 job is
-the creating entry's time; of a phase-2 job the deciding entry's time (a retry attempt: the entry's time
-that re-issued it). A job's op records are built from the spec and these values (``job_records``).
+tag b"J" for a job's dedup id, b"X" for the txn id of a TCC's k-th shard. Derived when needed, never
+kept before (the same on every replica and after a restore): a phase-1 job's at planning, a phase-2 job's
+when it becomes READY (most phase-2 jobs are skipped and never need one), a txn id at the first record
+built. issued_ms of a phase-1 job is the creating entry's time; of a phase-2 job the deciding entry's
+time (a retry attempt: the entry's time that re-issued it). A job's op records are built from the spec
+and these values (``job_records``).
 
 **What is persisted before what is acted on.** Every state change above happens only in ``apply``, that
 is after the entry carrying it is committed in the Marker's log: a decision is made by applying the
@@ -67,16 +70,17 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
 
 from engine._ledger import OpEncoder
-from engine.records import ISSUED_AHEAD_MAX_MS, Code
+from engine.records import ISSUED_AHEAD_MAX_MS, OP_DTYPE, Code, encode_currency
 from engine.shard_map import ShardMap
 from marker.commands import (
     BatchStep, Drain, JobResults, SagaSpec, Submit, TccSpec, TransferStep, WorkflowSpec, bytes_i128, bytes_u128,
@@ -85,6 +89,7 @@ from marker.commands import (
 )
 from marker.events import MARKER_EVENT_DTYPE, NO_JOB, NO_SHARD, EventKind
 
+TRY_EXPIRY_MIN_MS = 4 * 3_600_000        # try_expiry_ms, when on: 4 x DEADLINE_AHEAD_MAX_MS at least
 WORKFLOWS_INFLIGHT_MAX = 10_000          # workflows not yet finished (stuck ones included): more is OVERLOADED
 FINISHED_RETAINED_MAX = 100_000          # finished workflows kept for duplicate submits and queries
 PHASE2_ATTEMPTS_MAX = 16                 # attempts (new dedup ids) of a phase-2 job refused with a retryable code
@@ -151,6 +156,14 @@ PHASE2_DONE_CODES: dict[JobKind, frozenset[int]] = {
 PHASE2_RETRY_CODES = frozenset({int(Code.BALANCE_LIMIT_EXCEEDED), int(Code.OVERFLOW),
                                 int(Code.INVALID_ACCOUNT_STATE)})
 _PHASE2 = (JobKind.CONFIRM, JobKind.CANCEL, JobKind.COMPENSATE)
+_PHASE1 = (JobKind.TRY, JobKind.STEP)
+# the hot paths compare with module globals (an enum member through its class is a slower lookup)
+_WAITING, _READY, _DONE, _SKIPPED, _ABANDONED, _STUCK = (
+    JobState.WAITING, JobState.READY, JobState.DONE, JobState.SKIPPED, JobState.ABANDONED, JobState.STUCK)
+_SETTLED, _C_OK, _C_FAILED = Cond.SETTLED, Cond.OK, Cond.FAILED
+_TRY, _CONFIRM, _CANCEL, _DECIDE, _COMPENSATE = (JobKind.TRY, JobKind.CONFIRM, JobKind.CANCEL, JobKind.DECIDE,
+                                                 JobKind.COMPENSATE)
+_OK = int(Code.OK)
 
 
 class Refusal:
@@ -181,6 +194,94 @@ def derive_id(workflow_id: int, tag: bytes, index: int, attempt: int = 0) -> int
     return int.from_bytes(h, "little") or 1
 
 
+# ----------------------------------------------------------------------------- op records, as bytes
+# The TCC and compensate records built straight as bytes (OP_DTYPE, 128 bytes each: dedup_id @0, account_id
+# @16, other_id @32, amount @48, expected_a/b @64/@80, currency @96, kind @104, flags @105, group_size @106,
+# reserved @108, issued_ms @112, expires_ms @120), byte for byte what engine._ledger.OpEncoder builds
+# (tests/test_marker_machine.py checks it) at a tenth of its cost: no numpy array per job. The spec's ids and
+# amounts are already 16-byte little-endian (checked by validate_spec), so they go in as they are.
+_Z4, _Z8, _Z16, _Z32, _Z56 = bytes(4), bytes(8), bytes(16), bytes(32), bytes(56)
+_KIND_TCC_TRY, _KIND_TCC_CONFIRM, _KIND_TCC_CANCEL, _KIND_COMPENSATE, _KIND_GROUP_SPEC = 10, 11, 12, 13, 14
+_currency_bytes: dict[str, bytes] = {}
+
+
+def _currency8(c: str) -> bytes:
+    raw = _currency_bytes.get(c)
+    if raw is None:
+        raw = encode_currency(c).ljust(8, b"\0")
+        if len(_currency_bytes) < 4096:
+            _currency_bytes[c] = raw
+    return raw
+
+
+def one_op_record(kind: int, dedup_id: int, other_id: int, issued_ms: int) -> bytes:
+    """A single-record op (TCC_CONFIRM, TCC_CANCEL: other_id = the txn id; COMPENSATE: the original's dedup id)."""
+    return (dedup_id.to_bytes(16, "little") + _Z16 + other_id.to_bytes(16, "little") + _Z56
+            + bytes((kind, 0, 1, 0)) + _Z4 + issued_ms.to_bytes(8, "little") + _Z8)
+
+
+def tcc_try_records(dedup_id: int, txn_id: int, legs: list[tuple[bytes, bytes, str]], issued_ms: int,
+                    expires_ms: int = 0) -> bytes:
+    """A TCC_TRY group: the header (other_id = txn id, group_size = 1 + legs, ``expires_ms``: 0 = never) and one
+    GROUP_SPEC per leg."""
+    d = dedup_id.to_bytes(16, "little")
+    n = 1 + len(legs)
+    parts = [d, _Z16, txn_id.to_bytes(16, "little"), _Z56, bytes((_KIND_TCC_TRY, 0)), n.to_bytes(2, "little"), _Z4,
+             issued_ms.to_bytes(8, "little"), expires_ms.to_bytes(8, "little")]
+    member_tail = bytes((_KIND_GROUP_SPEC, 0, 0, 0)) + _Z4 + _Z16
+    for account, amount, currency in legs:
+        parts += (d, account, _Z16, amount, _Z32, _currency8(currency), member_tail)
+    return b"".join(parts)
+
+
+class _Shape(NamedTuple):
+    """The job graph of one workflow kind and size (shared by every workflow of that shape): job kinds,
+    refs (TCC: the shard group; SAGA: the step) and dependencies."""
+    kinds: tuple[JobKind, ...]
+    refs: tuple[int, ...]
+    deps: tuple[tuple[tuple[int, Cond], ...], ...]
+
+
+_shapes: dict[tuple[int, int], _Shape] = {}
+
+
+def _shape(kind: int, n: int) -> _Shape:
+    got = _shapes.get((kind, n))
+    if got is not None:
+        return got
+    kinds: list[JobKind] = []
+    refs: list[int] = []
+    deps: list[tuple[tuple[int, Cond], ...]] = []
+
+    def add(kind: JobKind, ref: int, dep: tuple[tuple[int, Cond], ...]) -> None:
+        kinds.append(kind)
+        refs.append(ref)
+        deps.append(dep)
+    if kind == WORKFLOW_KIND_TCC:
+        for k in range(n):
+            add(JobKind.TRY, k, ())
+        add(JobKind.DECIDE, 0, tuple((k, Cond.SETTLED) for k in range(n)))
+        for k in range(n):
+            add(JobKind.CONFIRM, k, ((n, Cond.OK),))
+        for k in range(n):
+            add(JobKind.CANCEL, k, ((n, Cond.FAILED), (k, Cond.APPLIED_OR_UNKNOWN)))
+    else:
+        m = n
+        for k in range(m):
+            add(JobKind.STEP, k, ((k - 1, Cond.OK),) if k else ())
+        add(JobKind.DECIDE, 0, tuple((k, Cond.SETTLED) for k in range(m)))
+        for r in range(m):                          # job m+1+r compensates step m-1-r
+            step = m - 1 - r
+            d = [(m, Cond.FAILED), (step, Cond.APPLIED_OR_UNKNOWN)]
+            if r:
+                d.append((m + r, Cond.SETTLED))
+            add(JobKind.COMPENSATE, step, tuple(d))
+    got = _Shape(tuple(kinds), tuple(refs), tuple(deps))
+    if len(_shapes) < 4096:
+        _shapes[(kind, n)] = got
+    return got
+
+
 @dataclass(slots=True)
 class Job:
     kind: JobKind
@@ -193,7 +294,7 @@ class Job:
     attempt: int = 0
     issued_ms: int = 0
     not_before_ms: int = 0
-    dedup_id: int = 0
+    dedup_id: int = 0                     # derived, 0 until needed: phase 1 at planning, phase 2 once READY
     records: bytes | None = None          # derived: its op records at this attempt, built once (not snapshotted)
 
 
@@ -214,6 +315,7 @@ class Workflow:
     finished_ms: int = 0
     overdue: bool = False
     groups: list[tuple[int, list[int]]] = field(default_factory=list)   # TCC: (shard, leg indices)
+    txn_ids: list[int] | None = None      # derived (TCC: the txn id of each shard group), on first use
 
     @property
     def deadline_ms(self) -> int:
@@ -224,8 +326,7 @@ class Workflow:
         return self.spec.issued_ms
 
 
-@dataclass(slots=True, frozen=True)
-class ReadyJob:
+class ReadyJob(NamedTuple):
     """A job the leader's driver may send now (or once ``not_before_ms`` has passed)."""
     workflow_id: int
     job_index: int
@@ -237,7 +338,10 @@ class ReadyJob:
 
 
 EventSink = Callable[[list[np.ndarray]], None]
-_ZERO4 = (0, 0, 0, 0)
+# MARKER_EVENT_DTYPE as a struct: seq, timestamp, workflow_id lo/hi, dedup_id lo/hi, kind, workflow_kind, state,
+# job_kind, job_index, shard_id, code, attempt, reserved, job_seq, issued_ms, deadline_ms, shard_epoch, reserved2
+_EVENT_STRUCT = struct.Struct("<QQQQQQBBBBHHHHIQQQQ32x")
+assert _EVENT_STRUCT.size == MARKER_EVENT_DTYPE.itemsize
 ReadyObserver = Callable[[tuple[int, int, int, int] | None], None]
 
 
@@ -247,9 +351,19 @@ class MarkerMachine:
 
     def __init__(self, shard_map: ShardMap, *, event_sink: EventSink | None = None,
                  workflows_inflight_max: int = WORKFLOWS_INFLIGHT_MAX,
-                 finished_retained_max: int = FINISHED_RETAINED_MAX, null_cancel: bool | None = None) -> None:
+                 finished_retained_max: int = FINISHED_RETAINED_MAX, null_cancel: bool | None = None,
+                 try_expiry_ms: int = 0) -> None:
+        """``try_expiry_ms`` (configuration, the same on every replica; 0: off): TCC tries carry
+        ``expires_ms`` = the workflow's creation time + it, after which a shard cancels a try it still holds
+        by itself (docs/ledger.md, expiry). A safety net for a Marker group lost for good; it must be far
+        longer than any outage to ride out, since a try that expires before its decided confirm arrives makes
+        the workflow STUCK (its other shards confirmed)."""
         if not 1 <= workflows_inflight_max <= 1 << 24 or not 1 <= finished_retained_max <= 1 << 26:
             raise ValueError("workflows_inflight_max in 1..2**24, finished_retained_max in 1..2**26")
+        if try_expiry_ms and not TRY_EXPIRY_MIN_MS <= try_expiry_ms <= 1 << 40:
+            raise ValueError(f"try_expiry_ms is 0 (off) or at least TRY_EXPIRY_MIN_MS={TRY_EXPIRY_MIN_MS}: "
+                             "longer than any workflow's phase 1 (DEADLINE_AHEAD_MAX_MS) with room for phase 2")
+        self.try_expiry_ms = int(try_expiry_ms)
         self.shard_map = shard_map
         self.event_sink = event_sink
         self.workflows_inflight_max = workflows_inflight_max
@@ -325,10 +439,10 @@ class MarkerMachine:
                                message=f"issued_ms {spec.issued_ms} at or before the horizon {self.horizon_ms}")
             wf = self._plan(wid, spec, encode_spec(spec), None, self.create_seq + 1, self.now_ms,
                             self.shard_map.epoch)
-            for k in range(len(wf.jobs)):
-                if wf.jobs[k].kind in (JobKind.TRY, JobKind.STEP):
+            for k, j in enumerate(wf.jobs):
+                if j.kind in _PHASE1:
                     # every phase-1 job must build: refuse it now if not (and keep them for the driver)
-                    wf.jobs[k].records = self.job_records(wf, k).tobytes()
+                    j.records = self._record_bytes(wf, k, j)
         except (ValueError, TypeError, OverflowError) as exc:
             return Outcome(status="refused", reason=Refusal.INVALID_SPEC, workflow_id=wid, message=str(exc))
         self.create_seq += 1
@@ -340,44 +454,45 @@ class MarkerMachine:
 
     def _plan(self, wid: int, spec: WorkflowSpec, spec_bytes: bytes, part_shards: list[int] | None,
               create_seq: int, created_ms: int, epoch: int) -> Workflow:
-        """The workflow and its job graph (all jobs WAITING), from the spec and the shard of each part."""
+        """The workflow and its job graph (all jobs WAITING), from the spec and the shard of each part. The
+        graph's structure is shared by every workflow of its shape (``_shape``); the phase-1 jobs' dedup ids
+        are derived here, the phase-2 jobs' only once they become READY (most are skipped: never derived)."""
         if isinstance(spec, TccSpec):
             if part_shards is None:
-                part_shards = [self.shard_map.shard_of(bytes_u128(a)) for a, _, _ in spec.legs]
+                shard_of = self.shard_map.shard_of
+                part_shards = [shard_of(int.from_bytes(a, "little")) for a, _, _ in spec.legs]
             wf = Workflow(wid, WORKFLOW_KIND_TCC, spec, spec_bytes, part_shards, epoch, create_seq, created_ms)
-            by_shard: dict[int, list[int]] = {}
-            for k, s in enumerate(part_shards):
-                by_shard.setdefault(s, []).append(k)
-            wf.groups = sorted(by_shard.items())
-            n = len(wf.groups)
-            jobs = [Job(JobKind.TRY, s, k, ()) for k, (s, _) in enumerate(wf.groups)]
-            jobs.append(Job(JobKind.DECIDE, NO_SHARD, 0, tuple((k, Cond.SETTLED) for k in range(n))))
-            jobs += [Job(JobKind.CONFIRM, s, k, ((n, Cond.OK),)) for k, (s, _) in enumerate(wf.groups)]
-            jobs += [Job(JobKind.CANCEL, s, k, ((n, Cond.FAILED), (k, Cond.APPLIED_OR_UNKNOWN)))
-                     for k, (s, _) in enumerate(wf.groups)]
+            if len(part_shards) == 2 and part_shards[0] != part_shards[1]:      # the two-leg cross-shard transfer
+                a, b = part_shards
+                wf.groups = [(a, [0]), (b, [1])] if a < b else [(b, [1]), (a, [0])]
+            else:
+                by_shard: dict[int, list[int]] = {}
+                for k, s in enumerate(part_shards):
+                    by_shard.setdefault(s, []).append(k)
+                wf.groups = sorted(by_shard.items())
+            shape = _shape(WORKFLOW_KIND_TCC, len(wf.groups))
+            group_shards = [s for s, _ in wf.groups]
+            shards = group_shards + [NO_SHARD] + group_shards + group_shards
         else:
             assert isinstance(spec, SagaSpec)
             if part_shards is None:
                 part_shards = []
                 for k, st in enumerate(spec.steps):
-                    shards = {self.shard_map.shard_of(a) for a in step_accounts(st)}
-                    if len(shards) != 1:
-                        raise ValueError(f"step {k}: its accounts are on shards {sorted(shards)}: a step is "
+                    shard_set = {self.shard_map.shard_of(a) for a in step_accounts(st)}
+                    if len(shard_set) != 1:
+                        raise ValueError(f"step {k}: its accounts are on shards {sorted(shard_set)}: a step is "
                                          f"one shard's operation")
-                    part_shards.append(shards.pop())
+                    part_shards.append(shard_set.pop())
             wf = Workflow(wid, WORKFLOW_KIND_SAGA, spec, spec_bytes, part_shards, epoch, create_seq, created_ms)
             m = len(spec.steps)
-            jobs = [Job(JobKind.STEP, part_shards[k], k, ((k - 1, Cond.OK),) if k else ()) for k in range(m)]
-            jobs.append(Job(JobKind.DECIDE, NO_SHARD, 0, tuple((k, Cond.SETTLED) for k in range(m))))
-            for r in range(m):                          # job m+1+r compensates step m-1-r
-                step = m - 1 - r
-                deps = [(m, Cond.FAILED), (step, Cond.APPLIED_OR_UNKNOWN)]
-                if r:
-                    deps.append((m + r, Cond.SETTLED))
-                jobs.append(Job(JobKind.COMPENSATE, part_shards[step], step, tuple(deps)))
-        for k, j in enumerate(jobs):
-            j.issued_ms = created_ms if j.kind in (JobKind.TRY, JobKind.STEP) else 0
-            j.dedup_id = derive_id(wid, b"J", k, 0) if j.kind != JobKind.DECIDE else 0
+            shape = _shape(WORKFLOW_KIND_SAGA, m)
+            shards = list(part_shards) + [NO_SHARD] + [part_shards[m - 1 - r] for r in range(m)]
+        jobs = []
+        for k, (kind, ref, deps, shard) in enumerate(zip(shape.kinds, shape.refs, shape.deps, shards)):
+            if kind in _PHASE1:
+                jobs.append(Job(kind, shard, ref, deps, issued_ms=created_ms, dedup_id=derive_id(wid, b"J", k, 0)))
+            else:
+                jobs.append(Job(kind, shard, ref, deps))
         wf.jobs = jobs
         return wf
 
@@ -398,16 +513,34 @@ class MarkerMachine:
         return ok or j.state == JobState.ABANDONED
 
     def _advance(self, wf: Workflow) -> None:
-        """Settle the job graph after a change: make ready / skip / decide, in index order; then finish."""
-        for k, j in enumerate(wf.jobs):
-            if j.state != JobState.WAITING:
+        """Settle the job graph after a change: make ready / skip / decide, in index order; then finish.
+        (``_dep_holds`` inlined: this runs for every workflow on every change, on every replica.)"""
+        jobs = wf.jobs
+        for k, j in enumerate(jobs):
+            if j.state != _WAITING:
                 continue
-            holds = [self._dep_holds(wf, d) for d in j.deps]
-            if False in holds:
-                j.state = JobState.SKIPPED
+            never = pending = False
+            for dk, cond in j.deps:
+                d = jobs[dk]
+                st = d.state
+                if st == _DONE:
+                    ok = d.code == _OK
+                    holds = True if cond == _SETTLED else (ok if cond != _C_FAILED else not ok)
+                elif st == _SKIPPED:
+                    holds = cond == _SETTLED
+                elif st == _ABANDONED:
+                    holds = cond != _C_OK and cond != _C_FAILED
+                else:
+                    pending = True
+                    continue
+                if not holds:
+                    never = True
+                    break
+            if never:
+                j.state = _SKIPPED
                 self._emit(EventKind.JOB_SKIPPED, wf, k, j)
-            elif None not in holds:
-                if j.kind == JobKind.DECIDE:
+            elif not pending:
+                if j.kind == _DECIDE:
                     self._decide(wf, k, None)
                 else:
                     self._make_ready(wf, k, j)
@@ -416,7 +549,9 @@ class MarkerMachine:
     def _make_ready(self, wf: Workflow, k: int, j: Job) -> None:
         if j.kind in _PHASE2:
             j.issued_ms = self.now_ms
-        j.state = JobState.READY
+            if not j.dedup_id:
+                j.dedup_id = derive_id(wf.workflow_id, b"J", k, j.attempt)
+        j.state = _READY
         self._ready[(wf.workflow_id, k)] = None
         for obs in self._ready_observers:
             obs((wf.workflow_id, k, j.attempt, j.shard))
@@ -432,22 +567,22 @@ class MarkerMachine:
         d = wf.jobs[k]
         code = forced
         if code is None:
-            code = int(Code.OK)
+            code = _OK
             for j in wf.jobs[:k]:
-                if j.state == JobState.DONE and j.code != Code.OK:
+                if j.state == _DONE and j.code != _OK:
                     assert j.code is not None
                     code = j.code
                     break
-        d.state, d.code = JobState.DONE, code
+        d.state, d.code = _DONE, code
         wf.code, wf.decided_ms = code, self.now_ms
-        wf.state = WorkflowState.COMMITTING if code == Code.OK else WorkflowState.ROLLING_BACK
+        wf.state = WorkflowState.COMMITTING if code == _OK else WorkflowState.ROLLING_BACK
         if forced is not None:                   # the phase-1 jobs not settled at the deadline
             for i, j in enumerate(wf.jobs[:k]):
-                if j.state == JobState.WAITING:
-                    j.state = JobState.SKIPPED
+                if j.state == _WAITING:
+                    j.state = _SKIPPED
                     self._emit(EventKind.JOB_SKIPPED, wf, i, j)
-                elif j.state == JobState.READY and (wf.kind == WORKFLOW_KIND_SAGA or self.null_cancel):
-                    j.state = JobState.ABANDONED
+                elif j.state == _READY and (wf.kind == WORKFLOW_KIND_SAGA or self.null_cancel):
+                    j.state = _ABANDONED
                     self._unready(wf, i)
                     self._emit(EventKind.JOB_ABANDONED, wf, i, j)
         self._emit(EventKind.DECIDED, wf, k, d, code)
@@ -455,13 +590,18 @@ class MarkerMachine:
     def _maybe_finish(self, wf: Workflow) -> None:
         if wf.state in TERMINAL_WORKFLOW or wf.state == WorkflowState.RUNNING:
             return
-        if any(j.state == JobState.STUCK for j in wf.jobs):
-            if wf.state != WorkflowState.STUCK:
-                wf.state = WorkflowState.STUCK
+        settled = True
+        for j in wf.jobs:
+            st = j.state
+            if st == _STUCK:
+                if wf.state != WorkflowState.STUCK:
+                    wf.state = WorkflowState.STUCK
+                return
+            if st == _WAITING or st == _READY:
+                settled = False
+        if not settled:
             return
-        if any(j.state not in _SETTLED_JOB for j in wf.jobs):
-            return
-        wf.state = WorkflowState.SUCCEEDED if wf.code == Code.OK else WorkflowState.FAILED
+        wf.state = WorkflowState.SUCCEEDED if wf.code == _OK else WorkflowState.FAILED
         wf.finished_ms = self.now_ms
         for j in wf.jobs:
             j.records = None
@@ -479,10 +619,11 @@ class MarkerMachine:
                            message=f"{len(results)} results, over JOB_RESULTS_MAX={JOB_RESULTS_MAX}")
         accepted = ignored = 0
         touched: dict[int, Workflow] = {}
+        active = self._active
         for wid_b, k, attempt, code, seq in results:
-            wf = self._active.get(int.from_bytes(wid_b, "little")) if len(wid_b) == 16 else None
+            wf = active.get(int.from_bytes(wid_b, "little")) if len(wid_b) == 16 else None
             j = wf.jobs[k] if wf is not None and 0 <= k < len(wf.jobs) else None
-            if (wf is None or j is None or j.state != JobState.READY or j.attempt != attempt
+            if (wf is None or j is None or j.state != _READY or j.attempt != attempt
                     or not 0 <= code <= 0xFFFF or not 0 <= seq < 1 << 64):
                 ignored += 1
                 continue
@@ -500,12 +641,12 @@ class MarkerMachine:
                                                         PHASE2_RETRY_BASE_MS << min(j.attempt - 1, 20))
                     self._make_ready(wf, k, j)
                 else:
-                    j.state = JobState.STUCK
+                    j.state = _STUCK
                     self.stuck_jobs += 1
                     self._emit(EventKind.STUCK, wf, k, j, code)
                     wf.state = WorkflowState.STUCK
             else:
-                j.state, j.code = JobState.DONE, code
+                j.state, j.code = _DONE, code
                 self._emit(EventKind.JOB_DONE, wf, k, j, code)
             touched[wf.workflow_id] = wf
         for wf in touched.values():
@@ -536,28 +677,32 @@ class MarkerMachine:
         self._events.append((self.last_seq, kind, wf, k, j, code))
 
     def _flush_events(self) -> None:
-        # one tuple per record and one numpy conversion for the lot (a field assignment per record and field
-        # cost ~1 us each: ~100 us per workflow on every replica); the values are read now, at the end of
-        # the entry, as they always were
-        if not self._events:
+        # one struct.pack per record into one buffer, one numpy view for the lot (a numpy field assignment per
+        # record and field cost ~1 us each; a tuple per record through np.array ~5 us a record); the values
+        # are read now, at the end of the entry, as they always were. A skipped job was never sent: its
+        # event carries dedup_id 0 (its id is derived only when it is needed)
+        events = self._events
+        if not events:
             return
         m64 = 0xFFFFFFFFFFFFFFFF
         now = self.now_ms
+        pack = _EVENT_STRUCT.pack
         rows = []
-        for seq, kind, wf, k, j, code in self._events:
+        for seq, kind, wf, k, j, code in events:
             wid = wf.workflow_id
             c = 0 if code is None else code
+            spec = wf.spec
             if j is None:
-                rows.append((seq, now, (wid & m64, wid >> 64), (0, 0), kind, wf.kind, wf.state, 0,
-                             NO_JOB if k is None else k, NO_SHARD, c, 0, 0, 0, wf.spec.issued_ms,
-                             wf.spec.deadline_ms, wf.epoch, _ZERO4))
+                rows.append(pack(seq, now, wid & m64, wid >> 64, 0, 0, kind, wf.kind, wf.state, 0,
+                                 NO_JOB if k is None else k, NO_SHARD, c, 0, 0, 0, spec.issued_ms,
+                                 spec.deadline_ms, wf.epoch))
             else:
-                d = j.dedup_id
-                rows.append((seq, now, (wid & m64, wid >> 64), (d & m64, d >> 64), kind, wf.kind, wf.state, j.kind,
-                             NO_JOB if k is None else k, j.shard, c, min(j.attempt, 0xFFFF), 0, j.seq, j.issued_ms,
-                             wf.spec.deadline_ms, wf.epoch, _ZERO4))
-        evs = np.array(rows, dtype=MARKER_EVENT_DTYPE)
-        self._events.clear()
+                d = 0 if kind == EventKind.JOB_SKIPPED else j.dedup_id
+                rows.append(pack(seq, now, wid & m64, wid >> 64, d & m64, d >> 64, kind, wf.kind, wf.state, j.kind,
+                                 NO_JOB if k is None else k, j.shard, c, min(j.attempt, 0xFFFF), 0, j.seq,
+                                 j.issued_ms, spec.deadline_ms, wf.epoch))
+        evs = np.frombuffer(b"".join(rows), dtype=MARKER_EVENT_DTYPE)
+        events.clear()
         if self.event_sink is not None:
             self.event_sink([evs])
 
@@ -579,7 +724,7 @@ class MarkerMachine:
         if wf is None or not 0 <= k < len(wf.jobs):
             return None
         j = wf.jobs[k]
-        if j.state != JobState.READY:
+        if j.state != _READY:
             return None
         return ReadyJob(workflow_id, k, j.attempt, j.shard, j.dedup_id, j.kind, j.not_before_ms)
 
@@ -590,7 +735,7 @@ class MarkerMachine:
             return self.job_records(workflow_id, k).tobytes()
         j = wf.jobs[k]
         if j.records is None:
-            j.records = self.job_records(wf, k).tobytes()
+            j.records = self._record_bytes(wf, k, j)
         return j.records
 
     def job_issued_ms(self, workflow_id: int, k: int) -> int:
@@ -613,33 +758,48 @@ class MarkerMachine:
                                                                or self._finished.get(wf_or_id))
         if wf is None:
             raise ValueError(f"unknown workflow {wf_or_id}")
-        j = wf.jobs[k]
-        enc, ts, spec = self._encoder, j.issued_ms, wf.spec
-        if j.kind in (JobKind.TRY, JobKind.CONFIRM, JobKind.CANCEL):
+        return np.frombuffer(self._record_bytes(wf, k, wf.jobs[k]), dtype=OP_DTYPE)
+
+    def _dedup_id(self, wf: Workflow, k: int, j: Job) -> int:
+        """Job k's dedup id at its attempt, derived if it is not yet (without keeping it: a query must not
+        change the state)."""
+        return j.dedup_id or derive_id(wf.workflow_id, b"J", k, j.attempt)
+
+    def _txn_id(self, wf: Workflow, group: int) -> int:
+        txn = wf.txn_ids
+        if txn is None:
+            txn = wf.txn_ids = [derive_id(wf.workflow_id, b"X", g) for g in range(len(wf.groups))]
+        return txn[group]
+
+    def _record_bytes(self, wf: Workflow, k: int, j: Job) -> bytes:
+        ts, spec, kind = j.issued_ms, wf.spec, j.kind
+        if kind == _TRY:
             assert isinstance(spec, TccSpec)
-            txn = derive_id(wf.workflow_id, b"X", j.ref)
-            if j.kind == JobKind.TRY:
-                legs = [spec.legs[i] for i in wf.groups[j.ref][1]]
-                return enc.tcc_try(j.dedup_id, txn, [(bytes_u128(a), bytes_i128(m), c) for a, m, c in legs],
-                                   timestamp=ts)
-            if j.kind == JobKind.CONFIRM:
-                return enc.tcc_confirm(j.dedup_id, txn, timestamp=ts)
-            return enc.tcc_cancel(j.dedup_id, txn, timestamp=ts)
-        if j.kind == JobKind.STEP:
+            legs = spec.legs
+            return tcc_try_records(self._dedup_id(wf, k, j), self._txn_id(wf, j.ref),
+                                   [legs[i] for i in wf.groups[j.ref][1]], ts,
+                                   wf.created_ms + self.try_expiry_ms if self.try_expiry_ms else 0)
+        if kind == _CONFIRM or kind == _CANCEL:
+            return one_op_record(_KIND_TCC_CONFIRM if kind == _CONFIRM else _KIND_TCC_CANCEL,
+                                 self._dedup_id(wf, k, j), self._txn_id(wf, j.ref), ts)
+        if kind == _COMPENSATE:
+            return one_op_record(_KIND_COMPENSATE, self._dedup_id(wf, k, j),
+                                 self._dedup_id(wf, j.ref, wf.jobs[j.ref]), ts)
+        if kind == JobKind.STEP:
+            enc = self._encoder
             assert isinstance(spec, SagaSpec)
             st = spec.steps[j.ref]
+            dedup = self._dedup_id(wf, k, j)
             if isinstance(st, TransferStep):
-                return enc.transfer(j.dedup_id, bytes_u128(st.from_id), bytes_u128(st.to_id), bytes_i128(st.amount),
+                return enc.transfer(dedup, bytes_u128(st.from_id), bytes_u128(st.to_id), bytes_i128(st.amount),
                                     st.currency,
                                     None if st.expected_from is None else bytes_i128(st.expected_from),
-                                    None if st.expected_to is None else bytes_i128(st.expected_to), timestamp=ts)
+                                    None if st.expected_to is None else bytes_i128(st.expected_to),
+                                    timestamp=ts).tobytes()
             assert isinstance(st, BatchStep)
             return enc.batch_balance_operation(
-                j.dedup_id, [(bytes_u128(a), bytes_i128(m), c) for a, m, c in st.specs],
-                [(bytes_u128(a), bytes_i128(e)) for a, e in st.preconditions], timestamp=ts)
-        if j.kind == JobKind.COMPENSATE:
-            original = wf.jobs[j.ref].dedup_id
-            return enc.compensate(j.dedup_id, original, timestamp=ts)
+                dedup, [(bytes_u128(a), bytes_i128(m), c) for a, m, c in st.specs],
+                [(bytes_u128(a), bytes_i128(e)) for a, e in st.preconditions], timestamp=ts).tobytes()
         raise ValueError(f"job {k} of workflow {wf.workflow_id} is internal ({j.kind.name})")
 
     # ---------------------------------------------------------------------------------------- queries
@@ -659,7 +819,8 @@ class MarkerMachine:
             "finished_ms": wf.finished_ms, "deadline_ms": wf.deadline_ms, "issued_ms": wf.issued_ms,
             "overdue": wf.overdue, "shard_epoch": wf.epoch,
             "jobs": [{"index": k, "kind": j.kind.name, "shard": None if j.shard == NO_SHARD else j.shard,
-                      "dedup_id": j.dedup_id, "state": j.state.name, "code": j.code, "seq": j.seq,
+                      "dedup_id": 0 if j.kind == _DECIDE else self._dedup_id(wf, k, j), "state": j.state.name,
+                      "code": j.code, "seq": j.seq,
                       "attempt": j.attempt, "issued_ms": j.issued_ms} for k, j in enumerate(wf.jobs)],
         }
 
@@ -739,6 +900,7 @@ class MarkerMachine:
         for k, (j, (st, jcode, seq, attempt, issued, not_before)) in enumerate(zip(wf.jobs, jobs)):
             j.state, j.code, j.seq, j.attempt, j.issued_ms, j.not_before_ms = (JobState(st), jcode, seq, attempt,
                                                                               issued, not_before)
-            if j.kind != JobKind.DECIDE:
-                j.dedup_id = derive_id(wf.workflow_id, b"J", k, attempt)
+            if j.kind in _PHASE2:                # derived once it has been READY (see _plan, _make_ready)
+                j.dedup_id = (derive_id(wf.workflow_id, b"J", k, attempt)
+                              if j.state in (_READY, _DONE, _STUCK) else 0)
         return wf

@@ -433,3 +433,84 @@ def test_u128_helpers_refuse_bad_values():
         u128_bytes(-1)
     with pytest.raises(ValueError):
         u128_bytes(1 << 128)
+
+
+def test_job_records_built_as_bytes_equal_the_ledgers_encoder():
+    # the machine builds TCC and compensate records straight as bytes: byte for byte OpEncoder's
+    from engine._ledger import OpEncoder
+    from marker.workflow import one_op_record, tcc_try_records
+    enc = OpEncoder()
+    d, x, ts = (1 << 127) + 12345, (1 << 100) + 7, T + 99
+    legs = [(A0, -(1 << 90), "USD"), (B0, 5, "EURO1234"), (C0, -1, "X")]
+    want = enc.tcc_try(d, x, legs, timestamp=ts).tobytes()
+    assert tcc_try_records(d, x, [(u128_bytes(a), m.to_bytes(16, "little", signed=True), c) for a, m, c in legs],
+                           ts) == want
+    assert one_op_record(11, d, x, ts) == enc.tcc_confirm(d, x, timestamp=ts).tobytes()
+    assert one_op_record(12, d, x, ts) == enc.tcc_cancel(d, x, timestamp=ts).tobytes()
+    assert one_op_record(13, d, x, ts) == enc.compensate(d, x, timestamp=ts).tobytes()
+
+
+def test_phase_two_dedup_ids_are_derived_only_when_needed_and_the_same_after_a_restore():
+    r = Rig()
+    r.submit(_tcc(70, r.now))
+    wf = r.m._active[70]
+    assert [j.dedup_id != 0 for j in wf.jobs] == [True, True, False, False, False, False, False]
+    before = r.m.get_workflow(70)
+    assert all(j["dedup_id"] != 0 for j in before["jobs"] if j["kind"] != "DECIDE")     # a query derives them
+    assert [j.dedup_id != 0 for j in wf.jobs] == [True, True, False, False, False, False, False]   # unchanged
+    r.results(70, {0: int(Code.OK), 1: int(Code.OK)})
+    assert [j.dedup_id != 0 for j in wf.jobs] == [True, True, False, True, True, False, False]
+    m2 = MarkerMachine(SM)
+    m2.restore(r.m.snapshot())
+    assert [j.dedup_id for j in m2._active[70].jobs] == [j.dedup_id for j in wf.jobs]
+    assert m2.digest() == r.m.digest()
+    got = r.m.get_workflow(70)
+    assert [j["dedup_id"] for j in got["jobs"]] == [j["dedup_id"] for j in before["jobs"]]
+    skipped = [e for e in np.concatenate(r.events) if e["kind"] == EventKind.JOB_SKIPPED]
+    assert len(skipped) == 2 and all(get_u128(e["dedup_id"].reshape(1, 2)) == [0] for e in skipped)
+
+
+def test_driver_bounds_jobs_per_poll_and_results_per_take():
+    r = Rig()
+    for w in range(100, 110):
+        r.submit(_tcc(w, r.now))
+    drv = JobDriver(r.m)
+    first = drv.poll(r.now, jobs_max=7)                     # 20 tries READY: 7 now, the rest later
+    assert sum(len(s.jobs) for s in first) == 7
+    rest = drv.poll(r.now, jobs_max=100)
+    assert sum(len(s.jobs) for s in rest) == 13
+    led = _ledgers()
+    for s in first + rest:
+        assert s.records is not None
+        drv.on_reply(s.send_id, led[s.shard].apply_batch(s.records, timestamp=r.now), None, r.now)
+    a, b, c = drv.take_results(8), drv.take_results(8), drv.take_results(8)
+    assert (len(a), len(b), len(c)) == (8, 8, 4) and drv.take_results() == []
+    assert len({(w, k) for w, k, *_ in a + b + c}) == 20
+    with pytest.raises(ValueError):
+        drv.take_results(0)
+
+
+def test_try_expiry_is_configuration_carried_by_every_try():
+    """``try_expiry_ms``: every TCC try carries expires_ms = the workflow's creation time + it (the ledger
+    cancels a try it still holds by then: a safety net for a lost Marker); off by default; refused if too
+    short to outlive phase 1."""
+    import numpy as np
+    from engine.records import OP_DTYPE
+    from engine.shard_map import ShardMap
+    from marker.commands import Submit, encode_entry, transfer
+    from marker.workflow import TRY_EXPIRY_MIN_MS, JobKind, MarkerMachine
+    smap = ShardMap.uniform([1, 2])
+    a = next(x for x in range(1, 100) if smap.shard_of(x) == 1)
+    b = next(x for x in range(1, 100) if smap.shard_of(x) == 2)
+    t0 = 1_700_000_000_000
+    for expiry, want in ((0, 0), (TRY_EXPIRY_MIN_MS, t0 + TRY_EXPIRY_MIN_MS)):
+        m = MarkerMachine(smap, try_expiry_ms=expiry)
+        m.apply(encode_entry([Submit(transfer(7, a, b, 5, "USD", issued_ms=t0, deadline_ms=t0 + 60_000))], t0))
+        tries = [k for k, j in enumerate(m.get_workflow(7)["jobs"]) if j["kind"] == JobKind.TRY.name]
+        assert len(tries) == 2
+        for k in tries:
+            recs = np.frombuffer(bytes(m.job_records(7, k)), dtype=OP_DTYPE) if not isinstance(
+                m.job_records(7, k), np.ndarray) else m.job_records(7, k)
+            assert int(recs["expires_ms"][0]) == want and not recs["expires_ms"][1:].any()
+    with pytest.raises(ValueError, match="try_expiry_ms"):
+        MarkerMachine(smap, try_expiry_ms=60_000)
