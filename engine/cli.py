@@ -15,6 +15,7 @@ COMMANDS = {
     "cluster": ("engine.devtools.cluster", "run N local replicas on loopback until Ctrl-C (--replicas 3)"),
     "status": ("engine.status", "leader, terms, applied index and digests of every replica (--nodes)"),
     "up": ("engine.devtools.up", "a whole local system: S shards x R replicas + a Marker group, system.toml"),
+    "gateway": ("gateway.server", "run one stateless gateway replica (--system D/system.toml --client tcp://...)"),
     "marker": ("marker.server", "run one replica of a Marker group from a TOML config (--config, --id)"),
     "demo": ("engine.devtools.demo", "a local 3-replica shard doing real work, with a failover"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRODUCT_COMMANDS = ("node", "cluster", "status", "demo", "sim", "replica")
+PRODUCT_COMMANDS = ("node", "cluster", "status", "demo", "sim", "replica", "gateway")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

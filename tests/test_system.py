@@ -218,6 +218,10 @@ def test_zwallet_up_command(tmp_path):
         assert sorted(system.shards) == [1, 2] and len(system.markers) == 1
         with marker.Client.from_system(str(d / "system.toml"), timeout_s=10) as m:
             assert m.status()["role"] == "leader"
+        assert len(system.extra["gateway"]["clients"]) == 1          # the contract: [gateway] clients = [...]
+        import gateway
+        with gateway.Client.from_system(str(d / "system.toml")) as g:
+            assert g.status()["role"] == "gateway" and g.totals("USD")["available"] == 0
         pids = [int(p) for p in subprocess.run(["pgrep", "-f", str(d)], capture_output=True,
                                                text=True).stdout.split()]
         assert len(pids) >= 3

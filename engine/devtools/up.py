@@ -3,13 +3,14 @@
     zwallet up --shards 2 --replicas 3 --dir D [--base-port 7100] [--no-sync]
 
 starts S shards of R ``zwallet node`` replicas each (shard ids 1..S, the slots split evenly between them)
-and a Marker group of R replicas, writes ``D/system.toml`` (engine/system.py: every address and the shard
+and a Marker group of R replicas, and ``--gateways`` G (default 1) gateway replicas (``zwallet gateway``),
+writes ``D/system.toml`` (engine/system.py: every address and the shard
 map), prints a line containing ``ready`` once every group has a leader that answers, and stops everything
 on SIGINT or SIGTERM. Data and per-process configs live under ``D/shard-<id>/`` and ``D/marker/``; running
 ``zwallet up`` again on the same directory restarts the same system with its data.
 
 Ports, from ``--base-port`` P: shard s (1-based) uses P + (s-1)*3R .. P + s*3R - 1 (raft, client, pub per
-replica), the Marker group the next 3R.
+replica), the Marker group the next 3R, the gateways the next G (``[gateway] clients`` in system.toml).
 
 ``LocalSystem`` is the same thing as a class, for tests, the demo and the benchmarks.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
 
 from engine.devtools.cluster import NodeCluster
-from engine.devtools.local_raft import free_ports
+from engine.devtools.local_raft import _child_env, _repo_root, free_ports
 from engine.shard_map import ShardMap
 from engine.system import Group, System
 
@@ -35,11 +37,14 @@ class LocalSystem:
 
     def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
                  sync: bool = True, verbose: bool = False, marker: bool = True, marker_groups: int = 1,
+                 gateways: int = 1,
                  node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
         if not 1 <= shards <= 64:
             raise ValueError("shards must be 1..64")
         if replicas not in (1, 3, 5):
             raise ValueError("replicas must be 1, 3 or 5")
+        if not 0 <= gateways <= 8:
+            raise ValueError("gateways must be 0..8")
         self.base_dir = os.path.abspath(base_dir)
         os.makedirs(self.base_dir, exist_ok=True)
         self.shard_ids = list(range(1, shards + 1))
@@ -49,8 +54,8 @@ class LocalSystem:
         if not 1 <= marker_groups <= 16:
             raise ValueError("marker_groups must be 1..16")
         groups = shards + (marker_groups if marker else 0)
-        ports = (list(range(base_port, base_port + block * groups)) if base_port
-                 else free_ports(block * groups))
+        nports = block * groups + gateways
+        ports = list(range(base_port, base_port + nports)) if base_port else free_ports(nports)
         self.shards: dict[int, NodeCluster] = {}
         self.system_path = os.path.join(self.base_dir, "system.toml")
         settings = dict(node_settings or {})
@@ -74,7 +79,10 @@ class LocalSystem:
                 markers.append(Group(gid, tuple(mc.client_addresses), tuple(mc.pub_addresses),
                                      tuple(mc.raft_addr[i] for i in mc.ids)))
             self.marker = self.markers[1]
-        self.system = System(self.shard_map, groups_desc, tuple(markers))
+        self.gateway_addresses = [f"tcp://127.0.0.1:{p}" for p in ports[block * groups:block * groups + gateways]]
+        self.gateways: dict[int, subprocess.Popen] = {}
+        extra: dict[str, Any] = {"gateway": {"clients": self.gateway_addresses}} if gateways else {}
+        self.system = System(self.shard_map, groups_desc, tuple(markers), extra)
         self.system.write(self.system_path)
 
     @property
@@ -95,6 +103,55 @@ class LocalSystem:
             for i in c.ids:
                 c._wait_ready(i)
         self.wait_leaders(timeout_s)
+        for k in range(len(self.gateway_addresses)):
+            self.start_gateway(k + 1)
+
+    # ------------------------------------------------------------------------------ gateways
+    def gateway_stderr(self, gid: int) -> str:
+        return os.path.join(self.base_dir, f"gateway-{gid}.stderr")
+
+    def start_gateway(self, gid: int) -> None:
+        """Start gateway replica ``gid`` (1-based; its address is ``gateway_addresses[gid - 1]``) and wait
+        until it prints its ready line."""
+        assert gid not in self.gateways or self.gateways[gid].poll() is not None, f"gateway {gid} is running"
+        cmd = [sys.executable, "-m", "engine.cli", "gateway", "--system", self.system_path,
+               "--client", self.gateway_addresses[gid - 1], "--id", str(gid)]
+        with open(self.gateway_stderr(gid), "ab") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
+        self.gateways[gid] = proc
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if b"ready" not in line:
+            raise RuntimeError(f"gateway {gid} failed to start: {self._tail(self.gateway_stderr(gid))}")
+
+    def kill_gateway(self, gid: int) -> None:
+        """kill -9 of gateway replica ``gid``."""
+        proc = self.gateways[gid]
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+    def stop_gateway(self, gid: int) -> None:
+        proc = self.gateways[gid]
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+    @staticmethod
+    def _tail(path: str, size: int = 600) -> str:
+        try:
+            with open(path, "rb") as f:
+                return f.read()[-size:].decode(errors="replace")
+        except OSError:
+            return ""
 
     def wait_leaders(self, timeout_s: float = READY_TIMEOUT_S) -> dict[str, int]:
         """Wait until every group has a leader that answers STATUS; ``{group name: leader replica id}``."""
@@ -125,9 +182,14 @@ class LocalSystem:
             for i in c.ids:
                 if not c.alive(i):
                     dead.append(f"{name} replica {i}: {c.stderr_tail(i, 600)}")
+        for gid, proc in self.gateways.items():
+            if proc.poll() is not None:
+                dead.append(f"gateway {gid}: {self._tail(self.gateway_stderr(gid))}")
         return dead
 
     def close(self) -> None:
+        for gid in list(self.gateways):
+            self.stop_gateway(gid)
         for c in self.groups.values():
             c.close()
 
@@ -145,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", required=True, help="data, configs and system.toml go here")
     p.add_argument("--base-port", type=int, default=7100)
     p.add_argument("--marker-groups", type=int, default=1, help="Marker groups (workflows by rendezvous hash)")
+    p.add_argument("--gateways", type=int, default=1, help="gateway replicas (0: none)")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -156,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         system = LocalSystem(args.dir, args.shards, args.replicas, base_port=args.base_port,
-                             sync=not args.no_sync, verbose=args.verbose, marker_groups=args.marker_groups)
+                             sync=not args.no_sync, verbose=args.verbose, marker_groups=args.marker_groups,
+                             gateways=args.gateways)
     except (ValueError, OSError) as exc:
         print(f"zwallet up: {exc}", file=sys.stderr)
         return 2
@@ -167,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.replicas}; system file {system.system_path}")
         for name, c in system.groups.items():
             print(f"  {name}: clients {','.join(c.client_addresses)}")
+        if system.gateway_addresses:
+            print(f"  gateway: clients {','.join(system.gateway_addresses)}")
         print("zwallet up: ready (Ctrl-C stops everything)", flush=True)
         while not stop["now"]:
             dead = system.alive()
