@@ -144,6 +144,16 @@ static inline uint64_t hmix(u128 k) {
 }
 struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
 
+// The event store's 64-bit hash of a dedup id (engine/service/event_store.py `_mix`/`dedup_hashes`, in numpy):
+// its durable dedup index holds these, so the two must stay bit for bit the same (tests/test_ledger_index.py
+// pins it on random ids) or every index block already written would stop finding its ids.
+static inline uint64_t dedup_hash(uint64_t lo, uint64_t hi) {
+    uint64_t x = lo ^ (hi * 0x9E3779B97F4A7C15ULL);
+    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 29;
+    return x;
+}
+
 // A fixed-size array in its own anonymous mapping: zeroed, and backed by memory only where touched, so a
 // window sized for its full retention costs nothing until it fills, and never has to grow (growing by
 // doubling copied, and first touched, tens of megabytes in one apply call: stalls of 40-300 ms).
@@ -313,6 +323,10 @@ class Core {
     MappedArray<EvRec> ev;
     uint64_t ev_total = 0;              // records ever written
     MappedArray<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
+    // ring: seq -> dedup_hash of its first record's dedup_id (the command's; 0's for an expiry): what the event
+    // store's dedup index needs of each seq, derived output like the events, written as each seq is finished
+    // (so the store does not re-read the 128-byte records for it); rebuilt from the events on restore.
+    MappedArray<uint64_t> seq_hash;
     uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
 
     // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
@@ -328,6 +342,7 @@ class Core {
         seg_init(initial_capacity);
         ev.allocate(event_retention, false);
         seq_pos.allocate(event_retention, false);
+        seq_hash.allocate(event_retention, false);
         dring.allocate(dedup_retention, false);
         uint64_t nb = 64;
         while (nb * 2 < dedup_retention) nb <<= 1;    // at most 2 live entries per bucket on average
@@ -450,11 +465,17 @@ class Core {
             r.parts = (uint16_t)parts;
             fold_record(&r, sizeof r);
         }
+        seq_hash[seq & (seq_hash.size() - 1)] = record_hash(ev[ev_begin_pos & (ev.size() - 1)]);
         // seqs whose first record was overwritten, or whose slot in seq_pos was reused, are gone
         uint64_t oldest_pos = ev_total > ev.size() ? ev_total - ev.size() : 0;
         while (seq_first_live <= seq &&
                (seq - seq_first_live >= seq_pos.size() || seq_pos[seq_first_live & (seq_pos.size() - 1)] < oldest_pos))
             seq_first_live++;
+    }
+    static uint64_t record_hash(const EvRec& r) {
+        uint64_t lo, hi;
+        memcpy(&lo, r.dedup_id, 8); memcpy(&hi, r.dedup_id + 8, 8);
+        return dedup_hash(lo, hi);
     }
     void ev_add(uint64_t seq, uint64_t ts, const unsigned char* dedup_id, uint8_t kind, const Account* a,
                 u128 other, i128 amount) {
@@ -1186,7 +1207,20 @@ class Core {
     void copy_events(uint64_t first, uint64_t last, EvRec* out) const {
         uint64_t a, b;
         if (!events_range(first, last, &a, &b)) return;
-        for (uint64_t p = a; p < b; p++) out[p - a] = ev[p & (ev.size() - 1)];
+        const uint64_t mask = ev.size() - 1, start = a & mask, n = b - a;
+        const uint64_t head = std::min<uint64_t>(n, ev.size() - start);   // up to the ring's end, then from 0
+        memcpy(out, &ev[start], head * sizeof(EvRec));
+        if (n > head) memcpy(out + head, &ev[0], (n - head) * sizeof(EvRec));
+    }
+    // The seq_hash of seqs first..last (an events_range that holds), one u64 each; *ts_first / *ts_last: the
+    // timestamps of the range's first and last records (events' timestamps never decrease: their min and max).
+    void copy_seq_hashes(uint64_t first, uint64_t last, uint64_t* out, uint64_t* ts_first, uint64_t* ts_last) const {
+        uint64_t a, b;
+        if (!events_range(first, last, &a, &b) || b == a) return;
+        const uint64_t mask = seq_hash.size() - 1;
+        for (uint64_t s = first; s <= last; s++) *out++ = seq_hash[s & mask];
+        *ts_first = ev[a & (ev.size() - 1)].timestamp;
+        *ts_last = ev[(b - 1) & (ev.size() - 1)].timestamp;
     }
     int64_t find_bytes(const unsigned char* id) const { return find(ld_u(id)); }
 
@@ -1317,7 +1351,10 @@ class Core {
         uint64_t prev = 0;
         for (uint64_t k = 0; k < nev; k++) {
             memcpy(&ev[k], p, sizeof(EvRec)); p += sizeof(EvRec);
-            if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num & (cap - 1)] = k; prev = ev[k].seq_num; }
+            if (ev[k].seq_num != prev) {
+                seq_pos[ev[k].seq_num & (cap - 1)] = k; seq_hash[ev[k].seq_num & (cap - 1)] = record_hash(ev[k]);
+                prev = ev[k].seq_num;
+            }
         }
         if (ver >= 2 && (!get(p, end, &horizon) || !get(p, end, &last_ts) || !get(p, end, &chain_a) ||
                          !get(p, end, &chain_b))) return "truncated clock section";
