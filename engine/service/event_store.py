@@ -24,7 +24,10 @@ Layout (one LMDB environment ``<data_dir>/events``):
   per command (measured: 1-2 us an insert at 400K commands/s, a quarter of the node's CPU); a lookup walks
   the blocks newest first, a binary search each, back to a time bound (a late retry's issue time) or a
   block budget, and reads the event to confirm the id (the hash may collide). ``meta`` ``index_from``: the
-  first seq the index covers (a store written before it existed is not indexed below it).
+  first seq the index covers (a store written before it existed is not indexed below it). What a chunk adds
+  to the block (each seq's part-0 id hash, the seq, the timestamps' bounds) comes ready with an
+  ``IndexedEvents`` chunk (the shard's ledger keeps it as it applies: ``Ledger.event_index``), or is
+  extracted from the records; the block is the same bytes either way.
 - ``meta``: ``format`` (u64 2: compressed chunks), ``holes`` (msgpack list of [first, last] seq ranges this
   replica never received: it was brought
   back by a snapshot of the ledger that was newer than its events) and ``floor`` (seqs below it were pruned
