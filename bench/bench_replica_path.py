@@ -18,7 +18,10 @@ and a heap that glibc trims after every entry faults its multi-MB buffers (the e
 What it leaves out (the same in any checkout, or not CPU): ZeroMQ transport, the Raft core's bookkeeping,
 the node's request intake and replies, the spare segments' zero fill, page-cache writeback.
 
-    python -m bench.bench_replica_path [--entries 60] [--batches 2] [--reps 5]
+It fixes glibc's malloc thresholds first, as a replica does at its start (``engine.service.process.tune_malloc``;
+the same numbers when run against a checkout that predates it), unless ``--malloc-default``.
+
+    python -m bench.bench_replica_path [--entries 60] [--batches 2] [--reps 5] [--malloc-default]
 """
 from __future__ import annotations
 
@@ -40,6 +43,21 @@ from engine.raft.messages import Entry
 
 BATCH_RECORDS = R.BATCH_SIZE_MAX
 DEDUP_BATCH_BASE = 1 << 40
+
+
+def _tune_malloc() -> bool:
+    """The replica's malloc policy (engine/service/process.py), also for a checkout that has none."""
+    try:
+        from engine.service.process import tune_malloc
+    except ImportError:                  # an older checkout: the same mallopt calls
+        import ctypes
+        import ctypes.util
+        import platform
+        if platform.libc_ver()[0] != "glibc":
+            return False
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.mallopt(-3, 8 << 20) == 1 and libc.mallopt(-1, 32 << 20) == 1
+    return tune_malloc()
 
 
 def _faults() -> int:
@@ -147,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
                    "makes 1-4)")
     p.add_argument("--reps", type=int, default=5, help="repetitions (fresh ledger and stores); medians shown")
     p.add_argument("--no-sync", action="store_true", help="no fdatasync of the log")
+    p.add_argument("--malloc-default", action="store_true", help="keep glibc's dynamic malloc thresholds (a "
+                   "replica fixes them at start)")
     args = p.parse_args(argv)
+    tuned = False if args.malloc_default else _tune_malloc()
     runs = [run_once(args, rep) for rep in range(args.reps)]
     keys = list(runs[0])
     print(f"replica path, {args.entries} entries x {args.batches} x {BATCH_RECORDS} transfers, "
-          f"{args.accounts:,} accounts, {args.reps} reps (CPU ns per transfer; medians, then every rep)")
+          f"{args.accounts:,} accounts, {args.reps} reps, malloc thresholds {'fixed' if tuned else 'glibc default'} "
+          "(CPU ns per transfer; medians, then every rep)")
     for k in keys:
         vals = [r[k] for r in runs]
         print(f"  {k:26s} {statistics.median(vals):8.1f}   " + " ".join(f"{v:.1f}" for v in vals))

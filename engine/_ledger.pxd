@@ -52,6 +52,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         uint64_t reserved2
 
     int64_t validate_ops(const OpRec* ops, uint64_t n, const char** why)
+    uint64_t dedup_hash(uint64_t lo, uint64_t hi)
 
     cdef cppclass AccountView "zw::Core::AccountView":
         unsigned char id[16]
@@ -102,6 +103,7 @@ cdef extern from "ledger_core.h" namespace "zw" nogil:
         int64_t find_bytes(const unsigned char* id)
         uint64_t event_count(uint64_t first, uint64_t last)
         void copy_events(uint64_t first, uint64_t last, EvRec* out)
+        void copy_seq_hashes(uint64_t first, uint64_t last, uint64_t* out, uint64_t* ts_first, uint64_t* ts_last)
         uint64_t dedup_size()
         uint64_t dedup_overflow()
         uint64_t dedup_bytes()

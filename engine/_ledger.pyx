@@ -396,6 +396,21 @@ cdef class OpEncoder(_CommandApi):
         return self._opbuf[:n].copy()
 
 
+def dedup_hashes(ids):
+    """The C core's 64-bit hashes of dedup ids given as an (n, 2) u64 ``[lo, hi]`` array: the same function as
+    ``engine.service.event_store.dedup_hashes`` (the durable index's), for the tests that pin it."""
+    a = np.ascontiguousarray(ids, dtype=np.uint64)
+    if a.ndim != 2 or a.shape[1] != 2:
+        raise ValueError("ids must be an (n, 2) array of u64 [lo, hi]")
+    cdef uint64_t[:, ::1] v = a
+    out = np.empty(a.shape[0], dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    cdef Py_ssize_t k
+    for k in range(a.shape[0]):
+        o[k] = dedup_hash(v[k, 0], v[k, 1])
+    return out
+
+
 def check_batch(ops):
     """Check a batch of op records the way ``apply_batch`` does, without applying it: a numpy array of
     ``OP_DTYPE``, one-dimensional, C-contiguous, at most ``BATCH_SIZE_MAX`` records, well-formed groups,
@@ -574,10 +589,30 @@ cdef class Ledger(_CommandApi):
         if n == <uint64_t>-1:
             raise ValueError(f"events {first}..{last} are no longer retained (event_retention="
                              f"{self.event_retention} records); fetch them from the event store")
-        out = np.zeros(n, dtype=EVENT_DTYPE)
+        out = np.empty(n, dtype=EVENT_DTYPE)             # the copy writes every byte
         if n:
             self.core.copy_events(first, last, <EvRec*>cnp.PyArray_DATA(<cnp.ndarray>out))
         return out
+
+    def event_index(self, first_seq, last_seq):
+        """What the event store's durable dedup index needs of seqs ``first_seq..last_seq`` (the range
+        ``events`` would give): ``(hashes, ts_first, ts_last)``, ``hashes`` one u64 per seq, the 64-bit hash
+        (``engine.service.event_store.dedup_hashes``) of the dedup id of the seq's first (part 0) event
+        record (the command's; 0's, which hashes to 0, for a TCC expiry), kept by the ledger as it applies;
+        ``ts_first``/``ts_last`` the timestamps of the range's first and last records (events' timestamps
+        never decrease: the least and the greatest). Derived output, like the events; raises ValueError as
+        ``events`` does."""
+        first = _as_int(first_seq, "first_seq")
+        last = _as_int(last_seq, "last_seq")
+        if not (1 <= first <= last <= self.core.last_seq):
+            raise ValueError(f"event range {first}..{last} is outside 1..{self.core.last_seq}")
+        if self.core.event_count(first, last) == <uint64_t>-1:
+            raise ValueError(f"events {first}..{last} are no longer retained (event_retention="
+                             f"{self.event_retention} records); fetch them from the event store")
+        cdef uint64_t ts_first = 0, ts_last = 0
+        hashes = np.empty(last - first + 1, dtype=np.uint64)
+        self.core.copy_seq_hashes(first, last, <uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>hashes), &ts_first, &ts_last)
+        return hashes, ts_first, ts_last
 
     @property
     def last_seq(self):

@@ -8,11 +8,11 @@ from engine.records import EVENT_DTYPE
 from engine.service import event_store as _store
 from engine.service.event_store import (EVENT_RETENTION_SEQS_DEFAULT, EVENT_STORE_MAP_SIZE_BYTES_DEFAULT,
                                         LOOKUP_BLOCKS_MAX, PENDING_BYTES_MAX, PENDING_CHUNKS_MAX, PRUNE_PASS_CHUNKS,
-                                        WRITEBACK_INTERVAL_S, EventsUnavailable, dedup_hashes)
+                                        WRITEBACK_INTERVAL_S, EventsUnavailable, IndexedEvents, dedup_hashes)
 
 __all__ = ["EVENT_RETENTION_SEQS_DEFAULT", "EVENT_STORE_MAP_SIZE_BYTES_DEFAULT", "LOOKUP_BLOCKS_MAX",
            "PENDING_BYTES_MAX", "PENDING_CHUNKS_MAX", "PRUNE_PASS_CHUNKS", "WRITEBACK_INTERVAL_S", "EventStore",
-           "EventsUnavailable", "dedup_hashes"]
+           "EventsUnavailable", "IndexedEvents", "dedup_hashes"]
 
 
 class EventStore(_store.EventStore):

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -143,6 +144,16 @@ static inline uint64_t hmix(u128 k) {
     return x;
 }
 struct H128 { size_t operator()(const u128& k) const { return (size_t)hmix(k); } };
+
+// The event store's 64-bit hash of a dedup id (engine/service/event_store.py `_mix`/`dedup_hashes`, in numpy):
+// its durable dedup index holds these, so the two must stay bit for bit the same (tests/test_ledger_index.py
+// pins it on random ids) or every index block already written would stop finding its ids.
+static inline uint64_t dedup_hash(uint64_t lo, uint64_t hi) {
+    uint64_t x = lo ^ (hi * 0x9E3779B97F4A7C15ULL);
+    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 29;
+    return x;
+}
 
 // A fixed-size array in its own anonymous mapping: zeroed, and backed by memory only where touched, so a
 // window sized for its full retention costs nothing until it fills, and never has to grow (growing by
@@ -313,6 +324,10 @@ class Core {
     MappedArray<EvRec> ev;
     uint64_t ev_total = 0;              // records ever written
     MappedArray<uint64_t> seq_pos;      // ring: seq -> absolute position of its first record
+    // ring: seq -> dedup_hash of its first record's dedup_id (the command's; 0's for an expiry): what the event
+    // store's dedup index needs of each seq, derived output like the events, written as each seq is finished
+    // (so the store does not re-read the 128-byte records for it); rebuilt from the events on restore.
+    MappedArray<uint64_t> seq_hash;
     uint64_t seq_first_live = 1;        // lowest seq whose records are all still in the ring
 
     // Both retentions must be powers of two (ring indexing is a mask); the wrapper rounds them up.
@@ -328,6 +343,7 @@ class Core {
         seg_init(initial_capacity);
         ev.allocate(event_retention, false);
         seq_pos.allocate(event_retention, false);
+        seq_hash.allocate(event_retention, false);
         dring.allocate(dedup_retention, false);
         uint64_t nb = 64;
         while (nb * 2 < dedup_retention) nb <<= 1;    // at most 2 live entries per bucket on average
@@ -416,18 +432,14 @@ class Core {
     }
 
     // ------------------------------------------------------------------------------- chain digest
-    void fold(uint64_t a, uint64_t b) {
-        chain_a = (chain_a ^ a) * 0x9E3779B97F4A7C15ULL; chain_a ^= chain_a >> 29;
-        chain_b = (chain_b + b) * 0xD6E8FEB86659FD93ULL; chain_b ^= chain_b >> 32;
+    // One step of the two lanes. The lanes are serial chains (each step waits for the previous one), so the
+    // hot path folds in registers (ev_end) rather than through the members, which the compiler must store and
+    // reload around every record read (a char pointer may alias them).
+    static inline void fold_into(uint64_t& ca, uint64_t& cb, uint64_t a, uint64_t b) {
+        ca = (ca ^ a) * 0x9E3779B97F4A7C15ULL; ca ^= ca >> 29;
+        cb = (cb + b) * 0xD6E8FEB86659FD93ULL; cb ^= cb >> 32;
     }
-    void fold_record(const void* rec, size_t bytes) {
-        const unsigned char* p = (const unsigned char*)rec;
-        for (size_t k = 0; k + 16 <= bytes; k += 16) {
-            uint64_t a, b;
-            memcpy(&a, p + k, 8); memcpy(&b, p + k + 8, 8);
-            fold(a, b);
-        }
-    }
+    void fold(uint64_t a, uint64_t b) { fold_into(chain_a, chain_b, a, b); }
 
     // ------------------------------------------------------------------------------------ events
     uint64_t cur_seq = 0;               // seq of the event being written
@@ -442,32 +454,60 @@ class Core {
         ev_begin_pos = ev_total;
         seq_pos[seq & (seq_pos.size() - 1)] = ev_total;
     }
+    // The 8 bytes at offset 112 of an event record: kind, state, part, parts, code (EvRec's layout). ev_add
+    // writes them as one store and ev_end adds part and parts to them in a register: a record word built
+    // from several smaller stores cannot be forwarded from the store buffer to the fold's load, which then
+    // waits for the stores to retire (~15 cycles, on the chain digest's serial path, for every record).
+    static uint64_t word112(uint8_t kind, uint8_t state, uint16_t part, uint16_t parts, uint16_t code) {
+        return (uint64_t)kind | (uint64_t)state << 8 | (uint64_t)part << 16 | (uint64_t)parts << 32 |
+               (uint64_t)code << 48;
+    }
     void ev_end(uint64_t seq) {
-        uint64_t parts = ev_total - ev_begin_pos;
+        static_assert(offsetof(EvRec, kind) == 112 && offsetof(EvRec, state) == 113 && offsetof(EvRec, part) == 114 &&
+                      offsetof(EvRec, parts) == 116 && offsetof(EvRec, code) == 118, "word112 layout");
+        const uint64_t parts = ev_total - ev_begin_pos, mask = ev.size() - 1;
+        uint64_t ca = chain_a, cb = chain_b;
         for (uint64_t p = ev_begin_pos; p < ev_total; p++) {
-            EvRec& r = ev[p & (ev.size() - 1)];
-            r.part = (uint16_t)(p - ev_begin_pos);
-            r.parts = (uint16_t)parts;
-            fold_record(&r, sizeof r);
+            unsigned char* r = (unsigned char*)&ev[p & mask];
+            uint64_t w[16];
+            memcpy(w, r, sizeof(EvRec));
+            w[14] |= word112(0, 0, (uint16_t)(p - ev_begin_pos), (uint16_t)parts, 0);
+            memcpy(r + 112, &w[14], 8);
+            for (int k = 0; k < 16; k += 2) fold_into(ca, cb, w[k], w[k + 1]);
         }
+        chain_a = ca; chain_b = cb;
+        seq_hash[seq & (seq_hash.size() - 1)] = record_hash(ev[ev_begin_pos & mask]);
         // seqs whose first record was overwritten, or whose slot in seq_pos was reused, are gone
         uint64_t oldest_pos = ev_total > ev.size() ? ev_total - ev.size() : 0;
         while (seq_first_live <= seq &&
                (seq - seq_first_live >= seq_pos.size() || seq_pos[seq_first_live & (seq_pos.size() - 1)] < oldest_pos))
             seq_first_live++;
     }
+    static uint64_t record_hash(const EvRec& r) {
+        uint64_t lo, hi;
+        memcpy(&lo, r.dedup_id, 8); memcpy(&hi, r.dedup_id + 8, 8);
+        return dedup_hash(lo, hi);
+    }
+    // One event record of the seq being written (part and parts: ev_end). Every byte is written once, by
+    // stores of 8 or 16 bytes (no memset first: a `rep stos` of 128 bytes was half of this function's time).
     void ev_add(uint64_t seq, uint64_t ts, const unsigned char* dedup_id, uint8_t kind, const Account* a,
-                u128 other, i128 amount) {
+                u128 other, i128 amount, uint16_t code = 0) {
         EvRec* r = ev_slot();
-        memset(r, 0, sizeof(EvRec));
         r->seq_num = seq; r->timestamp = ts;
         memcpy(r->dedup_id, dedup_id, 16);
+        st_u(r->other_id, other); st_i(r->amount, amount);
+        uint64_t w;
         if (a) {
             st_u(r->account_id, a->id); st_i(r->available, a->available);
-            r->version = a->version; memcpy(r->currency, a->currency, 8); r->state = a->state;
+            r->version = a->version; memcpy(r->currency, a->currency, 8);
+            w = word112(kind, a->state, 0, 0, code);
+        } else {
+            st_u(r->account_id, 0); st_i(r->available, 0);
+            r->version = 0; memset(r->currency, 0, 8);
+            w = word112(kind, 0, 0, 0, code);
         }
-        st_u(r->other_id, other); st_i(r->amount, amount);
-        r->kind = kind;
+        memcpy((unsigned char*)r + 112, &w, 8);
+        r->reserved2 = 0;
     }
 
     // -------------------------------------------------------------------------------- helpers
@@ -523,7 +563,11 @@ class Core {
         }
         uint64_t pos = dtotal++;
         DedupEntry& e = dentry(pos);
-        e.id = id; e.d = d;
+        // field by field: `e.d = d` copies d (built by byte- and word-sized stores on the stack) with 16-byte
+        // loads, which the store buffer cannot forward, so every command waited for those stores to retire
+        e.id = id;
+        e.d.seq = d.seq; e.d.code = d.code; e.d.kind = d.kind; e.d.flags = d.flags;
+        e.d.from_idx = d.from_idx; e.d.to_idx = d.to_idx; e.d.issued = d.issued; e.d.amount = d.amount;
         dindex(id, h, pos);
     }
     // Finished txns are remembered in a FIFO window of dedup_retention. Evicting a tombstone moves the
@@ -934,8 +978,7 @@ class Core {
             Txn& t = txns[txn];
             t.state = TXN_NULL_CANCELLED;
             txn_finished(txn, std::max(o->issued_ms, ts));
-            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_TCC_CANCEL, nullptr, txn, 0);
-            ev[(ev_total - 1) & (ev.size() - 1)].code = NULL_CANCELLED;
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_TCC_CANCEL, nullptr, txn, 0, NULL_CANCELLED);
             ev_end(seq);
             return NULL_CANCELLED;
         }
@@ -979,8 +1022,7 @@ class Core {
             a.open_items--;
         }
         for (auto& s : t.specs) {  // amount: the spec as tried (confirm) or its reversal (cancel)
-            ev_add(seq, ts, dedup_id, kind, &acc[s.idx], txn, confirm ? s.amount : -s.amount);
-            ev[(ev_total - 1) & (ev.size() - 1)].code = ev_code;
+            ev_add(seq, ts, dedup_id, kind, &acc[s.idx], txn, confirm ? s.amount : -s.amount, ev_code);
         }
         ev_end(seq);
         if (t.expires_ms != 0) {
@@ -1084,8 +1126,7 @@ class Core {
             // once this is evicted the original must still be refused: it was issued before now
             m.issued = std::max(o->issued_ms, ts);
             remember(orig, m);
-            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0);
-            ev[(ev_total - 1) & (ev.size() - 1)].code = NULL_COMPENSATED;
+            ev_begin(seq); ev_add(seq, ts, o->dedup_id, K_COMPENSATE, nullptr, orig, 0, NULL_COMPENSATED);
             ev_end(seq);
             return NULL_COMPENSATED;
         }
@@ -1186,7 +1227,20 @@ class Core {
     void copy_events(uint64_t first, uint64_t last, EvRec* out) const {
         uint64_t a, b;
         if (!events_range(first, last, &a, &b)) return;
-        for (uint64_t p = a; p < b; p++) out[p - a] = ev[p & (ev.size() - 1)];
+        const uint64_t mask = ev.size() - 1, start = a & mask, n = b - a;
+        const uint64_t head = std::min<uint64_t>(n, ev.size() - start);   // up to the ring's end, then from 0
+        memcpy(out, &ev[start], head * sizeof(EvRec));
+        if (n > head) memcpy(out + head, &ev[0], (n - head) * sizeof(EvRec));
+    }
+    // The seq_hash of seqs first..last (an events_range that holds), one u64 each; *ts_first / *ts_last: the
+    // timestamps of the range's first and last records (events' timestamps never decrease: their min and max).
+    void copy_seq_hashes(uint64_t first, uint64_t last, uint64_t* out, uint64_t* ts_first, uint64_t* ts_last) const {
+        uint64_t a, b;
+        if (!events_range(first, last, &a, &b) || b == a) return;
+        const uint64_t mask = seq_hash.size() - 1;
+        for (uint64_t s = first; s <= last; s++) *out++ = seq_hash[s & mask];
+        *ts_first = ev[a & (ev.size() - 1)].timestamp;
+        *ts_last = ev[(b - 1) & (ev.size() - 1)].timestamp;
     }
     int64_t find_bytes(const unsigned char* id) const { return find(ld_u(id)); }
 
@@ -1317,7 +1371,10 @@ class Core {
         uint64_t prev = 0;
         for (uint64_t k = 0; k < nev; k++) {
             memcpy(&ev[k], p, sizeof(EvRec)); p += sizeof(EvRec);
-            if (ev[k].seq_num != prev) { seq_pos[ev[k].seq_num & (cap - 1)] = k; prev = ev[k].seq_num; }
+            if (ev[k].seq_num != prev) {
+                seq_pos[ev[k].seq_num & (cap - 1)] = k; seq_hash[ev[k].seq_num & (cap - 1)] = record_hash(ev[k]);
+                prev = ev[k].seq_num;
+            }
         }
         if (ver >= 2 && (!get(p, end, &horizon) || !get(p, end, &last_ts) || !get(p, end, &chain_a) ||
                          !get(p, end, &chain_b))) return "truncated clock section";

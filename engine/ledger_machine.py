@@ -26,6 +26,7 @@ import numpy as np
 from engine import Ledger
 from engine._ledger import ACCOUNTS_MAX_DEFAULT, DEDUP_RETENTION_DEFAULT, check_batch
 from engine.records import BATCH_SIZE_MAX, OP_DTYPE, Kind, field_offset
+from engine.service.event_store import IndexedEvents
 
 LEDGER_MAGIC = b"ZWL3"
 LEDGER_MAGIC_V2 = b"ZWL2"                # 112-byte op records (no issued_ms, no reserved2)
@@ -230,7 +231,8 @@ class LedgerMachine:
     """Applies committed entries to an embedded ``Ledger``; snapshots are the ledger's own.
 
     ``event_sink``, if given, receives after every entry the event records it produced (a list of
-    arrays, contiguous in seq_num), before the results are handed back."""
+    arrays, contiguous in seq_num), before the results are handed back. Each is an ``IndexedEvents``
+    carrying what the event store's dedup index needs of it (the ledger kept it as it applied)."""
 
     def __init__(self, event_sink: EventSink | None = None,
                  event_retention: int = NODE_EVENT_RETENTION, *,
@@ -267,7 +269,10 @@ class LedgerMachine:
                 for ops in _batch_views(data, counts, body):
                     self._apply_one(ops, ts, outcomes)
             if ledger.last_seq > seq_before:
-                evs = ledger.events(seq_before + 1, ledger.last_seq)
+                first, last = seq_before + 1, ledger.last_seq
+                evs = ledger.events(first, last).view(IndexedEvents)
+                hashes, ts_first, ts_last = ledger.event_index(first, last)
+                evs.dedup_index = (hashes, first, ts_first, ts_last)    # the event store's index takes these
                 outcomes.events = evs
                 if self.event_sink is not None:
                     # handed over entry by entry: a replay of many entries never holds all their events
