@@ -112,7 +112,7 @@ CREATE TABLE reservations (
 );
 CREATE TABLE tcc_txns (
     txn_id bigint PRIMARY KEY,
-    state  smallint NOT NULL                      -- 1 tried, 2 confirmed, 3 cancelled
+    state  smallint NOT NULL                      -- 1 tried, 2 confirmed, 3 cancelled, 4 null-cancelled
 );
 CREATE TABLE tcc_pending (
     account_id  bigint NOT NULL,
@@ -361,7 +361,8 @@ BEGIN
             IF txn = 0 THEN code := 24;
             ELSIF g > 1024 THEN code := 19;
             ELSIF g < 1 THEN code := 6;
-            ELSIF EXISTS (SELECT 1 FROM tcc_txns t WHERE t.txn_id = txn) THEN code := 11;
+            ELSIF EXISTS (SELECT 1 FROM tcc_txns t WHERE t.txn_id = txn) THEN   -- 4: a null cancel's tombstone
+                code := CASE WHEN (SELECT t.state FROM tcc_txns t WHERE t.txn_id = txn) = 4 THEN 13 ELSE 11 END;
             ELSE
                 FOR j IN c_m0[i] .. c_m0[i] + g - 1 LOOP
                     p := m_p[j]; amt := m_amt[j];
@@ -417,9 +418,12 @@ BEGIN
             IF txn = 0 THEN code := 24;
             ELSE
                 SELECT t.state INTO st FROM tcc_txns t WHERE t.txn_id = txn;
-                IF NOT FOUND THEN code := 10;
+                IF NOT FOUND AND conf THEN code := 10;
+                ELSIF NOT FOUND THEN               -- null cancel: a tombstone, so a late try is refused
+                    INSERT INTO tcc_txns (txn_id, state) VALUES (txn, 4);
+                    code := 29;
                 ELSIF st = 2 THEN code := 12;
-                ELSIF st = 3 THEN code := 13;
+                ELSIF st = 3 OR st = 4 THEN code := 13;
                 ELSE
                     ps := '{}'; backs := '{}';
                     FOR rec IN SELECT t.account_id, t.pending_in, t.pending_out FROM tcc_pending t
@@ -450,7 +454,7 @@ BEGIN
         END IF;
 
         r_code[i] := code;
-        IF code = 0 THEN r_seq[i] := nextval('zw_seq'); END IF;
+        IF code = 0 OR code = 29 THEN r_seq[i] := nextval('zw_seq'); END IF;   -- 29: NULL_CANCELLED, a success
     END LOOP;
 
     -- write back: new accounts, changed accounts (each once), one journal row per new command

@@ -24,7 +24,6 @@ Requests (protocol: `engine/wire.py`, docs/protocol.md):
 from __future__ import annotations
 
 import argparse
-import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from engine.service.logs import KeyValueFormatter as _KeyValueFormatter
 from engine.service.logs import setup_logging as _setup_logging
 from engine.service.server import (CLIENT_RCVHWM, CLIENT_SNDHWM, CUT_REASONS, INT_ENCODER, READ, RECEIVE_DEFER_MS,
                                    RECV_PASS_S, RECV_PER_ITERATION_MAX, REFUSAL_REASONS, WRITE, OpSpec, Pending,
-                                   ReadBudget, ReplicatedServer, RequestError, ok_reply_parts)
+                                   ReadBudget, ReplicatedServer, RequestError, ok_reply_parts, run_until_signalled)
 from engine.service.snapshot import (SNAPSHOT_CHILD_BOOST_S, SNAPSHOT_CHILD_NICE, SNAPSHOT_WRITE_CHUNK_BYTES,
                                      SNAPSHOT_WRITE_PAUSE_S, ForkedSnapshot)
 from engine.shard_map import SHARD_ID_MAX, ShardMap
@@ -410,15 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     config = NodeConfig.from_toml(args.config, **overrides)
     setup_logging(config.node_id, config.verbose)
     node = Node(config)
-
-    def on_signal(_sig: int, _frm: Any) -> None:
-        node.stop()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    node.start()
-    print("READY", flush=True)
-    node.serve()
-    return node.exit_code
+    return run_until_signalled(node)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import collections
 import functools
 import heapq
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -45,7 +44,7 @@ from engine.service.config import DriverConfig, ServiceConfig
 from engine.service.logs import setup_logging
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
-from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
+from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
 from engine.system import Group, System
 from marker import wire as MW
 from marker.commands import Drain, Submit, encode_entry, u128_bytes
@@ -524,15 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.node_id, config.verbose)
     tune_malloc()                          # before any thread starts
     server = MarkerServer(config)
-
-    def on_signal(_sig: int, _frm: Any) -> None:
-        server.stop()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    print("READY", flush=True)
-    server.serve()
-    return server.exit_code
+    return run_until_signalled(server)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from engine.system import Group, System
 import marker
 from marker.client import WorkflowRefused
 from marker.groups import GroupMap
+from tests.system_helpers import accounts_by_shard
 
 CUR = "USD"
 
@@ -46,23 +47,12 @@ def test_rendezvous_moves_only_the_removed_groups_workflows():
         GroupMap(_groups(1, 1))
 
 
-def _accounts(system: System, n: int) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {s: [] for s in system.shards}
-    a = 1
-    while min(len(v) for v in out.values()) < n:
-        s = system.shard_map.shard_of(a)
-        if len(out[s]) < n:
-            out[s].append(a)
-        a += 1
-    return out
-
-
 def test_two_groups_drain_and_remove(tmp_path):
     with LocalSystem(str(tmp_path / "sys"), shards=2, replicas=1, marker_groups=2) as ls:
         ls.start()
         system = System.load(ls.system_path)
         assert [g.id for g in system.markers] == [1, 2]
-        accts = _accounts(system, 1)
+        accts = accounts_by_shard(system, 1)
         a, b = accts[1][0], accts[2][0]
         with Client(list(system.shards[1].clients)) as c1, Client(list(system.shards[2].clients)) as c2:
             assert c1.create_account(1, account_id=a, currency=CUR, lower_limit=None).code == Code.OK

@@ -23,19 +23,9 @@ from engine.wire import ErrorCode
 import marker
 from marker.commands import transfer_step
 from marker.client import WorkflowRefused
+from tests.system_helpers import accounts_by_shard
 
 CUR = "USD"
-
-
-def accounts_by_shard(system: System, per_shard: int, start: int = 1) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {s: [] for s in system.shards}
-    a = start
-    while min(len(v) for v in out.values()) < per_shard:
-        s = system.shard_map.shard_of(a)
-        if len(out[s]) < per_shard:
-            out[s].append(a)
-        a += 1
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -26,25 +26,15 @@ from engine.system import System
 import marker
 from marker.client import WorkflowPending, WorkflowRefused
 from tests.node_helpers import find_leader, status_client, wait_converged
+from tests.system_helpers import accounts_by_shard
 
 CUR = "USD"
 FUNDING = 2_000
 PER_SHARD = 8
 
 
-def _accounts(system: System) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {s: [] for s in system.shards}
-    a = 1
-    while min(len(v) for v in out.values()) < PER_SHARD:
-        s = system.shard_map.shard_of(a)
-        if len(out[s]) < PER_SHARD:
-            out[s].append(a)
-        a += 1
-    return out
-
-
 def _setup(system: System) -> dict[int, list[int]]:
-    accts = _accounts(system)
+    accts = accounts_by_shard(system, PER_SHARD)
     d = 50_000
     for s, ids in accts.items():
         with Client(list(system.shards[s].clients)) as c:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import signal
 import struct
 import sys
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ import msgspec
 import numpy as np
 
 from engine.service.config import ServiceConfig
-from engine.service.server import READ, WRITE, OpSpec, Pending, ReplicatedServer
+from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer
 
 COUNTER_MAGIC = b"CTR1"
 GROUP_MAGIC = b"CTRG"
@@ -222,15 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                            frame_bytes_max=64 << 20, pending_bytes_per_client_max=256 << 20,
                            pending_bytes_max=1 << 30, connection_held_bytes_max=1 << 30, held_bytes_max=2 << 30)
     server = CounterServer(config)
-
-    def on_term(_sig: int, _frm: Any) -> None:
-        server.stop()
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    server.start()
-    print("READY", flush=True)
-    server.serve()
-    return server.exit_code
+    return run_until_signalled(server)
 
 
 if __name__ == "__main__":

@@ -899,3 +899,18 @@ class ReplicatedServer:
                                     "held_out_bytes": guard.held_out}
         st["stalls"] = self.stalls.report()
         return st
+
+
+def run_until_signalled(server: ReplicatedServer) -> int:
+    """A replica process's last step: SIGTERM/SIGINT stop ``server``; start it, print READY (what the
+    local launchers wait for), serve until stopped; the exit code (3: fail-stop)."""
+    import signal
+
+    def on_signal(_sig: int, _frm: Any) -> None:
+        server.stop()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print("READY", flush=True)
+    server.serve()
+    return server.exit_code
