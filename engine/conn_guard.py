@@ -173,21 +173,23 @@ class ConnectionGuard:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            # the monitor is stopped while its PAIR socket is still open, and only then closed: libzmq's
+            # disable (it sends MONITOR_STOPPED to the monitor's inproc pipe) hung, rarely, when the PAIR
+            # had been closed first (seen in tests/test_service.py's in-process shutdown)
             try:
                 self._router.disable_monitor()
             except zmq.ZMQError:
                 pass
+            self._monitor.close(0)         # the guard thread has exited: this thread may close it
 
     def _run(self) -> None:
-        try:
-            while not self._stop.wait(self.interval_s):
-                try:
-                    self._drain_monitor()
-                    self.check()
-                except Exception:           # never let the guard take the node down
-                    log.exception("connection guard scan failed")
-        finally:
-            self._monitor.close(0)          # the monitor socket is this thread's only
+        # the monitor socket is this thread's while it runs; stop() closes it, after the disable
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._drain_monitor()
+                self.check()
+            except Exception:               # never let the guard take the node down
+                log.exception("connection guard scan failed")
 
     def _drain_monitor(self) -> None:
         mon = self._monitor
