@@ -437,12 +437,3 @@ class Subscriber(StreamSubscriber):
         super().__init__(pub_addresses, self.client.events, lambda: int(self.client.status().get("last_seq", 0)),
                          R.EVENT_DTYPE, from_seq, idle_check_s=idle_check_s)
 
-    def close(self) -> None:
-        super().close()
-        self.client.close()
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

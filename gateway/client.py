@@ -30,7 +30,7 @@ from typing import Any
 
 from engine._ledger import UNCHANGED
 from engine.client import ClientError, RequestRefused, Unavailable
-from engine.service.client_core import Call, IoCore
+from engine.service.client_core import Call, IoCore, then
 from engine.system import System
 from gateway import wire as GW
 from marker.client import WorkflowPending, WorkflowRefused
@@ -46,6 +46,17 @@ class RemoteError(ClientError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+
+
+def _reply_value(raw: bytes) -> Any:
+    """A gateway reply: the call's value, or the exception it raised there (as ours, see ``_exception``)."""
+    v = GW.decode(raw)
+    if isinstance(v, list) and len(v) == 2 and v[0] == "ok":
+        return GW.account_states(v[1])
+    if isinstance(v, list) and len(v) in (3, 4) and v[0] == "err":
+        fields = v[3] if len(v) == 4 and isinstance(v[3], dict) else {}
+        return _exception(str(v[1]), str(v[2]), fields)
+    return ClientError("malformed gateway reply")
 
 
 def _exception(kind: str, message: str, fields: dict[str, Any]) -> BaseException:
@@ -87,27 +98,7 @@ class _ServiceTransport:
         if len(payload) > GW.CALL_BYTES_MAX:
             raise ValueError(f"a call of {len(payload)} bytes exceeds CALL_BYTES_MAX={GW.CALL_BYTES_MAX}")
         inner = self.io.submit(Call(GW.OP_CALL, Future(), payload=payload))
-        out: Future = Future()
-
-        def done(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
-                return
-            try:
-                v = GW.decode(f.result())
-            except Exception as e:  # noqa: BLE001 - an undecodable reply is the gateway's bug: say so
-                out.set_exception(ClientError(f"undecodable gateway reply: {e}"))
-                return
-            if isinstance(v, list) and len(v) == 2 and v[0] == "ok":
-                out.set_result(GW.account_states(v[1]))
-            elif isinstance(v, list) and len(v) in (3, 4) and v[0] == "err":
-                fields = v[3] if len(v) == 4 and isinstance(v[3], dict) else {}
-                out.set_exception(_exception(str(v[1]), str(v[2]), fields))
-            else:
-                out.set_exception(ClientError("malformed gateway reply"))
-        inner.add_done_callback(done)
-        return out
+        return then(inner, _reply_value, "gateway")
 
     def status(self, node: int | None = None) -> Future:
         import msgspec

@@ -27,12 +27,13 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from engine.records import Code
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
-                                        Unavailable)
-from engine.service.protocol import OP_EVENTS, Consistency, ErrorCode
+                                        Unavailable, then)
+from engine.service.protocol import OP_EVENTS, OP_STATUS, Consistency, ErrorCode
 from engine.service.stream import StreamSubscriber, fetch_range
 from engine.system import Group, System
 from marker import wire as MW
@@ -163,19 +164,7 @@ class _Base:
         wid = int.from_bytes(specs[0].workflow_id, "little")
         payload = MW.encode(MW.SubmitRequest(wait_ms, specs))
         inner = self._io_of(wid).submit(Call(MW.OP_SUBMIT, Future(), payload=payload))
-        out: Future = Future()
-
-        def done(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
-                return
-            try:
-                out.set_result(MW.decode_submit_replies(f.result()))
-            except Exception as e:  # noqa: BLE001 - a reply that does not decode is the server's bug
-                out.set_exception(ClientError(f"undecodable SUBMIT reply: {e}"))
-        inner.add_done_callback(done)
-        return out
+        return then(inner, MW.decode_submit_replies, "SUBMIT")
 
     def _run_to_outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
         """Submit one workflow and wait for its outcome (blocking), re-asking until ``timeout_s``."""
@@ -215,30 +204,11 @@ class _Base:
         payload = b"".join(u128_bytes(w) for w in ids)
         inner = self._io_of(ids[0]).submit(Call(MW.OP_GET_WORKFLOW, Future(), payload=payload,
                                                 consistency=Consistency.LINEARIZABLE))
-        out: Future = Future()
-
-        def done(f: Future) -> None:
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
-                return
-            import msgspec
-            try:
-                out.set_result([_from_wire(w) for w in msgspec.msgpack.decode(f.result())])
-            except Exception as e:  # noqa: BLE001
-                out.set_exception(ClientError(f"undecodable GET_WORKFLOW reply: {e}"))
-        inner.add_done_callback(done)
-        return out
+        return then(inner, lambda raw: [_from_wire(w) for w in msgspec.msgpack.decode(raw)], "GET_WORKFLOW")
 
     def _status_future(self, node: int | None, group: int) -> Future:
-        import msgspec
-        from engine.service.protocol import OP_STATUS
-        io = self._ios[group]
-        inner = io.submit(Call(OP_STATUS, Future(), node=node))
-        out: Future = Future()
-        inner.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() is not None
-                                else out.set_result(msgspec.msgpack.decode(f.result())))
-        return out
+        inner = self._ios[group].submit(Call(OP_STATUS, Future(), node=node))
+        return then(inner, msgspec.msgpack.decode, "STATUS")
 
 
 def _from_wire(w: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -308,7 +278,6 @@ class Client(_Base):
 
     def drain(self, on: bool = True, group: int = 0) -> None:
         """Make a Marker group refuse new workflows (``on``) while it finishes what it has, or accept again."""
-        import msgspec
         inner = self._ios[group].submit(Call(MW.OP_DRAIN, Future(), payload=msgspec.msgpack.encode(bool(on))))
         inner.result()
 
@@ -364,15 +333,6 @@ class Subscriber(StreamSubscriber):
         g = System.load(path).markers[group]
         return cls(list(g.pubs), list(g.clients), from_seq, **kwargs)
 
-    def close(self) -> None:
-        super().close()
-        self.client.close()
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = ["Subscriber", "AsyncClient", "Client", "RequestRefused", "Unavailable", "WorkflowPending", "WorkflowRefused",

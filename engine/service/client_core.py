@@ -52,6 +52,31 @@ class Unavailable(ClientError):
     id (never applied twice) or ask for its result."""
 
 
+def then(inner: Future, decode: Any, what: str) -> Future:
+    """A Future of ``decode(inner's result)``: the reply decoded by an app's client. ``inner``'s exception
+    passes through; ``decode`` returns the value, or an exception instance to fail with (the server's
+    refusal, as the app's client raises it); a reply ``decode`` cannot read fails with a ClientError naming
+    ``what`` (the server's bug, said as such)."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+            return
+        try:
+            v = decode(f.result())
+        except Exception as e:  # noqa: BLE001 - a reply that does not decode is the server's bug
+            out.set_exception(ClientError(f"undecodable {what} reply: {e}"))
+            return
+        if isinstance(v, BaseException):
+            out.set_exception(v)
+        else:
+            out.set_result(v)
+    inner.add_done_callback(done)
+    return out
+
+
 @dataclass(slots=True)
 class Call:
     op: int

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from typing import Any, Self
 
 import msgspec
 import numpy as np
@@ -56,9 +57,19 @@ class StreamSubscriber:
         self._last_progress = time.monotonic()
         self.fetched_ranges = 0
 
+    client: Any = None                      # the app's client behind fetch/head, closed with the subscriber
+
     def close(self) -> None:
         self.sub.close(0)
         self.ctx.term()
+        if self.client is not None:
+            self.client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _take(self, evs: np.ndarray) -> np.ndarray | None:
         seqs = evs["seq_num"]
