@@ -274,8 +274,27 @@ def test_create_transfer_duplicate_read_and_events_from_raw_frames(shard):
     assert events(body[0]) == evs
 
 
+def _settled_leader(raws: list[Raw], timeout_s: float = 20.0) -> int:
+    """The replica every replica agrees leads now (an election under a loaded CI machine may have moved
+    it since the fixture looked, or be under way)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        views = []
+        for r in raws:
+            rep, body = r.ask(header(2, STATUS), b"")
+            views.append(msgspec.msgpack.decode(body[0]) if rep["status"] == OK_STATUS else None)
+        leaders = {v["leader"] for v in views if v is not None}
+        roles = [v["role"] for v in views if v is not None]
+        if len(views) == 3 and None not in views and len(leaders) == 1 and None not in leaders \
+                and roles.count("leader") == 1:
+            return roles.index("leader")
+        time.sleep(0.05)
+    raise AssertionError("the replicas did not agree on a leader")
+
+
 def test_a_follower_redirects_writes_with_a_matchable_reply(shard):
-    cluster, raws, leader = shard
+    cluster, raws, _ = shard
+    leader = _settled_leader(raws)
     follower = (leader + 1) % 3
     rep, _ = raws[follower].ask(header(20, APPLY), op_record(TRANSFER, 601, A, B, 1, currency=b"BTC"))
     assert rep["status"] == NOT_LEADER and rep["req_id"] == 20, rep
