@@ -17,7 +17,7 @@ COMMANDS = {
     "up": ("engine.devtools.up", "a whole local system: S shards x R replicas + a Marker group, system.toml"),
     "gateway": ("gateway.server", "run one stateless gateway replica (--system D/system.toml --client tcp://...)"),
     "marker": ("marker.server", "run one replica of a Marker group from a TOML config (--config, --id)"),
-    "demo": ("engine.devtools.demo", "a local 3-replica shard doing real work, with a failover"),
+    "demo": ("engine.devtools.demo", "the whole local system (2 shards x 3, Marker, gateway) at work, with kills"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
     "replica": ("engine.devtools.counter_app", "run one replica of the counter app (Raft tests/benchmark)"),

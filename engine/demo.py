@@ -1,4 +1,4 @@
-"""``python -m engine.demo`` (the README's command): the demo lives in engine/devtools/demo.py."""
+"""``python -m engine.demo`` (the README's command, = ``zwallet demo``): engine/devtools/demo.py."""
 from engine.devtools.demo import main
 
 if __name__ == "__main__":

@@ -1,199 +1,428 @@
-"""zwallet demo: a local 3-replica shard doing real work, with the leader killed part-way.
+"""zwallet demo: the whole local system doing real work, with a shard leader and the Marker leader killed.
 
-    zwallet demo [--accounts 2000] [--batches 120] [--batch-size 1000] [--keep]
+    zwallet demo [--seconds 20] [--accounts 100] [--concurrency 48] [--keep] [--verbose]
 
-Starts three node processes (the ledger behind a ZeroMQ ROUTER, Raft over ZeroMQ on 127.0.0.1, LMDB logs
-with fsync, events in LMDB and on PUB) in a temporary directory. Through the replicated client it creates
-and funds accounts, runs a mixed workload (transfers, batch balance operations, reserve/release, TCC
-try/confirm) as batches of op records plus a few per-call commands, kills the leader with SIGKILL half-way
-and measures the failover, restarts it, and checks that: money is conserved, every replica reached the
-same ledger digest at the same applied index, and an event subscriber saw every seq exactly once. The
-client retries with the same bytes (the same dedup ids), so a batch that was applied before the failure is
-never applied twice. Ctrl-C stops everything it started.
+Starts, in a temporary directory on 127.0.0.1, 2 shards of 3 ``zwallet node`` replicas, a Marker group of 3
+replicas and a gateway (``zwallet up``'s ``LocalSystem``: Raft logs fsynced, events in LMDB and on PUB).
+Through ``gateway.AsyncClient`` it creates accounts on both shards in two currencies, funds them, then for
+``--seconds`` runs concurrent requests: transfers within a shard, transfers across shards (Marker TCC
+workflows), payments with a fee whose payer, merchant and fee accounts span both shards, refunds of earlier
+payments, multi-party splits, and top-up / withdrawal holds that are settled or released. A third of the way
+through it kills the leader of shard 1 with SIGKILL, at two thirds the Marker leader, and restarts each.
+A request that gets no answer is re-sent with the same ids until it has a definite result.
+
+Then it checks, and prints, that:
+- every request came back with a definite result;
+- every Marker workflow finished (none in flight, none stuck);
+- every currency's total over both shards is what it was, and nothing is left pending;
+- every account's balance is its funding plus exactly the legs of the requests that succeeded (nothing lost,
+  nothing applied twice, no failed request half-applied);
+- every replica group (each shard, the Marker) reached one digest at one applied index;
+- a subscriber to each shard saw every event seq with no gap.
+It exits 0 only if every check passed. ``engine/devtools/shard_demo.py`` is the older one-shard demo.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from engine.client import Client, ClientError
+from engine.devtools.checks import GapFreeFollower, find_leader_index, wait_converged
+from engine.devtools.up import LocalSystem
+from engine.system import System
 
-from engine import records as R
-from engine.client import Client, ClientError, Subscriber
-from engine.devtools.cluster import NodeCluster
-from engine.devtools.workload import BANK, CURRENCY, FUNDING, Workload
-
-
-def progress(done: int, total: int, text: str) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stdout.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {text:<52}")
-    sys.stdout.flush()
+CURRENCIES = ("USD", "EUR")
+FUNDING = 1_000_000                 # minor units each user account starts with
+RETRY_FOR_S = 90.0                  # a request with no definite answer is re-sent (same ids) this long
+TREASURY_BASE, MERCHANT_BASE, FEE_BASE = 9_000_000, 8_000_000, 7_000_000
 
 
-def find_leader(client: Client, cluster: NodeCluster, timeout_s: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for k, node in enumerate(cluster.ids):
-            if not cluster.alive(node):
-                continue
-            try:
-                if client.status(k).get("role") == "leader":
-                    return node
-            except ClientError:          # a replica that is down or restarting does not answer
-                pass
-        time.sleep(0.05)
-    raise TimeoutError("no leader elected")
+def _ids_on(system: System, shard: int, start: int, count: int) -> list[int]:
+    out: list[int] = []
+    a = start
+    while len(out) < count:
+        if system.shard_map.shard_of(a) == shard:
+            out.append(a)
+        a += 1
+    return out
 
 
-class EventCounter(threading.Thread):
-    """Follows the shard's events from seq 1 with a Subscriber and checks they are gap-free."""
+@dataclass
+class Book:
+    """The demo's own account of what must be on every account: the funding, plus the legs of every
+    request that succeeded."""
+    expected: dict[int, int] = field(default_factory=dict)
+    outcomes: Counter = field(default_factory=Counter)     # (operation, "ok" | code name) -> count
+    unresolved: list[str] = field(default_factory=list)
+    retried: int = 0
+    payments: list[tuple[int, int, int, int, int, int, str]] = field(default_factory=list)
 
-    def __init__(self, cluster: NodeCluster) -> None:
-        super().__init__(daemon=True, name="demo-subscriber")
-        self.sub = Subscriber(cluster.pub_addresses, cluster.client_addresses, from_seq=1)
-        self.seen = 0
+    def apply(self, legs: list[tuple[int, int]]) -> None:
+        for a, m in legs:
+            self.expected[a] += m
+
+
+class Layout:
+    """Accounts: per shard and currency a treasury (no lower limit: where funding comes from), ``per_shard``
+    users and a merchant; per currency a fee account on the shard the merchant of shard 1 is not."""
+
+    def __init__(self, system: System, per_shard: int) -> None:
+        self.shards = sorted(system.shards)
+        self.users: dict[tuple[int, str], list[int]] = {}
+        self.treasury: dict[tuple[int, str], int] = {}
+        self.merchant: dict[tuple[int, str], int] = {}
+        self.fee: dict[str, int] = {}
+        for k, cur in enumerate(CURRENCIES):
+            for s in self.shards:
+                self.users[(s, cur)] = _ids_on(system, s, 1 + k * 1_000_000, per_shard)
+                self.treasury[(s, cur)] = _ids_on(system, s, TREASURY_BASE + k * 1000, 1)[0]
+                self.merchant[(s, cur)] = _ids_on(system, s, MERCHANT_BASE + k * 1000, 1)[0]
+            self.fee[cur] = _ids_on(system, self.shards[-1], FEE_BASE + k * 1000, 1)[0]
+        self.currency_of = {a: c for (_, c), ids in self.users.items() for a in ids}
+        self.currency_of.update({a: c for (_, c), a in [*self.treasury.items(), *self.merchant.items()]})
+        self.currency_of.update({a: c for c, a in self.fee.items()})
+
+    def all(self) -> list[int]:
+        return sorted(self.currency_of)
+
+
+class Ids:
+    def __init__(self, start: int) -> None:
+        self.n = start
+
+    def __call__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+async def _definite(book: Book, op: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` until it answers; the same arguments, so the same ids, every time."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    while True:
+        try:
+            return await fn(*args)
+        except ClientError as exc:
+            if time.monotonic() > deadline:
+                book.unresolved.append(f"{op}{args[:2]}: {type(exc).__name__}: {exc}")
+                return None
+            book.retried += 1
+            await asyncio.sleep(0.05)
+
+
+def _note(book: Book, op: str, r: Any) -> bool:
+    if r is None:
+        return False
+    book.outcomes[(op, "ok" if r.ok else r.code.name)] += 1
+    return bool(r.ok)
+
+
+class Workload:
+    def __init__(self, gw: Any, layout: Layout, book: Book, seconds: float, concurrency: int) -> None:
+        self.gw, self.layout, self.book = gw, layout, book
+        self.seconds, self.concurrency = seconds, concurrency
+        self.ids = Ids(1 << 40)
+        self.done = 0
+        self.t0 = 0.0
+        self.elapsed = 0.0
+        self.duplicate = False
+
+    async def setup(self) -> None:
+        L, gw, book = self.layout, self.gw, self.book
+
+        async def create(a: int, lower: int | None) -> None:
+            r = await _definite(book, "create", gw.create_account, self.ids(), a, L.currency_of[a], lower)
+            if r is None or not r.ok:
+                raise RuntimeError(f"creating account {a} failed: {r and r.code.name}")
+            book.expected[a] = 0
+        treasuries = set(L.treasury.values())
+        await asyncio.gather(*(create(a, None if a in treasuries else 0) for a in L.all()))
+
+        async def fund(s: int, cur: str, a: int) -> None:
+            r = await _definite(book, "fund", gw.transfer, self.ids(), L.treasury[(s, cur)], a, FUNDING, cur)
+            if r is None or not r.ok:
+                raise RuntimeError(f"funding account {a} failed: {r and r.code.name}")
+            book.apply([(L.treasury[(s, cur)], -FUNDING), (a, FUNDING)])
+        await asyncio.gather(*(fund(s, cur, a) for (s, cur), ids in L.users.items() for a in ids))
+
+    async def retry_once(self) -> None:
+        """A payment across both shards sent twice with one request id, as a client that lost the first
+        answer would: the second is a duplicate with the first's outcome, and the money moves once."""
+        L, gw, book = self.layout, self.gw, self.book
+        payer, m, f = L.users[(L.shards[0], "USD")][0], L.merchant[(L.shards[-1], "USD")], L.fee["USD"]
+        rid = self.ids()
+        first = await _definite(book, "pay", gw.pay, rid, payer, m, 10_00, "USD", 25, f)
+        again = await _definite(book, "pay", gw.pay, rid, payer, m, 10_00, "USD", 25, f)
+        if _note(book, "pay with fee", first):
+            book.apply([(payer, -(10_00 + 25)), (m, 10_00), (f, 25)])
+        self.duplicate = (first is not None and again is not None and first.ok and again.duplicate
+                          and again.code == first.code)
+        print(f"  a payment across both shards: {first and first.code.name} ({first and first.workflow_state}); "
+              f"the same request id again: {again and again.code.name}, duplicate={again and again.duplicate}")
+
+    async def worker(self, k: int) -> None:
+        rng = random.Random(k)
+        L, gw, book = self.layout, self.gw, self.book
+        while time.monotonic() - self.t0 < self.seconds:
+            cur = rng.choice(CURRENCIES)
+            s1 = rng.choice(L.shards)
+            s2 = rng.choice([s for s in L.shards if s != s1])
+            a = rng.choice(L.users[(s1, cur)])
+            amount = rng.randint(1, FUNDING // 50) if rng.random() > 0.04 else FUNDING * 5   # some must fail
+            x = rng.random()
+            if x < 0.35:
+                b = rng.choice([u for u in L.users[(s1, cur)] if u != a])
+                r = await _definite(book, "transfer", gw.transfer, self.ids(), a, b, amount, cur)
+                if _note(book, "transfer (one shard)", r):
+                    book.apply([(a, -amount), (b, amount)])
+            elif x < 0.60:
+                b = rng.choice(L.users[(s2, cur)])
+                r = await _definite(book, "transfer", gw.transfer, self.ids(), a, b, amount, cur)
+                if _note(book, "transfer (two shards)", r):
+                    book.apply([(a, -amount), (b, amount)])
+            elif x < 0.80:
+                rid, m, f = self.ids(), L.merchant[(s2, cur)], L.fee[cur]
+                fee = amount // 100 + 1
+                r = await _definite(book, "pay", gw.pay, rid, a, m, amount, cur, fee, f)
+                if _note(book, "pay with fee", r):
+                    book.apply([(a, -(amount + fee)), (m, amount), (f, fee)])
+                    book.payments.append((rid, a, m, amount, fee, f, cur))
+            elif x < 0.86:
+                if not book.payments:
+                    continue
+                rid, p, m, amt, fee, f, c = book.payments.pop(rng.randrange(len(book.payments)))
+                r = await _definite(book, "refund", gw.refund, self.ids(), rid, p, m, amt, c, fee, f)
+                if _note(book, "refund", r):
+                    book.apply([(m, -amt), (f, -fee), (p, amt + fee)])
+            elif x < 0.92:
+                shares = [(u, rng.randint(1, FUNDING // 200)) for u in
+                          rng.sample([u for s in L.shards for u in L.users[(s, cur)] if u != a], 3)]
+                r = await _definite(book, "split", gw.split, self.ids(), a, shares, cur)
+                if _note(book, "split", r):
+                    book.apply([(a, -sum(m for _, m in shares)), *shares])
+            else:
+                topup = rng.random() < 0.5
+                other = L.treasury[(s2, cur)]
+                src, dst = (other, a) if topup else (a, other)
+                rid = self.ids()
+                name = "topup" if topup else "withdraw"
+                hold, settle, release = (getattr(gw, f"{name}_{step}") for step in ("hold", "settle", "release"))
+                r = await _definite(book, f"{name} hold", hold, rid, dst if topup else src, src if topup else dst,
+                                    amount, cur)
+                if _note(book, f"{name} hold", r):
+                    step = settle if rng.random() < 0.6 else release
+                    r2 = await _definite(book, name, step, rid, dst if topup else src, src if topup else dst,
+                                         amount, cur)
+                    if _note(book, f"{name} {'settle' if step is settle else 'release'}", r2) and step is settle:
+                        book.apply([(src, -amount), (dst, amount)])
+            self.done += 1
+
+    async def run(self) -> None:
+        self.t0 = time.monotonic()
+        await asyncio.gather(*(self.worker(k) for k in range(self.concurrency)))
+
+
+class Nemesis(threading.Thread):
+    """kill -9 of shard 1's leader at a third of the run and of the Marker leader at two thirds; each is
+    restarted ``down_s`` later."""
+
+    def __init__(self, ls: LocalSystem, seconds: float, down_s: float = 2.0) -> None:
+        super().__init__(daemon=True, name="demo-nemesis")
+        self.ls, self.seconds, self.down_s = ls, seconds, down_s
         self.stop = threading.Event()
+        self.events: list[str] = []
+        self.current = ""
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        t0 = time.monotonic()
         try:
-            while not self.stop.is_set():
-                evs = self.sub.poll(200)
-                if evs is not None:
-                    seqs = np.unique(evs["seq_num"])
-                    assert seqs[0] == self.seen + 1 and (np.diff(seqs) == 1).all(), "event gap"
-                    self.seen = int(seqs[-1])
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            targets: list[tuple[float, str, Any]] = [(self.seconds / 3, "shard 1", self.ls.shards[1]),
+                                                     (2 * self.seconds / 3, "Marker", self.ls.marker)]
+            for at, name, cluster in targets:
+                if self.stop.wait(max(0.0, t0 + at - time.monotonic())):
+                    return
+                with Client(cluster.client_addresses, timeout_s=2.0, attempt_timeout_s=0.5) as c:
+                    node = cluster.ids[find_leader_index(c, len(cluster.ids))]
+                cluster.kill(node)
+                self.current = f"kill -9 {name} leader (replica {node})"
+                self.events.append(f"{name} leader (replica {node}) killed at {time.monotonic() - t0:.1f} s")
+                self.stop.wait(self.down_s)
+                cluster.start_replica(node)
+                self.current = f"{name} replica {node} restarted"
+        except BaseException as exc:  # noqa: BLE001 - reported as a failed check
             self.error = exc
-        finally:
-            self.sub.close()
+
+
+def _bar(frac: float, width: int = 30) -> str:
+    filled = int(width * min(max(frac, 0.0), 1.0))
+    return "#" * filled + "." * (width - filled)
+
+
+async def _progress(work: Workload, nemesis: Nemesis, stop: asyncio.Event) -> None:
+    """A progress bar redrawn in place on a terminal; elsewhere (a log, a pipe) a line every 2 s."""
+    tty = sys.stdout.isatty()
+    while not stop.is_set():
+        el = time.monotonic() - work.t0
+        line = (f"  [{_bar(el / work.seconds)}] {min(el, work.seconds):4.1f}/{work.seconds:.0f} s "
+                f"{work.done:>7,} requests  {nemesis.current:<44}")
+        sys.stdout.write("\r" + line if tty else line.rstrip() + "\n")
+        sys.stdout.flush()
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25 if tty else 2.0)
+        except TimeoutError:
+            pass
+    if tty:
+        sys.stdout.write("\n")
+
+
+async def _drive(system_path: str, layout: Layout, book: Book, args: argparse.Namespace,
+                 nemesis: Nemesis) -> Workload:
+    import gateway
+    gw = gateway.AsyncClient.from_system(system_path)
+    try:
+        work = Workload(gw, layout, book, args.seconds, args.concurrency)
+        t0 = time.monotonic()
+        await work.setup()
+        n = len(layout.all())
+        print(f"  created {n} accounts on {len(layout.shards)} shards in {', '.join(CURRENCIES)} and funded "
+              f"{sum(len(v) for v in layout.users.values())} of them in {time.monotonic() - t0:.1f} s")
+        await work.retry_once()
+        stop = asyncio.Event()
+        nemesis.start()
+        bar = asyncio.ensure_future(_progress(work, nemesis, stop))
+        work.t0 = time.monotonic()
+        await work.run()
+        stop.set()
+        await bar
+        work.elapsed = time.monotonic() - work.t0
+        return work
+    finally:
+        gw.close()
+
+
+def _check(results: list[tuple[bool, str]], ok: bool, text: str) -> None:
+    results.append((ok, text))
+    print(f"  [{'OK' if ok else 'FAILED'}] {text}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zwallet demo", description=__doc__.splitlines()[0])
-    p.add_argument("--accounts", type=int, default=2000)
-    p.add_argument("--batches", type=int, default=120, help="mixed workload batches")
-    p.add_argument("--batch-size", type=int, default=1000, help="records per batch (<= 8190)")
+    p.add_argument("--seconds", type=float, default=20.0, help="how long the concurrent requests run")
+    p.add_argument("--accounts", type=int, default=100, help="user accounts per shard and currency")
+    p.add_argument("--concurrency", type=int, default=48, help="requests in flight")
     p.add_argument("--keep", action="store_true", help="keep the data directory")
     p.add_argument("--verbose", action="store_true", help="the replicas log Raft events")
     args = p.parse_args(argv)
+    if args.accounts < 4 or args.seconds <= 0 or args.concurrency < 1:
+        p.error("--accounts must be >= 4, --seconds > 0, --concurrency >= 1")
     base = tempfile.mkdtemp(prefix="zwallet-demo-")
-    cluster = NodeCluster(3, base, snapshot_threshold_entries=200, snapshot_keep_entries=50,
-                          verbose=args.verbose)
-    client = None
-    counter = None
-    print(f"zwallet demo: a 3-replica shard on 127.0.0.1, data in {base}")
+    t_start = time.monotonic()
+    print(f"zwallet demo: 2 shards x 3 replicas, a Marker group of 3 and a gateway on 127.0.0.1; data in {base}")
+    ls = LocalSystem(base, shards=2, replicas=3, gateways=1, verbose=args.verbose)
+    nemesis = Nemesis(ls, args.seconds)
+    followers: list[GapFreeFollower] = []
     try:
-        cluster.start()
-        client = Client(cluster.client_addresses, timeout_s=30, attempt_timeout_s=0.5)
-        print(f"  leader elected: replica {find_leader(client, cluster)}")
-        counter = EventCounter(cluster)
-        counter.start()
-        work = Workload(args.accounts)
-        t0 = time.monotonic()
-        for ops in work.create():
-            res = client.apply_batch(ops)
-            assert (res["code"] == R.Code.OK).all(), np.unique(res["code"])
-        print(f"  created {args.accounts + 1} accounts and funded {args.accounts} of them "
-              f"({args.accounts * FUNDING:,} units) in {time.monotonic() - t0:.2f}s")
-        # the per-call API: the same methods as the embedded Ledger
-        a, b = work.first_account, work.first_account + 1
-        d = int(work.ids(3)[0])
-        r = client.transfer(d, a, b, 1_00, CURRENCY)
-        again = client.transfer(d, a, b, 1_00, CURRENCY)
-        balances = {k: v["available"] for k, v in r.accounts.items()}
-        print(f"  per-call transfer: {r.code.name} seq {r.seq_num}, balances after {balances}; "
-              f"the same dedup_id again: duplicate={again.duplicate}")
-        kill_at = args.batches // 2
-        codes: dict[int, int] = {}
-        applied_ops = 0
-        failover_s: float | None = None
-        killed: int | None = None
-        t0 = time.monotonic()
-        for batch in range(args.batches):
-            if batch == kill_at:
-                killed = find_leader(client, cluster)
-                progress(batch, args.batches, f"kill -9 leader (replica {killed})")
-                t_kill = time.monotonic()
-                cluster.kill(killed)
-                res = client.apply_batch(work.mixed(args.batch_size))
-                failover_s = time.monotonic() - t_kill
-                progress(batch + 1, args.batches,
-                         f"new leader: replica {find_leader(client, cluster)} after {failover_s * 1000:.0f} ms")
-                print()
-                cluster.start_replica(killed)
-            else:
-                res = client.apply_batch(work.mixed(args.batch_size))
-                if batch % 5 == 0 or batch == args.batches - 1:
-                    progress(batch + 1, args.batches, "mixed batches")
-            for code, count in zip(*np.unique(res["code"], return_counts=True)):
-                codes[int(code)] = codes.get(int(code), 0) + int(count)
-            applied_ops += len(res)
-        elapsed = time.monotonic() - t0
-        print()
-        # every replica converges: same applied index, same digest; money conserved; events gap-free
-        deadline = time.monotonic() + 60
-        while True:
-            st: dict[int, dict[str, Any]] = {}           # the replicas that answered
-            for k, node in enumerate(cluster.ids):
-                try:
-                    st[node] = client.status(k, with_digest=True)
-                except ClientError:
-                    pass                                  # down or restarting: not converged yet
-            done = len(st) == len(cluster.ids) and len({s["digest"] for s in st.values()}) == 1 \
-                and len({s["sm_applied"] for s in st.values()}) == 1
-            if done:
-                break
-            if time.monotonic() > deadline:
-                silent = [node for node in cluster.ids if node not in st]
-                raise RuntimeError(f"replicas did not converge: {st}; not answering: {silent}")
-            time.sleep(0.2)
-        totals = client.totals(CURRENCY)
-        held = totals["available"] + totals["reserved"] + totals["pending_out"]
-        bank_account = client.get_account(BANK)
-        if bank_account is None:
-            raise RuntimeError(f"the bank account {BANK} is missing")
-        bank = bank_account["available"]
-        last_seq = st[cluster.ids[0]]["last_seq"]
-        while counter.seen < last_seq and time.monotonic() < deadline and counter.error is None:
-            time.sleep(0.05)
-        counter.stop.set()
-        counter.join(5)
-        conserved = held == 0 and bank == -args.accounts * FUNDING
-        events_ok = counter.error is None and counter.seen == last_seq
-        print(f"  workload: {applied_ops:,} operations in {args.batches} batches, {elapsed:.1f}s "
-              f"({applied_ops / elapsed:,.0f} ops/s through Raft with fsync, one batch at a time and each waited "
-              f"for; throughput with batches in flight: zwallet bench, python -m bench.bench_node)")
-        print("  results: " + ", ".join(f"{R.Code(c).name} {n:,}" for c, n in sorted(codes.items())))
-        if killed is not None and failover_s is not None:
-            print(f"  failover: leader {killed} killed, next commit after {failover_s * 1000:.0f} ms; "
-                  f"it restarted and caught up")
-        else:
-            print("  failover: none (the leader is killed half-way through the batches, and there were none)")
-        s0 = st[cluster.ids[0]]
-        print(f"  replicas: applied index {s0['sm_applied']} on all 3, digest {s0['digest'][:16]}... identical")
-        print(f"  events: the subscriber saw seqs 1..{counter.seen} with no gap "
-              f"({'OK' if events_ok else 'VIOLATED: ' + repr(counter.error)})")
-        print(f"  money conserved: sum of available + reserved + pending_out = {held}, the bank still "
-              f"owes {-bank:,} ({'OK' if conserved else 'VIOLATED'})")
-        return 0 if conserved and events_ok else 1
+        ls.start()
+        system = System.load(ls.system_path)
+        print(f"  started {sum(len(c.ids) for c in ls.groups.values())} replicas and the gateway in "
+              f"{time.monotonic() - t_start:.1f} s; leaders: "
+              + ", ".join(f"{g} replica {r}" for g, r in ls.wait_leaders().items()))
+        followers = [GapFreeFollower(g.pubs, g.clients, f"demo-follower-{sid}") for sid, g in system.shards.items()]
+        for f in followers:
+            f.start()
+        layout = Layout(system, args.accounts)
+        book = Book()
+        work = asyncio.run(_drive(ls.system_path, layout, book, args, nemesis))
+        nemesis.stop.set()
+        nemesis.join(30)
+        elapsed = work.elapsed
+        print(f"  {work.done:,} requests in {elapsed:.1f} s ({work.done / elapsed:,.0f}/s, {args.concurrency} in "
+              f"flight, each waited for); {book.retried} re-sends with the same ids")
+        for (op, outcome), n in sorted(book.outcomes.items()):
+            print(f"    {op:<24} {outcome:<24} {n:>7,}")
+        for e in nemesis.events:
+            print(f"  fault: {e}, restarted {nemesis.down_s:.0f} s later")
+        return _checks(ls, system, layout, book, work, nemesis, followers, t_start)
     except KeyboardInterrupt:
-        print("\n  interrupted: stopping the replicas")
+        print("\n  interrupted: stopping everything")
         return 130
     finally:
-        if counter is not None:
-            counter.stop.set()
-        if client is not None:
-            client.close()
-        cluster.close()
+        nemesis.stop.set()
+        for f in followers:
+            f.stop.set()
+        ls.close()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _checks(ls: LocalSystem, system: System, layout: Layout, book: Book, work: Workload, nemesis: Nemesis,
+            followers: list[GapFreeFollower], t_start: float) -> int:
+    import marker
+    results: list[tuple[bool, str]] = []
+    print("checks:")
+    _check(results, not book.unresolved,
+           "every request has a definite result" if not book.unresolved else
+           f"{len(book.unresolved)} requests without a definite result, e.g. {book.unresolved[:3]}")
+    _check(results, work.duplicate, "a payment re-sent with its request id was a duplicate: applied once")
+    _check(results, nemesis.error is None and len(nemesis.events) == 2,
+           f"faults injected: {len(nemesis.events)} of 2" + (f" ({nemesis.error!r})" if nemesis.error else ""))
+    st: dict[str, Any] = {}
+    with marker.Client.from_system(ls.system_path, timeout_s=20.0) as m:
+        deadline = time.monotonic() + 60
+        while True:
+            st = m.status()["marker"]
+            if st["in_flight"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    _check(results, st["in_flight"] == 0 and st["stuck"] == 0,
+           f"every workflow finished: {st.get('finished', st.get('finished_retained'))} finished, "
+           f"{st['in_flight']} in flight, {st['stuck']} stuck")
+    totals: dict[str, dict[str, int]] = {}
+    for cur in CURRENCIES:
+        totals[cur] = {}
+        for g in system.shards.values():
+            with Client(list(g.clients), timeout_s=20.0) as c:
+                for k, v in c.totals(cur).items():
+                    totals[cur][k] = totals[cur].get(k, 0) + v
+    for cur, t in totals.items():
+        held = t["available"] + t["reserved"] + t["pending_out"]
+        _check(results, held == 0 and t["pending_in"] == 0 and t["pending_out"] == 0,
+               f"{cur}: total over both shards {held} (the treasuries' debt offsets every balance), "
+               f"pending in {t['pending_in']}, out {t['pending_out']}")
+    import gateway
+    with gateway.Client.from_system(ls.system_path) as gw:
+        accounts = gw.get_accounts(layout.all())
+    wrong = [(a, acc and acc["available"], book.expected[a]) for a, acc in zip(layout.all(), accounts)
+             if acc is None or acc["available"] != book.expected[a] or acc["pending_in"] or acc["pending_out"]]
+    _check(results, not wrong, f"every one of {len(accounts)} accounts holds its funding plus exactly the legs "
+           f"of the requests that succeeded" + (f": {len(wrong)} differ, e.g. {wrong[:3]}" if wrong else ""))
+    for name, cluster in ls.groups.items():
+        try:
+            sts = wait_converged(cluster.client_addresses, timeout_s=60)
+            s0 = next(iter(sts.values()))
+            _check(results, True, f"{name}: {len(sts)} replicas at applied index {s0['sm_applied']}, "
+                   f"digest {s0['digest'][:12]}... identical")
+        except TimeoutError as exc:
+            _check(results, False, f"{name}: {exc}")
+    for sid, f in zip(sorted(system.shards), followers):
+        with Client(list(system.shards[sid].clients), timeout_s=20.0) as c:
+            last = int(c.status()["last_seq"])
+        ok = f.wait_for(last, 30)
+        _check(results, ok, f"shard {sid}: a subscriber saw seqs 1..{f.seen} of {last} with no gap"
+               + (f" ({f.error!r})" if f.error else ""))
+    passed = sum(ok for ok, _ in results)
+    print(f"zwallet demo: {passed} of {len(results)} checks passed, {time.monotonic() - t_start:.0f} s in all"
+          + ("" if passed == len(results) else " -- FAILED"))
+    return 0 if passed == len(results) else 1
 
 
 if __name__ == "__main__":
