@@ -64,6 +64,43 @@ async def payments(client, ids, payers, merchants, fees, n: int, concurrency: in
     return n / (time.perf_counter() - t0)
 
 
+async def open_loop(client, ids, src, dst, rate: float, seconds: float) -> tuple[float, float, float, int]:
+    """Transfers offered at ``rate`` per second for ``seconds`` (open loop: call k is due at t0 + k/rate and is
+    started then, whatever happened to earlier ones; its latency runs from its due time, so a client that fell
+    behind counts its own lateness: no coordinated omission). (p50 ms, p99 ms, answered per s, failures)."""
+    n = int(rate * seconds)
+    lat = np.full(n, np.inf)
+    failures = 0
+
+    async def one(k: int, due: float) -> None:
+        nonlocal failures
+        try:
+            r = await client.transfer(next(ids), src, dst[k % len(dst)], 1, CUR)
+            if r.code != 0:
+                failures += 1
+        except Exception:  # noqa: BLE001 - counted: a benchmark reports, it does not stop
+            failures += 1
+            return
+        lat[k] = time.perf_counter() - due
+
+    tasks = []
+    t0 = time.perf_counter() + 0.05
+    k = 0
+    while k < n:
+        now = time.perf_counter()
+        while k < n and t0 + k / rate <= now:
+            tasks.append(asyncio.ensure_future(one(k, t0 + k / rate)))
+            k += 1
+        await asyncio.sleep(max(0.0, min(0.001, t0 + k / rate - time.perf_counter())))
+    await asyncio.gather(*tasks)
+    t1 = time.perf_counter()
+    done = lat[np.isfinite(lat)]
+    if not len(done):
+        return float("inf"), float("inf"), 0.0, failures
+    return (float(np.percentile(done, 50)) * 1000, float(np.percentile(done, 99)) * 1000, len(done) / (t1 - t0),
+            failures)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_gateway")
     p.add_argument("--replicas", type=int, default=3)
@@ -71,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=1000)
     p.add_argument("--sequential", type=int, default=300, help="calls one at a time, for the latency")
+    p.add_argument("--rates", default="1000,10000", help="open-loop offered rates (transfers/s), comma-separated")
+    p.add_argument("--open-seconds", type=float, default=5.0, help="how long each open-loop rate is offered")
     args = p.parse_args(argv)
     import gateway
     from engine.client import AsyncClient as ShardAsync
@@ -121,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     c.close()
             print(f"single-shard unbatched {name:8s} {asyncio.run(run()):10,.0f} transfers/s", flush=True)
+        for rate in [float(x) for x in args.rates.split(",") if x]:
+            for name, make in clients.items():
+                async def run_open(make=make, rate=rate) -> tuple[float, float, float, int]:
+                    c = make()
+                    try:
+                        return await open_loop(c, ids, src, dst, rate, args.open_seconds)
+                    finally:
+                        c.close()
+                p50, p99, got, failed = asyncio.run(run_open())
+                print(f"open loop {rate:7,.0f}/s    {name:8s} p50 {p50:6.2f} ms  p99 {p99:7.2f} ms  answered "
+                      f"{got:8,.0f}/s  failures {failed}", flush=True)
         for name in ("router", "gateway"):
             async def run2(make=clients[name]) -> tuple[float, float]:
                 c = make()

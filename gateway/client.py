@@ -30,7 +30,7 @@ from typing import Any
 
 from engine._ledger import UNCHANGED
 from engine.client import ClientError, RequestRefused, Unavailable
-from engine.service.client_core import Call, IoCore, then
+from engine.service.client_core import Call, IoCore, aio_future, then
 from engine.system import System
 from gateway import wire as GW
 from marker.client import WorkflowPending, WorkflowRefused
@@ -327,10 +327,10 @@ class AsyncClient(_Api):
         except Exception as exc:  # noqa: BLE001 - raised at the await, as a coroutine would
             fut = Future()
             fut.set_exception(exc)
-        return asyncio.wrap_future(fut)
+        return aio_future(fut)
 
     async def status(self, node: int | None = None) -> dict[str, Any]:
-        st: dict[str, Any] = await asyncio.wrap_future(self._t.status(node))
+        st: dict[str, Any] = await aio_future(self._t.status(node))
         return st
 
     async def __aenter__(self) -> AsyncClient:

@@ -32,7 +32,7 @@ import numpy as np
 
 from engine.records import Code
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
-                                        Unavailable, then)
+                                        Unavailable, aio_future, then)
 from engine.service.protocol import OP_EVENTS, OP_STATUS, Consistency, ErrorCode
 from engine.service.stream import StreamSubscriber, fetch_range
 from engine.system import Group, System
@@ -168,35 +168,18 @@ class _Base:
 
     def _run_to_outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
         """Submit one workflow and wait for its outcome (blocking), re-asking until ``timeout_s``."""
-        wid = int.from_bytes(spec.workflow_id, "little")
-        deadline = time.monotonic() + self.timeout_s
-        duplicate: bool | None = None
-        state = "UNKNOWN"
+        run = _Outcome(self, spec)
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise WorkflowPending(wid, state)
+            fut = run.attempt()
             try:
-                r = self._submit([spec], min(WAIT_MS_PER_ATTEMPT, left_ms)).result()[0]
-            except Unavailable:
-                continue                                   # the group is electing or unreachable: again
-            except RequestRefused as exc:
-                if exc.code == ErrorCode.WRONG_GROUP:
-                    raise WorkflowRefused(wid, "EXPIRED" if "removed" in str(exc) else "WRONG_GROUP",
-                                          str(exc)) from None
-                raise
-            if r.status == "refused":
-                if r.reason == "OVERLOADED" and time.monotonic() < deadline:
-                    time.sleep(OVERLOADED_BACKOFF_S)
-                    continue
-                raise WorkflowRefused(wid, r.reason, r.message)
-            if r.status == "error":
-                raise ClientError(f"workflow {wid}: {r.reason}: {r.message}")
-            if duplicate is None:
-                duplicate = r.status == "duplicate"
-            state = r.state
-            if r.finished:
-                return WorkflowResult(wid, r.code if r.code is not None else -1, r.state, duplicate)
+                replies = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - judged by run.judge: raised, or asked again
+                replies = exc
+            done, pause = run.judge(replies)
+            if done is not None:
+                return done
+            if pause:
+                time.sleep(pause)
 
     # ------------------------------------------------------------------------------------ reading
     def _get_workflows_future(self, workflow_ids: Sequence[int]) -> Future:
@@ -209,6 +192,50 @@ class _Base:
     def _status_future(self, node: int | None, group: int) -> Future:
         inner = self._ios[group].submit(Call(OP_STATUS, Future(), node=node))
         return then(inner, msgspec.msgpack.decode, "STATUS")
+
+
+class _Outcome:
+    """One workflow submitted until it has an outcome, the loop of ``Client``'s blocking calls and of
+    ``AsyncClient``'s coroutines: ``attempt()`` sends the SUBMIT (a Future of its replies), ``judge(replies or
+    the exception)`` says (the result, None) when it finished, raises what the caller must see, or says
+    (None, seconds to wait) before the next attempt."""
+
+    def __init__(self, client: _Base, spec: TccSpec | SagaSpec) -> None:
+        self.client = client
+        self.spec = spec
+        self.wid = int.from_bytes(spec.workflow_id, "little")
+        self.deadline = time.monotonic() + client.timeout_s
+        self.duplicate: bool | None = None
+        self.state = "UNKNOWN"
+
+    def attempt(self) -> Future:
+        left_ms = int((self.deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            raise WorkflowPending(self.wid, self.state)
+        return self.client._submit([self.spec], min(WAIT_MS_PER_ATTEMPT, left_ms))
+
+    def judge(self, replies: Any) -> tuple[WorkflowResult | None, float]:
+        wid = self.wid
+        if isinstance(replies, Unavailable):
+            return None, 0.0                               # the group is electing or unreachable: again
+        if isinstance(replies, RequestRefused) and replies.code == ErrorCode.WRONG_GROUP:
+            raise WorkflowRefused(wid, "EXPIRED" if "removed" in str(replies) else "WRONG_GROUP",
+                                  str(replies)) from None
+        if isinstance(replies, BaseException):
+            raise replies
+        r = replies[0]
+        if r.status == "refused":
+            if r.reason == "OVERLOADED" and time.monotonic() < self.deadline:
+                return None, OVERLOADED_BACKOFF_S
+            raise WorkflowRefused(wid, r.reason, r.message)
+        if r.status == "error":
+            raise ClientError(f"workflow {wid}: {r.reason}: {r.message}")
+        if self.duplicate is None:
+            self.duplicate = r.status == "duplicate"
+        self.state = r.state
+        if r.finished:
+            return WorkflowResult(wid, r.code if r.code is not None else -1, r.state, self.duplicate), 0.0
+        return None, 0.0
 
 
 def _from_wire(w: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -295,7 +322,19 @@ class AsyncClient(_Base):
         self.close()
 
     async def _outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
-        return await asyncio.get_running_loop().run_in_executor(None, self._run_to_outcome, spec)
+        """As ``Client``'s calls, without a thread per call (concurrent calls share the client's I/O)."""
+        run = _Outcome(self, spec)
+        while True:
+            fut = run.attempt()
+            try:
+                replies = await aio_future(fut)
+            except Exception as exc:  # noqa: BLE001 - judged by run.judge: raised, or asked again
+                replies = exc
+            done, pause = run.judge(replies)
+            if done is not None:
+                return done
+            if pause:
+                await asyncio.sleep(pause)
 
     async def transfer(self, dedup_id: int, from_account_id: int, to_account_id: int, amount: int, currency: str,
                        *, timestamp: int | None = None, deadline_ms: int | None = None) -> WorkflowResult:
@@ -312,10 +351,10 @@ class AsyncClient(_Base):
         return await self._outcome(saga_spec(int(dedup_id), list(steps), issued_ms=issued, deadline_ms=deadline))
 
     async def get_workflow(self, workflow_id: int) -> dict[str, Any] | None:
-        return (await asyncio.wrap_future(self._get_workflows_future([workflow_id])))[0]
+        return (await aio_future(self._get_workflows_future([workflow_id])))[0]
 
     async def status(self, node: int | None = None, group: int = 0) -> dict[str, Any]:
-        return await asyncio.wrap_future(self._status_future(node, group))
+        return await aio_future(self._status_future(node, group))
 
 
 class Subscriber(StreamSubscriber):

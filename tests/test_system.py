@@ -158,10 +158,28 @@ def test_async_client_and_draining(local_system, bank):
             return r, wf
     r, wf = asyncio.run(go())
     assert r.code == Code.OK and wf["state"] == "SUCCEEDED"
+
+    async def many():        # concurrent coroutines, no thread each: every one gets its own outcome
+        async with marker.AsyncClient.from_system(local_system.system_path) as am:
+            return await asyncio.gather(*(am.transfer(1_000_100 + k, accts[2][k % 2], accts[1][k % 2], 1, CUR)
+                                          for k in range(40)))
+    payers = [accts[2][0], accts[2][1]]
+    before = [a["available"] for a in balances(sc, system, payers).values()]
+    rs = asyncio.run(many())
+    assert [x.code for x in rs] == [Code.OK] * 40 and not any(x.duplicate for x in rs)
+    after = [a["available"] for a in balances(sc, system, payers).values()]
+    assert [b - a for a, b in zip(after, before)] == [20, 20]
     m.drain(True)
     try:
         with pytest.raises(WorkflowRefused) as info:
             m.transfer(1_000_021, accts[2][0], accts[1][0], 7, CUR)
+        assert info.value.reason == "DRAINING"
+
+        async def refused():
+            async with marker.AsyncClient.from_system(local_system.system_path) as am:
+                await am.transfer(1_000_022, accts[2][0], accts[1][0], 7, CUR)
+        with pytest.raises(WorkflowRefused) as info:
+            asyncio.run(refused())
         assert info.value.reason == "DRAINING"
         assert m.transfer(1_000_020, accts[2][0], accts[1][0], 7, CUR).duplicate   # known ones still answer
     finally:
