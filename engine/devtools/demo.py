@@ -134,6 +134,15 @@ class Workload:
         self.t0 = 0.0
         self.elapsed = 0.0
         self.duplicate = False
+        # the run lasts ``seconds`` and then as long as ``hold_open`` is set (the nemesis still has a fault
+        # to inject or a replica to restart; a loaded machine can make a restart outlast the run), at most
+        # ``max_extra_s`` more
+        self.hold_open = threading.Event()
+        self.max_extra_s = 60.0
+
+    def running(self) -> bool:
+        el = time.monotonic() - self.t0
+        return el < self.seconds or (self.hold_open.is_set() and el < self.seconds + self.max_extra_s)
 
     async def setup(self) -> None:
         L, gw, book = self.layout, self.gw, self.book
@@ -171,7 +180,7 @@ class Workload:
     async def worker(self, k: int) -> None:
         rng = random.Random(k)
         L, gw, book = self.layout, self.gw, self.book
-        while time.monotonic() - self.t0 < self.seconds:
+        while self.running():
             cur = rng.choice(CURRENCIES)
             s1 = rng.choice(L.shards)
             s2 = rng.choice([s for s in L.shards if s != s1])
@@ -238,6 +247,8 @@ class Nemesis(threading.Thread):
         super().__init__(daemon=True, name="demo-nemesis")
         self.ls, self.seconds, self.down_s = ls, seconds, down_s
         self.stop = threading.Event()
+        self.busy = threading.Event()     # set until every fault was injected and its replica restarted
+        self.busy.set()
         self.events: list[str] = []
         self.current = ""
         self.error: BaseException | None = None
@@ -260,6 +271,8 @@ class Nemesis(threading.Thread):
                 self.current = f"{name} replica {node} restarted"
         except BaseException as exc:  # noqa: BLE001 - reported as a failed check
             self.error = exc
+        finally:
+            self.busy.clear()
 
 
 def _bar(frac: float, width: int = 30) -> str:
@@ -272,7 +285,7 @@ async def _progress(work: Workload, nemesis: Nemesis, stop: asyncio.Event) -> No
     tty = sys.stdout.isatty()
     while not stop.is_set():
         el = time.monotonic() - work.t0
-        line = (f"  [{_bar(el / work.seconds)}] {min(el, work.seconds):4.1f}/{work.seconds:.0f} s "
+        line = (f"  [{_bar(el / work.seconds)}] {el:4.1f}/{work.seconds:.0f} s "
                 f"{work.done:>7,} requests  {nemesis.current:<44}")
         sys.stdout.write("\r" + line if tty else line.rstrip() + "\n")
         sys.stdout.flush()
@@ -290,6 +303,7 @@ async def _drive(system_path: str, layout: Layout, book: Book, args: argparse.Na
     gw = gateway.AsyncClient.from_system(system_path)
     try:
         work = Workload(gw, layout, book, args.seconds, args.concurrency)
+        work.hold_open = nemesis.busy
         t0 = time.monotonic()
         await work.setup()
         n = len(layout.all())
