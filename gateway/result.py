@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from engine.records import SUCCESS_CODES, Code, Kind
 
 
@@ -31,7 +33,7 @@ class Result:
     ``Result``; plus ``shard`` (the shard that applied it, None for a workflow) and ``workflow_state``
     (None unless it ran as a Marker workflow)."""
     __slots__ = ("code", "duplicate", "seq_num", "dedup_id", "kind", "shard", "workflow_state", "_accounts",
-                 "_remote")
+                 "_remote", "_events")
 
     def __init__(self, code: int, duplicate: bool, seq_num: int, dedup_id: int, kind: int,
                  shard: int | None = None, workflow_state: str | None = None,
@@ -45,6 +47,7 @@ class Result:
         self.workflow_state = workflow_state
         self._accounts = accounts
         self._remote: Any = None
+        self._events: Any = None             # the command's event records, its accounts decoded when asked for
 
     @classmethod
     def of_shard(cls, remote: Any, shard: int) -> Result:
@@ -66,19 +69,46 @@ class Result:
 
     @property
     def accounts(self) -> dict[int, dict[str, Any]]:
-        if self._accounts is None and self._remote is not None:
-            self._accounts = self._remote.accounts
+        if self._accounts is None:
+            if self._remote is not None:
+                self._accounts = self._remote.accounts
+            elif self._events is not None:
+                from engine.records import accounts_from_events
+                self._accounts = accounts_from_events(self._events) if self.seq_num else {}
         return self._accounts or {}
 
+    def _event_records(self) -> Any:
+        """The command's event records when the accounts are still only that (a shard's result not yet
+        looked into): what goes on the wire instead of the decoded accounts (~40 us less a call at the
+        gateway, and the caller decodes them only if it reads ``accounts``)."""
+        if self._accounts is not None:
+            return None
+        if self._events is not None:
+            return self._events
+        return getattr(self._remote, "_events", None) if self._remote is not None else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"code": int(self.code), "duplicate": self.duplicate, "seq_num": self.seq_num,
-                "dedup_id": self.dedup_id, "kind": int(self.kind), "shard": self.shard,
-                "workflow_state": self.workflow_state, "accounts": self.accounts}
+        d: dict[str, Any] = {"code": int(self.code), "duplicate": self.duplicate, "seq_num": self.seq_num,
+             "dedup_id": self.dedup_id, "kind": int(self.kind), "shard": self.shard,
+             "workflow_state": self.workflow_state}
+        evs = self._event_records()
+        if evs is not None:
+            d["events"] = evs
+        else:
+            d["accounts"] = self.accounts
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
-        return cls(d["code"], d["duplicate"], d["seq_num"], d["dedup_id"], d["kind"], d.get("shard"),
-                   d.get("workflow_state"), d.get("accounts") or {})
+        evs = d.get("events")
+        r = cls(d["code"], d["duplicate"], d["seq_num"], d["dedup_id"], d["kind"], d.get("shard"),
+                d.get("workflow_state"), None if evs is not None else (d.get("accounts") or {}))
+        if evs is not None:
+            from engine.records import EVENT_DTYPE
+            if not isinstance(evs, np.ndarray) or evs.dtype != EVENT_DTYPE:
+                raise ValueError("a Result's events are event records")
+            r._events = evs
+        return r
 
     def __repr__(self) -> str:
         name = getattr(self.code, "name", str(self.code))

@@ -19,7 +19,7 @@ Every request is ``[Request header] [payload]``; replies ``[Reply header] [paylo
 | 3 | event records (``engine.records.EVENT_DTYPE``) | the records' bytes |
 | 4 | op records (``engine.records.OP_DTYPE``: apply_batch) | the records' bytes |
 | 8 | result records (``engine.records.RESULT_DTYPE``: apply_batch's answer) | the records' bytes |
-| 5 | a ``gateway.Result`` | msgpack map of its fields (``Result.to_dict``) |
+| 5 | a ``gateway.Result`` | msgpack map of its fields (``Result.to_dict``: ``events`` or ``accounts``) |
 
 A business outcome is an ``ok`` value (a Result with a code); ``err`` is an exception the call raised (``["err",
 kind, message, {fields}]``: fields such as workflow_id, state, reason, code, when it has them): ``kind``
@@ -128,8 +128,8 @@ def account_states(v: Any) -> Any:
     elif isinstance(v, list):
         for x in v:
             account_states(x)
-    elif isinstance(v, Result):
-        for acc in v.accounts.values():
+    elif isinstance(v, Result) and v._accounts:      # decoded from dicts (events decode with their State)
+        for acc in v._accounts.values():
             account_states(acc)
     return v
 

@@ -46,6 +46,27 @@ def test_wire_special_values():
         GW.encode(object())
 
 
+def test_a_shard_result_crosses_the_wire_as_its_event_records():
+    """A shard's result goes out as the command's event records, not decoded accounts; the far side
+    decodes the same accounts from them, only when asked; records of another shape are refused."""
+    ev = np.zeros(2, dtype=R.EVENT_DTYPE)
+    ev["seq_num"] = 9
+    R.put_u128(ev["account_id"], [2**70, 5])
+    R.put_i128(ev["available"], [-40, 40])
+    ev["currency"] = b"USD"
+    ev["version"] = [3, 1]
+    r = Result(0, False, 9, 77, int(R.Kind.TRANSFER), 1)
+    r._events = ev
+    d = r.to_dict()
+    assert "events" in d and "accounts" not in d
+    got = GW.decode(GW.encode(r))
+    assert got._accounts is None and got.accounts == R.accounts_from_events(ev)
+    assert set(got.accounts) == {2**70, 5} and got.accounts[2**70]["available"] == -40
+    bad = dict(d, events=np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError):
+        Result.from_dict(bad)
+
+
 @pytest.mark.parametrize("payload", [b"\xc1", GW.encode([1, [], {}]), GW.encode(["x", {}, {}]),
                                      GW.encode(["x", [], {1: 2}]), GW.encode(["x", []])])
 def test_a_bad_call_payload_is_a_value_error(payload):
