@@ -24,6 +24,7 @@ Requests (protocol: `engine/wire.py`, docs/protocol.md):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from engine.event_store import EventStore, EventsUnavailable
 from engine.ledger_machine import (ENTRY_BATCHES_MAX, ENTRY_RECORDS_MAX, EntryOutcomes, LedgerMachine, events_between,
                                    ledger_entry)
 from engine.service.config import SERVICE_LIMITS, ServiceConfig
+from engine.service.metrics import Families
 from engine.service.process import tune_malloc
 from engine.service.logs import KeyValueFormatter as _KeyValueFormatter
 from engine.service.logs import setup_logging as _setup_logging
@@ -253,6 +255,7 @@ class Node(ReplicatedServer):
                                               for a, n in zip(outcomes.starts, outcomes.counts))
         else:
             bodies = (None if o.results is None else o.results.tobytes() for o in outcomes)
+        self._count_results(outcomes)
         finish = self.finish
         send_reply = self.send_reply
         for i, (p, body) in enumerate(zip(group, bodies)):
@@ -263,6 +266,20 @@ class Node(ReplicatedServer):
             extra = self._events_of(outcomes[i], outcomes.events) if p.req.want_events else None
             finish(p)
             send_reply(p.ident, prefix + encode_int(p.req.req_id) + suffix, body, extra)
+
+    def _count_results(self, outcomes: Any) -> None:
+        """The metrics' commands by result code (one bincount an entry)."""
+        if isinstance(outcomes, EntryOutcomes):
+            arrays = [outcomes.results["code"]]
+        else:
+            arrays = [o.results["code"] for o in outcomes if o.results is not None]
+        counts = self.request_metrics.results
+        for codes in arrays:
+            if not len(codes):
+                continue
+            for code, n in enumerate(np.bincount(codes).tolist()):
+                if n:
+                    counts[_code_name(code)] += n
 
     def _events_of(self, o: Any, entry_events: np.ndarray | None) -> bytes:
         """The events of every command in a batch: its new ones (one range, cut from the entry's events by
@@ -375,6 +392,26 @@ class Node(ReplicatedServer):
             self._complete_cache = (first, ts)
         return self._complete_cache[1]
 
+    SERVICE_NAME = "shard"
+
+    def metric_labels(self) -> dict[str, Any]:
+        return {**super().metric_labels(), "shard": self.shard_id}
+
+    def app_metrics(self, fam: Families, status: dict[str, Any]) -> None:
+        g = fam.gauge
+        g("zwallet_shard_accounts", "accounts in the ledger", status.get("accounts"))
+        fam.counter("zwallet_shard_ops_total", "account operations applied", status.get("ops"))
+        fam.counter("zwallet_shard_rejected_batches_total", "batches the ledger refused whole",
+                    status.get("rejected_batches"))
+        g("zwallet_shard_map_epoch", "the shard map epoch this replica serves", status.get("shard_epoch"))
+        d = status.get("dedup") or {}
+        g("zwallet_dedup_ids", "command ids remembered for exactly-once (the dedup window)", d.get("size"))
+        g("zwallet_dedup_retention", "the dedup window's size (dedup_retention)", d.get("retention"))
+        g("zwallet_dedup_horizon_seconds", "issue time before which a retry is refused (Unix seconds)",
+          (d.get("horizon_ms") or 0) / 1000.0)
+        g("zwallet_dedup_oldest_issued_seconds", "issue time of the oldest remembered id (Unix seconds)",
+          (d.get("oldest_issued_ms") or 0) / 1000.0)
+
     def status_fields(self) -> dict[str, Any]:
         m = self.machine
         # ``digest``: the ledger's running hash of its history (O(1)); replicas at the same sm_applied
@@ -383,6 +420,13 @@ class Node(ReplicatedServer):
                     sm_applied=m.applied, last_seq=m.ledger.last_seq, accounts=m.ledger.account_count, ops=m.ops,
                     rejected_batches=m.rejected_batches, dedup=m.ledger.dedup_window(),
                     digest=m.ledger.chain_digest().hex())
+
+
+def _code_name(code: int) -> str:
+    try:
+        return R.Code(code).name
+    except ValueError:
+        return str(code)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -406,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         overrides["verbose"] = True
     tune_malloc()                          # before any thread starts
-    config = NodeConfig.from_toml(args.config, **overrides)
+    try:
+        config = NodeConfig.from_toml(args.config, **overrides)
+    except (OSError, ValueError) as exc:
+        print(f"zwallet node: {exc}", file=sys.stderr, flush=True)
+        return 2
     setup_logging(config.node_id, config.verbose)
     node = Node(config)
     return run_until_signalled(node)

@@ -32,6 +32,7 @@ import msgspec
 import zmq
 
 from engine.service import protocol as P
+from engine.service.metrics import Families, RequestMetrics, start_metrics
 from engine.service.protocol import ErrorCode, Status
 from engine.zmq_io import Waker
 from gateway import wire as GW
@@ -45,9 +46,12 @@ HOLD_MS_DEFAULT = 2_000          # a call is answered within this: its result, o
 
 
 class _Item:
-    __slots__ = ("ident", "req_id", "nbytes", "future", "hold_until", "answered")
+    __slots__ = ("ident", "req_id", "nbytes", "future", "hold_until", "answered", "name", "t0")
 
-    def __init__(self, ident: bytes, req_id: int, nbytes: int, future: Future, hold_until: float) -> None:
+    def __init__(self, ident: bytes, req_id: int, nbytes: int, future: Future, hold_until: float,
+                 name: str = "", t0: float = 0.0) -> None:
+        self.name = name                 # the operation (the metrics' op label)
+        self.t0 = t0                     # perf_counter() at intake
         self.ident = ident
         self.req_id = req_id
         self.nbytes = nbytes
@@ -78,7 +82,7 @@ class Limits:
 
 class GatewayServer:
     def __init__(self, gateway: Gateway, client_address: str, *, node_id: int = 1,
-                 limits: Limits | None = None, hold_ms: int = HOLD_MS_DEFAULT) -> None:
+                 limits: Limits | None = None, hold_ms: int = HOLD_MS_DEFAULT, metrics: str = "") -> None:
         self.gateway = gateway
         self.hold_s = hold_ms / 1000
         self.node_id = node_id
@@ -101,6 +105,8 @@ class GatewayServer:
         self._by_client: collections.Counter[bytes] = collections.Counter()
         self._bytes_by_client: collections.Counter[bytes] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.request_metrics = RequestMetrics({})
+        self._metrics_http = start_metrics(metrics, self.render_metrics)
 
     # ------------------------------------------------------------------------------------ loop
     def serve(self) -> None:
@@ -117,6 +123,8 @@ class GatewayServer:
                 self._send_done()
                 self._answer_held()
         finally:
+            if self._metrics_http is not None:
+                self._metrics_http.close()
             self.sock.close(0)
             self.ctx.term()
             self._waker.close()
@@ -201,8 +209,9 @@ class GatewayServer:
         self.pending_bytes += nbytes
         self._by_client[ident] += 1
         self._bytes_by_client[ident] += nbytes
+        t0 = time.perf_counter()
         fut = self.gateway.call(name, args, kwargs)
-        item = _Item(ident, req.req_id, nbytes, fut, time.monotonic() + self.hold_s)
+        item = _Item(ident, req.req_id, nbytes, fut, time.monotonic() + self.hold_s, name, t0)
         self._held.append(item)
         fut.add_done_callback(functools.partial(self._completed, item))
 
@@ -238,6 +247,14 @@ class GatewayServer:
                 else:
                     del counter[ident]
             exc = fut.exception()
+            metrics = self.request_metrics
+            metrics.observe(item.name, time.perf_counter() - item.t0)
+            if exc is not None:
+                metrics.error(item.name, type(exc).__name__)
+            else:
+                code = getattr(fut.result(), "code", None)
+                if code is not None:
+                    metrics.results[getattr(code, "name", str(code))] += 1
             try:
                 if exc is None:
                     payload = GW.encode(["ok", fut.result()])
@@ -270,7 +287,25 @@ class GatewayServer:
         return {"role": "gateway", "node_id": self.node_id, "address": self.address, "pending": self.pending,
                 "pending_bytes": self.pending_bytes, "shard_epoch": r.shard_map.epoch, "reloads": r.reloads,
                 "shards": list(r.shard_map.shards), "templates": sorted(self.gateway.templates),
-                "counters": dict(self.counters)}
+                "counters": dict(self.counters),
+                "metrics_address": self._metrics_http.address if self._metrics_http is not None else ""}
+
+
+    def render_metrics(self) -> bytes:
+        """``GET /metrics`` (the metrics HTTP thread): calls by operation, their latency (intake to
+        answer), outcomes by code, errors by kind, the pending bounds, refusals (docs/metrics.md)."""
+        fam = Families(service="gateway", node=self.node_id)
+        st = self.status()
+        fam.gauge("zwallet_pending_requests", "calls accepted and not yet answered", st["pending"])
+        fam.gauge("zwallet_pending_bytes", "bytes of those calls", st["pending_bytes"])
+        fam.gauge("zwallet_shard_map_epoch", "the shard map epoch the gateway routes by", st["shard_epoch"])
+        fam.counter("zwallet_gateway_map_reloads_total", "shard map reloads (stale epoch, wrong shard)",
+                    st["reloads"])
+        for name, n in st["counters"].items():
+            fam.counter("zwallet_gateway_events_total", "the gateway's counters (refusals, timeouts, answers)",
+                        n, event=name)
+        self.request_metrics.add_to(fam)
+        return fam.render()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", required=True, help="the address to serve clients on, e.g. tcp://127.0.0.1:7300")
     p.add_argument("--templates", help="an operator's templates file (TOML, docs/gateway.md)")
     p.add_argument("--id", type=int, default=1, help="this replica's id (in replies and logs)")
+    p.add_argument("--metrics", default="", help="host:port for Prometheus metrics (GET /metrics); empty: off")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -288,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         templates = load_templates(args.templates) if args.templates else None
         gw = Gateway(Router(args.system), templates)
-        server = GatewayServer(gw, args.client, node_id=args.id)
-    except (ValueError, OSError, TemplateError, zmq.ZMQError) as exc:
+        server = GatewayServer(gw, args.client, node_id=args.id, metrics=args.metrics)
+    except (ValueError, OSError, TemplateError, zmq.ZMQError, RuntimeError) as exc:
         print(f"zwallet gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ import collections
 import functools
 import heapq
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -42,6 +43,7 @@ from engine import wire as W
 from engine.client import Client as ShardClient
 from engine.service.config import DriverConfig, ServiceConfig
 from engine.service.logs import setup_logging
+from engine.service.metrics import Families
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
 from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
@@ -322,6 +324,35 @@ class MarkerServer(ReplicatedServer):
             found = [self.machine.get_workflow(wid) for wid in p.payload]
         self.reply(p, MW.encode([_wire_workflow(w) for w in found]))
 
+    SERVICE_NAME = "marker"
+
+    def metric_labels(self) -> dict[str, Any]:
+        return {**super().metric_labels(), "group": self.config.group_id}
+
+    def app_metrics(self, fam: Families, status: dict[str, Any]) -> None:
+        m = status.get("marker") or {}
+        g, c = fam.gauge, fam.counter
+        g("zwallet_marker_workflows_in_flight", "workflows not yet finished", m.get("in_flight"))
+        g("zwallet_marker_workflows_inflight_max", "the limit on workflows in flight (OVERLOADED past it)",
+          m.get("workflows_inflight_max"))
+        g("zwallet_marker_workflows_retained", "finished workflows kept for duplicate submits and queries",
+          m.get("finished_retained"))
+        g("zwallet_marker_workflows_overdue", "workflows in flight past their deadline", m.get("overdue"))
+        g("zwallet_marker_workflows_stuck", "workflows stuck (an operator must look)", m.get("stuck"))
+        g("zwallet_marker_ready_jobs", "jobs ready to be sent to shards", m.get("ready_jobs"))
+        g("zwallet_marker_draining", "1 while this group refuses new work", m.get("draining"))
+        c("zwallet_marker_phase2_retries_total", "confirm/cancel/compensation jobs re-sent", m.get("phase2_retries"))
+        c("zwallet_marker_stuck_jobs_total", "jobs that exhausted their attempts", m.get("stuck_jobs"))
+        c("zwallet_marker_rejected_entries_total", "log entries the state machine refused", m.get("rejected_entries"))
+        g("zwallet_marker_waiting_submits", "SUBMIT requests held until their workflows finish",
+          status.get("waiting_submits"))
+        d = status.get("driver") or {}
+        g("zwallet_marker_sends_in_flight", "job batches sent to shards, not yet answered (leader)",
+          d.get("sends_in_flight"))
+        c("zwallet_marker_unknown_outcomes_total", "job sends whose outcome was unknown (re-sent)",
+          d.get("unknown_outcomes"))
+        c("zwallet_marker_sent_jobs_total", "jobs sent to shards (leader)", d.get("sent_jobs"))
+
     def status_fields(self) -> dict[str, Any]:
         st = self.machine.status()
         out: dict[str, Any] = {"last_seq": self.machine.last_seq, "sm_applied": self.machine.applied_entries,
@@ -518,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = MarkerConfig.from_toml(args.config, **overrides)
     except (OSError, ValueError) as exc:
-        print(f"zwallet marker: {exc}", flush=True)
+        print(f"zwallet marker: {exc}", file=sys.stderr, flush=True)
         return 2
     setup_logging(config.node_id, config.verbose)
     tune_malloc()                          # before any thread starts

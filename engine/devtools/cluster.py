@@ -29,10 +29,11 @@ class ServiceCluster(LocalCluster):
         return NodeConfig
 
     def __init__(self, size: int, base_dir: str, *, base_port: int | None = None, verbose: bool = False,
-                 ports: list[int] | None = None, **settings: Any) -> None:
+                 ports: list[int] | None = None, metrics_ports: list[int] | None = None, **settings: Any) -> None:
         """``settings`` are config fields for every replica (``tick_ms``, ``snapshot_threshold_entries``,
         ``sync``, limits ...). Ports: three per replica (raft, client, pub): ``ports`` if given, else from
-        ``base_port``, else free ones."""
+        ``base_port``, else free ones. ``metrics_ports``: one per replica for its Prometheus endpoint
+        (none: no metrics)."""
         config_cls = self.config_class()
         self.size = size
         self.base_dir = base_dir
@@ -44,6 +45,10 @@ class ServiceCluster(LocalCluster):
         self.raft_addr = {i: f"tcp://127.0.0.1:{ports[k]}" for k, i in enumerate(self.ids)}
         self.client_addr = {i: f"tcp://127.0.0.1:{ports[size + k]}" for k, i in enumerate(self.ids)}
         self.pub_addr = {i: f"tcp://127.0.0.1:{ports[2 * size + k]}" for k, i in enumerate(self.ids)}
+        if metrics_ports is not None and len(metrics_ports) != size:
+            raise ValueError(f"{size} replicas need {size} metrics ports, not {len(metrics_ports)}")
+        self.metrics_addr = ({i: f"127.0.0.1:{metrics_ports[k]}" for k, i in enumerate(self.ids)}
+                             if metrics_ports is not None else {})
         self.procs = {}
         self.verbose = verbose
         replicas = {i: {"raft": self.raft_addr[i], "client": self.client_addr[i], "pub": self.pub_addr[i]}
@@ -51,6 +56,8 @@ class ServiceCluster(LocalCluster):
         os.makedirs(base_dir, exist_ok=True)
         self.configs = {}
         for i in self.ids:
+            if i in self.metrics_addr:
+                settings["metrics"] = self.metrics_addr[i]
             cfg = config_cls(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings)
             cfg.validate()
             self.configs[i] = cfg
@@ -69,6 +76,11 @@ class ServiceCluster(LocalCluster):
     @property
     def client_addresses(self) -> list[str]:
         return [self.client_addr[i] for i in self.ids]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """``http://host:port/metrics`` of every replica (empty when metrics are off)."""
+        return [f"http://{self.metrics_addr[i]}/metrics" for i in self.ids if i in self.metrics_addr]
 
     @property
     def pub_addresses(self) -> list[str]:

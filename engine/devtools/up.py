@@ -37,7 +37,7 @@ class LocalSystem:
 
     def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
                  sync: bool = True, verbose: bool = False, marker: bool = True, marker_groups: int = 1,
-                 gateways: int = 1,
+                 gateways: int = 1, metrics: bool = True,
                  node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
         if not 1 <= shards <= 64:
             raise ValueError("shards must be 1..64")
@@ -55,13 +55,21 @@ class LocalSystem:
             raise ValueError("marker_groups must be 1..16")
         groups = shards + (marker_groups if marker else 0)
         nports = block * groups + gateways
-        ports = list(range(base_port, base_port + nports)) if base_port else free_ports(nports)
+        nmetrics = (replicas * groups + gateways) if metrics else 0     # one Prometheus endpoint a process
+        ports = (list(range(base_port, base_port + nports + nmetrics)) if base_port
+                 else free_ports(nports + nmetrics))
+        mports = ports[nports:]
+        ports = ports[:nports]
+
+        def metrics_ports(k: int) -> list[int] | None:      # the k-th group's replicas'
+            return mports[k * replicas:(k + 1) * replicas] if metrics else None
         self.shards: dict[int, NodeCluster] = {}
         self.system_path = os.path.join(self.base_dir, "system.toml")
         settings = dict(node_settings or {})
         for k, sid in enumerate(self.shard_ids):
             self.shards[sid] = NodeCluster(replicas, os.path.join(self.base_dir, f"shard-{sid}"),
                                            ports=ports[k * block:(k + 1) * block], verbose=verbose, sync=sync,
+                                           metrics_ports=metrics_ports(k),
                                            shard_id=sid, system=self.system_path, **settings)
         self.marker = None
         self.markers: dict[int, Any] = {}          # Marker group id -> its MarkerCluster
@@ -74,6 +82,7 @@ class LocalSystem:
                 at = (shards + gid - 1) * block
                 mc = MarkerCluster(replicas, os.path.join(self.base_dir, "marker" if gid == 1 else f"marker-{gid}"),
                                    self.system_path, ports=ports[at:at + block], verbose=verbose, sync=sync,
+                                   metrics_ports=metrics_ports(shards + gid - 1),
                                    group_id=gid, **dict(marker_settings or {}))
                 self.markers[gid] = mc
                 markers.append(Group(gid, tuple(mc.client_addresses), tuple(mc.pub_addresses),
@@ -81,7 +90,15 @@ class LocalSystem:
             self.marker = self.markers[1]
         self.gateway_addresses = [f"tcp://127.0.0.1:{p}" for p in ports[block * groups:block * groups + gateways]]
         self.gateways: dict[int, subprocess.Popen] = {}
+        self.gateway_metrics = ([f"127.0.0.1:{p}" for p in mports[replicas * groups:]] if metrics
+                                else [])
         extra: dict[str, Any] = {"gateway": {"clients": self.gateway_addresses}} if gateways else {}
+        if metrics:
+            table = {f"shard_{sid}": c.metrics_urls for sid, c in self.shards.items()}
+            table.update({f"marker_{gid}": mc.metrics_urls for gid, mc in self.markers.items()})
+            if gateways:
+                table["gateway"] = [f"http://{a}/metrics" for a in self.gateway_metrics]
+            extra["metrics"] = table
         self.system = System(self.shard_map, groups_desc, tuple(markers), extra)
         self.system.write(self.system_path)
 
@@ -116,6 +133,8 @@ class LocalSystem:
         assert gid not in self.gateways or self.gateways[gid].poll() is not None, f"gateway {gid} is running"
         cmd = [sys.executable, "-m", "engine.cli", "gateway", "--system", self.system_path,
                "--client", self.gateway_addresses[gid - 1], "--id", str(gid)]
+        if self.gateway_metrics:
+            cmd += ["--metrics", self.gateway_metrics[gid - 1]]
         with open(self.gateway_stderr(gid), "ab") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
         self.gateways[gid] = proc

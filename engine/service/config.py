@@ -4,7 +4,7 @@ dataclass) with its own fields, its own TOML sections and its own checks (the sh
 
 TOML layout (docs/operations.md)::
 
-    [node]      id, data_dir, verbose, stall_probe_ms             (this replica)
+    [node]      id, data_dir, verbose, stall_probe_ms, metrics    (this replica)
     [limits]    the generic limits below, and the app's           (``TOML_LIMITS``)
     [raft]      tick_ms, election_ticks, ..., sync, snapshot_in_child
     [<app>]     the app's own sections                            (``TOML_APP_SECTIONS``)
@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from engine.raft.driver import DriverConfig
 from engine.service.event_store import EVENT_RETENTION_SEQS_DEFAULT
+from engine.service.metrics import parse_address
 from engine.service.protocol import HEADER_BYTES_MAX
 
 FRAME_BYTES_MAX_DEFAULT = (1 << 20) + HEADER_BYTES_MAX   # a client frame larger than this drops the connection
@@ -75,6 +76,7 @@ class ServiceConfig:
     map_size_gib: int = 64
     verbose: bool = False
     stall_probe_ms: int = 0                       # > 0: a thread measures scheduling delay (engine/stalls.py)
+    metrics: str = ""                             # host:port of the Prometheus endpoint ("": off; port 0: any)
 
     TOML_LIMITS: ClassVar[tuple[str, ...]] = SERVICE_LIMITS           # the [limits] to_toml writes
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}      # the app's sections -> their fields
@@ -109,6 +111,12 @@ class ServiceConfig:
             raise ValueError("stall_probe_ms must be >= 0 (0: off)")
         if self.pending_per_client_max > self.pending_requests_max:
             raise ValueError("pending_per_client_max exceeds pending_requests_max")
+        if self.metrics:
+            parse_address(self.metrics)
+        try:
+            self.driver_config().validate()          # the [raft] settings, checked here with the rest
+        except ValueError as exc:
+            raise ValueError(f"[raft] {exc}") from None
 
     def driver_config(self) -> DriverConfig:
         return DriverConfig(tick_interval_ms=self.tick_ms, election_ticks=self.election_ticks,
@@ -135,10 +143,12 @@ class ServiceConfig:
         node = dict(doc.get("node", {}))
         if "id" in node:
             values["node_id"] = node.pop("id")
+        types = {f.name: f.type for f in fields(cls)}
         for section in sections:
             for k, v in (node if section == "node" else doc.get(section, {})).items():
                 if k not in known:
                     raise ValueError(f"unknown setting [{section}] {k}")
+                _check_type(section, k, v, types[k])
                 values[k] = v
         replicas = {}
         for r in doc.get("replica", []):
@@ -155,7 +165,8 @@ class ServiceConfig:
 
     def to_toml(self) -> str:
         lines = ["[node]", f"id = {self.node_id}", f'data_dir = "{self.data_dir}"',
-                 f"verbose = {str(self.verbose).lower()}", f"stall_probe_ms = {self.stall_probe_ms}", "", "[limits]"]
+                 f"verbose = {str(self.verbose).lower()}", f"stall_probe_ms = {self.stall_probe_ms}",
+                 f"metrics = {_toml_value(self.metrics)}", "", "[limits]"]
         lines += [f"{name} = {_toml_value(getattr(self, name))}" for name in self.TOML_LIMITS]
         lines += ["", "[raft]"]
         lines += [f"{name} = {getattr(self, name)}" for name in RAFT_SETTINGS]
@@ -167,6 +178,18 @@ class ServiceConfig:
             lines += ["", "[[replica]]", f"id = {rid}", f'raft = "{a["raft"]}"', f'client = "{a["client"]}"',
                       f'pub = "{a["pub"]}"']
         return "\n".join(lines) + "\n"
+
+
+_TYPE_NAMES = {"int": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(section: str, key: str, v: Any, declared: Any) -> None:
+    """A setting of the wrong TOML type is refused by name (not a TypeError from deep in a check)."""
+    t = declared if isinstance(declared, str) else getattr(declared, "__name__", "")
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool),
+          "str": isinstance(v, str)}.get(t, True)
+    if not ok:
+        raise ValueError(f"[{section}] {key} must be {_TYPE_NAMES[t]}, not {v!r}")
 
 
 def _toml_value(v: Any) -> str:

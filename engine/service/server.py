@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
+from time import perf_counter
 from typing import Any
 
 import msgspec
@@ -53,6 +54,8 @@ from engine.raft.driver import NotLeader, OutcomeUnknown, Overloaded, ProposalDr
 from engine.service import protocol as P
 from engine.service.config import ServiceConfig
 from engine.service.event_store import WRITEBACK_INTERVAL_S, EventStore, EventsUnavailable
+from engine.service.metrics import (Families, MetricsHTTPServer, RequestMetrics, disk_metrics,
+                                    replica_status_metrics, start_metrics)
 from engine.service.protocol import ErrorCode, Status
 from engine.service.snapshot import ForkedSnapshot
 from engine.stalls import SchedulerProbe, StallLog
@@ -110,6 +113,7 @@ class Pending:
     payload: Any = None            # writes: what accept_write kept (bytes-like); reads: decoded arguments
     records: int = 0               # writes: the weight accept_write gave it (the shard: its op records)
     nbytes: int = 0                # the request's bytes as received (header + payload), for the byte bounds
+    t0: float = 0.0                # perf_counter() when it was accepted (the latency metrics)
 
 
 class RequestError(Exception):
@@ -258,6 +262,8 @@ class ReplicatedServer:
         self._sockets: dict[Any, Callable[[Any], None]] = {}     # app sockets -> on_readable
         self._pollers: list[zmq.Poller] = []
         self.counters = Counters()
+        self.request_metrics = RequestMetrics({})      # the op names are the app's: filled in at start
+        self._metrics_http: MetricsHTTPServer | None = None
         self._stopping = threading.Event()
         self.exit_code = 0
         self.ctx: zmq.Context | None = None
@@ -448,6 +454,9 @@ class ReplicatedServer:
         if self._probe is not None:
             self._probe.start()
         self.guard.start(self.router)
+        self.request_metrics.op_names.update({op: spec.name for op, spec in self.ops.items()})
+        self.request_metrics.op_names.update({_OP_STATUS: "STATUS", _OP_EVENTS: "EVENTS"})
+        self._metrics_http = start_metrics(cfg.metrics, self.render_metrics)
         log.info("node %d started: client %s pub %s", cfg.node_id, me["client"], me["pub"])
 
     def stop(self) -> None:
@@ -527,6 +536,8 @@ class ReplicatedServer:
         if self._probe is not None:
             self._probe.stop()
         self.guard.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
         self.driver.stop()
         self._run_completions()
         for group in (*self._sealed, self._group):
@@ -637,7 +648,7 @@ class ReplicatedServer:
             self._refuse(ident, req.req_id, ErrorCode.OVERLOADED, reason,
                          f"too many pending requests or bytes ({reason}); retry later with the same dedup ids")
             return
-        p = Pending(ident, req, nbytes=nbytes)
+        p = Pending(ident, req, nbytes=nbytes, t0=perf_counter())
         self._pending_total += 1
         self._pending_by_client[ident] = of_client + 1
         self._pending_bytes += nbytes
@@ -815,6 +826,7 @@ class ReplicatedServer:
 
     def error(self, p: Pending, code: ErrorCode, message: str) -> None:
         self.finish(p)
+        self.request_metrics.error(p.req.op, code.name)
         self._reply_raw(p.ident, P.Reply(p.req.req_id, Status.ERROR, code, message,
                                          last_seq=self.last_seq(), node_id=self.node_id,
                                          shard_epoch=self.shard_epoch))
@@ -832,6 +844,7 @@ class ReplicatedServer:
 
     def finish(self, p: Pending) -> None:
         """``p`` is answered (or about to be, by ``send_reply``): release its share of the pending bounds."""
+        self.request_metrics.observe(p.req.op, perf_counter() - p.t0)
         ident = p.ident
         self._pending_total -= 1
         left = self._pending_by_client[ident] - 1
@@ -898,7 +911,29 @@ class ReplicatedServer:
         st["client_connections"] = {"connections": guard.connections, "held_in_bytes": guard.held_in,
                                     "held_out_bytes": guard.held_out}
         st["stalls"] = self.stalls.report()
+        if self._metrics_http is not None:
+            st["metrics_address"] = self._metrics_http.address
         return st
+
+    SERVICE_NAME = "service"            # the ``service`` label of this app's metrics
+
+    def metric_labels(self) -> dict[str, Any]:
+        """The labels on every metric of this replica (an app adds its group: the shard id, the Marker group)."""
+        return {"service": self.SERVICE_NAME, "node": self.node_id}
+
+    def app_metrics(self, fam: Families, status: dict[str, Any]) -> None:
+        """The app's own metric families, from its STATUS (HTTP thread)."""
+
+    def render_metrics(self) -> bytes:
+        """``GET /metrics`` (the metrics HTTP thread): the replica's STATUS and request metrics as
+        Prometheus text (engine/service/metrics.py; docs/metrics.md)."""
+        fam = Families(**self.metric_labels())
+        st = self.status()
+        replica_status_metrics(fam, st)
+        disk_metrics(fam, self.config.data_dir)
+        self.request_metrics.add_to(fam)
+        self.app_metrics(fam, st)
+        return fam.render()
 
 
 def run_until_signalled(server: ReplicatedServer) -> int:
