@@ -32,6 +32,7 @@ import msgspec
 import zmq
 
 from engine.service import protocol as P
+from engine.service.logs import setup_logging
 from engine.service.metrics import Families, RequestMetrics, start_metrics
 from engine.service.protocol import ErrorCode, Status
 from engine.zmq_io import Waker
@@ -317,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="", help="host:port for Prometheus metrics (GET /metrics); empty: off")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="ts=%(asctime)s level=%(levelname)s node=gateway-" + str(args.id) + " msg=%(message)s")
+    setup_logging(f"gateway-{args.id}", args.verbose, ("zwallet", "gateway"))
     from gateway.business import TemplateError, load_templates
     from gateway.router import Router
     try:

@@ -9,7 +9,7 @@ import time
 class KeyValueFormatter(logging.Formatter):
     """Structured log lines: ``ts=... level=... node=... logger=... msg="..."``."""
 
-    def __init__(self, node_id: int) -> None:
+    def __init__(self, node_id: int | str) -> None:
         super().__init__()
         self.node_id = node_id
 
@@ -22,7 +22,7 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(node_id: int, verbose: bool, loggers: tuple[str, ...] = ("zwallet",)) -> None:
+def setup_logging(node_id: int | str, verbose: bool, loggers: tuple[str, ...] = ("zwallet",)) -> None:
     """One stderr handler with ``KeyValueFormatter``; WARNING and up, and with ``verbose`` INFO from the
     Raft driver and from ``loggers`` (the app's)."""
     handler = logging.StreamHandler(sys.stderr)
