@@ -58,6 +58,7 @@ from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, CLIENT_QUEUE_
                                         ClientError, Inflight, IoCore, RequestRefused, Unavailable,
                                         aio_future)
 from engine.wire import Consistency, Op
+from engine.service.futures import LightFuture
 
 _RETRYABLE = RETRYABLE
 
@@ -219,7 +220,7 @@ class _IoCore(IoCore):
         issued = int(c.records[0]["issued_ms"])
         dedup_id = R.get_u128(rec["dedup_id"])[0]
         refusal = RemoteResult(rec, None)
-        ask = _Call(Op.RESULT_OF, Future(), payload=W.encode_ids([dedup_id]),
+        ask = _Call(Op.RESULT_OF, LightFuture(), payload=W.encode_ids([dedup_id]),
                     consistency=Consistency.LINEARIZABLE, with_reply=True, issued_ms=issued)
 
         def done(f: Future) -> None:
@@ -285,14 +286,14 @@ class _ClientBase:
             kwargs["timestamp"] = int(time.time() * 1000)     # the command's issued_ms (the first attempt's)
         with self._encoder_lock:
             records = getattr(self._encoder, name)(*args, **kwargs)
-        return self._io.submit(_Call(Op.APPLY, Future(), records=records))
+        return self._io.submit(_Call(Op.APPLY, LightFuture(), records=records))
 
     def _read(self, op: Op, payload: bytes = b"", consistency: str = "linearizable", **fields: Any) -> Future:
         try:
             level = _CONSISTENCY[consistency]
         except KeyError:
             raise ValueError(f"consistency must be one of {sorted(_CONSISTENCY)}") from None
-        return self._io.submit(_Call(op, Future(), payload=payload, consistency=level, **fields))
+        return self._io.submit(_Call(op, LightFuture(), payload=payload, consistency=level, **fields))
 
     def _apply_call(self, ops: np.ndarray, want_events: bool, shard_epoch: int = 0) -> Future:
         if not isinstance(ops, np.ndarray) or ops.dtype != R.OP_DTYPE:
@@ -304,7 +305,7 @@ class _ClientBase:
             # yourself after a failed call, past the dedup window, send the same issued_ms again)
             ops = ops.copy()
             ops["issued_ms"] = int(time.time() * 1000)
-        return self._io.submit(_Call(Op.APPLY, Future(), payload=np.ascontiguousarray(ops).tobytes(),
+        return self._io.submit(_Call(Op.APPLY, LightFuture(), payload=np.ascontiguousarray(ops).tobytes(),
                                      want_events=want_events, shard_epoch=shard_epoch))
 
 
@@ -395,7 +396,7 @@ class Client(_ClientBase):
 
     def status(self, node: int | None = None, with_digest: bool = False) -> dict[str, Any]:
         """STATUS of replica ``node`` (an index into the address list), or of whichever answers."""
-        fut = self._io.submit(_Call(Op.STATUS, Future(), node=node, with_digest=with_digest))
+        fut = self._io.submit(_Call(Op.STATUS, LightFuture(), node=node, with_digest=with_digest))
         return msgspec.msgpack.decode(fut.result())
 
 
@@ -445,7 +446,7 @@ class AsyncClient(_ClientBase):
         return np.concatenate(out) if out else np.zeros(0, dtype=R.EVENT_DTYPE)
 
     async def status(self, node: int | None = None, with_digest: bool = False) -> dict[str, Any]:
-        fut = self._io.submit(_Call(Op.STATUS, Future(), node=node, with_digest=with_digest))
+        fut = self._io.submit(_Call(Op.STATUS, LightFuture(), node=node, with_digest=with_digest))
         return msgspec.msgpack.decode(await self._aw(fut))
 
 

@@ -32,6 +32,7 @@ from engine._ledger import UNCHANGED
 from engine.client import ClientError, RequestRefused, Unavailable
 from engine.service.client_core import Call, IoCore, aio_future, then
 from engine.system import System
+from engine.service.futures import LightFuture
 from gateway import wire as GW
 from marker.client import WorkflowPending, WorkflowRefused
 
@@ -97,13 +98,13 @@ class _ServiceTransport:
         payload = GW.encode_call(name, list(args), kwargs)
         if len(payload) > GW.CALL_BYTES_MAX:
             raise ValueError(f"a call of {len(payload)} bytes exceeds CALL_BYTES_MAX={GW.CALL_BYTES_MAX}")
-        inner = self.io.submit(Call(GW.OP_CALL, Future(), payload=payload))
+        inner = self.io.submit(Call(GW.OP_CALL, LightFuture(), payload=payload))
         return then(inner, _reply_value, "gateway")
 
     def status(self, node: int | None = None) -> Future:
         import msgspec
-        inner = self.io.submit(Call(GW.OP_STATUS, Future(), node=node))
-        out: Future = Future()
+        inner = self.io.submit(Call(GW.OP_STATUS, LightFuture(), node=node))
+        out: Future = LightFuture()
         inner.add_done_callback(lambda f: out.set_exception(f.exception()) if f.exception() is not None
                                 else out.set_result(msgspec.msgpack.decode(f.result())))
         return out
@@ -123,7 +124,7 @@ class _LocalTransport:
         return self.gateway.call(name, args, kwargs)
 
     def status(self, node: int | None = None) -> Future:
-        f: Future = Future()
+        f: Future = LightFuture()
         r = self.gateway.router
         f.set_result({"role": "in-process", "shard_epoch": r.shard_map.epoch, "reloads": r.reloads,
                       "shards": list(r.shard_map.shards)})
@@ -325,7 +326,7 @@ class AsyncClient(_Api):
         try:
             fut = self._t.submit(name, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - raised at the await, as a coroutine would
-            fut = Future()
+            fut = LightFuture()
             fut.set_exception(exc)
         return aio_future(fut)
 

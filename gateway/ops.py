@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from engine.service.futures import LightFuture
 from gateway import business as B
 from gateway.router import Router, _failed
 
@@ -84,6 +85,6 @@ class Gateway:
 
 
 def _now(v: Any) -> Future:
-    f: Future = Future()
+    f: Future = LightFuture()
     f.set_result(v)
     return f

@@ -50,6 +50,7 @@ from engine.records import Code, Kind
 from engine.service.protocol import ErrorCode
 from engine.shard_map import ShardMap
 from engine.system import Group, System
+from engine.service.futures import LightFuture
 from gateway.result import Result
 
 ROUTE_ATTEMPTS_MAX = 4                 # routings of one command (the first + re-routes after a map reload)
@@ -144,7 +145,7 @@ def _chain(inner: Future, out: Future, fn: Callable[[Any], Any]) -> None:
 
 def _gather(futs: Sequence[Future]) -> Future:
     """A Future of the list of results, or the first exception once all are done."""
-    out: Future = Future()
+    out: Future = LightFuture()
     left = [len(futs)]
     lock = threading.Lock()
     if not futs:
@@ -168,13 +169,13 @@ def _gather(futs: Sequence[Future]) -> Future:
 
 
 def _done(value: Any) -> Future:
-    f: Future = Future()
+    f: Future = LightFuture()
     f.set_result(value)
     return f
 
 
 def _failed(exc: BaseException) -> Future:
-    f: Future = Future()
+    f: Future = LightFuture()
     f.set_exception(exc)
     return f
 
@@ -215,7 +216,7 @@ class _Workflows:
 
     def run(self, spec: Any, kind: int) -> Future:
         wid = int.from_bytes(spec.workflow_id, "little")
-        w = _Wf(spec, Future(), time.monotonic() + self.timeout_s, kind, self.group_of(wid))
+        w = _Wf(spec, LightFuture(), time.monotonic() + self.timeout_s, kind, self.group_of(wid))
         self._enqueue(w)
         return w.future
 
@@ -381,7 +382,7 @@ class Router:
                 return self._reload
             if self.path is None:
                 return _failed(ClientError("the shard map is stale and this router has no system file to reload"))
-            fut: Future = Future()
+            fut: Future = LightFuture()
             self._reload = fut
             delay = max(0.0, self._last_reload + RELOAD_INTERVAL_MIN_S - time.monotonic())
         self.sched.call_later(delay, lambda: self._do_reload(fut))
@@ -410,7 +411,7 @@ class Router:
     def routed(self, plan: Callable[[ShardMap], Future]) -> Future:
         """``plan(shard_map)`` sends a command by the current map; a WRONG_SHARD / STALE_EPOCH refusal
         reloads the map and plans again (the plan must reuse its ids and issue time)."""
-        out: Future = Future()
+        out: Future = LightFuture()
 
         def attempt(n: int) -> None:
             smap = self.shard_map
@@ -441,7 +442,7 @@ class Router:
 
     # ------------------------------------------------------------------------------ building blocks
     def _shard_command(self, shard: int, name: str, *args: Any, **kwargs: Any) -> Future:
-        out: Future = Future()
+        out: Future = LightFuture()
         try:
             inner = self.shards[shard]._command(name, *args, **kwargs)
         except ClientError as exc:
@@ -622,7 +623,7 @@ class Router:
             if known is not None and known in smap.shards:
                 return self._shard_command(known, name, dedup_id, txn, timestamp=ts)
             futs = [self._shard_command(s, name, dedup_id, txn, timestamp=ts) for s in smap.shards]
-            out: Future = Future()
+            out: Future = LightFuture()
             _chain(_gather(futs), out, lambda rs: _pick(rs, not_there))
             return out
         return self.routed(plan)
@@ -638,7 +639,7 @@ class Router:
         orig = _id(original_dedup_id)
 
         def plan(smap: ShardMap) -> Future:
-            out: Future = Future()
+            out: Future = LightFuture()
             looks = [self._read_results(s, [orig]) for s in smap.shards]
 
             def located(rs: Future) -> None:
@@ -658,14 +659,14 @@ class Router:
     def _read_results(self, shard: int, ids: list[int]) -> Future:
         from engine.client import _result_of
         from engine.wire import Op, encode_ids
-        out: Future = Future()
+        out: Future = LightFuture()
         _chain(self.shards[shard]._read(Op.RESULT_OF, encode_ids(ids)), out, _result_of)
         return out
 
     def _read_accounts(self, shard: int, ids: list[int], consistency: str) -> Future:
         from engine.client import _accounts
         from engine.wire import Op, encode_ids
-        out: Future = Future()
+        out: Future = LightFuture()
         _chain(self.shards[shard]._read(Op.GET_ACCOUNTS, encode_ids(ids), consistency), out, _accounts)
         return out
 
@@ -677,7 +678,7 @@ class Router:
             groups.setdefault(smap.shard_of(a), []).append(k)
         shards = sorted(groups)
         futs = [self._read_accounts(s, [ids[k] for k in groups[s]], consistency) for s in shards]
-        out: Future = Future()
+        out: Future = LightFuture()
 
         def merge(lists: list[list[Any]]) -> list[Any]:
             res: list[Any] = [None] * len(ids)
@@ -689,7 +690,7 @@ class Router:
         return out
 
     def get_account(self, account_id: Any, consistency: str = "linearizable") -> Future:
-        out: Future = Future()
+        out: Future = LightFuture()
         _chain(self.get_accounts([account_id], consistency), out, lambda r: r[0])
         return out
 
@@ -701,7 +702,7 @@ class Router:
         futs = [self._read_results(s, ids) for s in shards]
         wf: Future = (_done([None] * len(ids)) if self.marker is None or not ids
                       else self.marker._get_workflows_future(ids))
-        out: Future = Future()
+        out: Future = LightFuture()
 
         def merge(parts: list[Any]) -> list[Result | None]:
             *per_shard, wfs = parts
@@ -721,7 +722,7 @@ class Router:
         return out
 
     def result_of(self, dedup_id: Any) -> Future:
-        out: Future = Future()
+        out: Future = LightFuture()
         _chain(self.results_of([dedup_id]), out, lambda r: r[0])
         return out
 
@@ -730,10 +731,10 @@ class Router:
         from engine.wire import Op, decode_totals
         futs = []
         for s in self.shard_map.shards:
-            f: Future = Future()
+            f: Future = LightFuture()
             _chain(self.shards[s]._read(Op.TOTALS, b"", consistency, currency=currency), f, decode_totals)
             futs.append(f)
-        out: Future = Future()
+        out: Future = LightFuture()
 
         def add(parts: list[dict[str, int]]) -> dict[str, int]:
             tot: dict[str, int] = {}

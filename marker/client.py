@@ -36,6 +36,7 @@ from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientE
 from engine.service.protocol import OP_EVENTS, OP_STATUS, Consistency, ErrorCode
 from engine.service.stream import StreamSubscriber, fetch_range
 from engine.system import Group, System
+from engine.service.futures import LightFuture
 from marker import wire as MW
 from marker.commands import (BatchStep, SagaSpec, TccSpec, TransferStep, saga_spec, tcc_spec, u128_bytes)
 from marker.events import MARKER_EVENT_DTYPE
@@ -163,7 +164,7 @@ class _Base:
         """One SUBMIT request (all specs to the group of the first one's id): a Future of SubmitReplies."""
         wid = int.from_bytes(specs[0].workflow_id, "little")
         payload = MW.encode(MW.SubmitRequest(wait_ms, specs))
-        inner = self._io_of(wid).submit(Call(MW.OP_SUBMIT, Future(), payload=payload))
+        inner = self._io_of(wid).submit(Call(MW.OP_SUBMIT, LightFuture(), payload=payload))
         return then(inner, MW.decode_submit_replies, "SUBMIT")
 
     def _run_to_outcome(self, spec: TccSpec | SagaSpec) -> WorkflowResult:
@@ -185,12 +186,12 @@ class _Base:
     def _get_workflows_future(self, workflow_ids: Sequence[int]) -> Future:
         ids = [int(w) for w in workflow_ids]
         payload = b"".join(u128_bytes(w) for w in ids)
-        inner = self._io_of(ids[0]).submit(Call(MW.OP_GET_WORKFLOW, Future(), payload=payload,
+        inner = self._io_of(ids[0]).submit(Call(MW.OP_GET_WORKFLOW, LightFuture(), payload=payload,
                                                 consistency=Consistency.LINEARIZABLE))
         return then(inner, lambda raw: [_from_wire(w) for w in msgspec.msgpack.decode(raw)], "GET_WORKFLOW")
 
     def _status_future(self, node: int | None, group: int) -> Future:
-        inner = self._ios[group].submit(Call(OP_STATUS, Future(), node=node))
+        inner = self._ios[group].submit(Call(OP_STATUS, LightFuture(), node=node))
         return then(inner, msgspec.msgpack.decode, "STATUS")
 
 
@@ -300,12 +301,12 @@ class Client(_Base):
         """The Marker group's events of seqs first_seq..last_seq (``MARKER_EVENT_DTYPE`` records), from its
         replicas' event stores."""
         io = self._ios[group]
-        return fetch_range(lambda a, b: io.submit(Call(OP_EVENTS, Future(), first_seq=a, last_seq=b)),
+        return fetch_range(lambda a, b: io.submit(Call(OP_EVENTS, LightFuture(), first_seq=a, last_seq=b)),
                            first_seq, last_seq, MARKER_EVENT_DTYPE)
 
     def drain(self, on: bool = True, group: int = 0) -> None:
         """Make a Marker group refuse new workflows (``on``) while it finishes what it has, or accept again."""
-        inner = self._ios[group].submit(Call(MW.OP_DRAIN, Future(), payload=msgspec.msgpack.encode(bool(on))))
+        inner = self._ios[group].submit(Call(MW.OP_DRAIN, LightFuture(), payload=msgspec.msgpack.encode(bool(on))))
         inner.result()
 
     def status(self, node: int | None = None, group: int = 0) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import zmq
 from engine.service import protocol as P
 from engine.service.protocol import Consistency, ErrorCode, Status
 from engine.zmq_io import Waker, recv_message
+from engine.service.futures import LightFuture
 
 TIMEOUT_S_DEFAULT = 10.0
 ATTEMPT_TIMEOUT_S_DEFAULT = 1.0
@@ -59,7 +60,7 @@ def then(inner: Future, decode: Any, what: str) -> Future:
     passes through; ``decode`` returns the value, or an exception instance to fail with (the server's
     refusal, as the app's client raises it); a reply ``decode`` cannot read fails with a ClientError naming
     ``what`` (the server's bug, said as such)."""
-    out: Future = Future()
+    out: Future = LightFuture()
 
     def done(f: Future) -> None:
         exc = f.exception()
