@@ -185,7 +185,7 @@ class _IoCore(IoCore):
                 # the events come in seq order (new ones, then duplicates' older ones): sort once, then
                 # each call's range by two vectorized binary searches
                 order = np.argsort(events["seq_num"], kind="stable")
-                events = events[order]
+                events = R.records_take(events, order)
                 seqs = events["seq_num"]
                 lo_at = np.searchsorted(seqs, seq_col, "left").tolist()
                 hi_at = np.searchsorted(seqs, seq_col, "right").tolist()
@@ -303,7 +303,7 @@ class _ClientBase:
         if not ops["issued_ms"].any():
             # stamp the batch with its issue time once: its retries re-send these bytes (to retry the batch
             # yourself after a failed call, past the dedup window, send the same issued_ms again)
-            ops = ops.copy()
+            ops = R.records_copy(ops)
             ops["issued_ms"] = int(time.time() * 1000)
         return self._io.submit(_Call(Op.APPLY, LightFuture(), payload=np.ascontiguousarray(ops).tobytes(),
                                      want_events=want_events, shard_epoch=shard_epoch))
@@ -443,7 +443,7 @@ class AsyncClient(_ClientBase):
                 break
             out.append(evs)
             seq = int(evs["seq_num"][-1]) + 1
-        return np.concatenate(out) if out else np.zeros(0, dtype=R.EVENT_DTYPE)
+        return R.records_concat(out, R.EVENT_DTYPE)
 
     async def status(self, node: int | None = None, with_digest: bool = False) -> dict[str, Any]:
         fut = self._io.submit(_Call(Op.STATUS, LightFuture(), node=node, with_digest=with_digest))

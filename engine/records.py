@@ -240,6 +240,36 @@ def _put(field: np.ndarray, values, signed: bool) -> None:
     field[...] = _split(values, signed)
 
 
+# numpy copies, concatenates and indexes a structured dtype with subarray fields (the u128 ``('<u8', (2,))``
+# fields of every record here) field by field: ~80 ns a 128-byte record against ~4 for the same bytes as
+# one opaque unit (numpy 2.4: a copy of 8190 event records 640 us, as void 33 us). These do the same on a
+# view of the records as ``V<itemsize>`` and give back arrays of the original dtype.
+def _as_void(a: np.ndarray) -> np.ndarray:
+    return a.view(np.dtype((np.void, a.dtype.itemsize)))
+
+
+def records_copy(a: np.ndarray) -> np.ndarray:
+    """``a.copy()`` for record arrays, at memcpy speed."""
+    return _as_void(a).copy().view(a.dtype)
+
+
+def records_take(a: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``a[index]`` (an integer or boolean index) for record arrays, at memcpy speed."""
+    return _as_void(a)[index].view(a.dtype)
+
+
+def records_concat(arrays: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """``np.concatenate(arrays)`` for record arrays of ``dtype``, at memcpy speed (empty: no records)."""
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    for a in arrays:
+        if a.dtype != dtype:
+            raise TypeError(f"records of dtype {a.dtype} are not {dtype}")
+    if len(arrays) == 1:
+        return records_copy(arrays[0])
+    return np.concatenate([_as_void(a) for a in arrays]).view(dtype)
+
+
 def get_u128(field: np.ndarray) -> list[int]:
     flat = np.asarray(field, dtype="<u8").reshape(-1, 2)
     return [int(lo) | (int(hi) << 64) for lo, hi in flat]

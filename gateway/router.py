@@ -762,7 +762,7 @@ class Router:
         if not isinstance(ops, np.ndarray) or ops.dtype != R.OP_DTYPE:
             return _failed(TypeError("ops must be a numpy array of engine.records.OP_DTYPE"))
         if not ops["issued_ms"].any():
-            ops = ops.copy()
+            ops = R.records_copy(ops)
             ops["issued_ms"] = now_ms()
 
         def plan(smap: ShardMap) -> Future:

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from engine.records import records_concat
 from engine.service import protocol as P
 
 
@@ -34,7 +35,7 @@ def fetch_range(read: Callable[[int, int], Future], first_seq: int, last_seq: in
             break
         out.append(evs)
         seq = int(evs["seq_num"][-1]) + 1
-    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+    return records_concat(out, dtype)
 
 
 class StreamSubscriber:
