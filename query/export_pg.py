@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -306,6 +307,17 @@ def join_records(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the core
+@dataclass
+class PreparedBatch:
+    """One transaction's worth, checked and encoded: each shard's batch continues ``after[shard]`` and ends
+    at ``last[shard]``; the COPY tuples of both tables."""
+    after: dict[int, int]
+    last: dict[int, int]
+    records: int
+    events_rows: list[np.ndarray]
+    version_rows: list[np.ndarray]
+
+
 class PgExporter:
     """Writes event record batches to PostgreSQL exactly once (see the module doc). Single-threaded: one
     connection, one transaction per ``write``.
@@ -354,37 +366,103 @@ class PgExporter:
         self._checkpoints.update(got)
         return {s: got[s] for s in ids}
 
-    def write(self, batches: Mapping[int, np.ndarray]) -> int:
-        """Write each shard's batch (continuing its checkpoint) and move the checkpoints, in ONE transaction.
-        Returns the number of event records written."""
+    def prepare(self, batches: Mapping[int, np.ndarray], after: Mapping[int, int] | None = None) -> PreparedBatch:
+        """Check and encode one transaction's batches (no database access: this can run in another thread
+        while the previous transaction is in flight). ``after``: the seq each shard's batch continues (default:
+        the checkpoints; a pipeline passes the previous prepared batch's ``last``)."""
         todo = {int(s): evs for s, evs in batches.items() if len(evs)}
-        if not todo:
-            return 0
-        missing = [s for s in todo if s not in self._checkpoints]
+        base = dict(self._checkpoints if after is None else after)
+        missing = [s for s in todo if s not in base]
         if missing:
-            self.checkpoints(missing)
-        last = {s: check_batch(s, evs, self._checkpoints[s]) for s, evs in todo.items()}
-        encoded = [encode_events(s, evs) for s, evs in todo.items()]
-        ids = sorted(todo)
+            raise ExportError(f"shard(s) {missing}: no checkpoint loaded (call checkpoints() first)")
+        last = {s: check_batch(s, evs, base[s]) for s, evs in todo.items()}
+        encoded = [encode_events(s, evs) for s, evs in sorted(todo.items())]
+        return PreparedBatch({s: base[s] for s in todo}, last, sum(len(e) for e in todo.values()),
+                             [rows for ev_rows, _ in encoded for rows in ev_rows],
+                             [rows for _, av_rows in encoded for rows in av_rows])
+
+    def commit(self, batch: PreparedBatch) -> int:
+        """Write a prepared batch and move its shards' checkpoints, in ONE transaction; the number of event
+        records written. ExportError (nothing written) if a checkpoint is not where the batch continues."""
+        if not batch.records:
+            return 0
+        ids = sorted(batch.last)
+        for s in ids:
+            if self._checkpoints.get(s) != batch.after[s]:
+                raise ExportError(f"shard {s}: the batch continues seq {batch.after[s]} but the export is at "
+                                  f"{self._checkpoints.get(s)}: a hole or a repeat; never skipped")
         with self.conn.transaction(), self.conn.cursor() as cur:
             cur.execute("SELECT shard_id, last_seq FROM export_checkpoint WHERE shard_id = ANY(%s) FOR UPDATE", (ids,))
             now = {int(s): int(q) for s, q in cur.fetchall()}
             for s in ids:
-                if now.get(s) != self._checkpoints[s]:
+                if now.get(s) != batch.after[s]:
                     raise ExportError(f"shard {s}: export_checkpoint moved to {now.get(s)} while this exporter was at "
-                                      f"{self._checkpoints[s]}: is another exporter writing to the same database?")
+                                      f"{batch.after[s]}: is another exporter writing to the same database?")
             with cur.copy(f"COPY events ({', '.join(EVENTS_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
-                _copy_write(cp, [rows for ev_rows, _ in encoded for rows in ev_rows])
+                _copy_write(cp, batch.events_rows)
             with cur.copy(f"COPY account_versions ({', '.join(ACCOUNT_VERSIONS_COLUMNS)}) "
                           "FROM STDIN (FORMAT BINARY)") as cp:
-                _copy_write(cp, [rows for _, av_rows in encoded for rows in av_rows])
+                _copy_write(cp, batch.version_rows)
             cur.execute("UPDATE export_checkpoint AS c SET last_seq = v.last_seq, updated_at = now() FROM "
                         "unnest(%s::integer[], %s::bigint[]) AS v(shard_id, last_seq) WHERE c.shard_id = v.shard_id",
-                        (ids, [last[s] for s in ids]))
+                        (ids, [batch.last[s] for s in ids]))
             if cur.rowcount != len(ids):
                 raise ExportError(f"export_checkpoint: {cur.rowcount} of {len(ids)} shard rows updated")
-        self._checkpoints.update(last)
-        return sum(len(evs) for evs in todo.values())
+        self._checkpoints.update(batch.last)
+        return batch.records
+
+    def write(self, batches: Mapping[int, np.ndarray]) -> int:
+        """Write each shard's batch (continuing its checkpoint) and move the checkpoints, in ONE transaction.
+        Returns the number of event records written."""
+        missing = [s for s, evs in batches.items() if len(evs) and s not in self._checkpoints]
+        if missing:
+            self.checkpoints(missing)
+        return self.commit(self.prepare(batches))
+
+
+class CommitPipeline:
+    """Commits prepared batches in a thread of its own while the caller reads and prepares the next ones
+    (the encoding then overlaps PostgreSQL's work on the previous transaction: the two cores both work).
+    Bounded: one transaction in flight and at most ``depth`` waiting. After a failed commit nothing more is
+    committed: ``error`` holds the exception until the caller ``take_error()``s it (after ``drain()``)."""
+
+    def __init__(self, exporter: PgExporter, depth: int = 1) -> None:
+        import queue
+        self.exporter = exporter
+        self.records_written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="export-pg-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                if self.error is None:
+                    self.records_written += self.exporter.commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which decides
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def submit(self, batch: PreparedBatch) -> None:
+        """Queue a batch (blocks while the queue is full: the backpressure on the readers)."""
+        self._queue.put(batch)
+
+    def drain(self) -> None:
+        """Wait until every queued batch is committed (or refused after an error)."""
+        self._queue.join()
+
+    def take_error(self) -> BaseException | None:
+        exc, self.error = self.error, None
+        return exc
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
 
 # ------------------------------------------------------------------------------------- the readers
@@ -531,6 +609,7 @@ class ExportRunner:
         self.stop = stop or threading.Event()
         self.exporter: PgExporter | None = None
         self.readers: dict[int, ShardReader] = {}
+        self.pipeline: CommitPipeline | None = None
         self.records_written = 0
 
     # ---------------------------------------------------------------------------------- database
@@ -607,14 +686,49 @@ class ExportRunner:
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> None:
         """Export until ``stop``. Raises ExportError (and psycopg errors other than a lost connection)."""
-        import psycopg
-        import zmq
-        from engine.client import Unavailable
         cps = self.connect_first()
         self.say(f"into {self.dsn_shown}: shards {self.shard_ids} from checkpoints {cps}")
         if not self.open_readers(cps):
             return
+        assert self.exporter is not None
+        self.pipeline = CommitPipeline(self.exporter)
+        try:
+            self._loop(cps)
+            self.pipeline.drain()                     # what was read and prepared is committed before exit
+            self._raise_if_failed(final=True)
+        finally:
+            self.records_written = self.pipeline.records_written
+            self.pipeline.close()
+
+    def _raise_if_failed(self, final: bool = False) -> dict[int, int] | None:
+        """After a failed commit: new checkpoints (the database came back) or None (stopped); raises for
+        anything but a lost connection."""
+        import psycopg
+        assert self.pipeline is not None
+        if self.pipeline.error is None:
+            return None
+        self.pipeline.drain()
+        exc = self.pipeline.take_error()
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and not final:
+            self.say(f"database write failed ({_first_line(exc)}); the transaction's outcome is settled by the "
+                     "checkpoint on reconnect")
+            cps = self.reconnect()
+            if cps is not None:
+                assert self.exporter is not None
+                self.pipeline.exporter = self.exporter
+            return cps
+        if isinstance(exc, psycopg.IntegrityError):
+            raise ExportError(f"the database refused rows as duplicates ({_first_line(exc)}): the tables hold "
+                              "events no checkpoint covers; never ignored") from None
+        assert exc is not None
+        raise exc
+
+    def _loop(self, cps: dict[int, int]) -> None:
+        import zmq
+        from engine.client import Unavailable
+        assert self.pipeline is not None
         self.say("ready")
+        prepared_upto = dict(cps)                     # the seq each shard's next batch continues
         pending: dict[int, list[np.ndarray]] = {s: [] for s in self.shard_ids}
         pending_records = 0
         pending_since = 0.0
@@ -622,6 +736,16 @@ class ExportRunner:
         last_report = time.monotonic()
         reported_records = 0
         while not self.stop.is_set():
+            if self.pipeline.error is not None:
+                new = self._raise_if_failed()
+                if new is None:
+                    return
+                prepared_upto = dict(new)
+                for s, r in self.readers.items():
+                    r.reset(new[s] + 1)
+                for chunks in pending.values():
+                    chunks.clear()
+                pending_records = 0
             got = False
             now = time.monotonic()
             for s, r in self.readers.items():
@@ -643,21 +767,10 @@ class ExportRunner:
                     got = True
             if pending_records and (pending_records >= self.batch_records_max
                                     or time.monotonic() - pending_since >= self.flush_interval_s):
-                batches = {s: join_records(chunks) for s, chunks in pending.items() if chunks}
-                try:
-                    assert self.exporter is not None
-                    self.records_written += self.exporter.write(batches)
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    self.say(f"database write failed ({_first_line(exc)}); the transaction's outcome is settled "
-                             "by the checkpoint on reconnect")
-                    cps2 = self.reconnect()
-                    if cps2 is None:
-                        break
-                    for s, r in self.readers.items():
-                        r.reset(cps2[s] + 1)
-                except psycopg.IntegrityError as exc:
-                    raise ExportError(f"the database refused rows as duplicates ({_first_line(exc)}): the tables "
-                                      "hold events no checkpoint covers; never ignored") from None
+                assert self.exporter is not None
+                batch = self.exporter.prepare({s: join_records(c) for s, c in pending.items() if c}, prepared_upto)
+                prepared_upto.update(batch.last)
+                self.pipeline.submit(batch)
                 for chunks in pending.values():
                     chunks.clear()
                 pending_records = 0
@@ -669,12 +782,12 @@ class ExportRunner:
                     self.stop.wait(0.01)
             if time.monotonic() - last_report >= self.progress_interval_s:
                 dt = time.monotonic() - last_report
-                rate = (self.records_written - reported_records) / dt
+                written = self.pipeline.records_written
                 at = ", ".join(f"shard {s} at seq {r.next_seq - 1} (head {r.head_seq})"
                                for s, r in self.readers.items())
-                self.say(f"{at}; {self.records_written} records written, {rate:,.0f} records/s")
+                self.say(f"{at}; {written} records written, {(written - reported_records) / dt:,.0f} records/s")
                 last_report = time.monotonic()
-                reported_records = self.records_written
+                reported_records = written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ def system(tmp_path_factory) -> Iterator[tuple[Any, Load]]:
     try:
         sysm.start()
         load = Load(sysm)
-        load.transfers(20_000)
+        load.transfers(10_000)
         yield sysm, load
     finally:
         if load is not None:
@@ -221,7 +221,7 @@ def test_export_equals_the_shards_events_and_follows_live_writes(system, dsn, tm
     ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"))
     try:
         wait_for("the backlog exported", lambda: checkpoints(dsn) == load.heads(), ex)
-        load.transfers(3_000, batch=500)            # live: through the subscriber's PUB path
+        load.transfers(1_000, batch=250)            # live: through the subscriber's PUB path
         wait_for("the live writes exported", lambda: checkpoints(dsn) == load.heads(), ex)
         assert_export_equals_shards(dsn, load)
     finally:
@@ -234,7 +234,7 @@ def test_export_equals_the_shards_events_and_follows_live_writes(system, dsn, tm
 def test_kill9_of_the_exporter_mid_run_then_restart_no_duplicate_no_hole(system, dsn, tmp_path):
     sysm, load = system
     log = str(tmp_path / "export.log")
-    small = ("--batch-records", "500", "--flush-interval-ms", "5")      # many transactions: kill lands mid-run
+    small = ("--batch-records", "1000", "--flush-interval-ms", "5")      # many transactions: kill lands mid-run
     ex = Exporter(sysm.system_path, dsn, log, *small)
     heads = load.heads()
     try:
@@ -247,7 +247,7 @@ def test_kill9_of_the_exporter_mid_run_then_restart_no_duplicate_no_hole(system,
                 n, top = conn.execute("SELECT count(DISTINCT seq_num), coalesce(max(seq_num), 0) FROM events "
                                       "WHERE shard_id = %s", (sid,)).fetchone()
                 assert (n, top) == (q, q)
-        writer = threading.Thread(target=load.transfers, args=(2_000, 500))
+        writer = threading.Thread(target=load.transfers, args=(1_000, 250))
         writer.start()
         ex = Exporter(sysm.system_path, dsn, log, *small)
         writer.join()
@@ -298,13 +298,13 @@ def _restart_postgres(pg: Any) -> None:
 
 def test_kill9_of_postgres_mid_run_the_exporter_resumes(system, pg_server, dsn, tmp_path):
     sysm, load = system
-    ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"), "--batch-records", "500",
+    ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"), "--batch-records", "1000",
                   "--flush-interval-ms", "5")
     heads = load.heads()
     try:
         wait_for("a first batch", lambda: sum(checkpoints(dsn).values()) > 0, ex)
         _kill9_postgres(pg_server)
-        writer = threading.Thread(target=load.transfers, args=(2_000, 500))
+        writer = threading.Thread(target=load.transfers, args=(1_000, 250))
         writer.start()
         time.sleep(1.0)                              # the exporter finds the database gone and backs off
         _restart_postgres(pg_server)
