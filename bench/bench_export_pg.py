@@ -55,7 +55,7 @@ def make_store(path: str, records: int, accounts: int) -> tuple[Any, int]:
     return store, led.last_seq
 
 
-def one_run(pg: Any, store: Any, last_seq: int, batch_records: int, run: int) -> dict[str, float]:
+def one_run(pg: Any, store: Any, last_seq: int, batch_records: int, connections: int, run: int) -> dict[str, float]:
     import psycopg
     from query.export_pg import FETCH_SEQS_MAX, CommitPipeline, PgExporter, join_records
     db = f"bench_export_{run}_{os.getpid()}"
@@ -66,7 +66,8 @@ def one_run(pg: Any, store: Any, last_seq: int, batch_records: int, run: int) ->
     ex = PgExporter.connect(dsn)
     ex.create_schema()
     cps = ex.checkpoints([1])
-    pipeline = CommitPipeline(ex)
+    extra = [PgExporter.connect(dsn) for _ in range(connections - 1)]
+    pipeline = CommitPipeline([ex, *extra])
     pg_cpu0 = pg.cpu_seconds()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -95,7 +96,8 @@ def one_run(pg: Any, store: Any, last_seq: int, batch_records: int, run: int) ->
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT count(*), max(seq_num) FROM events").fetchone()
         assert row is not None and (int(row[0]), int(row[1])) == (records, last_seq), row
-    ex.close()
+    for e in [ex, *extra]:
+        e.close()
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE {db}")
     return {"records_s": records / wall, "seqs_s": last_seq / wall, "wall_s": wall,
@@ -109,10 +111,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch-records", type=int, default=None, help="records per transaction (default: the "
                    "exporter's BATCH_RECORDS_MAX)")
+    p.add_argument("--connections", type=int, default=None, help="commit pipeline connections (default: the "
+                   "exporter's CONNECTIONS_DEFAULT)")
     args = p.parse_args(argv)
     from bench.pg_server import PostgresServer
-    from query.export_pg import BATCH_RECORDS_MAX
+    from query.export_pg import BATCH_RECORDS_MAX, CONNECTIONS_DEFAULT
     batch = args.batch_records or BATCH_RECORDS_MAX
+    connections = args.connections or CONNECTIONS_DEFAULT
     with tempfile.TemporaryDirectory(prefix="zwallet-bench-export-") as tmp:
         t = time.perf_counter()
         store, last_seq = make_store(os.path.join(tmp, "events"), args.records, args.accounts)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = []
         with PostgresServer(tmp) as pg:
             for k in range(args.runs):
-                r = one_run(pg, store, last_seq, batch, k)
+                r = one_run(pg, store, last_seq, batch, connections, k)
                 results.append(r)
                 print(f"run {k + 1}: {r['records_s']:,.0f} event records/s ({r['seqs_s']:,.0f} seqs/s), "
                       f"{r['wall_s']:.2f} s; exporter CPU {r['client_cpu_us']:.2f} us/record, "
@@ -131,8 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     verdict = "meets" if med["records_s"] >= BAR_RECORDS_S else "MISSES"
     print(f"median of {args.runs}: {med['records_s']:,.0f} event records/s ({med['seqs_s']:,.0f} seqs/s), exporter "
           f"CPU {med['client_cpu_us']:.2f} us/record, PostgreSQL CPU {med['server_cpu_us']:.2f} us/record; "
-          f"batches of {batch} records; {verdict} the bar of {BAR_RECORDS_S:,} event records/s", flush=True)
-    return {"median": med, "runs": results, "bar_records_s": BAR_RECORDS_S}
+          f"batches of {batch} records on {connections} connection(s); {verdict} the bar of {BAR_RECORDS_S:,} "
+          "event records/s", flush=True)
+    return {"median": med, "runs": results, "bar_records_s": BAR_RECORDS_S, "connections": connections}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ BATCH_RECORDS_MAX = 65_536          # event records written in one transaction (
 FETCH_SEQS_MAX = 16_384             # seqs in one catch-up range fetch from a shard's event store
 LIVE_LAG_SEQS_MAX = 65_536          # a live reader this far behind the shard's head goes back to range fetches
 HEAD_CHECK_S = 1.0                  # how often a live reader asks the shard how far it is
+CONNECTIONS_DEFAULT = 2              # transactions in flight at once (PostgreSQL works on both cores here)
+CONNECTIONS_MAX = 8
 FLUSH_INTERVAL_S = 0.1              # records waiting this long are written even if the batch is not full
 PROGRESS_INTERVAL_S = 2.0
 CONNECT_TIMEOUT_S = 5
@@ -80,9 +82,8 @@ CREATE TABLE IF NOT EXISTS account_versions (
     state       smallint       NOT NULL,
     "time"      timestamptz    NOT NULL,
     currency    varchar(8)     NOT NULL,
-    PRIMARY KEY (shard_id, seq_num, part)
+    PRIMARY KEY (account_id, shard_id, seq_num, part)
 );
-CREATE INDEX IF NOT EXISTS account_versions_account ON account_versions (account_id, seq_num);
 CREATE TABLE IF NOT EXISTS export_checkpoint (
     shard_id    integer     PRIMARY KEY,
     last_seq    bigint      NOT NULL CHECK (last_seq >= 0),
@@ -381,28 +382,37 @@ class PgExporter:
                              [rows for ev_rows, _ in encoded for rows in ev_rows],
                              [rows for _, av_rows in encoded for rows in av_rows])
 
-    def commit(self, batch: PreparedBatch) -> int:
+    def commit(self, batch: PreparedBatch, wait_turn: Callable[[], bool] | None = None) -> int:
         """Write a prepared batch and move its shards' checkpoints, in ONE transaction; the number of event
-        records written. ExportError (nothing written) if a checkpoint is not where the batch continues."""
+        records written. ExportError (nothing written) if a checkpoint is not where the batch continues.
+
+        ``wait_turn`` (a ``CommitPipeline`` of several connections): called after the COPYs, before the
+        checkpoint is checked and moved; it returns once the previous batch's transaction has ended, True
+        if that one committed (then this one continues it) and False if it failed (then this one is rolled
+        back: ``Discarded``). So the batches commit in order and only ever continue a committed checkpoint."""
         if not batch.records:
             return 0
         ids = sorted(batch.last)
-        for s in ids:
-            if self._checkpoints.get(s) != batch.after[s]:
-                raise ExportError(f"shard {s}: the batch continues seq {batch.after[s]} but the export is at "
-                                  f"{self._checkpoints.get(s)}: a hole or a repeat; never skipped")
-        with self.conn.transaction(), self.conn.cursor() as cur:
-            cur.execute("SELECT shard_id, last_seq FROM export_checkpoint WHERE shard_id = ANY(%s) FOR UPDATE", (ids,))
-            now = {int(s): int(q) for s, q in cur.fetchall()}
+        if wait_turn is None:
             for s in ids:
-                if now.get(s) != batch.after[s]:
-                    raise ExportError(f"shard {s}: export_checkpoint moved to {now.get(s)} while this exporter was at "
-                                      f"{batch.after[s]}: is another exporter writing to the same database?")
+                if self._checkpoints.get(s) != batch.after[s]:
+                    raise ExportError(f"shard {s}: the batch continues seq {batch.after[s]} but the export is at "
+                                      f"{self._checkpoints.get(s)}: a hole or a repeat; never skipped")
+        with self.conn.transaction(), self.conn.cursor() as cur:
             with cur.copy(f"COPY events ({', '.join(EVENTS_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
                 _copy_write(cp, batch.events_rows)
             with cur.copy(f"COPY account_versions ({', '.join(ACCOUNT_VERSIONS_COLUMNS)}) "
                           "FROM STDIN (FORMAT BINARY)") as cp:
                 _copy_write(cp, batch.version_rows)
+            if wait_turn is not None and not wait_turn():
+                raise Discarded()
+            cur.execute("SELECT shard_id, last_seq FROM export_checkpoint WHERE shard_id = ANY(%s) "
+                        "ORDER BY shard_id FOR UPDATE", (ids,))
+            now = {int(s): int(q) for s, q in cur.fetchall()}
+            for s in ids:
+                if now.get(s) != batch.after[s]:
+                    raise ExportError(f"shard {s}: export_checkpoint is at {now.get(s)} but this batch continues seq "
+                                      f"{batch.after[s]}: is another exporter writing to the same database?")
             cur.execute("UPDATE export_checkpoint AS c SET last_seq = v.last_seq, updated_at = now() FROM "
                         "unnest(%s::integer[], %s::bigint[]) AS v(shard_id, last_seq) WHERE c.shard_id = v.shard_id",
                         (ids, [batch.last[s] for s in ids]))
@@ -420,49 +430,87 @@ class PgExporter:
         return self.commit(self.prepare(batches))
 
 
-class CommitPipeline:
-    """Commits prepared batches in a thread of its own while the caller reads and prepares the next ones
-    (the encoding then overlaps PostgreSQL's work on the previous transaction: the two cores both work).
-    Bounded: one transaction in flight and at most ``depth`` waiting. After a failed commit nothing more is
-    committed: ``error`` holds the exception until the caller ``take_error()``s it (after ``drain()``)."""
+class Discarded(Exception):
+    """A pipelined batch rolled back because the one before it failed (it is read and written again)."""
 
-    def __init__(self, exporter: PgExporter, depth: int = 1) -> None:
+
+class CommitPipeline:
+    """Commits prepared batches, in order, on one or more connections (each with a thread), while the
+    caller reads and prepares the next ones. With several connections, batch i+1's COPYs run while batch i
+    commits (PostgreSQL works on both cores); each transaction checks and moves the checkpoint only after
+    the previous one committed (``PgExporter.commit``'s ``wait_turn``), so the checkpoints still move in
+    seq order and a transaction never commits rows past a hole. Bounded: per connection one transaction
+    in flight and one batch waiting. After a failure nothing later is committed: ``error`` holds the first
+    exception until the caller ``take_error()``s it (after ``drain()``)."""
+
+    def __init__(self, exporters: list[PgExporter]) -> None:
         import queue
-        self.exporter = exporter
+        if not exporters:
+            raise ValueError("a pipeline needs at least one connection")
+        self.exporters = list(exporters)
         self.records_written = 0
         self.error: BaseException | None = None
-        self._queue: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="export-pg-commit", daemon=True)
-        self._thread.start()
+        self._cond = threading.Condition()
+        self._submitted = 0                   # batches handed in
+        self._done = 0                        # batches finished (committed, failed or discarded), in order
+        self._queues: list[queue.Queue[tuple[int, PreparedBatch] | None]] = [queue.Queue(maxsize=1)
+                                                                             for _ in self.exporters]
+        self._threads = [threading.Thread(target=self._run, args=(k,), name=f"export-pg-commit-{k}", daemon=True)
+                         for k in range(len(self.exporters))]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _run(self, k: int) -> None:
         while True:
-            batch = self._queue.get()
+            item = self._queues[k].get()
+            if item is None:
+                return
+            index, batch = item
+
+            def turn(index: int = index) -> bool:
+                with self._cond:
+                    while self._done != index:
+                        self._cond.wait()
+                    return self.error is None
             try:
-                if batch is None:
-                    return
                 if self.error is None:
-                    self.records_written += self.exporter.commit(batch)
+                    n = self.exporters[k].commit(batch, turn if len(self.exporters) > 1 else None)
+                    with self._cond:
+                        self.records_written += n
+            except Discarded:
+                pass
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which decides
-                self.error = exc
+                with self._cond:
+                    if self.error is None:
+                        self.error = exc
             finally:
-                self._queue.task_done()
+                turn()                        # finish in order (also after a failure before our turn)
+                with self._cond:
+                    self._done += 1
+                    self._cond.notify_all()
 
     def submit(self, batch: PreparedBatch) -> None:
-        """Queue a batch (blocks while the queue is full: the backpressure on the readers)."""
-        self._queue.put(batch)
+        """Queue a batch (blocks while its connection's queue is full: the backpressure on the readers)."""
+        index = self._submitted
+        self._submitted += 1
+        self._queues[index % len(self._queues)].put((index, batch))
 
     def drain(self) -> None:
-        """Wait until every queued batch is committed (or refused after an error)."""
-        self._queue.join()
+        """Wait until every submitted batch is finished (committed, or refused after an error)."""
+        with self._cond:
+            while self._done != self._submitted:
+                self._cond.wait()
 
     def take_error(self) -> BaseException | None:
-        exc, self.error = self.error, None
+        with self._cond:
+            exc, self.error = self.error, None
         return exc
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
 
 
 # ------------------------------------------------------------------------------------- the readers
@@ -591,7 +639,8 @@ class ExportRunner:
 
     def __init__(self, system_path: str, dsn: str, *, shard_ids: Iterable[int] | None = None,
                  batch_records_max: int = BATCH_RECORDS_MAX, flush_interval_s: float = FLUSH_INTERVAL_S,
-                 progress_interval_s: float = PROGRESS_INTERVAL_S, say: Callable[[str], None] | None = None,
+                 progress_interval_s: float = PROGRESS_INTERVAL_S, connections: int = CONNECTIONS_DEFAULT,
+                 say: Callable[[str], None] | None = None,
                  stop: threading.Event | None = None) -> None:
         from engine.system import System
         self.system = System.load(system_path)
@@ -600,6 +649,9 @@ class ExportRunner:
             self.system.shard_clients(s)                    # ValueError for a shard the system does not have
         if not 1 <= batch_records_max <= 1 << 20:
             raise ValueError("batch_records_max must be 1..1048576")
+        if not 1 <= connections <= CONNECTIONS_MAX:
+            raise ValueError(f"connections must be 1..{CONNECTIONS_MAX}")
+        self.connections = connections
         self.dsn = dsn
         self.dsn_shown = safe_dsn(dsn)
         self.batch_records_max = batch_records_max
@@ -607,41 +659,48 @@ class ExportRunner:
         self.progress_interval_s = progress_interval_s
         self.say = say or (lambda msg: print(f"export-pg: {msg}", flush=True))
         self.stop = stop or threading.Event()
-        self.exporter: PgExporter | None = None
+        self.exporter: PgExporter | None = None          # the first connection (checkpoints, schema)
+        self.exporters: list[PgExporter] = []           # every connection of the commit pipeline
         self.readers: dict[int, ShardReader] = {}
         self.pipeline: CommitPipeline | None = None
         self.records_written = 0
 
     # ---------------------------------------------------------------------------------- database
-    def connect_first(self) -> dict[int, int]:
-        """The first connection: errors here (bad DSN, unreachable, auth, a bad schema) are the operator's
-        to fix and end the command. Returns the checkpoints."""
+    def _connect_all(self) -> dict[int, int]:
         self.exporter = PgExporter.connect(self.dsn)
         self.exporter.create_schema()
-        return self.exporter.checkpoints(self.shard_ids)
+        cps = self.exporter.checkpoints(self.shard_ids)
+        self.exporters = [self.exporter] + [PgExporter.connect(self.dsn) for _ in range(self.connections - 1)]
+        return cps
+
+    def _close_all(self) -> None:
+        import psycopg
+        for ex in self.exporters or ([self.exporter] if self.exporter is not None else []):
+            try:
+                ex.close()
+            except psycopg.Error:
+                pass
+        self.exporters = []
+        self.exporter = None
+
+    def connect_first(self) -> dict[int, int]:
+        """The first connections: errors here (bad DSN, unreachable, auth, a bad schema) are the operator's
+        to fix and end the command. Returns the checkpoints."""
+        return self._connect_all()
 
     def reconnect(self) -> dict[int, int] | None:
         """Connect again with backoff until it works or ``stop``; the checkpoints, or None if stopped."""
         import psycopg
-        if self.exporter is not None:
-            try:
-                self.exporter.close()
-            except psycopg.Error:
-                pass
-            self.exporter = None
+        self._close_all()
         delay = RECONNECT_BACKOFF_S_MIN
         while not self.stop.is_set():
             try:
-                self.exporter = PgExporter.connect(self.dsn)
-                self.exporter.create_schema()
-                cps = self.exporter.checkpoints(self.shard_ids)
+                cps = self._connect_all()
                 self.say(f"database back; resuming from {cps}")
                 return cps
             except psycopg.OperationalError as exc:
                 self.say(f"database unavailable ({_first_line(exc)}); retrying in {delay:.1f} s")
-                if self.exporter is not None:
-                    self.exporter.close()
-                    self.exporter = None
+                self._close_all()
             self.stop.wait(delay)
             delay = min(delay * 2, RECONNECT_BACKOFF_S_MAX)
         return None
@@ -675,13 +734,7 @@ class ExportRunner:
         for r in self.readers.values():
             r.close()
         self.readers.clear()
-        if self.exporter is not None:
-            import psycopg
-            try:
-                self.exporter.close()
-            except psycopg.Error:
-                pass
-            self.exporter = None
+        self._close_all()
 
     # ---------------------------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -690,8 +743,7 @@ class ExportRunner:
         self.say(f"into {self.dsn_shown}: shards {self.shard_ids} from checkpoints {cps}")
         if not self.open_readers(cps):
             return
-        assert self.exporter is not None
-        self.pipeline = CommitPipeline(self.exporter)
+        self.pipeline = CommitPipeline(self.exporters)
         try:
             self._loop(cps)
             self.pipeline.drain()                     # what was read and prepared is committed before exit
@@ -714,8 +766,7 @@ class ExportRunner:
                      "checkpoint on reconnect")
             cps = self.reconnect()
             if cps is not None:
-                assert self.exporter is not None
-                self.pipeline.exporter = self.exporter
+                self.pipeline.exporters = list(self.exporters)
             return cps
         if isinstance(exc, psycopg.IntegrityError):
             raise ExportError(f"the database refused rows as duplicates ({_first_line(exc)}): the tables hold "
@@ -801,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"event records per transaction, at most (default {BATCH_RECORDS_MAX})")
     p.add_argument("--flush-interval-ms", type=int, default=int(FLUSH_INTERVAL_S * 1000),
                    help="write what has arrived after this long even if the batch is not full")
+    p.add_argument("--connections", type=int, default=CONNECTIONS_DEFAULT,
+                   help=f"database connections, one transaction in flight on each (default {CONNECTIONS_DEFAULT})")
     p.add_argument("--progress-interval-s", type=float, default=PROGRESS_INTERVAL_S)
     args = p.parse_args(argv)
     import psycopg
@@ -814,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
         shard_ids = [int(x) for x in args.shards.split(",")] if args.shards else None
         runner = ExportRunner(args.system, args.dsn, shard_ids=shard_ids, batch_records_max=args.batch_records,
                               flush_interval_s=args.flush_interval_ms / 1000,
-                              progress_interval_s=args.progress_interval_s, stop=stop)
+                              progress_interval_s=args.progress_interval_s, connections=args.connections,
+                              stop=stop)
     except ValueError as exc:
         print(f"zwallet export-pg: {exc}", file=sys.stderr)
         return 2

@@ -171,7 +171,8 @@ def checkpoints(dsn: str) -> dict[int, int]:
         return {}
 
 
-def wait_for(what: str, pred: Any, exporter: Exporter | None = None, timeout_s: float = WAIT_S) -> None:
+def wait_for(what: str, pred: Any, exporter: Exporter | None = None, timeout_s: float = WAIT_S,
+             poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
         if exporter is not None and exporter.proc.poll() is not None:
@@ -180,7 +181,7 @@ def wait_for(what: str, pred: Any, exporter: Exporter | None = None, timeout_s: 
         if time.monotonic() > deadline:
             out = exporter.output()[-3000:] if exporter is not None else ""
             raise AssertionError(f"timed out waiting for {what}\n{out}")
-        time.sleep(0.05)
+        time.sleep(poll_s)
 
 
 def assert_export_equals_shards(dsn: str, load: Load) -> None:
@@ -231,17 +232,30 @@ def test_export_equals_the_shards_events_and_follows_live_writes(system, dsn, tm
     assert "ready" in out and "records/s" in out and "stopped" in out, out
 
 
+def _freeze_mid_run(ex: Exporter, dsn: str, load: Load) -> dict[int, int]:
+    """Let the exporter commit its first batch, then SIGSTOP it (so the crash that follows is certainly
+    mid-run: the shards' backlog is not all exported yet); the checkpoints at that moment."""
+    heads = load.heads()
+    wait_for("the tables", lambda: checkpoints(dsn) != {}, ex, poll_s=0.005)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        def exported() -> int:
+            return int(conn.execute("SELECT sum(last_seq) FROM export_checkpoint").fetchone()[0])
+        wait_for("a first batch", lambda: exported() > 0, ex, poll_s=0.002)
+        ex.proc.send_signal(signal.SIGSTOP)
+    cps = checkpoints(dsn)
+    assert 0 < sum(cps.values()) < sum(heads.values()), ("not mid-run", cps, heads)
+    return cps
+
+
 def test_kill9_of_the_exporter_mid_run_then_restart_no_duplicate_no_hole(system, dsn, tmp_path):
     sysm, load = system
     log = str(tmp_path / "export.log")
-    small = ("--batch-records", "1000", "--flush-interval-ms", "5")      # many transactions: kill lands mid-run
-    ex = Exporter(sysm.system_path, dsn, log, *small)
-    heads = load.heads()
+    ex = Exporter(sysm.system_path, dsn, log, "--batch-records", "200", "--flush-interval-ms", "5",
+                  "--connections", "1")
     try:
-        wait_for("a first batch", lambda: sum(checkpoints(dsn).values()) > 0, ex)
+        _freeze_mid_run(ex, dsn, load)
         ex.kill9()
         cps = checkpoints(dsn)
-        assert 0 < sum(cps.values()) < sum(heads.values()), (cps, heads)
         with psycopg.connect(dsn, autocommit=True) as conn:      # what was committed is exactly the checkpoint
             for sid, q in cps.items():
                 n, top = conn.execute("SELECT count(DISTINCT seq_num), coalesce(max(seq_num), 0) FROM events "
@@ -249,9 +263,9 @@ def test_kill9_of_the_exporter_mid_run_then_restart_no_duplicate_no_hole(system,
                 assert (n, top) == (q, q)
         writer = threading.Thread(target=load.transfers, args=(1_000, 250))
         writer.start()
-        ex = Exporter(sysm.system_path, dsn, log, *small)
+        ex = Exporter(sysm.system_path, dsn, log)
         writer.join()
-        wait_for("the export caught up after the restart", lambda: checkpoints(dsn) == load.heads(), ex, 90)
+        wait_for("the export caught up after the restart", lambda: checkpoints(dsn) == load.heads(), ex)
         assert_export_equals_shards(dsn, load)
     finally:
         ex.stop()
@@ -263,26 +277,41 @@ def _postmaster_pid(pg: Any) -> int:
 
 
 def _kill9_postgres(pg: Any) -> None:
-    """SIGKILL of the postmaster and every process it started (a crash of the whole server)."""
+    """SIGKILL of the postmaster and every process it started (a crash of the whole server). The
+    postmaster is stopped first so that it forks no process we would miss."""
     pid = _postmaster_pid(pg)
-    children = []
+    os.kill(pid, signal.SIGSTOP)
+    procs = [pid]
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(d))
+                        procs.append(int(d))
             except (OSError, ValueError):
                 pass
-    for p in [pid, *children]:
+    for p in procs:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def alive(p: int) -> bool:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
     deadline = time.monotonic() + 10
-    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
-              for p in [pid, *children]) and time.monotonic() < deadline:
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert not any(alive(p) for p in procs)
+    # The dead postmaster may stay a zombie (its parent, this VM's init, reaps late): a zombie's pid still
+    # answers kill(pid, 0), so the new postmaster would take the stale lock file for a running server.
+    for stale in (os.path.join(pg.data_dir, "postmaster.pid"),
+                  os.path.join(pg.socket_dir, f".s.PGSQL.{pg.port}.lock")):
+        if os.path.exists(stale):
+            os.unlink(stale)
 
 
 def _restart_postgres(pg: Any) -> None:
@@ -293,26 +322,25 @@ def _restart_postgres(pg: Any) -> None:
         cmd = ["runuser", "-u", "postgres", "--", *cmd]
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=90,
                        cwd=pg.root)
-    assert r.returncode == 0, r.stdout
+    if r.returncode != 0:
+        with open(pg.log_path) as f:
+            raise AssertionError(f"{r.stdout}\n{f.read()[-2000:]}")
 
 
 def test_kill9_of_postgres_mid_run_the_exporter_resumes(system, pg_server, dsn, tmp_path):
     sysm, load = system
-    ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"), "--batch-records", "1000",
+    ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"), "--batch-records", "200",
                   "--flush-interval-ms", "5")
-    heads = load.heads()
     try:
-        wait_for("a first batch", lambda: sum(checkpoints(dsn).values()) > 0, ex)
+        _freeze_mid_run(ex, dsn, load)
         _kill9_postgres(pg_server)
+        ex.proc.send_signal(signal.SIGCONT)          # it finds the database gone and retries with backoff
         writer = threading.Thread(target=load.transfers, args=(1_000, 250))
         writer.start()
-        time.sleep(1.0)                              # the exporter finds the database gone and backs off
+        time.sleep(1.0)
         _restart_postgres(pg_server)
         writer.join()
-        cps = checkpoints(dsn)
-        assert sum(cps.values()) < sum(heads.values()), "the crash did not land mid-run"
-        wait_for("the export caught up after the database came back", lambda: checkpoints(dsn) == load.heads(),
-                 ex, 90)
+        wait_for("the export caught up after the database came back", lambda: checkpoints(dsn) == load.heads(), ex)
         assert_export_equals_shards(dsn, load)
         out = ex.output()
         assert "database unavailable" in out or "database write failed" in out, out
