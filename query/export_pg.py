@@ -595,8 +595,8 @@ class ShardReader:
             evs = self.sub.poll(0)
         except RequestRefused as exc:
             if exc.code is ErrorCode.EVENTS_UNAVAILABLE:
-                raise ExportError(f"shard {self.shard_id}: a gap from seq {self.next_seq} is in no replica's event "
-                                  f"store ({exc}): a hole the export cannot fill; never skipped") from None
+                raise ExportError(f"shard {self.shard_id}: events from seq {self.next_seq} are in no replica's "
+                                  f"event store ({exc}): a hole the export cannot fill; never skipped") from None
             raise
         if evs is None:
             if time.monotonic() - self._head_at >= HEAD_CHECK_S:

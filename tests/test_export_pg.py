@@ -480,3 +480,32 @@ def test_bad_dsn_and_unreachable_database_are_clear_errors(system, tmp_path):
     assert gone.wait() == 2
     out = gone.output()
     assert "cannot connect to PostgreSQL" in out and f"port={port}" in out, out
+
+
+def test_events_pruned_from_every_replica_are_a_hole_never_skipped(dsn, tmp_path):
+    """A shard whose event stores pruned seqs the export has not reached: the exporter stops with a clear
+    error instead of starting after the hole."""
+    from engine.client import ClientError
+    from engine.devtools.up import LocalSystem
+    with LocalSystem(str(tmp_path / "sys"), shards=1, replicas=1, sync=False, marker=False, gateways=0,
+                     node_settings={"event_retention_seqs": 1000, "snapshot_threshold_entries": 10,
+                                    "snapshot_keep_entries": 2}) as sysm:
+        sysm.start()
+        load = Load(sysm)
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while True:                                  # write until a snapshot pruned seq 1 away
+                load.transfers(2_000, batch=200)
+                try:
+                    load.clients[1].events(1, 1)
+                except ClientError:
+                    break
+                assert time.monotonic() < deadline, "the event store never pruned"
+            ex = Exporter(sysm.system_path, dsn, str(tmp_path / "export.log"))
+            code = ex.wait()
+        finally:
+            load.close()
+    out = ex.output()
+    assert code == 1, out
+    assert "shard 1: events from seq 1 are in no replica's event store" in out and "never skipped" in out, out
+    assert checkpoints(dsn) == {1: 0}
