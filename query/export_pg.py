@@ -598,13 +598,12 @@ class ShardReader:
                 raise ExportError(f"shard {self.shard_id}: events from seq {self.next_seq} are in no replica's "
                                   f"event store ({exc}): a hole the export cannot fill; never skipped") from None
             raise
-        if evs is None:
-            if time.monotonic() - self._head_at >= HEAD_CHECK_S:
-                self._refresh_head()
-                if self.head_seq - self.next_seq > LIVE_LAG_SEQS_MAX:
-                    self._close_sub()           # far behind: bounded range reads until caught up again
-            return None
-        return self._took(evs)
+        out = self._took(evs) if evs is not None else None
+        if time.monotonic() - self._head_at >= HEAD_CHECK_S:
+            self._refresh_head()
+            if self.head_seq - self.next_seq > LIVE_LAG_SEQS_MAX:
+                self._close_sub()               # far behind: bounded range reads until caught up again
+        return out
 
     def _took(self, evs: np.ndarray) -> np.ndarray | None:
         if not len(evs):
