@@ -15,12 +15,15 @@ Two parts (docs/export-pg.md has the schema, the guarantees and the operator's v
 - The runner (``run``/``main``): one ``ShardReader`` per shard reads its events in seq order with no gap
   (bounded range fetches from the replicas' event stores while it is behind, then
   ``engine.client.Subscriber`` on the shard's PUB sockets once it has caught up), collects up to
-  ``BATCH_RECORDS_MAX`` records or ``FLUSH_INTERVAL_S`` worth, and hands them to the exporter. When the
-  database goes away it reconnects with backoff, reloads the checkpoints and re-reads from them.
+  ``BATCH_RECORDS_MAX`` records or ``FLUSH_INTERVAL_S`` worth, prepares them (check + encode) and hands
+  them to a ``CommitPipeline`` (``CONNECTIONS_DEFAULT`` connections: batch i+1's COPY runs while batch i
+  commits; the checkpoints still move in order). When the database goes away it reconnects with backoff,
+  reloads the checkpoints and re-reads from them.
 
 Rows are encoded to PostgreSQL's binary COPY format with numpy, a batch at a time (no Python work per
-event): fixed-size big-endian records, 128-bit values as fixed-width NUMERIC (10 base-10000 digits, which
-the server normalizes), the one variable-length column (``currency``) last, rows grouped by its length.
+event): fixed-size big-endian records, 128-bit values as fixed-width NUMERIC (5 or 10 base-10000 digits
+per column and batch, which the server normalizes), the one variable-length column (``currency``) last,
+rows grouped by its length.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ BATCH_RECORDS_MAX = 65_536          # event records written in one transaction (
 FETCH_SEQS_MAX = 16_384             # seqs in one catch-up range fetch from a shard's event store
 LIVE_LAG_SEQS_MAX = 65_536          # a live reader this far behind the shard's head goes back to range fetches
 HEAD_CHECK_S = 1.0                  # how often a live reader asks the shard how far it is
-CONNECTIONS_DEFAULT = 2              # transactions in flight at once (PostgreSQL works on both cores here)
+CONNECTIONS_DEFAULT = 2             # transactions in flight at once (PostgreSQL works on both cores here)
 CONNECTIONS_MAX = 8
 FLUSH_INTERVAL_S = 0.1              # records waiting this long are written even if the batch is not full
 PROGRESS_INTERVAL_S = 2.0
