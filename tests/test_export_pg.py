@@ -509,3 +509,11 @@ def test_events_pruned_from_every_replica_are_a_hole_never_skipped(dsn, tmp_path
     assert code == 1, out
     assert "shard 1: events from seq 1 are in no replica's event store" in out and "never skipped" in out, out
     assert checkpoints(dsn) == {1: 0}
+
+
+def test_bench_export_pg_runs_and_checks_what_it_exported():
+    """The benchmark's own path (event store -> prepare -> CommitPipeline of 2 connections -> PostgreSQL),
+    tiny: it asserts the exported row count and last seq itself."""
+    from bench.bench_export_pg import main
+    out = main(["--records", "6000", "--runs", "1", "--batch-records", "1000", "--accounts", "100"])
+    assert out["median"]["records_s"] > 0 and out["connections"] == 2
