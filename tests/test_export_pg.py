@@ -511,9 +511,13 @@ def test_events_pruned_from_every_replica_are_a_hole_never_skipped(dsn, tmp_path
     assert checkpoints(dsn) == {1: 0}
 
 
-def test_bench_export_pg_runs_and_checks_what_it_exported():
+def test_bench_export_pg_runs_and_checks_what_it_exported(pg_server, tmp_path):
     """The benchmark's own path (event store -> prepare -> CommitPipeline of 2 connections -> PostgreSQL),
     tiny: it asserts the exported row count and last seq itself."""
-    from bench.bench_export_pg import main
-    out = main(["--records", "6000", "--runs", "1", "--batch-records", "1000", "--accounts", "100"])
-    assert out["median"]["records_s"] > 0 and out["connections"] == 2
+    from bench.bench_export_pg import make_store, one_run
+    store, last_seq = make_store(str(tmp_path / "events"), 6000, 100)
+    try:
+        r = one_run(pg_server, store, last_seq, 1000, 2, 0)
+    finally:
+        store.close()
+    assert r["records_s"] > 0 and r["seqs_s"] > 0
