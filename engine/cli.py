@@ -19,6 +19,7 @@ COMMANDS = {
     "marker": ("marker.server", "run one replica of a Marker group from a TOML config (--config, --id)"),
     "demo": ("engine.devtools.demo", "the whole local system (2 shards x 3, Marker, gateway) at work, with kills"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
+    "export-pg": ("query.export_pg", "export every shard's events into PostgreSQL exactly once (--system, --dsn)"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
     "replica": ("engine.devtools.counter_app", "run one replica of the counter app (Raft tests/benchmark)"),
 }

@@ -1,0 +1,1 @@
+"""zwallet's read side (CQRS): projectors, views, the query service and the exactly-once PostgreSQL export."""
