@@ -384,8 +384,8 @@ class Projector:
         idx[so] = idx_sorted
         out["idx"] = idx
         # prev links: the account's previous output row, or its table row
-        first_of_acct = gstart[r]
         rg = gid[r]
+        first_of_acct = np.r_[True, rg[1:] != rg[:-1]]
         prev_seq = np.r_[0, out["seq_num"][:-1]]
         prev_idx = np.r_[0, idx[:-1]]
         t_seq = np.where(found, base["seq_num"], 0)

@@ -8,10 +8,12 @@ from engine import Ledger
 
 
 def random_ledger(seed: int, accounts: int = 20, commands: int = 600, *, start_ms: int = 1_000_000,
-                  first_account: int = 1) -> tuple[Ledger, list[int]]:
+                  first_account: int = 1, trace: dict[int, dict[int, dict[str, Any]]] | None = None
+                  ) -> tuple[Ledger, list[int]]:
     """A ledger after ``commands`` random commands (transfers, batches, reserves/releases, TCC try/confirm/
     cancel, compensations, locks, null cancels) on ``accounts`` accounts in two currencies; timestamps grow
-    by 0..3 ms a command (several commands share a time). Returns (ledger, account ids)."""
+    by 0..3 ms a command (several commands share a time). Returns (ledger, account ids). ``trace``, if given,
+    gets {seq: {account id: the account right after that seq}} (the reference of point-in-time answers)."""
     rnd = random.Random(seed)
     led = Ledger()
     ts = start_ms
@@ -24,7 +26,27 @@ def random_ledger(seed: int, accounts: int = 20, commands: int = 600, *, start_m
     transfers: list[int] = []
     tries: list[int] = []
     reservations: dict[int, list[int]] = {}
+    seen = 0
+
+    def record() -> None:
+        nonlocal seen
+        if trace is None or led.last_seq == seen:
+            return
+        evs = led.events(seen + 1, led.last_seq)
+        later: set[int] = set()                 # accounts a later seq of this same call touched: not as of seq
+        for seq in range(led.last_seq, seen, -1):
+            accs = {int(w[0]) | (int(w[1]) << 64) for w in evs[evs["seq_num"] == seq]["account_id"]} - {0}
+            trace[seq] = {}
+            for x in accs - later:
+                g = led.get_account(x)
+                assert g is not None
+                trace[seq][x] = dict(g, ts=int(evs[evs["seq_num"] == seq]["timestamp"][0]))
+            later |= accs
+        seen = led.last_seq
+
+    record()
     for _ in range(commands):
+        record()
         ts += rnd.randint(0, 3)
         did += 1
         r = rnd.random()
@@ -68,6 +90,7 @@ def random_ledger(seed: int, accounts: int = 20, commands: int = 600, *, start_m
             led.lock_account(did, a, timestamp=ts)
         else:
             led.unlock_account(did, a, timestamp=ts)
+    record()
     return led, ids
 
 
