@@ -112,7 +112,7 @@ class Queries:
             if until is not None:
                 last = min(last if last is not None else view_seq, rd.seq_at_time(shard, until))
             upto = view_seq if last is None else min(last, view_seq)
-            page = []
+            page: list[Any] = []
             nxt = None
             for r in rd.walk_back(cur, id_key(aid), upto):     # newest first: a page costs its size
                 if int(r["seq_num"]) < first:

@@ -57,7 +57,8 @@ def random_ledger(seed: int, accounts: int = 20, commands: int = 600, *, start_m
             led.transfer(did, a, b, rnd.randint(1, 500), cur[a], timestamp=ts)
             transfers.append(did)
         elif r < 0.50:
-            specs: list[Any] = [(a, rnd.randint(-300, 300) or 1, cur[a]), (rnd.choice(same), rnd.randint(1, 99), cur[a])]
+            specs: list[Any] = [(a, rnd.randint(-300, 300) or 1, cur[a]),
+                                (rnd.choice(same), rnd.randint(1, 99), cur[a])]
             led.batch_balance_operation(did, specs, timestamp=ts)
             transfers.append(did)
         elif r < 0.60:
