@@ -129,7 +129,9 @@ class Hierarchy:
             self._leaf_keys_dirty = False
         if not len(self._leaf_keys):
             return
-        hit = np.flatnonzero(np.isin(keys, self._leaf_keys))
+        lk = self._leaf_keys
+        at = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
+        hit = np.flatnonzero(lk[at] == keys)
         for i in hit.tolist():
             node = int.from_bytes(bytes(keys[i]), "big")
             cur = bytes(currency[i]).rstrip(b"\0").decode("ascii")

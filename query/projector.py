@@ -34,7 +34,8 @@ from query.view import (CHUNK_RECORDS_MAX, I64_SAFE, SPARSE_EVERY, VERSION_DTYPE
 
 MAP_SIZE_DEFAULT = 1 << 36                  # LMDB map size (virtual; the file grows as used)
 AHEAD_BYTES_MAX = 64 << 20                  # records buffered ahead of a gap, per shard
-SNAPSHOT_VERSIONS_MIN = 1_000_000           # versions written between two account-table snapshots (at least)
+SNAPSHOT_VERSIONS_MIN = 1_000_000
+TXN_RECORDS_MAX = 65_536                    # event records applied in one LMDB transaction           # versions written between two account-table snapshots (at least)
 SHARD_ID_MAX = 65_535
 
 _K = Kind
@@ -127,16 +128,16 @@ class Projector:
                     if struct.unpack(">HQ", bytes(k))[0] != shard:
                         break
                     rows = np.frombuffer(v, dtype=VERSION_DTYPE).copy()
-                    self.table = self._upsert_last(self.table, rows)
+                    self._upsert_last(self.table, rows)
                     self.versions_since_snapshot += len(rows)
 
     @staticmethod
-    def _upsert_last(table: AccountTable, rows: np.ndarray) -> AccountTable:
-        keys = be_keys(rows["account_id"])
-        o = np.argsort(keys, kind="stable")
-        ks = keys[o]
+    def _upsert_last(table: AccountTable, rows: np.ndarray) -> None:
+        acc = rows["account_id"]
+        o = np.lexsort((acc[:, 0], acc[:, 1]))
+        ks = be_keys(acc[o])
         last = np.r_[ks[1:] != ks[:-1], True]
-        return table.upsert(ks[last], rows[o][last])
+        table.upsert(ks[last], rows[o][last])
 
     def close(self) -> None:
         self.env.close()
@@ -205,71 +206,50 @@ class Projector:
 
     # ------------------------------------------------------------------------------ applying
     def _apply(self, shard: int, evs: np.ndarray) -> int:
+        """Apply records that continue the view (whole seqs from applied + 1): one LMDB transaction per
+        ``TXN_RECORDS_MAX`` records, cut at seq boundaries."""
+        seqs = evs["seq_num"]
+        assert int(seqs[0]) == self.applied_seq(shard) + 1, "apply continues the view"
+        done = 0
+        a = 0
+        while a < len(evs):
+            b = min(len(evs), a + TXN_RECORDS_MAX)
+            if b < len(evs):
+                b = int(np.searchsorted(seqs, seqs[b], side="left"))
+                if b <= a:
+                    b = int(np.searchsorted(seqs, seqs[a], side="right"))
+            done += self._apply_txn(shard, evs[a:b])
+            a = b
+        return done
+
+    def _apply_txn(self, shard: int, evs: np.ndarray) -> int:
         t0 = time.perf_counter()
         seqs = evs["seq_num"]
         first_seq = int(seqs[0])
-        assert first_seq == self.applied_seq(shard) + 1, "apply continues the view"
-        # sub-batches of at most CHUNK_RECORDS_MAX records, cut at seq boundaries
-        cuts = [0]
-        while len(evs) - cuts[-1] > CHUNK_RECORDS_MAX:
-            at = cuts[-1] + CHUNK_RECORDS_MAX
-            at = int(np.searchsorted(seqs, seqs[at], side="left"))
-            if at <= cuts[-1]:
-                at = int(np.searchsorted(seqs, seqs[cuts[-1]], side="right"))
-            cuts.append(at)
-        cuts.append(len(evs))
         table = self.table
-        changes = []
-        outs = []
         try:
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                out, keys, new_rows, old_vals, new_vals = self._compute(shard, evs[a:b], table)
-                if len(keys):
-                    table = table.upsert(keys, new_rows)
-                    changes.append((keys, new_rows["currency"], old_vals, new_vals))
-                outs.append(out)
+            out, keys, new_rows, old_vals, new_vals, pos, found = self._compute(shard, evs, table)
         except ViewError as exc:
             self.error = f"shard {shard}: {exc}"
             raise ViewError(self.error) from None
         last_seq = int(seqs[-1])
         last_ts = int(evs["timestamp"][-1])
-        nver = sum(len(o) for o in outs)
+        nver = len(out)
         snapshot = self.versions_since_snapshot + nver >= max(SNAPSHOT_VERSIONS_MIN, 2 * len(table))
-        with self.write_lock, self.env.begin(write=True) as txn:
-            vdb = self.dbs["versions"]
-            for out in outs:
-                if len(out):
-                    txn.put(chunk_key(shard, int(out["seq_num"][0])), out.tobytes(), db=vdb)
-            allout = np.concatenate(outs) if len(outs) > 1 else outs[0]
-            sp = allout[allout["version"] % SPARSE_EVERY == 1]
-            if len(sp):
-                kv = np.empty(len(sp), dtype=[("k", "V16"), ("s", ">u8"), ("i", ">u4")])
-                kv["k"] = be_keys(sp["account_id"])
-                kv["s"] = sp["seq_num"]
-                kv["i"] = sp["idx"]
-                items = [(r[:24], r[24:]) for r in kv.view("V28").tolist()]
-                txn.cursor(self.dbs["sparse"]).putmulti(items)
-            ts = evs["timestamp"]
-            run_end = np.flatnonzero(np.r_[ts[1:] != ts[:-1], True])
-            sdb = self.dbs["seqtime"]
-            for i in run_end.tolist():
-                txn.put(seqtime_key(shard, int(ts[i])), struct.pack("<Q", int(seqs[i])), db=sdb)
-            mdb = self.dbs["meta"]
-            txn.put(b"last_seq/%d" % shard, struct.pack("<Q", last_seq), db=mdb)
-            txn.put(b"last_ts/%d" % shard, struct.pack("<Q", last_ts), db=mdb)
-            if snapshot:
-                applied = dict(self.applied)
-                applied[shard] = last_seq
-                txn.put(b"table", table.to_bytes(), db=mdb)
-                txn.put(b"table_seqs", b"".join(struct.pack("<HQ", s, q) for s, q in sorted(applied.items())),
-                        db=mdb)
+        try:
+            with self.write_lock, self.env.begin(write=True) as txn:
+                self._write(txn, shard, evs, out, last_seq, last_ts, snapshot, keys, new_rows, pos, found)
+        except lmdb.Error as exc:
+            self.error = f"shard {shard}: the view's LMDB refused a write ({exc}); restart to resume"
+            raise ViewError(self.error) from None
         with self.lock:
-            self.table = table
+            if len(keys):
+                table.upsert(keys, new_rows, pos, found)
             self.applied[shard] = last_seq
             self.last_ts[shard] = last_ts
-            for ch in changes:
+            if len(keys):
                 for fn in self.listeners:
-                    fn(*ch)
+                    fn(keys, new_rows["currency"], old_vals, new_vals)
         self.versions_since_snapshot = 0 if snapshot else self.versions_since_snapshot + nver
         nseq = last_seq - first_seq + 1
         self.records_applied += len(evs)
@@ -277,32 +257,75 @@ class Projector:
         self.apply_s += time.perf_counter() - t0
         return nseq
 
-    def _compute(self, shard: int, evs: np.ndarray, table: AccountTable
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One sub-batch: (version records in seq order, the changed accounts' keys, their new table rows,
-        their [available, reserved, pending_in, pending_out] before and after)."""
-        acc = evs["account_id"]
-        real = (acc[:, 0] != 0) | (acc[:, 1] != 0)        # null cancels / compensations touch no account
+    def _write(self, txn: lmdb.Transaction, shard: int, evs: np.ndarray, out: np.ndarray, last_seq: int,
+               last_ts: int, snapshot: bool, keys: np.ndarray, new_rows: np.ndarray, pos: np.ndarray,
+               found: np.ndarray) -> None:
+        vdb = self.dbs["versions"]
+        cuts = [0]
+        oseq = out["seq_num"]
+        while cuts[-1] < len(out):
+            b = min(len(out), cuts[-1] + CHUNK_RECORDS_MAX)
+            if b < len(out):
+                b = int(np.searchsorted(oseq, oseq[b], side="left"))
+                if b <= cuts[-1]:
+                    b = int(np.searchsorted(oseq, oseq[cuts[-1]], side="right"))
+            cuts.append(b)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            txn.put(chunk_key(shard, int(oseq[a])), out[a:b].tobytes(), db=vdb)
+        sp = out[out["version"] % SPARSE_EVERY == 1]
+        if len(sp):
+            kv = np.empty(len(sp), dtype=[("k", "V16"), ("s", ">u8"), ("i", ">u4")])
+            kv["k"] = be_keys(sp["account_id"])
+            kv["s"] = sp["seq_num"]
+            kv["i"] = sp["idx"]
+            items = [(r[:24], r[24:]) for r in kv.view("V28").tolist()]
+            txn.cursor(self.dbs["sparse"]).putmulti(items)
+        ts = evs["timestamp"]
+        seqs = evs["seq_num"]
+        run_end = np.flatnonzero(np.r_[ts[1:] != ts[:-1], True])
+        sdb = self.dbs["seqtime"]
+        for i in run_end.tolist():
+            txn.put(seqtime_key(shard, int(ts[i])), struct.pack("<Q", int(seqs[i])), db=sdb)
+        mdb = self.dbs["meta"]
+        txn.put(b"last_seq/%d" % shard, struct.pack("<Q", last_seq), db=mdb)
+        txn.put(b"last_ts/%d" % shard, struct.pack("<Q", last_ts), db=mdb)
+        if snapshot:
+            t = AccountTable(self.table.keys.copy(), self.table.rows.copy())
+            t.upsert(keys, new_rows)
+            applied = dict(self.applied)
+            applied[shard] = last_seq
+            txn.put(b"table", t.to_bytes(), db=mdb)
+            txn.put(b"table_seqs", b"".join(struct.pack("<HQ", s, q) for s, q in sorted(applied.items())), db=mdb)
+
+    def _compute(self, shard: int, evs: np.ndarray, table: AccountTable) -> tuple[np.ndarray, ...]:
+        """One transaction's records: (version records in seq order, the changed accounts' keys (sorted), their
+        new table rows, their [available, reserved, pending_in, pending_out] before and after, and their
+        ``table.find`` positions and found flags)."""
+        acc_all = evs["account_id"]
+        real = (acc_all[:, 0] != 0) | (acc_all[:, 1] != 0)    # null cancels / compensations touch no account
         ev = evs if real.all() else evs[real]
         n = len(ev)
         if not n:
-            return (np.zeros(0, VERSION_DTYPE), np.zeros(0, "V16"), np.zeros(0, VERSION_DTYPE),
-                    np.zeros((0, 4), np.int64), np.zeros((0, 4), np.int64))
-        keys = be_keys(ev["account_id"])
-        o = np.argsort(keys, kind="stable")                 # by account, then stream order
-        e = ev[o]
-        ks = keys[o]
-        seq = e["seq_num"]
-        kind = e["kind"]
-        amount = i64_of(e["amount"], "amount")
-        avail = i64_of(e["available"], "available")
-        gstart = np.r_[True, ks[1:] != ks[:-1]]
-        starts = np.flatnonzero(gstart)
-        gid = np.cumsum(gstart) - 1
-        uk = ks[starts]
+            z4 = np.zeros((0, 4), np.int64)
+            return (np.zeros(0, VERSION_DTYPE), np.zeros(0, "V16"), np.zeros(0, VERSION_DTYPE), z4, z4,
+                    np.zeros(0, np.int64), np.zeros(0, bool))
+        acc = np.ascontiguousarray(ev["account_id"])
+        o = np.lexsort((acc[:, 0], acc[:, 1]))              # by account (u128 order), then stream order
+        lo = acc[o, 0]
+        hi = acc[o, 1]
+        seq = ev["seq_num"][o]
+        kind = ev["kind"][o]
+        amount = i64_of(ev["amount"][o], "amount")
+        avail = i64_of(ev["available"][o], "available")
+        newacc = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+        starts = np.flatnonzero(newacc)
+        gid = np.cumsum(newacc) - 1
+        uk = be_keys(np.stack([lo[starts], hi[starts]], axis=1))
         pos, found = table.find(uk)
-        posc = np.minimum(pos, max(len(table) - 1, 0))
-        base = table.rows[posc] if len(table) else np.zeros(len(uk), VERSION_DTYPE)
+        if len(table):
+            base = table.rows[np.minimum(pos, len(table) - 1)]
+        else:
+            base = np.zeros(len(uk), VERSION_DTYPE)
         fz = found.astype(np.int64)
         b_av = base["available"] * fz
         b_res = base["reserved"] * fz
@@ -317,87 +340,95 @@ class Projector:
             raise ViewError(f"seq {int(seq[starts[i]])}: account {_key_int(uk[i])} "
                             + ("is created again" if found[i] else "is not known to the view (a view starts at "
                                "seq 1: rebuild it)"))
-        if is_create.sum() != (~found).sum():
+        if int(is_create.sum()) != int((~found).sum()):
             raise ViewError("an account is created twice in one batch")
         pos_a = np.maximum(amount, 0)
         neg_a = np.minimum(amount, 0)
         zero = np.zeros(n, np.int64)
         movers = (kind == _K.TRANSFER) | (kind == _K.BATCH_BALANCE) | (kind == _K.COMPENSATE)
-        d_av = np.where(movers, amount, zero)
-        d_av = np.where(kind == _K.RESERVE, -amount, d_av)
-        d_av = np.where(kind == _K.RELEASE, amount, d_av)
-        d_av = np.where(kind == _K.TCC_TRY, neg_a, d_av)
-        fin = (kind == _K.TCC_CONFIRM) | (kind == _K.TCC_CANCEL)
-        d_av = np.where(fin, pos_a, d_av)
-        d_res = np.where(kind == _K.RESERVE, amount, np.where(kind == _K.RELEASE, -amount, zero))
+        is_res = kind == _K.RESERVE
+        is_rel = kind == _K.RELEASE
         is_try = kind == _K.TCC_TRY
         is_conf = kind == _K.TCC_CONFIRM
         is_canc = kind == _K.TCC_CANCEL
-        d_pin = np.where(is_try, pos_a, np.where(is_conf, -pos_a, np.where(is_canc, neg_a, zero)))
-        d_pout = np.where(is_try, -neg_a, np.where(is_conf, neg_a, np.where(is_canc, -pos_a, zero)))
-        for d, what in ((d_av, "available"), (d_res, "reserved"), (d_pin, "pending_in"), (d_pout, "pending_out")):
-            _guard(d, what)
+        d_av = np.where(movers | is_rel, amount, zero)
+        d_av = np.where(is_res, -amount, d_av)
+        d_av = np.where(is_try, neg_a, d_av)
+        d_av = np.where(is_conf | is_canc, pos_a, d_av)
+        _guard(d_av, "available")
         v_av = b_av[gid] + _seg_cumsum(d_av, starts, gid)
-        v_res = b_res[gid] + _seg_cumsum(d_res, starts, gid)
-        v_pin = b_pin[gid] + _seg_cumsum(d_pin, starts, gid)
-        v_pout = b_pout[gid] + _seg_cumsum(d_pout, starts, gid)
-        # the last record of each (account, seq): the account as that seq left it
-        is_last = np.r_[(ks[1:] != ks[:-1]) | (seq[1:] != seq[:-1]), True]
+        is_last = np.r_[newacc[1:] | (seq[1:] != seq[:-1]), True]   # the last record of each (account, seq)
         r = np.flatnonzero(is_last)
         bad = v_av[r] != avail[r]
         if bad.any():
             i = int(r[np.flatnonzero(bad)[0]])
-            raise ViewError(f"reconciliation: seq {int(seq[i])} account {_key_int(ks[i])}: the event says available "
-                            f"{int(avail[i])}, the view computes {int(v_av[i])}")
+            raise ViewError(f"reconciliation: seq {int(seq[i])} account {(int(hi[i]) << 64) | int(lo[i])}: the event "
+                            f"says available {int(avail[i])}, the view computes {int(v_av[i])}")
         rank = _seg_cumsum(is_last.astype(np.int64), starts, gid)
-        exp_ver = b_ver[gid] + rank
-        badv = e["version"][r].astype(np.int64) != exp_ver[r]
+        ver = ev["version"][o].astype(np.int64)
+        badv = ver[r] != (b_ver[gid] + rank)[r]
         if badv.any():
             i = int(r[np.flatnonzero(badv)[0]])
-            raise ViewError(f"reconciliation: seq {int(seq[i])} account {_key_int(ks[i])}: the event says version "
-                            f"{int(e['version'][i])}, the view expects {int(exp_ver[i])}")
-        if (v_res[r] < 0).any() or (v_pin[r] < 0).any() or (v_pout[r] < 0).any():
-            i = int(r[np.flatnonzero((v_res[r] < 0) | (v_pin[r] < 0) | (v_pout[r] < 0))[0]])
-            raise ViewError(f"reconciliation: seq {int(seq[i])} account {_key_int(ks[i])}: reserved or pending "
-                            "would go below zero")
-        csa = np.cumsum(amount)
-        grp_amount = csa[r] - np.r_[0, csa[r[:-1]]]
+            raise ViewError(f"reconciliation: seq {int(seq[i])} account {(int(hi[i]) << 64) | int(lo[i])}: the event "
+                            f"says version {int(ver[i])}, the view expects {int(b_ver[gid[i]] + rank[i])}")
         m = len(r)
         out = np.zeros(m, VERSION_DTYPE)
-        er = e[r]
-        for f in ("seq_num", "timestamp", "account_id", "other_id", "dedup_id", "version", "currency", "kind",
-                  "state"):
-            out[f] = er[f]
-        out["amount"] = grp_amount
-        out["available"] = v_av[r]
-        out["reserved"] = v_res[r]
-        out["pending_in"] = v_pin[r]
-        out["pending_out"] = v_pout[r]
+        out["available"] = avail[r]
+        if (is_res | is_rel).any():
+            d_res = np.where(is_res, amount, np.where(is_rel, -amount, zero))
+            _guard(d_res, "reserved")
+            out["reserved"] = (b_res[gid] + _seg_cumsum(d_res, starts, gid))[r]
+        else:
+            out["reserved"] = b_res[gid[r]]
+        if (is_try | is_conf | is_canc).any():
+            d_pin = np.where(is_try, pos_a, np.where(is_conf, -pos_a, np.where(is_canc, neg_a, zero)))
+            d_pout = np.where(is_try, -neg_a, np.where(is_conf, neg_a, np.where(is_canc, -pos_a, zero)))
+            _guard(d_pin, "pending_in")
+            _guard(d_pout, "pending_out")
+            out["pending_in"] = (b_pin[gid] + _seg_cumsum(d_pin, starts, gid))[r]
+            out["pending_out"] = (b_pout[gid] + _seg_cumsum(d_pout, starts, gid))[r]
+        else:
+            out["pending_in"] = b_pin[gid[r]]
+            out["pending_out"] = b_pout[gid[r]]
+        if (out["reserved"] < 0).any() or (out["pending_in"] < 0).any() or (out["pending_out"] < 0).any():
+            j = int(np.flatnonzero((out["reserved"] < 0) | (out["pending_in"] < 0) | (out["pending_out"] < 0))[0])
+            raise ViewError(f"reconciliation: seq {int(seq[r[j]])} account {(int(hi[r[j]]) << 64) | int(lo[r[j]])}: "
+                            "reserved or pending would go below zero")
+        csa = np.cumsum(amount)
+        out["amount"] = csa[r] - np.r_[0, csa[r[:-1]]]
+        orr = o[r]                                          # the records' places in ev
+        out["seq_num"] = seq[r]
+        out["timestamp"] = ev["timestamp"][orr]
+        out["account_id"][:, 0] = lo[r]
+        out["account_id"][:, 1] = hi[r]
+        out["other_id"] = ev["other_id"][orr]
+        out["dedup_id"] = ev["dedup_id"][orr]
+        out["version"] = ver[r]
+        out["currency"] = ev["currency"][orr]
+        out["kind"] = kind[r]
+        out["state"] = ev["state"][orr]
         out["shard"] = shard
         # seq order (stream order of each (account, seq)'s last record), idx = rank within the seq
-        so = np.argsort(o[r], kind="stable")
+        so = np.argsort(orr, kind="stable")
         sseq = out["seq_num"][so]
         sstart = np.r_[True, sseq[1:] != sseq[:-1]]
         sgid = np.cumsum(sstart) - 1
-        idx_sorted = np.arange(m) - np.flatnonzero(sstart)[sgid]
         idx = np.empty(m, np.int64)
-        idx[so] = idx_sorted
+        idx[so] = np.arange(m) - np.flatnonzero(sstart)[sgid]
         out["idx"] = idx
         # prev links: the account's previous output row, or its table row
         rg = gid[r]
         first_of_acct = np.r_[True, rg[1:] != rg[:-1]]
-        prev_seq = np.r_[0, out["seq_num"][:-1]]
-        prev_idx = np.r_[0, idx[:-1]]
         t_seq = np.where(found, base["seq_num"], 0)
         t_idx = np.where(found, base["idx"], 0)
-        out["prev_seq"] = np.where(first_of_acct, t_seq[rg], prev_seq)
-        out["prev_idx"] = np.where(first_of_acct, t_idx[rg], prev_idx)
+        out["prev_seq"] = np.where(first_of_acct, t_seq[rg], np.r_[0, out["seq_num"][:-1]])
+        out["prev_idx"] = np.where(first_of_acct, t_idx[rg], np.r_[0, idx[:-1]])
         last_of_acct = np.r_[rg[1:] != rg[:-1], True]
         new_rows = out[last_of_acct]
         old_vals = np.stack([b_av, b_res, b_pin, b_pout], axis=1)
-        nr = new_rows
-        new_vals = np.stack([nr["available"], nr["reserved"], nr["pending_in"], nr["pending_out"]], axis=1)
-        return out[so], uk, new_rows, old_vals, new_vals
+        new_vals = np.stack([new_rows["available"], new_rows["reserved"], new_rows["pending_in"],
+                             new_rows["pending_out"]], axis=1)
+        return out[so], uk, new_rows, old_vals, new_vals, pos, found
 
     # ------------------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

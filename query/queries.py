@@ -64,7 +64,7 @@ class Queries:
         if cur is None:
             return None
         shard = int(cur["shard"])
-        with self.p.env.begin() as txn:
+        with self.p.env.begin(buffers=True) as txn:
             rd = self.p.reader(txn)
             if ms is not None:
                 seq = rd.seq_at_time(shard, ms)
@@ -105,7 +105,7 @@ class Queries:
             return {"account_id": aid, "versions": [], "next_last_seq": None, "as_of_seq": 0}
         shard = int(cur["shard"])
         view_seq = applied.get(shard, 0)
-        with self.p.env.begin() as txn:
+        with self.p.env.begin(buffers=True) as txn:
             rd = self.p.reader(txn)
             if since is not None:
                 first = max(first, rd.seq_at_time(shard, since - 1) + 1 if since > 0 else 1)
@@ -141,7 +141,7 @@ class Queries:
         tree = self.h.tree_as_of(ms)
         with self.p.lock:
             shards = sorted(self.p.applied)
-        with self.p.env.begin() as txn:
+        with self.p.env.begin(buffers=True) as txn:
             rd = self.p.reader(txn)
             seqs = {s: rd.seq_at_time(s, ms) for s in shards}
         vec = [0, 0, 0, 0]

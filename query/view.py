@@ -134,20 +134,20 @@ class AccountTable:
     def get(self, account_id: int) -> np.void | None:
         k = np.frombuffer(id_key(account_id), dtype="V16")
         pos, found = self.find(k)
-        return self.rows[pos[0]] if found[0] else None
+        return self.rows[pos[0]].copy() if found[0] else None
 
-    def upsert(self, keys: np.ndarray, rows: np.ndarray) -> AccountTable:
-        """A new table with ``rows`` (unique ``keys``) replacing or adding their accounts."""
-        pos, found = self.find(keys)
-        new_rows = self.rows.copy()
-        new_rows[pos[found]] = rows[found]
-        if (~found).any():
+    def upsert(self, keys: np.ndarray, rows: np.ndarray, pos: np.ndarray | None = None,
+               found: np.ndarray | None = None) -> None:
+        """``rows`` (unique, sorted ``keys``; ``pos``/``found``: ``find(keys)`` if known) replace or add their
+        accounts, in place (readers take copies of rows: ``get``)."""
+        if pos is None or found is None:
+            pos, found = self.find(keys)
+        self.rows[pos[found]] = rows[found]
+        if not found.all():
             add_k, add_r = keys[~found], rows[~found]
-            o = np.argsort(add_k, kind="stable")
-            add_k, add_r = add_k[o], add_r[o]
-            at = np.searchsorted(self.keys, add_k)
-            return AccountTable(np.insert(self.keys, at, add_k), np.insert(new_rows, at, add_r))
-        return AccountTable(self.keys, new_rows)
+            at = pos[~found]
+            self.keys = np.insert(self.keys, at, add_k)
+            self.rows = np.insert(self.rows, at, add_r)
 
     def to_bytes(self) -> bytes:
         return struct.pack("<Q", len(self.keys)) + self.keys.tobytes() + self.rows.tobytes()
