@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.records import EVENT_DTYPE, Kind
 from query.view import (CHUNK_RECORDS_MAX, I64_SAFE, SPARSE_EVERY, VERSION_DTYPE, AccountTable, ViewError,
-                        ViewRangeError, ViewReader, be_keys, chunk_key, i64_of, seqtime_key)
+                        ViewRangeError, ViewReader, be_keys, chunk_key, seqtime_key)
 
 MAP_SIZE_DEFAULT = 1 << 36                  # LMDB map size (virtual; the file grows as used)
 AHEAD_BYTES_MAX = 64 << 20                  # records buffered ahead of a gap, per shard
@@ -48,6 +48,27 @@ def _seg_cumsum(d: np.ndarray, starts: np.ndarray, gid: np.ndarray) -> np.ndarra
     """Cumulative sums of ``d`` restarting at each group start (groups contiguous; ``gid`` per row)."""
     cs = np.cumsum(d)
     return cs - (cs[starts] - d[starts])[gid]
+
+
+def _i64_words(lo: np.ndarray, hi: np.ndarray, what: str) -> np.ndarray:
+    """i128 as (lo, hi) u64 word columns -> int64, refusing values that do not fit (ViewRangeError)."""
+    v = lo.view(np.int64)
+    if (hi != (v >> 63).view(np.uint64)).any() or (len(v) and (int(v.max()) >= 1 << 61 or int(v.min()) <= -(1 << 61))):
+        raise ViewRangeError(f"an event's {what} is beyond the view's int64 range (|x| < 2**61)")
+    return v
+
+
+def _words(dtype: np.dtype) -> dict[str, int]:
+    fields = dtype.fields
+    assert fields is not None
+    return {name: fields[name][1] // 8 for name in fields}
+
+
+EV_W = _words(EVENT_DTYPE)          # u64 word index of each event field (kind: the word of kind..code)
+VER_W = _words(VERSION_DTYPE)       # (idx: the word of prev_idx (low half) and idx (high half))
+VER_W["idx"] = VER_W["prev_idx"]
+assert EV_W["kind"] == 14 and VER_W["kind"] == 17 and VER_W["idx"] == 15 and EVENT_DTYPE.itemsize == 128
+assert VERSION_DTYPE.itemsize == 144 and VER_W["available"] + 3 == VER_W["pending_out"]
 
 
 def _guard(d: np.ndarray, what: str) -> None:
@@ -271,7 +292,7 @@ class Projector:
                     b = int(np.searchsorted(oseq, oseq[cuts[-1]], side="right"))
             cuts.append(b)
         for a, b in zip(cuts[:-1], cuts[1:]):
-            txn.put(chunk_key(shard, int(oseq[a])), out[a:b].tobytes(), db=vdb)
+            txn.put(chunk_key(shard, int(oseq[a])), memoryview(out[a:b]).cast("B"), db=vdb)
         sp = out[out["version"] % SPARSE_EVERY == 1]
         if len(sp):
             kv = np.empty(len(sp), dtype=[("k", "V16"), ("s", ">u8"), ("i", ">u4")])
@@ -300,38 +321,48 @@ class Projector:
     def _compute(self, shard: int, evs: np.ndarray, table: AccountTable) -> tuple[np.ndarray, ...]:
         """One transaction's records: (version records in seq order, the changed accounts' keys (sorted), their
         new table rows, their [available, reserved, pending_in, pending_out] before and after, and their
-        ``table.find`` positions and found flags)."""
-        acc_all = evs["account_id"]
-        real = (acc_all[:, 0] != 0) | (acc_all[:, 1] != 0)    # null cancels / compensations touch no account
-        ev = evs if real.all() else evs[real]
-        n = len(ev)
+        ``table.find`` positions and found flags). Works on the records as rows of u64 words (EV_W, VER_W):
+        structured-field gathers cost several times more here."""
+        w_all = np.ascontiguousarray(evs).view(np.uint64).reshape(-1, 16)
+        real = (w_all[:, EV_W["account_id"]] | w_all[:, EV_W["account_id"] + 1]) != 0   # null cancels: no account
+        w = w_all if real.all() else np.take(w_all, np.flatnonzero(real), axis=0)
+        n = len(w)
         if not n:
             z4 = np.zeros((0, 4), np.int64)
             return (np.zeros(0, VERSION_DTYPE), np.zeros(0, "V16"), np.zeros(0, VERSION_DTYPE), z4, z4,
                     np.zeros(0, np.int64), np.zeros(0, bool))
-        acc = np.ascontiguousarray(ev["account_id"])
-        o = np.lexsort((acc[:, 0], acc[:, 1]))              # by account (u128 order), then stream order
-        lo = acc[o, 0]
-        hi = acc[o, 1]
-        seq = ev["seq_num"][o]
-        kind = ev["kind"][o]
-        amount = i64_of(ev["amount"][o], "amount")
-        avail = i64_of(ev["available"][o], "available")
-        newacc = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+        a_lo, a_hi = w[:, EV_W["account_id"]], w[:, EV_W["account_id"] + 1]
+        o = np.argsort(a_lo, kind="stable") if not a_hi.any() else np.lexsort((a_lo, a_hi))
+        # the columns the computation needs, by account (u128 order) then stream order (a column at a time:
+        # gathering whole 128-byte records costs a pass over all of them)
+
+        def col(name: str, k: int = 0) -> np.ndarray:
+            return np.take(w[:, EV_W[name] + k], o)
+        lo = col("account_id")
+        hi = col("account_id", 1) if a_hi.any() else np.zeros(n, np.uint64)
+        seq = col("seq_num")
+        kind = (col("kind") & np.uint64(0xFF)).astype(np.uint8)
+        amount = _i64_words(col("amount"), col("amount", 1), "amount")
+        avail = _i64_words(col("available"), col("available", 1), "available")
+        newacc = np.empty(n, bool)
+        newacc[0] = True
+        np.not_equal(lo[1:], lo[:-1], out=newacc[1:])
+        if hi.any():
+            newacc[1:] |= hi[1:] != hi[:-1]
         starts = np.flatnonzero(newacc)
         gid = np.cumsum(newacc) - 1
         uk = be_keys(np.stack([lo[starts], hi[starts]], axis=1))
         pos, found = table.find(uk)
         if len(table):
-            base = table.rows[np.minimum(pos, len(table) - 1)]
+            bw = np.take(table.rows.view(np.uint64).reshape(-1, 18), np.minimum(pos, len(table) - 1), axis=0)
+            bw[~found] = 0
         else:
-            base = np.zeros(len(uk), VERSION_DTYPE)
-        fz = found.astype(np.int64)
-        b_av = base["available"] * fz
-        b_res = base["reserved"] * fz
-        b_pin = base["pending_in"] * fz
-        b_pout = base["pending_out"] * fz
-        b_ver = base["version"].astype(np.int64) * fz
+            bw = np.zeros((len(uk), 18), np.uint64)
+        b_av = bw[:, VER_W["available"]].view(np.int64)
+        b_res = bw[:, VER_W["reserved"]].view(np.int64)
+        b_pin = bw[:, VER_W["pending_in"]].view(np.int64)
+        b_pout = bw[:, VER_W["pending_out"]].view(np.int64)
+        b_ver = bw[:, VER_W["version"]].view(np.int64)
         # an account the view does not know must start with its creation, and only there
         is_create = kind == _K.CREATE_ACCOUNT
         first_kind_ok = np.where(found, ~is_create[starts], is_create[starts])
@@ -340,24 +371,33 @@ class Projector:
             raise ViewError(f"seq {int(seq[starts[i]])}: account {_key_int(uk[i])} "
                             + ("is created again" if found[i] else "is not known to the view (a view starts at "
                                "seq 1: rebuild it)"))
-        if int(is_create.sum()) != int((~found).sum()):
+        if int(np.count_nonzero(is_create)) != int(np.count_nonzero(~found)):
             raise ViewError("an account is created twice in one batch")
-        pos_a = np.maximum(amount, 0)
-        neg_a = np.minimum(amount, 0)
-        zero = np.zeros(n, np.int64)
-        movers = (kind == _K.TRANSFER) | (kind == _K.BATCH_BALANCE) | (kind == _K.COMPENSATE)
         is_res = kind == _K.RESERVE
         is_rel = kind == _K.RELEASE
         is_try = kind == _K.TCC_TRY
         is_conf = kind == _K.TCC_CONFIRM
         is_canc = kind == _K.TCC_CANCEL
-        d_av = np.where(movers | is_rel, amount, zero)
-        d_av = np.where(is_res, -amount, d_av)
-        d_av = np.where(is_try, neg_a, d_av)
-        d_av = np.where(is_conf | is_canc, pos_a, d_av)
+        movers = (kind == _K.TRANSFER) | (kind == _K.BATCH_BALANCE) | (kind == _K.COMPENSATE)
+        if movers.all():
+            d_av = amount                                   # the common case: transfers only
+            rare = False
+        else:
+            rare = bool((is_res | is_rel | is_try | is_conf | is_canc).any())
+            zero = np.zeros(n, np.int64)
+            d_av = np.where(movers | is_rel, amount, zero)
+            if rare:
+                pos_a = np.maximum(amount, 0)
+                neg_a = np.minimum(amount, 0)
+                d_av = np.where(is_res, -amount, d_av)
+                d_av = np.where(is_try, neg_a, d_av)
+                d_av = np.where(is_conf | is_canc, pos_a, d_av)
         _guard(d_av, "available")
         v_av = b_av[gid] + _seg_cumsum(d_av, starts, gid)
-        is_last = np.r_[newacc[1:] | (seq[1:] != seq[:-1]), True]   # the last record of each (account, seq)
+        is_last = np.empty(n, bool)                         # the last record of each (account, seq)
+        is_last[-1] = True
+        np.not_equal(seq[1:], seq[:-1], out=is_last[:-1])
+        is_last[:-1] |= newacc[1:]
         r = np.flatnonzero(is_last)
         bad = v_av[r] != avail[r]
         if bad.any():
@@ -365,70 +405,88 @@ class Projector:
             raise ViewError(f"reconciliation: seq {int(seq[i])} account {(int(hi[i]) << 64) | int(lo[i])}: the event "
                             f"says available {int(avail[i])}, the view computes {int(v_av[i])}")
         rank = _seg_cumsum(is_last.astype(np.int64), starts, gid)
-        ver = ev["version"][o].astype(np.int64)
-        badv = ver[r] != (b_ver[gid] + rank)[r]
+        ver = col("version").view(np.int64)
+        rg = gid[r]
+        exp_ver = b_ver[rg] + rank[r]
+        badv = ver[r] != exp_ver
         if badv.any():
-            i = int(r[np.flatnonzero(badv)[0]])
+            j = int(np.flatnonzero(badv)[0])
+            i = int(r[j])
             raise ViewError(f"reconciliation: seq {int(seq[i])} account {(int(hi[i]) << 64) | int(lo[i])}: the event "
-                            f"says version {int(ver[i])}, the view expects {int(b_ver[gid[i]] + rank[i])}")
+                            f"says version {int(ver[i])}, the view expects {int(exp_ver[j])}")
         m = len(r)
-        out = np.zeros(m, VERSION_DTYPE)
-        out["available"] = avail[r]
-        if (is_res | is_rel).any():
+        # the output rows in seq order: the (account, seq)s' last records in stream order (a scatter, no sort);
+        # columns computed in account order are permuted by ``inv``
+        orr = o[r]
+        last_orig = np.zeros(n, bool)
+        last_orig[orr] = True
+        src = np.flatnonzero(last_orig)                     # their places in w, in seq order
+        seqpos = (np.cumsum(last_orig) - 1)[orr]            # account order -> seq order
+        inv = np.empty(m, np.int64)
+        inv[seqpos] = np.arange(m)
+        ow = np.empty((m, 18), np.uint64)
+        for f, k in (("seq_num", 0), ("timestamp", 0), ("account_id", 0), ("account_id", 1), ("other_id", 0),
+                     ("other_id", 1), ("dedup_id", 0), ("dedup_id", 1), ("version", 0), ("currency", 0)):
+            ow[:, VER_W[f] + k] = np.take(w[:, EV_W[f] + k], src)
+        ow[:, VER_W["kind"]] = (np.take(w[:, EV_W["kind"]], src) & np.uint64(0xFFFF)) | np.uint64(shard << 16)
+        ow[:, VER_W["available"]] = avail[r][inv].view(np.uint64)
+        if rare:
+            zero = np.zeros(n, np.int64)
             d_res = np.where(is_res, amount, np.where(is_rel, -amount, zero))
-            _guard(d_res, "reserved")
-            out["reserved"] = (b_res[gid] + _seg_cumsum(d_res, starts, gid))[r]
-        else:
-            out["reserved"] = b_res[gid[r]]
-        if (is_try | is_conf | is_canc).any():
             d_pin = np.where(is_try, pos_a, np.where(is_conf, -pos_a, np.where(is_canc, neg_a, zero)))
             d_pout = np.where(is_try, -neg_a, np.where(is_conf, neg_a, np.where(is_canc, -pos_a, zero)))
-            _guard(d_pin, "pending_in")
-            _guard(d_pout, "pending_out")
-            out["pending_in"] = (b_pin[gid] + _seg_cumsum(d_pin, starts, gid))[r]
-            out["pending_out"] = (b_pout[gid] + _seg_cumsum(d_pout, starts, gid))[r]
+            for d, what in ((d_res, "reserved"), (d_pin, "pending_in"), (d_pout, "pending_out")):
+                _guard(d, what)
+            v_res = (b_res[gid] + _seg_cumsum(d_res, starts, gid))[r]
+            v_pin = (b_pin[gid] + _seg_cumsum(d_pin, starts, gid))[r]
+            v_pout = (b_pout[gid] + _seg_cumsum(d_pout, starts, gid))[r]
+            neg = (v_res < 0) | (v_pin < 0) | (v_pout < 0)
+            if neg.any():
+                i = int(r[np.flatnonzero(neg)[0]])
+                raise ViewError(f"reconciliation: seq {int(seq[i])} account {(int(hi[i]) << 64) | int(lo[i])}: "
+                                "reserved or pending would go below zero")
         else:
-            out["pending_in"] = b_pin[gid[r]]
-            out["pending_out"] = b_pout[gid[r]]
-        if (out["reserved"] < 0).any() or (out["pending_in"] < 0).any() or (out["pending_out"] < 0).any():
-            j = int(np.flatnonzero((out["reserved"] < 0) | (out["pending_in"] < 0) | (out["pending_out"] < 0))[0])
-            raise ViewError(f"reconciliation: seq {int(seq[r[j]])} account {(int(hi[r[j]]) << 64) | int(lo[r[j]])}: "
-                            "reserved or pending would go below zero")
+            v_res, v_pin, v_pout = b_res[rg], b_pin[rg], b_pout[rg]
+        ow[:, VER_W["reserved"]] = v_res[inv].view(np.uint64)
+        ow[:, VER_W["pending_in"]] = v_pin[inv].view(np.uint64)
+        ow[:, VER_W["pending_out"]] = v_pout[inv].view(np.uint64)
         csa = np.cumsum(amount)
-        out["amount"] = csa[r] - np.r_[0, csa[r[:-1]]]
-        orr = o[r]                                          # the records' places in ev
-        out["seq_num"] = seq[r]
-        out["timestamp"] = ev["timestamp"][orr]
-        out["account_id"][:, 0] = lo[r]
-        out["account_id"][:, 1] = hi[r]
-        out["other_id"] = ev["other_id"][orr]
-        out["dedup_id"] = ev["dedup_id"][orr]
-        out["version"] = ver[r]
-        out["currency"] = ev["currency"][orr]
-        out["kind"] = kind[r]
-        out["state"] = ev["state"][orr]
-        out["shard"] = shard
-        # seq order (stream order of each (account, seq)'s last record), idx = rank within the seq
-        so = np.argsort(orr, kind="stable")
-        sseq = out["seq_num"][so]
-        sstart = np.r_[True, sseq[1:] != sseq[:-1]]
+        grp = csa[r]
+        grp[1:] -= csa[r[:-1]]
+        ow[:, VER_W["amount"]] = grp[inv].view(np.uint64)
+        # idx = rank within the seq (seq order); prev links (account order): the account's previous output
+        # row, or its table row
+        seq_sorted = ow[:, VER_W["seq_num"]]
+        sstart = np.empty(m, bool)
+        sstart[0] = True
+        np.not_equal(seq_sorted[1:], seq_sorted[:-1], out=sstart[1:])
         sgid = np.cumsum(sstart) - 1
-        idx = np.empty(m, np.int64)
-        idx[so] = np.arange(m) - np.flatnonzero(sstart)[sgid]
-        out["idx"] = idx
-        # prev links: the account's previous output row, or its table row
-        rg = gid[r]
-        first_of_acct = np.r_[True, rg[1:] != rg[:-1]]
-        t_seq = np.where(found, base["seq_num"], 0)
-        t_idx = np.where(found, base["idx"], 0)
-        out["prev_seq"] = np.where(first_of_acct, t_seq[rg], np.r_[0, out["seq_num"][:-1]])
-        out["prev_idx"] = np.where(first_of_acct, t_idx[rg], np.r_[0, idx[:-1]])
-        last_of_acct = np.r_[rg[1:] != rg[:-1], True]
-        new_rows = out[last_of_acct]
+        idx_seq = np.arange(m) - np.flatnonzero(sstart)[sgid]
+        idx = idx_seq[seqpos]
+        first_of_acct = np.empty(m, bool)
+        first_of_acct[0] = True
+        np.not_equal(rg[1:], rg[:-1], out=first_of_acct[1:])
+        t_seq = bw[:, VER_W["seq_num"]]
+        t_idx = bw[:, VER_W["idx"]] >> np.uint64(32)
+        prev_seq = np.empty(m, np.uint64)
+        prev_seq[0] = 0
+        prev_seq[1:] = seq[r[:-1]]
+        prev_idx = np.empty(m, np.uint64)
+        prev_idx[0] = 0
+        prev_idx[1:] = idx[:-1].astype(np.uint64)
+        prev_seq = np.where(first_of_acct, t_seq[rg], prev_seq)
+        prev_idx = np.where(first_of_acct, t_idx[rg], prev_idx)
+        ow[:, VER_W["prev_seq"]] = prev_seq[inv]
+        ow[:, VER_W["idx"]] = prev_idx[inv] | (idx_seq.astype(np.uint64) << np.uint64(32))
+        last_of_acct = np.empty(m, bool)
+        last_of_acct[-1] = True
+        np.not_equal(rg[1:], rg[:-1], out=last_of_acct[:-1])
+        nr = np.take(ow, seqpos[np.flatnonzero(last_of_acct)], axis=0)      # the accounts' new table rows
+        new_rows = nr.view(VERSION_DTYPE).reshape(-1)
         old_vals = np.stack([b_av, b_res, b_pin, b_pout], axis=1)
-        new_vals = np.stack([new_rows["available"], new_rows["reserved"], new_rows["pending_in"],
-                             new_rows["pending_out"]], axis=1)
-        return out[so], uk, new_rows, old_vals, new_vals, pos, found
+        new_vals = nr[:, VER_W["available"]:VER_W["pending_out"] + 1].view(np.int64)
+        out = ow
+        return out.view(VERSION_DTYPE).reshape(-1), uk, new_rows, old_vals, new_vals, pos, found
 
     # ------------------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
