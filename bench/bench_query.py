@@ -178,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(json.dumps(out, indent=1))
-    for k, bar in BARS.items():
-        v = out[k]
+    for name, bar in BARS.items():
+        v = out[name]
         assert isinstance(v, (int, float))
-        ok = v >= bar if k.endswith("_per_s") else v < bar
-        print(f"{k}: {v:,} (bar {'>=' if k.endswith('_per_s') else '<'} {bar:,}) {'PASS' if ok else 'FAIL'}")
+        higher = name.endswith("_per_s")
+        ok = v >= bar if higher else v < bar
+        print(f"{name}: {v:,} (bar {'>=' if higher else '<'} {bar:,}) {'PASS' if ok else 'FAIL'}")
     return 0
 
 

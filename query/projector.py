@@ -34,8 +34,8 @@ from query.view import (CHUNK_RECORDS_MAX, I64_SAFE, SPARSE_EVERY, VERSION_DTYPE
 
 MAP_SIZE_DEFAULT = 1 << 36                  # LMDB map size (virtual; the file grows as used)
 AHEAD_BYTES_MAX = 64 << 20                  # records buffered ahead of a gap, per shard
-SNAPSHOT_VERSIONS_MIN = 1_000_000
-TXN_RECORDS_MAX = 65_536                    # event records applied in one LMDB transaction           # versions written between two account-table snapshots (at least)
+SNAPSHOT_VERSIONS_MIN = 1_000_000           # versions written between two account-table snapshots (at least)
+TXN_RECORDS_MAX = 65_536                    # event records applied in one LMDB transaction
 SHARD_ID_MAX = 65_535
 
 _K = Kind
@@ -292,7 +292,7 @@ class Projector:
                     b = int(np.searchsorted(oseq, oseq[cuts[-1]], side="right"))
             cuts.append(b)
         for a, b in zip(cuts[:-1], cuts[1:]):
-            txn.put(chunk_key(shard, int(oseq[a])), memoryview(out[a:b]).cast("B"), db=vdb)
+            txn.put(chunk_key(shard, int(oseq[a])), out[a:b].data, db=vdb)
         sp = out[out["version"] % SPARSE_EVERY == 1]
         if len(sp):
             kv = np.empty(len(sp), dtype=[("k", "V16"), ("s", ">u8"), ("i", ">u4")])
