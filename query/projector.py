@@ -182,7 +182,7 @@ class Projector:
         if not len(evs):
             return 0
         nxt = self.applied_seq(shard) + 1
-        evs = evs[evs["seq_num"] >= nxt]
+        evs = evs[int(np.searchsorted(evs["seq_num"], nxt)):]      # (consecutive seqs: a slice, no copy)
         if not len(evs):
             return 0
         first = int(evs["seq_num"][0])
@@ -352,7 +352,7 @@ class Projector:
         starts = np.flatnonzero(newacc)
         gid = np.cumsum(newacc) - 1
         uk = be_keys(np.stack([lo[starts], hi[starts]], axis=1))
-        pos, found = table.find(uk)
+        pos, found = table.find_u64(lo[starts]) if table.k64 is not None and not a_hi.any() else table.find(uk)
         if len(table):
             bw = np.take(table.rows.view(np.uint64).reshape(-1, 18), np.minimum(pos, len(table) - 1), axis=0)
             bw[~found] = 0

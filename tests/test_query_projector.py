@@ -171,3 +171,14 @@ def test_kill_9_at_random_points_resumes_exactly_once(tmp_path):
 
 def test_event_dtype_is_the_ledgers():
     assert EVENT_DTYPE.itemsize == 128
+
+
+def test_account_ids_beyond_64_bits(tmp_path):
+    led, ids = random_ledger(13, accounts=8, commands=400, first_account=(1 << 64) + 3)
+    led2, ids2 = random_ledger(14, accounts=4, commands=100, first_account=7)
+    p = Projector(str(tmp_path / "v"), sync=False)
+    p.offer(2, led2.events(1, led2.last_seq))            # a narrow table first, then wide ids join it
+    for c in chunks_of(led.events(1, led.last_seq), random.Random(2)):
+        p.offer(1, c)
+    assert_view_is_ledger(p, led, ids)
+    assert_view_is_ledger(p, led2, ids2)
