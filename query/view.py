@@ -59,8 +59,13 @@ VERSION_DTYPE = np.dtype([
     ("pad", "<u4"),
 ])
 assert VERSION_DTYPE.itemsize == 144
+_PREV_SEQ_AT = VERSION_DTYPE.fields["prev_seq"][1]      # type: ignore[index]
+_PREV_IDX_AT = VERSION_DTYPE.fields["prev_idx"][1]      # type: ignore[index]
+_IDX_AT = VERSION_DTYPE.fields["idx"][1]                # type: ignore[index]
 
-I64_SAFE = float(1 << 61)         # magnitudes the view's int64 sums stay below (checked, never wrapped)
+I64_SAFE = float(1 << 61)
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")         # magnitudes the view's int64 sums stay below (checked, never wrapped)
 
 
 class ViewError(RuntimeError):
@@ -152,6 +157,10 @@ class AccountTable:
         return pos, found
 
     def get(self, account_id: int) -> np.void | None:
+        if self.k64 is not None and 0 <= account_id < 1 << 64:
+            k64 = self.k64
+            at = int(np.searchsorted(k64, np.uint64(account_id)))
+            return self.rows[at].copy() if at < len(k64) and int(k64[at]) == account_id else None
         k = np.frombuffer(id_key(account_id), dtype="V16")
         pos, found = self.find(k)
         return self.rows[pos[0]].copy() if found[0] else None
@@ -216,21 +225,35 @@ class ViewReader:
         self.txn = txn
         self.dbs = dbs
 
-    def version_at(self, shard: int, seq: int, idx: int) -> np.void:
+    def _locate(self, shard: int, seq: int, idx: int) -> tuple[Any, int]:
+        """The chunk holding version (shard, seq, idx) and the record's byte offset in it."""
         cur = self.txn.cursor(self.dbs["versions"])
         if not cur.set_range(chunk_key(shard, seq + 1)):
             if not cur.last():
                 raise ViewError(f"no version chunk for shard {shard} seq {seq}")
         elif not cur.prev():
             raise ViewError(f"no version chunk for shard {shard} seq {seq}")
-        k = bytes(cur.key())
-        if struct.unpack(">HQ", k)[0] != shard:
+        if struct.unpack(">HQ", bytes(cur.key()))[0] != shard:
             raise ViewError(f"no version chunk for shard {shard} seq {seq}")
-        rows = np.frombuffer(cur.value(), dtype=VERSION_DTYPE)
-        at = int(np.searchsorted(rows["seq_num"], seq)) + idx
-        if at >= len(rows) or int(rows["seq_num"][at]) != seq or int(rows["idx"][at]) != idx:
+        buf = cur.value()
+        size = VERSION_DTYPE.itemsize
+        n = len(buf) // size
+        lo, hi = 0, n                               # the seq's first record: a binary search on the bytes
+        while lo < hi:                              # (numpy's would copy the strided seq column first)
+            mid = (lo + hi) // 2
+            if _U64.unpack_from(buf, mid * size)[0] < seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        at = lo + idx
+        if (at >= n or _U64.unpack_from(buf, at * size)[0] != seq
+                or _U32.unpack_from(buf, at * size + _IDX_AT)[0] != idx):
             raise ViewError(f"version (shard {shard}, seq {seq}, idx {idx}) missing from its chunk")
-        return rows[at].copy()
+        return buf, at * size
+
+    def version_at(self, shard: int, seq: int, idx: int) -> np.void:
+        buf, off = self._locate(shard, seq, idx)
+        return np.frombuffer(buf, dtype=VERSION_DTYPE, count=1, offset=off).copy()[0]
 
     def _start_after(self, key: bytes, seq: int) -> tuple[int, int] | None:
         """The first sparse entry of the account with a seq > ``seq``: (seq, idx), or None."""
@@ -243,18 +266,24 @@ class ViewReader:
         return struct.unpack(">Q", k[16:])[0], struct.unpack(">I", bytes(cur.value()))[0]
 
     def walk_back(self, current: np.void, key: bytes, last_seq: int) -> Iterator[np.void]:
-        """The account's versions with seq <= ``last_seq``, newest first (``current``: its table row)."""
+        """The account's versions with seq <= ``last_seq``, newest first (``current``: its table row). Steps
+        over newer versions read only their links (no record is built for them)."""
         shard = int(current["shard"])
         if int(current["seq_num"]) <= last_seq:
-            r: np.void | None = current
+            yield current
+            ps, pi = int(current["prev_seq"]), int(current["prev_idx"])
         else:
             start = self._start_after(key, last_seq)
-            r = self.version_at(shard, *start) if start is not None else current
-        while r is not None:
-            if int(r["seq_num"]) <= last_seq:
-                yield r
-            ps = int(r["prev_seq"])
-            r = self.version_at(shard, ps, int(r["prev_idx"])) if ps else None
+            if start is None:
+                ps, pi = int(current["prev_seq"]), int(current["prev_idx"])
+            else:
+                ps, pi = start
+        while ps:
+            buf, off = self._locate(shard, ps, pi)
+            if ps <= last_seq:
+                yield np.frombuffer(buf, dtype=VERSION_DTYPE, count=1, offset=off).copy()[0]
+            ps = _U64.unpack_from(buf, off + _PREV_SEQ_AT)[0]
+            pi = _U32.unpack_from(buf, off + _PREV_IDX_AT)[0]
 
     def seq_at_time(self, shard: int, at_ms: int) -> int:
         """The greatest seq of ``shard`` whose timestamp <= ``at_ms`` (0: none)."""
