@@ -179,11 +179,11 @@ class QueryService:
     def _handle(self, frames: list[Any]) -> None:
         self.counters["requests"] += 1
         ident = frames[0]
+        head = b"" if len(frames) < 2 else frames[1] if isinstance(frames[1], bytes) else frames[1].bytes
         if len(frames) != 3:
-            self._reply(ident, P.salvage_req_id(frames[1]) if len(frames) > 1 else 0, error=ErrorCode.BAD_REQUEST,
+            self._reply(ident, P.salvage_req_id(head), error=ErrorCode.BAD_REQUEST,
                         message=f"a request is exactly two frames [header, payload]: got {len(frames) - 1}")
             return
-        head = frames[1] if isinstance(frames[1], bytes) else frames[1].bytes
         try:
             req = P.decode_request(head)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
@@ -256,7 +256,10 @@ class QueryService:
                             frames = recv_message(self.router)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        try:
+                            self._handle(frames)
+                        except Exception:        # our bug on one request must not stop the service
+                            log.exception("query service: a request failed")
                 self._serve_parked()
         finally:
             self.close()

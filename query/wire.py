@@ -30,7 +30,7 @@ def _wide(v: Any) -> Any:
     if isinstance(v, int):
         return v if _I64_MIN <= v <= _U64_MAX else msgspec.msgpack.Ext(EXT_BIG_INT, str(v).encode())
     if isinstance(v, dict):
-        return {_wide(k): _wide(x) for k, x in v.items()}
+        return {k: _wide(x) for k, x in v.items()}      # (keys: shard ids and names)
     if isinstance(v, (list, tuple)):
         return [_wide(x) for x in v]
     return v
