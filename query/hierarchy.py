@@ -78,7 +78,10 @@ class Hierarchy:
         self.sums: dict[int, dict[str, Vec]] = {}
         self.edits: list[tuple[int, int, int | None, bool]] = []   # (ts_ms, node, parent, is_leaf)
         self._leaf_keys = np.zeros(0, dtype="V16")      # the leaves in the tree (rebuilt lazily after edits)
-        self._leaf_keys_dirty = False
+        self._leaf_keys_dirty = True
+        self._groups: list[int] = []                     # group index -> node id (the listener's arrays)
+        self._gidx: dict[int, int] = {}
+        self._anc = np.zeros((0, 0), dtype=np.int64)
         with projector.env.begin(db=projector.dbs["tree"]) as txn:
             for _k, v in txn.cursor():
                 ts, node, parent, is_leaf = msgspec.msgpack.decode(bytes(v))
@@ -120,23 +123,89 @@ class Hierarchy:
         self.tree.move(node, parent)
         if parent is not None:
             self._add([parent, *self.tree.ancestors(parent)], contrib, +1)
-        if is_leaf:
-            self._leaf_keys_dirty = True
+        if is_leaf and not self._leaf_keys_dirty:
+            self._path_of_leaf(node)             # only this leaf's path changed
+        else:
+            self._leaf_keys_dirty = True         # a group moved: its leaves' paths changed (rebuilt lazily)
+
+    def _path_of_leaf(self, leaf: int) -> None:
+        k = np.frombuffer(id_key(leaf), dtype="V16")
+        at = int(np.searchsorted(self._leaf_keys, k[0]))
+        row = np.full(max(DEPTH_MAX, 1), -1, dtype=np.int64)
+        ups = self.tree.ancestors(leaf)
+        for d, a in enumerate(ups):
+            g = self._gidx.get(a)
+            if g is None:
+                g = self._gidx[a] = len(self._groups)
+                self._groups.append(a)
+            row[d] = g
+        width = max(self._anc.shape[1], len(ups))
+        if width > self._anc.shape[1]:
+            pad = np.full((len(self._anc), width - self._anc.shape[1]), -1, dtype=np.int64)
+            self._anc = np.concatenate([self._anc, pad], axis=1)
+        if at < len(self._leaf_keys) and self._leaf_keys[at] == k[0]:
+            self._anc[at] = row[:width]
+        else:
+            self._leaf_keys = np.insert(self._leaf_keys, at, k)
+            self._anc = np.insert(self._anc, at, row[:width], axis=0)
+
+    def _rebuild_paths(self) -> None:
+        """The leaves in the tree, sorted (V16 keys), and each one's ancestors as group indexes (``_anc``:
+        (leaves, DEPTH_MAX), -1 padded): what the vectorized listener needs. Rebuilt after edits, lazily."""
+        leaves = sorted(self.tree.leaf)
+        self._leaf_keys = np.array([id_key(n) for n in leaves], dtype="V16")
+        self._groups = []
+        gidx: dict[int, int] = {}
+        self._gidx = gidx
+        anc = np.full((len(leaves), DEPTH_MAX), -1, dtype=np.int64)
+        for i, leaf in enumerate(leaves):
+            for d, a in enumerate(self.tree.ancestors(leaf)):
+                g = gidx.get(a)
+                if g is None:
+                    g = gidx[a] = len(self._groups)
+                    self._groups.append(a)
+                anc[i, d] = g
+        depth = int((anc >= 0).sum(axis=1).max()) if len(leaves) else 0
+        self._anc = anc[:, :depth]
+        self._leaf_keys_dirty = False
 
     def _on_change(self, keys: np.ndarray, currency: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """The projector's listener (``lock`` held): add the changed leaves' deltas to their ancestors'
+        sums, vectorized: one (group, currency) sum per touched pair, then one dict update per pair."""
         if self._leaf_keys_dirty:
-            self._leaf_keys = np.sort(np.array([id_key(n) for n in self.tree.leaf], dtype="V16"))
-            self._leaf_keys_dirty = False
-        if not len(self._leaf_keys):
-            return
+            self._rebuild_paths()
         lk = self._leaf_keys
+        if not len(lk) or not self._anc.shape[1]:
+            return
         at = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
         hit = np.flatnonzero(lk[at] == keys)
-        for i in hit.tolist():
-            node = int.from_bytes(bytes(keys[i]), "big")
-            cur = bytes(currency[i]).rstrip(b"\0").decode("ascii")
-            delta = (new[i] - old[i]).tolist()
-            self._add(self.tree.ancestors(node), {cur: delta}, +1)
+        if not len(hit):
+            return
+        delta = new[hit] - old[hit]                         # (k, 4) int64; exact: |values| < 2**61 each
+        anc = self._anc[at[hit]]                            # (k, depth)
+        curs, cur_i = np.unique(currency[hit], return_inverse=True)
+        if float(np.abs(delta.astype(np.float64)).sum(axis=0).max()) >= 2.0 ** 62:
+            # sums of this batch could leave int64: exact Python ints, leaf by leaf
+            for j, i in enumerate(hit.tolist()):
+                node = int.from_bytes(bytes(keys[i]), "big")
+                cur = bytes(currency[i]).rstrip(b"\0").decode("ascii")
+                self._add(self.tree.ancestors(node), {cur: delta[j].tolist()}, +1)
+            return
+        depth = anc.shape[1]
+        valid = anc >= 0
+        pair = (anc * len(curs) + cur_i.reshape(-1, 1))[valid]            # (group, currency) of each addition
+        vals = np.repeat(delta[:, None, :], depth, axis=1)[valid]           # (additions, 4)
+        order = np.argsort(pair, kind="stable")
+        pair = pair[order]
+        starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        sums = np.add.reduceat(vals[order], starts, axis=0)
+        names = [bytes(c).rstrip(b"\0").decode("ascii") for c in curs]
+        groups = self._groups
+        for p, vec in zip(pair[starts].tolist(), sums.tolist()):
+            g, c = divmod(p, len(curs))
+            t = self.sums.setdefault(groups[g], {}).setdefault(names[c], _zero())
+            for i in range(4):
+                t[i] += vec[i]
 
     # ------------------------------------------------------------------------------ edits
     def set_parent(self, node_id: int, parent_id: int | None, ts_ms: int | None = None) -> dict[str, Any]:
