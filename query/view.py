@@ -172,7 +172,10 @@ class AccountTable:
         if pos is None or found is None:
             pos, found = self.find(keys)
         v = np.dtype((np.void, VERSION_DTYPE.itemsize))      # whole-record moves (field-wise ones cost more)
-        self.rows.view(v)[pos[found]] = rows.view(v)[found]
+        if found.all():
+            self.rows.view(v)[pos] = rows.view(v)
+        else:
+            self.rows.view(v)[pos[found]] = rows.view(v)[found]
         if not found.all():
             add_k, add_r = keys[~found], rows[~found]
             at = pos[~found]
