@@ -11,6 +11,9 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any, Self
 
+import numpy as np
+
+from engine.records import EVENT_DTYPE
 from engine.service.client_core import Call, IoCore, RequestRefused, aio_future, then
 from engine.service.protocol import OP_STATUS, ErrorCode
 from engine.system import System
@@ -115,6 +118,15 @@ class Client(_Base):
         """The node's sums in ``currency`` and ``seqs``: the seq per shard they reflect."""
         return self._call(W.OP_HIERARCHY_BALANCE, {"node_id": node_id, "currency": currency, "at_ms": at_ms},
                           min_seqs, wait_ms).result()
+
+    def events(self, shard: int, first_seq: int | None = None, last_seq: int | None = None,
+               since_ms: int | None = None, until_ms: int | None = None) -> dict[str, Any]:
+        """A shard's event records (``engine.records.EVENT_DTYPE``, under ``records``) by seq and/or time
+        range, up to what the view has applied; at most EVENTS_RANGE_RECORDS_MAX records, ``next_seq`` continues."""
+        out = self._call(W.OP_EVENTS_RANGE, {"shard": shard, "first_seq": first_seq, "last_seq": last_seq,
+                                             "since_ms": since_ms, "until_ms": until_ms}, None, None).result()
+        out["records"] = np.frombuffer(out["records"], dtype=EVENT_DTYPE)
+        return out
 
     def status(self) -> dict[str, Any]:
         return self._status().result()

@@ -124,6 +124,23 @@ class Queries:
         return {"account_id": aid, "versions": [version_dict(r) for r in page], "next_last_seq": nxt,
                 "as_of_seq": upto}
 
+    def seq_range(self, shard: int, first_seq: Any, last_seq: Any, since_ms: Any, until_ms: Any
+                  ) -> tuple[int, int, int | None]:
+        """A shard's seq range from seqs and/or times (timestamps <= until_ms, >= since_ms), within what the
+        view has applied: (first, last, until_ms)."""
+        first = _opt_int(first_seq, "first_seq") or 1
+        applied = self.p.applied_seq(shard)
+        last = min(_opt_int(last_seq, "last_seq") or applied, applied)
+        since = _opt_int(since_ms, "since_ms")
+        until = _opt_int(until_ms, "until_ms")
+        with self.p.env.begin(buffers=True) as txn:
+            rd = self.p.reader(txn)
+            if since is not None and since > 0:
+                first = max(first, rd.seq_at_time(shard, since - 1) + 1)
+            if until is not None:
+                last = min(last, rd.seq_at_time(shard, until))
+        return first, last, until
+
     # ------------------------------------------------------------------------------ hierarchy
     def set_parent(self, node_id: Any, parent_id: Any) -> dict[str, Any]:
         node = account_id_of(node_id, "node_id")

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from engine.records import EVENT_DTYPE
 from engine.service import protocol as P
 from engine.service.protocol import ErrorCode, Status
 from engine.system import System
@@ -78,6 +79,7 @@ class QueryService:
         self._parked_bytes = 0
         self.lag_ms: collections.deque[int] = collections.deque(maxlen=LAG_SAMPLES_MAX)
         self.feed_error: str | None = None
+        self._shard_clients: dict[int, Any] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._feed = threading.Thread(target=self._feed_loop, name="zwallet-query-feed", daemon=True)
         self.http = None
@@ -162,7 +164,43 @@ class QueryService:
             return q.set_parent(a["node_id"], a["parent_id"])
         if op == W.OP_HIERARCHY_BALANCE:
             return q.hierarchy_balance(a.get("node_id"), a.get("currency"), a.get("at_ms"))
+        if op == W.OP_EVENTS_RANGE:
+            return self._events_range(a)
         raise QueryError(f"unknown op {op}")
+
+    def _events_range(self, a: dict[str, Any]) -> dict[str, Any]:
+        """A shard's event records by seq or time range, up to the view's applied seq, from the shard's event
+        stores (the view keeps versions, not records), at most EVENTS_RANGE_RECORDS_MAX records of whole
+        seqs; ``next_seq`` continues (None: the range is done)."""
+        from engine.client import Client, ClientError
+        shard = a.get("shard")
+        if not isinstance(shard, int) or shard not in self.system.shards:
+            raise QueryError(f"shard must be one of {sorted(self.system.shards)}")
+        first, last, ms = self.queries.seq_range(shard, a.get("first_seq"), a.get("last_seq"), a.get("since_ms"),
+                                                 a.get("until_ms"))
+        out: list[np.ndarray] = []
+        n = 0
+        seq = first
+        client = self._shard_clients.get(shard)
+        if client is None:
+            client = self._shard_clients[shard] = Client(self.system.shards[shard].clients, timeout_s=5.0)
+        try:
+            while seq <= last and n < W.EVENTS_RANGE_RECORDS_MAX:
+                evs = client.events(seq, min(last, seq + 255))
+                if not len(evs):
+                    break
+                out.append(evs)
+                n += len(evs)
+                seq = int(evs["seq_num"][-1]) + 1
+        except ClientError as exc:
+            raise QueryError(f"shard {shard}'s event stores did not answer: {exc}") from None
+        evs = np.concatenate(out) if out else np.zeros(0, dtype=EVENT_DTYPE)
+        if len(evs) > W.EVENTS_RANGE_RECORDS_MAX:
+            cut = int(evs["seq_num"][W.EVENTS_RANGE_RECORDS_MAX])
+            evs = evs[:int(np.searchsorted(evs["seq_num"], cut))]
+            seq = cut
+        return {"shard": shard, "first_seq": first, "last_seq": last, "records": evs.tobytes(),
+                "next_seq": seq if seq <= last else None, "as_of_ms": ms}
 
     def _answer(self, ident: bytes, req: P.Request, args: dict[str, Any]) -> None:
         try:
@@ -275,6 +313,8 @@ class QueryService:
             self.http.shutdown()
             self.http.server_close()
             self.http = None
+        for c in self._shard_clients.values():
+            c.close()
         self.router.close(0)
         self.ctx.term()
         self.projector.close()

@@ -12,8 +12,10 @@ OP_HISTORY = 21                # {account_id, first_seq?, last_seq?, since_ms?, 
 OP_BALANCES = 22               # {account_ids: [...]}
 OP_SET_PARENT = 23             # {node_id, parent_id (nil: detach)}
 OP_HIERARCHY_BALANCE = 24      # {node_id, currency, at_ms?}
+OP_EVENTS_RANGE = 25           # {shard, first_seq?, last_seq?, since_ms?, until_ms?} -> {records: bin, next_seq}
 QUERY_OPS = {OP_BALANCE: "BALANCE", OP_HISTORY: "HISTORY", OP_BALANCES: "BALANCES", OP_SET_PARENT: "SET_PARENT",
-             OP_HIERARCHY_BALANCE: "HIERARCHY_BALANCE"}
+             OP_HIERARCHY_BALANCE: "HIERARCHY_BALANCE", OP_EVENTS_RANGE: "EVENTS_RANGE"}
+EVENTS_RANGE_RECORDS_MAX = 65_536   # event records in one EVENTS_RANGE answer (whole seqs; next_seq continues)
 # every op's payload may also carry read-your-writes: min_seqs {shard: seq} and wait_ms (bounded)
 
 PAYLOAD_BYTES_MAX = 256 << 10   # a request payload larger than this is refused before decoding

@@ -86,6 +86,15 @@ def test_end_to_end(system):
             q.set_parent(MERCHANT, accts[1][0])                   # an account is never a parent
         with pytest.raises(query.NotAvailable, match="has not reached"):
             q.balance(a0, min_seqs={1: seqs[1] + 10_000}, wait_ms=100)
+        # a shard's event records by seq and by time range, as the shard's event stores hold them
+        with ShardClient(system.shards[2].client_addresses) as c:
+            want_evs = c.events(1, seqs[2])
+        got_evs = q.events(2, last_seq=seqs[2])
+        assert (got_evs["records"] == want_evs).all() and got_evs["next_seq"] is None
+        t_mid = int(want_evs["timestamp"][len(want_evs) // 2])
+        timed = q.events(2, since_ms=t_mid, until_ms=t_mid)["records"]
+        assert len(timed) and (timed["timestamp"] == t_mid).all()
+        assert (timed == want_evs[want_evs["timestamp"] == t_mid]).all()
         st = q.status()
         assert st["applied"][1] >= seqs[1] and st["error"] is None
         # the HTTP API
