@@ -114,9 +114,12 @@ class Client(_Base):
         return self._call(W.OP_SET_PARENT, {"node_id": node_id, "parent_id": parent_id}, None, None).result()
 
     def hierarchy_balance(self, node_id: int, currency: str, at_ms: int | None = None, *,
-                          min_seqs: Mapping[int, int] | None = None, wait_ms: int | None = None) -> dict[str, Any]:
-        """The node's sums in ``currency`` and ``seqs``: the seq per shard they reflect."""
-        return self._call(W.OP_HIERARCHY_BALANCE, {"node_id": node_id, "currency": currency, "at_ms": at_ms},
+                          at_seqs: Mapping[int, int] | None = None, min_seqs: Mapping[int, int] | None = None,
+                          wait_ms: int | None = None) -> dict[str, Any]:
+        """The node's sums in ``currency`` (now, as of ``at_ms``, or at ``at_seqs`` {shard: seq}) and ``seqs``:
+        the seq per shard they reflect."""
+        return self._call(W.OP_HIERARCHY_BALANCE, {"node_id": node_id, "currency": currency, "at_ms": at_ms,
+                                                   "at_seqs": None if at_seqs is None else dict(at_seqs)},
                           min_seqs, wait_ms).result()
 
     def events(self, shard: int, first_seq: int | None = None, last_seq: int | None = None,
@@ -159,10 +162,19 @@ class AsyncClient(_Base):
         return await aio_future(self._call(W.OP_SET_PARENT, {"node_id": node_id, "parent_id": parent_id}, None, None))
 
     async def hierarchy_balance(self, node_id: int, currency: str, at_ms: int | None = None, *,
-                                min_seqs: Mapping[int, int] | None = None, wait_ms: int | None = None
-                                ) -> dict[str, Any]:
-        return await aio_future(self._call(W.OP_HIERARCHY_BALANCE, {"node_id": node_id, "currency": currency,
-                                                                    "at_ms": at_ms}, min_seqs, wait_ms))
+                                at_seqs: Mapping[int, int] | None = None, min_seqs: Mapping[int, int] | None = None,
+                                wait_ms: int | None = None) -> dict[str, Any]:
+        return await aio_future(self._call(W.OP_HIERARCHY_BALANCE, {
+            "node_id": node_id, "currency": currency, "at_ms": at_ms,
+            "at_seqs": None if at_seqs is None else dict(at_seqs)}, min_seqs, wait_ms))
+
+    async def events(self, shard: int, first_seq: int | None = None, last_seq: int | None = None,
+                     since_ms: int | None = None, until_ms: int | None = None) -> dict[str, Any]:
+        out = await aio_future(self._call(W.OP_EVENTS_RANGE, {
+            "shard": shard, "first_seq": first_seq, "last_seq": last_seq, "since_ms": since_ms,
+            "until_ms": until_ms}, None, None))
+        out["records"] = np.frombuffer(out["records"], dtype=EVENT_DTYPE)
+        return out
 
     async def status(self) -> dict[str, Any]:
         return await aio_future(self._status())

@@ -147,23 +147,41 @@ class Queries:
         parent = None if parent_id is None else account_id_of(parent_id, "parent_id")
         return self.h.set_parent(node, parent)
 
-    def hierarchy_balance(self, node_id: Any, currency: Any, at_ms: Any = None) -> dict[str, Any]:
+    def hierarchy_balance(self, node_id: Any, currency: Any, at_ms: Any = None,
+                          at_seqs: Any = None) -> dict[str, Any]:
+        """The node's sums in ``currency``: now (the maintained sums), as of a time (the tree as it was then and
+        each leaf's balance then), or at given seqs per shard (``at_seqs``: {shard: seq}; the tree as it is now,
+        each leaf's balance at its shard's seq). ``seqs``: the seq per shard the answer reflects."""
         node = account_id_of(node_id, "node_id")
         if not isinstance(currency, str) or not 1 <= len(currency) <= 8 or not currency.isascii():
             raise QueryError("currency must be an ASCII asset code of 1..8 characters")
         ms = _opt_int(at_ms, "at_ms")
-        if ms is None:
+        if at_seqs is not None:
+            if ms is not None:
+                raise QueryError("give at_ms or at_seqs, not both")
+            if not isinstance(at_seqs, dict):
+                raise QueryError("at_seqs is a map {shard: seq}")
+            at = {_opt_int(k, "shard", 1, 65_535): _opt_int(v, "seq") for k, v in at_seqs.items()}
+        if ms is None and at_seqs is None:
             return self.h.balance(node, currency)
-        # as of a time: the tree as it was then, each leaf's balance then (O(leaves under the node))
-        tree = self.h.tree_as_of(ms)
+        # the slow paths: O(leaves under the node) point-in-time lookups
         with self.p.lock:
-            shards = sorted(self.p.applied)
-        with self.p.env.begin(buffers=True) as txn:
-            rd = self.p.reader(txn)
-            seqs = {s: rd.seq_at_time(s, ms) for s in shards}
+            applied = dict(self.p.applied)
+        if ms is not None:
+            tree = self.h.tree_as_of(ms)
+            with self.p.env.begin(buffers=True) as txn:
+                rd = self.p.reader(txn)
+                seqs = {s: rd.seq_at_time(s, ms) for s in sorted(applied)}
+        else:
+            tree = self.h.tree_as_of(1 << 62)
+            seqs = {s: min(int(at.get(s) or applied[s]), applied[s]) for s in sorted(applied)}
         vec = [0, 0, 0, 0]
         for leaf in tree.leaves_under(node):
-            b = self.balance(leaf, at_ms=ms)
+            with self.p.lock:
+                row = self.p.table.get(leaf)
+            if row is None:
+                continue
+            b = self.balance(leaf, at_seq=seqs.get(int(row["shard"]), 0))
             if b is not None and b["currency"] == currency:
                 for i, f in enumerate(("available", "reserved", "pending_in", "pending_out")):
                     vec[i] += b[f]

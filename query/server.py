@@ -163,7 +163,7 @@ class QueryService:
                 raise QueryError("SET_PARENT takes node_id and parent_id (nil: detach)")
             return q.set_parent(a["node_id"], a["parent_id"])
         if op == W.OP_HIERARCHY_BALANCE:
-            return q.hierarchy_balance(a.get("node_id"), a.get("currency"), a.get("at_ms"))
+            return q.hierarchy_balance(a.get("node_id"), a.get("currency"), a.get("at_ms"), a.get("at_seqs"))
         if op == W.OP_EVENTS_RANGE:
             return self._events_range(a)
         raise QueryError(f"unknown op {op}")

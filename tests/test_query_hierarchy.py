@@ -45,6 +45,7 @@ def test_sums_equal_brute_force_under_random_edits_and_transfers(tmp_path):
     leaves: set[int] = set()
     edits = 0
     ts = 10
+    snaps: list = []                      # (seqs, sums, tree) at points of the run
     while feeds[1] or feeds[2]:
         for _ in range(rnd.randint(0, 4)):
             ts += 1
@@ -63,6 +64,9 @@ def test_sums_equal_brute_force_under_random_edits_and_transfers(tmp_path):
                 leaves.add(node)
         s = rnd.choice([k for k in feeds if feeds[k]])
         p.offer(s, feeds[s].pop(0))
+        if rnd.random() < 0.15:
+            snaps.append((dict(p.applied), {(g, c): q.hierarchy_balance(g, c) for g in groups for c in ("USD", "EUR")},
+                          {n: parent.get(n) for n in accounts + groups}))
         for g in rnd.sample(groups, 3):
             for cur in ("USD", "EUR"):
                 got = q.hierarchy_balance(g, cur)
@@ -76,6 +80,23 @@ def test_sums_equal_brute_force_under_random_edits_and_transfers(tmp_path):
                    if a in leaves and led.get_account(a)["currency"] == "USD"
                    and _under(parent, a, g))
         assert q.hierarchy_balance(g, "USD")["available"] == want
+    # at given seqs per shard: the balances then over the tree as it is now (brute force from point-in-time)
+    assert snaps
+    for seqs, _sums, _tree in snaps[:4]:
+        for g in groups[:4]:
+            got = q.hierarchy_balance(g, "USD", at_seqs=seqs)
+            want = [0, 0, 0, 0]
+            for a in leaves:
+                if _under(parent, a, g):
+                    b = q.balance(a, at_seq=seqs.get(1 if a in ids1 else 2, 0))
+                    if b is not None and b["currency"] == "USD":
+                        for i, f in enumerate(("available", "reserved", "pending_in", "pending_out")):
+                            want[i] += b[f]
+            assert [got[f] for f in ("available", "reserved", "pending_in", "pending_out")] == want
+            assert got["seqs"] == seqs
+    for g in groups[:2]:
+        now_b = q.hierarchy_balance(g, "EUR")
+        assert q.hierarchy_balance(g, "EUR", at_seqs=p.applied)["available"] == now_b["available"]
     # a restart rebuilds the tree from its edit log and the sums from the view
     now = {(g, c): q.hierarchy_balance(g, c) for g in groups for c in ("USD", "EUR")}
     p.close()
