@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -105,6 +106,13 @@ def test_end_to_end(system):
         assert len(hist["versions"]) == 2 and hist["next_last_seq"] is not None
         hh = json.load(urllib.request.urlopen(f"{base}/v1/hierarchy/{MERCHANT}?currency=USD", timeout=5))
         assert hh["available"] == want
+        for url, code in ((f"{base}/v1/accounts/424242", 404), (f"{base}/v1/accounts/x", 400),
+                          (f"{base}/v1/accounts/{a0}?at_seq=-1", 400), (f"{base}/v1/nowhere", 404),
+                          (f"{base}/v1/hierarchy/{MERCHANT}", 400)):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url, timeout=5)
+            assert err.value.code == code, url
+            assert "error" in json.load(err.value)
         spec = json.load(urllib.request.urlopen(f"{base}/openapi.json", timeout=5))
         assert "/v1/accounts/{account_id}/history" in spec["paths"]
     # kill -9 of the query service: it resumes from its checkpoint with the same answers
