@@ -182,3 +182,21 @@ def test_account_ids_beyond_64_bits(tmp_path):
         p.offer(1, c)
     assert_view_is_ledger(p, led, ids)
     assert_view_is_ledger(p, led2, ids2)
+
+
+def test_reopen_from_a_table_snapshot_plus_the_chunks_after_it(tmp_path, monkeypatch):
+    import query.projector as PJ
+    monkeypatch.setattr(PJ, "SNAPSHOT_VERSIONS_MIN", 50)             # snapshots every ~50 versions here
+    led, ids = random_ledger(15, accounts=10, commands=900)
+    p = Projector(str(tmp_path / "v"), sync=False)
+    for c in chunks_of(led.events(1, led.last_seq), random.Random(4), max_seqs=20):
+        p.offer(1, c)
+    keys, rows = p.table.keys.copy(), p.table.rows.copy()
+    with p.env.begin(db=p.dbs["meta"]) as txn:
+        snap_seq = int.from_bytes(bytes(txn.get(b"table_seqs"))[2:10], "little")
+    assert 0 < snap_seq < led.last_seq                                   # a snapshot, and chunks after it
+    p.close()
+    q = Projector(str(tmp_path / "v"), sync=False)
+    assert (q.table.keys == keys).all() and (q.table.rows == rows).all()
+    assert_view_is_ledger(q, led, ids)
+    q.close()
