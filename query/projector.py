@@ -513,7 +513,8 @@ def rebuild(path: str, shards: dict[int, Callable[[int, int], np.ndarray]], head
     then swap the directories (the old view is removed once the new one is in place)."""
     new = path + ".rebuild"
     shutil.rmtree(new, ignore_errors=True)
-    p = Projector(new, sync=sync)
+    # no fsync per transaction: a rebuild that dies is started again; one sync before the swap makes it durable
+    p = Projector(new, sync=False)
     try:
         for shard, fetch in shards.items():
             last = head[shard]()
@@ -523,6 +524,8 @@ def rebuild(path: str, shards: dict[int, Callable[[int, int], np.ndarray]], head
                 if not len(evs):
                     raise ViewError(f"shard {shard}: no events {first}..{last} to rebuild from")
                 p.offer(shard, evs)
+        if sync:
+            p.env.sync(True)
     finally:
         p.close()
     old = path + ".old"
