@@ -4,7 +4,7 @@
 seqs, possibly repeated (another replica's copy, a re-fetch), out of order or with a gap. What continues the
 view (seq ``applied + 1`` on) is applied at once; what is ahead waits in a buffer bounded in bytes
 (``AHEAD_BYTES_MAX``) until the gap before it is filled, and ``missing(shard)`` says which range to fetch (the
-shard's event store: ``ShardFeed``). A gap is never skipped.
+shard's event stores: the query service's feed, ``query/server.py``). A gap is never skipped.
 
 Applying is vectorized over the record batch (numpy; no Python work per event): the records are grouped by
 account, each account's deltas (available, reserved, pending in/out, by command kind) are summed with
@@ -39,7 +39,6 @@ TXN_RECORDS_MAX = 65_536                    # event records applied in one LMDB 
 SHARD_ID_MAX = 65_535
 
 _K = Kind
-_EV_SIZE = EVENT_DTYPE.itemsize
 
 Listener = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 

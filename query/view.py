@@ -96,18 +96,6 @@ def words_to_int(w: Any) -> int:
     return int(w[0]) | (int(w[1]) << 64)
 
 
-def i64_of(words: np.ndarray, what: str) -> np.ndarray:
-    """i128 ``[lo, hi]`` pairs -> int64, refusing values that do not fit (ViewRangeError)."""
-    w = np.asarray(words).reshape(-1, 2)
-    lo = np.ascontiguousarray(w[:, 0]).view(np.int64)
-    hi = w[:, 1]
-    ext = (lo >> 63).view(np.uint64)
-    bad = hi != ext
-    if bad.any() or (len(lo) and float(np.abs(lo.astype(np.float64)).max()) >= I64_SAFE):
-        raise ViewRangeError(f"an event's {what} is beyond the view's int64 range (|x| < 2**61)")
-    return lo
-
-
 def chunk_key(shard: int, first_seq: int) -> bytes:
     return struct.pack(">HQ", shard, first_seq)
 
