@@ -337,16 +337,50 @@ def _rebuild(system: System, path: str, sync: bool) -> None:
             c.close()
 
 
+CONFIG_KEYS = frozenset({"system", "data", "client", "http", "sync"})
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill what the flags left unset from ``--config``'s [query] table; refuse unknown keys."""
+    if args.config:
+        import tomllib
+        try:
+            with open(args.config, "rb") as f:
+                doc = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read {args.config}: {exc}") from None
+        table = doc.get("query", {})
+        unknown = set(doc) - {"query"} | set(table) - CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)} "
+                             f"(a [query] table of {sorted(CONFIG_KEYS)})")
+        for k in ("system", "data", "client", "http"):
+            if getattr(args, k) is None and k in table:
+                setattr(args, k, str(table[k]))
+        if table.get("sync") is False:
+            args.no_sync = True
+    missing = [k for k in ("system", "data", "client") if getattr(args, k) is None]
+    if missing:
+        raise ValueError("missing " + ", ".join(f"--{k}" for k in missing))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zwallet query", description="the query service: projectors and read API")
-    ap.add_argument("--system", required=True, help="system.toml (zwallet up writes it)")
-    ap.add_argument("--data", required=True, help="the view's directory (LMDB)")
-    ap.add_argument("--client", required=True, help="ROUTER address, e.g. tcp://127.0.0.1:7190")
+    ap.add_argument("--config", default=None, help="a TOML file with a [query] table of these options "
+                                                   "(system, data, client, http, sync); flags override it")
+    ap.add_argument("--system", default=None, help="system.toml (zwallet up writes it)")
+    ap.add_argument("--data", default=None, help="the view's directory (LMDB)")
+    ap.add_argument("--client", default=None, help="ROUTER address, e.g. tcp://127.0.0.1:7190")
     ap.add_argument("--http", default=None, help="HTTP/JSON read API host:port (optional)")
     ap.add_argument("--no-sync", action="store_true", help="skip fsync of the view (it can be rebuilt)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the view from seq 1 (side by side) first")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        _apply_config(args)
+    except ValueError as exc:
+        print(f"zwallet query: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="ts=%(asctime)s level=%(levelname)s node=query msg=%(message)s")
     try:

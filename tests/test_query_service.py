@@ -103,3 +103,16 @@ def test_ledger_events_past_the_newest_seq_give_what_exists():
         led.events(0, 3)
     with pytest.raises(ValueError):
         led.events(5, 4)
+
+
+def test_command_line_and_config_file(tmp_path, capsys):
+    from query.server import main
+    assert main(["--data", str(tmp_path)]) == 2
+    assert "missing --system, --client" in capsys.readouterr().err
+    cfg = tmp_path / "q.toml"
+    cfg.write_text('[query]\nsystem = "x"\nbogus = 1\n')
+    assert main(["--config", str(cfg)]) == 2
+    assert "unknown keys ['bogus']" in capsys.readouterr().err
+    cfg.write_text(f'[query]\nsystem = "{tmp_path}/none.toml"\ndata = "{tmp_path}/d"\nclient = "tcp://127.0.0.1:1"\n')
+    assert main(["--config", str(cfg)]) == 2
+    assert "cannot read the system file" in capsys.readouterr().err
