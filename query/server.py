@@ -128,6 +128,7 @@ class QueryService:
     # ------------------------------------------------------------------------------ serving
     def status(self) -> dict[str, Any]:
         st = self.queries.status()
+        st["applied"] = {sid: self.projector.applied_seq(sid) for sid in sorted(self.system.shards)}
         lags = np.array(self.lag_ms) if self.lag_ms else np.zeros(1)
         st.update({"role": "query", "view_lag_ms_p50": float(np.percentile(lags, 50)),
                    "view_lag_ms_p99": float(np.percentile(lags, 99)), "feed_error": self.feed_error,
