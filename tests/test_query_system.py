@@ -125,3 +125,47 @@ def test_end_to_end(system):
         async with query.AsyncClient.from_system(system.system_path) as aq:
             return await aq.balance(accts[2][2], min_seqs={2: seqs[2]})
     assert asyncio.run(aio())["account_id"] == accts[2][2]
+
+
+def test_kill_9_of_the_query_service_while_a_shard_takes_writes(system):
+    import threading
+    import time
+    smap = system.shard_map
+    accts = _accounts(smap, 1, 4, start=50_000)
+    last = {"seq": 0}
+    with ShardClient(system.shards[1].client_addresses) as c:
+        did = 9_000_000
+        for a in accts:
+            assert c.create_account(did, a, "EUR", lower_limit=None).ok
+            did += 1
+        stop = threading.Event()
+
+        def writer() -> None:
+            k = did
+            while not stop.is_set():
+                r = c.transfer(k, accts[k % 4], accts[(k + 1) % 4], 1 + k % 7, "EUR")
+                assert r.ok
+                last["seq"] = r.seq_num
+                k += 1
+        th = threading.Thread(target=writer)
+        th.start()
+        try:
+            time.sleep(0.5)
+            system.kill_query()                              # kill -9 mid-stream
+            at_kill = last["seq"]
+            time.sleep(0.3)
+            system.start_query()
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            th.join(30)
+        truth = {a: c.get_account(a) for a in accts}
+        evs = c.events(1, last["seq"])
+        assert 0 < at_kill < last["seq"]                     # writes before and after the kill
+    with query.Client.from_system(system.system_path) as q:
+        for a in accts:
+            b = q.balance(a, min_seqs={1: last["seq"]}, wait_ms=5000)
+            assert (b["available"], b["version"]) == (truth[a]["available"], truth[a]["version"])
+            h = q.history(a, limit=10_000)["versions"]
+            mine = evs[(evs["account_id"][:, 0] == a) & (evs["account_id"][:, 1] == 0)]
+            assert [v["seq"] for v in h] == sorted(set(mine["seq_num"].tolist()), reverse=True)   # once each
