@@ -195,7 +195,7 @@ class Hierarchy:
         valid = anc >= 0
         pair = (anc * len(curs) + cur_i.reshape(-1, 1))[valid]            # (group, currency) of each addition
         vals = np.repeat(delta[:, None, :], depth, axis=1)[valid]           # (additions, 4)
-        order = np.argsort(pair, kind="stable")
+        order = np.argsort(pair)                           # (any order within a pair: sums commute)
         pair = pair[order]
         starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
         sums = np.add.reduceat(vals[order], starts, axis=0)

@@ -36,6 +36,8 @@ MAP_SIZE_DEFAULT = 1 << 36                  # LMDB map size (virtual; the file g
 AHEAD_BYTES_MAX = 64 << 20                  # records buffered ahead of a gap, per shard
 SNAPSHOT_VERSIONS_MIN = 1_000_000           # versions written between two account-table snapshots (at least)
 TXN_RECORDS_MAX = 65_536                    # event records applied in one LMDB transaction
+_POS_BITS = 17                              # record positions in the packed sort key (> TXN_RECORDS_MAX)
+assert TXN_RECORDS_MAX < 1 << _POS_BITS
 SHARD_ID_MAX = 65_535
 
 _K = Kind
@@ -66,8 +68,10 @@ def _words(dtype: np.dtype) -> dict[str, int]:
 EV_W = _words(EVENT_DTYPE)          # u64 word index of each event field (kind: the word of kind..code)
 VER_W = _words(VERSION_DTYPE)       # (idx: the word of prev_idx (low half) and idx (high half))
 VER_W["idx"] = VER_W["prev_idx"]
-assert EV_W["kind"] == 14 and VER_W["kind"] == 17 and VER_W["idx"] == 15 and EVENT_DTYPE.itemsize == 128
+assert EV_W["kind"] == 14 and VER_W["kind"] == 15 and VER_W["idx"] == 17 and EVENT_DTYPE.itemsize == 128
 assert VERSION_DTYPE.itemsize == 144 and VER_W["available"] + 3 == VER_W["pending_out"]
+assert EV_W["dedup_id"] == VER_W["dedup_id"] == 2 and EV_W["other_id"] == VER_W["other_id"] == 6
+assert (EV_W["version"], EV_W["currency"]) == (12, 13) and (VER_W["version"], VER_W["currency"]) == (13, 14)
 
 
 def _guard(d: np.ndarray, what: str) -> None:
@@ -331,7 +335,13 @@ class Projector:
             return (np.zeros(0, VERSION_DTYPE), np.zeros(0, "V16"), np.zeros(0, VERSION_DTYPE), z4, z4,
                     np.zeros(0, np.int64), np.zeros(0, bool))
         a_lo, a_hi = w[:, EV_W["account_id"]], w[:, EV_W["account_id"] + 1]
-        o = np.argsort(a_lo, kind="stable") if not a_hi.any() else np.lexsort((a_lo, a_hi))
+        if not a_hi.any() and n <= 1 << _POS_BITS and int(a_lo.max()) < 1 << (64 - _POS_BITS):
+            # a stable sort by account as a plain sort of (id, position) packed in one u64: numpy's sort of
+            # plain values is several times faster than its (stable) argsort
+            key = (a_lo << np.uint64(_POS_BITS)) | np.arange(n, dtype=np.uint64)
+            o = (np.sort(key) & np.uint64((1 << _POS_BITS) - 1)).astype(np.int64)
+        else:
+            o = np.lexsort((a_lo, a_hi))
         # the columns the computation needs, by account (u128 order) then stream order (a column at a time:
         # gathering whole 128-byte records costs a pass over all of them)
 
@@ -424,10 +434,11 @@ class Projector:
         inv = np.empty(m, np.int64)
         inv[seqpos] = np.arange(m)
         ow = np.empty((m, 18), np.uint64)
-        for f, k in (("seq_num", 0), ("timestamp", 0), ("account_id", 0), ("account_id", 1), ("other_id", 0),
-                     ("other_id", 1), ("dedup_id", 0), ("dedup_id", 1), ("version", 0), ("currency", 0)):
-            ow[:, VER_W[f] + k] = np.take(w[:, EV_W[f] + k], src)
-        ow[:, VER_W["kind"]] = (np.take(w[:, EV_W["kind"]], src) & np.uint64(0xFFFF)) | np.uint64(shard << 16)
+        wsrc = np.take(w, src, axis=0)                      # one pass over the records, then two blocks:
+        ow[:, 0:8] = wsrc[:, 0:8]                           # seq, timestamp, dedup_id, account_id, other_id
+        ow[:, 13:16] = wsrc[:, 12:15]                       # version, currency, kind..code (code: replaced)
+        ow[:, 15] &= np.uint64(0xFFFF)
+        ow[:, 15] |= np.uint64(shard << 16)
         ow[:, VER_W["available"]] = avail[r][inv].view(np.uint64)
         if rare:
             zero = np.zeros(n, np.int64)

@@ -37,26 +37,26 @@ SPARSE_EVERY = 32                 # one sparse index entry per this many version
 HISTORY_LIMIT_MAX = 10_000        # records in one history page
 
 _U128 = ("<u8", (2,))
-VERSION_DTYPE = np.dtype([
+VERSION_DTYPE = np.dtype([        # words 0-7 and 13-15 in the event record's order (copied as blocks)
     ("seq_num", "<u8"),
     ("timestamp", "<u8"),          # the event's (the shard leader's clock, ms)
+    ("dedup_id", _U128),           # the command's (0: the ledger's own TCC expiry)
     ("account_id", _U128),
     ("other_id", _U128),           # counterparty / reservation_id / txn_id / original dedup id (last record's)
-    ("dedup_id", _U128),           # the command's (0: the ledger's own TCC expiry)
     ("amount", "<i8"),             # sum of this seq's event amounts on the account (kind-specific meaning)
     ("available", "<i8"),
     ("reserved", "<i8"),
     ("pending_in", "<i8"),
     ("pending_out", "<i8"),
     ("version", "<u8"),
-    ("prev_seq", "<u8"),           # the account's previous version: (seq, idx); 0: none
-    ("prev_idx", "<u4"),
-    ("idx", "<u4"),                # rank of this record among its seq's records
     ("currency", "S8"),
     ("kind", "u1"),                # engine.records.Kind of the command (the last record's)
     ("state", "u1"),
     ("shard", "<u2"),
     ("pad", "<u4"),
+    ("prev_seq", "<u8"),           # the account's previous version: (seq, idx); 0: none
+    ("prev_idx", "<u4"),
+    ("idx", "<u4"),                # rank of this record among its seq's records
 ])
 assert VERSION_DTYPE.itemsize == 144
 _PREV_SEQ_AT = VERSION_DTYPE.fields["prev_seq"][1]      # type: ignore[index]
