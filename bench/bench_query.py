@@ -42,7 +42,10 @@ from query.queries import Queries
 
 BATCH = R.BATCH_SIZE_MAX
 TXN_RECORDS = 65_536
-BARS = {"replay_events_per_s": 500_000, "hierarchy_p99_ms": 1.0, "point_in_time_p99_ms": 1.0}
+# the replay bar is checked in both modes: the rebuild's (what "replaying a shard's stored events" is) and the
+# live catch-up's (fsync every transaction)
+BARS = {"rebuild_events_per_s": 500_000, "replay_events_per_s": 500_000, "hierarchy_p99_ms": 1.0,
+        "point_in_time_p99_ms": 1.0}
 G0 = 1 << 100
 
 
