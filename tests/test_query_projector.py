@@ -121,7 +121,7 @@ import random, sys, time
 sys.path.insert(0, sys.argv[1])
 from query.projector import Projector
 from tests.query_helpers import random_ledger, chunks_of
-led, ids = random_ledger(21, commands=12000)
+led, ids = random_ledger(21, commands=6000)
 p = Projector(sys.argv[2], sync=True)
 print("start", p.applied_seq(1), flush=True)
 if p.applied_seq(1) < led.last_seq:
@@ -154,7 +154,7 @@ def test_kill_9_at_random_points_resumes_exactly_once(tmp_path):
         assert proc.returncode == 0, err.decode()
         assert "done" in out.decode()
         break
-    led, ids = random_ledger(21, commands=12000)
+    led, ids = random_ledger(21, commands=6000)
     p = Projector(path, sync=False)
     assert p.applied_seq(1) == led.last_seq
     assert_view_is_ledger(p, led, ids)
