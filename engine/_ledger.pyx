@@ -595,12 +595,17 @@ cdef class Ledger(_CommandApi):
         return {names[i]: _get_i128(lo + 16 * i) + ((<object>carry[i]) << 128) for i in range(4)}
 
     def events(self, first_seq, last_seq):
-        """The event records of seqs ``first_seq..last_seq`` (inclusive), all parts of each, in order.
-        Raises ValueError if part of the range is not (or no longer) retained."""
+        """The event records of seqs ``first_seq..last_seq`` (inclusive), all parts of each, in order. A range
+        that reaches past the newest seq gives what exists (none if ``first_seq`` is past it). Raises
+        ValueError if ``first_seq`` < 1, ``last_seq`` < ``first_seq``, or part of the range is no longer
+        retained."""
         first = _as_int(first_seq, "first_seq")
         last = _as_int(last_seq, "last_seq")
-        if not (1 <= first <= last <= self.core.last_seq):
-            raise ValueError(f"event range {first}..{last} is outside 1..{self.core.last_seq}")
+        if not 1 <= first <= last:
+            raise ValueError(f"bad event range {first}..{last} (seqs start at 1)")
+        if first > self.core.last_seq:
+            return np.empty(0, dtype=EVENT_DTYPE)
+        last = min(last, self.core.last_seq)
         cdef uint64_t n = self.core.event_count(first, last)
         if n == <uint64_t>-1:
             raise ValueError(f"events {first}..{last} are no longer retained (event_retention="

@@ -16,6 +16,7 @@ COMMANDS = {
     "status": ("engine.status", "leader, terms, applied index and digests of every replica (--nodes)"),
     "up": ("engine.devtools.up", "a whole local system: S shards x R replicas + a Marker group, system.toml"),
     "gateway": ("gateway.server", "run one stateless gateway replica (--system D/system.toml --client tcp://...)"),
+    "query": ("query.server", "run the query service: projectors, read API, hierarchy (--system, --data, --client)"),
     "marker": ("marker.server", "run one replica of a Marker group from a TOML config (--config, --id)"),
     "demo": ("engine.devtools.demo", "the whole local system (2 shards x 3, Marker, gateway) at work, with kills"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),

@@ -24,7 +24,8 @@ Marker, which must know every shard. The format:
     raft = [...]
 
 A ``[[marker.group]]`` list of tables (``id``, ``clients``, ``pubs``) may replace the single group's keys when
-there are several Marker groups; ``[gateway]`` and ``[query]`` tables (``clients``) are added by those layers.
+there are several Marker groups; ``[gateway]`` (``clients``) and ``[query]`` (``clients``, ``http``: docs/query.md)
+tables are added by those layers.
 """
 from __future__ import annotations
 

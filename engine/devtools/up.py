@@ -4,13 +4,15 @@
 
 starts S shards of R ``zwallet node`` replicas each (shard ids 1..S, the slots split evenly between them)
 and a Marker group of R replicas, and ``--gateways`` G (default 1) gateway replicas (``zwallet gateway``),
+and the query service (``zwallet query``: its ROUTER and HTTP addresses are ``[query] clients`` and ``http``),
 writes ``D/system.toml`` (engine/system.py: every address and the shard
 map), prints a line containing ``ready`` once every group has a leader that answers, and stops everything
 on SIGINT or SIGTERM. Data and per-process configs live under ``D/shard-<id>/`` and ``D/marker/``; running
 ``zwallet up`` again on the same directory restarts the same system with its data.
 
 Ports, from ``--base-port`` P: shard s (1-based) uses P + (s-1)*3R .. P + s*3R - 1 (raft, client, pub per
-replica), the Marker group the next 3R, the gateways the next G (``[gateway] clients`` in system.toml).
+replica), the Marker group the next 3R, the gateways the next G (``[gateway] clients`` in system.toml), the
+query service the next 2 (ROUTER, HTTP).
 
 ``LocalSystem`` is the same thing as a class, for tests, the demo and the benchmarks.
 """
@@ -37,7 +39,7 @@ class LocalSystem:
 
     def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
                  sync: bool = True, verbose: bool = False, marker: bool = True, marker_groups: int = 1,
-                 gateways: int = 1, metrics: bool = True,
+                 gateways: int = 1, metrics: bool = True, query: bool = True,
                  node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
         if not 1 <= shards <= 64:
             raise ValueError("shards must be 1..64")
@@ -54,7 +56,7 @@ class LocalSystem:
         if not 1 <= marker_groups <= 16:
             raise ValueError("marker_groups must be 1..16")
         groups = shards + (marker_groups if marker else 0)
-        nports = block * groups + gateways
+        nports = block * groups + gateways + (2 if query else 0)
         nmetrics = (replicas * groups + gateways) if metrics else 0     # one Prometheus endpoint a process
         ports = (list(range(base_port, base_port + nports + nmetrics)) if base_port
                  else free_ports(nports + nmetrics))
@@ -99,6 +101,14 @@ class LocalSystem:
             if gateways:
                 table["gateway"] = [f"http://{a}/metrics" for a in self.gateway_metrics]
             extra["metrics"] = table
+        self.query_address = self.query_http = None
+        self.query_proc: subprocess.Popen | None = None
+        self.query_sync = sync
+        if query:
+            at = block * groups + gateways
+            self.query_address = f"tcp://127.0.0.1:{ports[at]}"
+            self.query_http = f"127.0.0.1:{ports[at + 1]}"
+            extra["query"] = {"clients": [self.query_address], "http": f"http://{self.query_http}"}
         self.system = System(self.shard_map, groups_desc, tuple(markers), extra)
         self.system.write(self.system_path)
 
@@ -122,6 +132,50 @@ class LocalSystem:
         self.wait_leaders(timeout_s)
         for k in range(len(self.gateway_addresses)):
             self.start_gateway(k + 1)
+        if self.query_address:
+            self.start_query()
+
+    # ------------------------------------------------------------------------------ the query service
+    def query_stderr(self) -> str:
+        return os.path.join(self.base_dir, "query.stderr")
+
+    def start_query(self) -> None:
+        """Start the query service (its view under ``base_dir/query``) and wait for its ready line."""
+        assert self.query_address and self.query_http
+        assert self.query_proc is None or self.query_proc.poll() is not None, "the query service is running"
+        cmd = [sys.executable, "-m", "engine.cli", "query", "--system", self.system_path,
+               "--data", os.path.join(self.base_dir, "query"), "--client", self.query_address,
+               "--http", self.query_http] + ([] if self.query_sync else ["--no-sync"])
+        with open(self.query_stderr(), "ab") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
+        self.query_proc = proc
+        assert proc.stdout is not None
+        if b"ready" not in proc.stdout.readline():
+            raise RuntimeError(f"the query service failed to start: {self._tail(self.query_stderr())}")
+
+    def kill_query(self) -> None:
+        """kill -9 of the query service."""
+        proc = self.query_proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            if proc.stdout:
+                proc.stdout.close()
+
+    def stop_query(self) -> None:
+        proc = self.query_proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
 
     # ------------------------------------------------------------------------------ gateways
     def gateway_stderr(self, gid: int) -> str:
@@ -204,9 +258,12 @@ class LocalSystem:
         for gid, proc in self.gateways.items():
             if proc.poll() is not None:
                 dead.append(f"gateway {gid}: {self._tail(self.gateway_stderr(gid))}")
+        if self.query_proc is not None and self.query_proc.poll() is not None:
+            dead.append(f"query service: {self._tail(self.query_stderr())}")
         return dead
 
     def close(self) -> None:
+        self.stop_query()
         for gid in list(self.gateways):
             self.stop_gateway(gid)
         for c in self.groups.values():
@@ -227,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-port", type=int, default=7100)
     p.add_argument("--marker-groups", type=int, default=1, help="Marker groups (workflows by rendezvous hash)")
     p.add_argument("--gateways", type=int, default=1, help="gateway replicas (0: none)")
+    p.add_argument("--no-query", action="store_true", help="do not start the query service")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -239,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system = LocalSystem(args.dir, args.shards, args.replicas, base_port=args.base_port,
                              sync=not args.no_sync, verbose=args.verbose, marker_groups=args.marker_groups,
-                             gateways=args.gateways)
+                             gateways=args.gateways, query=not args.no_query)
     except (ValueError, OSError) as exc:
         print(f"zwallet up: {exc}", file=sys.stderr)
         return 2
@@ -252,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: clients {','.join(c.client_addresses)}")
         if system.gateway_addresses:
             print(f"  gateway: clients {','.join(system.gateway_addresses)}")
+        if system.query_address:
+            print(f"  query: clients {system.query_address}, http http://{system.query_http}")
         print("zwallet up: ready (Ctrl-C stops everything)", flush=True)
         while not stop["now"]:
             dead = system.alive()

@@ -68,6 +68,8 @@ class ErrorCode(IntEnum):
                        # (Reply.shard_epoch); nothing applied
     WRONG_GROUP = 14   # a Marker group asked to run a workflow another group owns (or a removed one ran);
                        # nothing created: the message says which (marker/groups.py)
+    NOT_AVAILABLE = 15  # a read-your-writes query (query/): the view had not reached the asked seq per shard
+                        # within the bounded wait; the message says how far it is. Retry later
 
 
 class Request(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
