@@ -29,7 +29,9 @@ import msgspec
 import numpy as np
 import zmq
 
-from engine.records import EVENT_DTYPE
+from engine.records import EVENT_DTYPE, records_concat
+from engine.service.logs import setup_logging
+from engine.service.metrics import Families, RequestMetrics, start_metrics
 from engine.service import protocol as P
 from engine.service.protocol import ErrorCode, Status
 from engine.system import System
@@ -58,11 +60,12 @@ class Parked:
     min_seqs: dict[int, int]
     deadline: float
     nbytes: int
+    t0: float = 0.0                # perf_counter() at intake (the latency metrics)
 
 
 class QueryService:
     def __init__(self, system: System, data_dir: str, client_address: str, http_address: str | None = None,
-                 *, sync: bool = True) -> None:
+                 *, sync: bool = True, metrics: str = "") -> None:
         self.system = system
         self.projector = Projector(os.path.join(data_dir, "view"), sync=sync)
         self.hierarchy = Hierarchy(self.projector)
@@ -81,6 +84,8 @@ class QueryService:
         self.feed_error: str | None = None
         self._shard_clients: dict[int, Any] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.request_metrics = RequestMetrics({**W.QUERY_OPS, P.OP_STATUS: "STATUS"})
+        self._metrics_http = start_metrics(metrics, self.render_metrics)
         self._feed = threading.Thread(target=self._feed_loop, name="zwallet-query-feed", daemon=True)
         self.http = None
         if http_address:
@@ -113,7 +118,7 @@ class QueryService:
                         got.append(evs)
                         n += len(evs)
                     if got:
-                        evs = np.concatenate(got) if len(got) > 1 else got[0]
+                        evs = records_concat(got, EVENT_DTYPE) if len(got) > 1 else got[0]
                         try:
                             p.offer(sid, evs)
                         except ViewError as exc:
@@ -134,13 +139,43 @@ class QueryService:
                    "view_lag_ms_p99": float(np.percentile(lags, 99)), "feed_error": self.feed_error,
                    "parked": len(self._parked), "requests": self.counters["requests"],
                    "bad_requests": self.counters["bad_requests"], "not_available": self.counters["not_available"]})
+        if self._metrics_http is not None:
+            st["metrics_address"] = self._metrics_http.address
         return st
 
+    def render_metrics(self) -> bytes:
+        """``GET /metrics`` (the metrics HTTP thread): the projectors' progress and lag, the queries by op
+        (docs/metrics.md)."""
+        fam = Families(service="query")
+        st = self.status()
+        for sid, seq in st["applied"].items():
+            fam.gauge("zwallet_query_applied_seq", "the newest seq of a shard the view has applied", seq,
+                      shard=sid)
+        for sid, lag in (st.get("view_time_lag_ms") or {}).items():
+            fam.gauge("zwallet_query_view_lag_seconds", "now minus the time of the newest event applied, by shard",
+                      lag / 1000.0, shard=sid)
+        fam.gauge("zwallet_query_feed_lag_p99_seconds", "p99 of the lag of the recent batches the feed applied",
+                  st["view_lag_ms_p99"] / 1000.0)
+        fam.gauge("zwallet_query_projector_stopped", "1 once a projector stopped (reconciliation mismatch, a "
+                  "malformed chunk: STATUS says why)", int(bool(st.get("feed_error") or st.get("error"))))
+        fam.gauge("zwallet_query_accounts", "accounts in the view", st.get("accounts"))
+        fam.counter("zwallet_query_records_applied_total", "event records applied to the view",
+                    st.get("records_applied"))
+        fam.gauge("zwallet_query_hierarchy_nodes", "nodes in the account hierarchy", st.get("hierarchy_nodes"))
+        fam.gauge("zwallet_pending_requests", "read-your-writes requests parked until the view reaches them",
+                  st["parked"])
+        fam.counter("zwallet_query_not_available_total", "requests answered NOT_AVAILABLE", st["not_available"])
+        self.request_metrics.add_to(fam)
+        return fam.render()
+
     def _reply(self, ident: bytes, req_id: int, payload: bytes = b"", error: ErrorCode | None = None,
-               message: str = "") -> None:
+               message: str = "", op: int = -1, t0: float = 0.0) -> None:
+        if t0:
+            self.request_metrics.observe(op, time.perf_counter() - t0)
         if error is None:
             head = P.Reply(req_id, Status.OK)
         else:
+            self.request_metrics.error(op, error.name)
             head = P.Reply(req_id, Status.ERROR, error, message)
             if error is ErrorCode.NOT_AVAILABLE:
                 self.counters["not_available"] += 1
@@ -195,7 +230,7 @@ class QueryService:
                 seq = int(evs["seq_num"][-1]) + 1
         except ClientError as exc:
             raise QueryError(f"shard {shard}'s event stores did not answer: {exc}") from None
-        evs = np.concatenate(out) if out else np.zeros(0, dtype=EVENT_DTYPE)
+        evs = records_concat(out, EVENT_DTYPE)
         if len(evs) > W.EVENTS_RANGE_RECORDS_MAX:
             cut = int(evs["seq_num"][W.EVENTS_RANGE_RECORDS_MAX])
             evs = evs[:int(np.searchsorted(evs["seq_num"], cut))]
@@ -203,13 +238,13 @@ class QueryService:
         return {"shard": shard, "first_seq": first, "last_seq": last, "records": evs.tobytes(),
                 "next_seq": seq if seq <= last else None, "as_of_ms": ms}
 
-    def _answer(self, ident: bytes, req: P.Request, args: dict[str, Any]) -> None:
+    def _answer(self, ident: bytes, req: P.Request, args: dict[str, Any], t0: float) -> None:
         try:
             out = self._run(req.op, args)
         except (QueryError, HierarchyError, ViewError) as exc:
-            self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=str(exc))
+            self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=str(exc), op=req.op, t0=t0)
             return
-        self._reply(ident, req.req_id, W.pack(out))
+        self._reply(ident, req.req_id, W.pack(out), op=req.op, t0=t0)
 
     def _reached(self, min_seqs: dict[int, int]) -> bool:
         applied = self.projector.applied
@@ -217,6 +252,7 @@ class QueryService:
 
     def _handle(self, frames: list[Any]) -> None:
         self.counters["requests"] += 1
+        t0 = time.perf_counter()
         ident = frames[0]
         head = b"" if len(frames) < 2 else frames[1] if isinstance(frames[1], bytes) else frames[1].bytes
         if len(frames) != 3:
@@ -235,7 +271,7 @@ class QueryService:
                         message=f"payload of {len(body)} bytes exceeds PAYLOAD_BYTES_MAX={W.PAYLOAD_BYTES_MAX}")
             return
         if req.op == P.OP_STATUS:
-            self._reply(ident, req.req_id, W.pack(self.status()))
+            self._reply(ident, req.req_id, W.pack(self.status()), op=req.op, t0=t0)
             return
         if req.op not in W.QUERY_OPS:
             self._reply(ident, req.req_id, error=ErrorCode.UNKNOWN_OP, message=f"unknown op {req.op}")
@@ -252,17 +288,18 @@ class QueryService:
             if unknown:
                 raise ValueError(f"min_seqs names shard(s) {sorted(unknown)} not in the system")
         except (msgspec.DecodeError, ValueError, TypeError, AttributeError) as exc:
-            self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=f"bad arguments: {exc}")
+            self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=f"bad arguments: {exc}",
+                        op=req.op, t0=t0)
             return
         if self._reached(min_seqs):
-            self._answer(ident, req, args)
+            self._answer(ident, req, args, t0)
             return
         n = len(body)
         if len(self._parked) >= PARKED_MAX or self._parked_bytes + n > PARKED_BYTES_MAX:
             self._reply(ident, req.req_id, error=ErrorCode.OVERLOADED,
-                        message="too many read-your-writes requests waiting; retry later")
+                        message="too many read-your-writes requests waiting; retry later", op=req.op, t0=t0)
             return
-        self._parked.append(Parked(ident, req, args, min_seqs, time.monotonic() + wait_ms / 1000, n))
+        self._parked.append(Parked(ident, req, args, min_seqs, time.monotonic() + wait_ms / 1000, n, t0))
         self._parked_bytes += n
 
     def _serve_parked(self) -> None:
@@ -272,11 +309,12 @@ class QueryService:
         still = []
         for pk in self._parked:
             if self._reached(pk.min_seqs):
-                self._answer(pk.ident, pk.req, pk.args)
+                self._answer(pk.ident, pk.req, pk.args, pk.t0)
             elif now >= pk.deadline:
                 applied = {s: self.projector.applied_seq(s) for s in pk.min_seqs}
                 self._reply(pk.ident, pk.req.req_id, error=ErrorCode.NOT_AVAILABLE,
-                            message=f"the view has not reached the asked seqs: view {applied}, asked {pk.min_seqs}")
+                            message=f"the view has not reached the asked seqs: view {applied}, asked {pk.min_seqs}",
+                            op=pk.req.op, t0=pk.t0)
             else:
                 still.append(pk)
                 continue
@@ -310,6 +348,9 @@ class QueryService:
         self._stop.set()
         if self._feed.is_alive():
             self._feed.join(10)
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+            self._metrics_http = None
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
@@ -338,7 +379,7 @@ def _rebuild(system: System, path: str, sync: bool) -> None:
             c.close()
 
 
-CONFIG_KEYS = frozenset({"system", "data", "client", "http", "sync"})
+CONFIG_KEYS = frozenset({"system", "data", "client", "http", "sync", "metrics"})
 
 
 def _apply_config(args: argparse.Namespace) -> None:
@@ -355,7 +396,7 @@ def _apply_config(args: argparse.Namespace) -> None:
         if unknown:
             raise ValueError(f"{args.config}: unknown keys {sorted(unknown)} "
                              f"(a [query] table of {sorted(CONFIG_KEYS)})")
-        for k in ("system", "data", "client", "http"):
+        for k in ("system", "data", "client", "http", "metrics"):
             if getattr(args, k) is None and k in table:
                 setattr(args, k, str(table[k]))
         if table.get("sync") is False:
@@ -373,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="the view's directory (LMDB)")
     ap.add_argument("--client", default=None, help="ROUTER address, e.g. tcp://127.0.0.1:7190")
     ap.add_argument("--http", default=None, help="HTTP/JSON read API host:port (optional)")
+    ap.add_argument("--metrics", default=None, help="host:port for Prometheus metrics (GET /metrics); empty: off")
     ap.add_argument("--no-sync", action="store_true", help="skip fsync of the view (it can be rebuilt)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the view from seq 1 (side by side) first")
     ap.add_argument("--verbose", action="store_true")
@@ -382,14 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"zwallet query: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="ts=%(asctime)s level=%(levelname)s node=query msg=%(message)s")
+    setup_logging("query", args.verbose, ("zwallet", "query"))
     try:
         system = System.load(args.system)
         if args.rebuild:
             _rebuild(system, os.path.join(args.data, "view"), not args.no_sync)
-        svc = QueryService(system, args.data, args.client, args.http, sync=not args.no_sync)
-    except (ValueError, OSError, zmq.ZMQError, ViewError) as exc:
+        svc = QueryService(system, args.data, args.client, args.http, sync=not args.no_sync,
+                           metrics=args.metrics or "")
+    except (ValueError, OSError, zmq.ZMQError, ViewError, RuntimeError) as exc:
         print(f"zwallet query: {exc}", file=sys.stderr)
         return 2
 

@@ -164,10 +164,10 @@ def test_every_process_of_a_local_system_serves_metrics_that_move_with_traffic(t
         ls.start()
         with open(ls.system_path, "rb") as f:
             urls = tomllib.load(f)["metrics"]
-        assert set(urls) == {"shard_1", "shard_2", "marker_1", "gateway"}
+        assert set(urls) == {"shard_1", "shard_2", "marker_1", "gateway", "query"}
         before = {k: scrape(u[0]) for k, u in urls.items()}
         for k, fams in before.items():
-            if k != "gateway":
+            if k not in ("gateway", "query"):
                 assert value(fams, "zwallet_raft_role", role="leader") == 1
                 assert value(fams, "zwallet_raft_term") >= 1
                 assert value(fams, "zwallet_disk_bytes", part="raft_log") > 0
@@ -196,3 +196,11 @@ def test_every_process_of_a_local_system_serves_metrics_that_move_with_traffic(t
         assert value(gw, "zwallet_request_seconds_count", op="transfer") == 10
         assert value(gw, "zwallet_results_total", code="OK") == 13
         assert ls.groups["shard 1"].metrics_urls == urls["shard_1"]
+        import query
+        with query.Client.from_system(ls.system_path) as q:
+            head = value(after["shard_1"], "zwallet_last_seq")
+            assert q.balance(a1, min_seqs={1: int(head)})["account_id"] == a1     # read-your-writes
+        qm = scrape(urls["query"][0])
+        assert value(qm, "zwallet_requests_total", op="BALANCE") >= 1
+        assert value(qm, "zwallet_query_applied_seq", shard="1") >= 1
+        assert value(qm, "zwallet_query_projector_stopped") == 0

@@ -57,7 +57,7 @@ class LocalSystem:
             raise ValueError("marker_groups must be 1..16")
         groups = shards + (marker_groups if marker else 0)
         nports = block * groups + gateways + (2 if query else 0)
-        nmetrics = (replicas * groups + gateways) if metrics else 0     # one Prometheus endpoint a process
+        nmetrics = (replicas * groups + gateways + int(query)) if metrics else 0   # one endpoint a process
         ports = (list(range(base_port, base_port + nports + nmetrics)) if base_port
                  else free_ports(nports + nmetrics))
         mports = ports[nports:]
@@ -92,14 +92,17 @@ class LocalSystem:
             self.marker = self.markers[1]
         self.gateway_addresses = [f"tcp://127.0.0.1:{p}" for p in ports[block * groups:block * groups + gateways]]
         self.gateways: dict[int, subprocess.Popen] = {}
-        self.gateway_metrics = ([f"127.0.0.1:{p}" for p in mports[replicas * groups:]] if metrics
-                                else [])
+        self.gateway_metrics = ([f"127.0.0.1:{p}" for p in mports[replicas * groups:replicas * groups + gateways]]
+                                if metrics else [])
+        self.query_metrics = f"127.0.0.1:{mports[replicas * groups + gateways]}" if metrics and query else ""
         extra: dict[str, Any] = {"gateway": {"clients": self.gateway_addresses}} if gateways else {}
         if metrics:
             table = {f"shard_{sid}": c.metrics_urls for sid, c in self.shards.items()}
             table.update({f"marker_{gid}": mc.metrics_urls for gid, mc in self.markers.items()})
             if gateways:
                 table["gateway"] = [f"http://{a}/metrics" for a in self.gateway_metrics]
+            if query:
+                table["query"] = [f"http://{self.query_metrics}/metrics"]
             extra["metrics"] = table
         self.query_address = self.query_http = None
         self.query_proc: subprocess.Popen | None = None
@@ -146,6 +149,8 @@ class LocalSystem:
         cmd = [sys.executable, "-m", "engine.cli", "query", "--system", self.system_path,
                "--data", os.path.join(self.base_dir, "query"), "--client", self.query_address,
                "--http", self.query_http] + ([] if self.query_sync else ["--no-sync"])
+        if self.query_metrics:
+            cmd += ["--metrics", self.query_metrics]
         with open(self.query_stderr(), "ab") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
         self.query_proc = proc
