@@ -7,7 +7,8 @@ The events are a real shard's: the embedded ledger applies batched transfers bet
 accounts (two event records, one seq, per transfer) and the records are stored in an event store
 (``engine.event_store.EventStore``, LMDB, the node's golden copy), then read back in ranges as the
 exporter's catch-up reads them. Each run exports them into a fresh database of a private PostgreSQL
-(bench/pg_server.py: fsync=on, synchronous_commit=on, full_page_writes=on) through ``PgExporter.prepare`` and a
+(engine/devtools/pg_server.py: fsync=on, synchronous_commit=on, full_page_writes=on) through
+``PgExporter.prepare`` and a
 ``CommitPipeline`` (as ``zwallet export-pg`` does: encoding overlaps the previous commit), in
 batches of ``--batch-records`` (whole seqs), each batch one transaction with its checkpoint. Reported per
 run and as the median: event records/s and seqs/s end to end (read from the store, check, encode, COPY,
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--connections", type=int, default=None, help="commit pipeline connections (default: the "
                    "exporter's CONNECTIONS_DEFAULT)")
     args = p.parse_args(argv)
-    from bench.pg_server import PostgresServer
+    from engine.devtools.pg_server import PostgresServer
     from query.export_pg import BATCH_RECORDS_MAX, CONNECTIONS_DEFAULT
     batch = args.batch_records or BATCH_RECORDS_MAX
     connections = args.connections or CONNECTIONS_DEFAULT

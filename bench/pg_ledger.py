@@ -1089,7 +1089,7 @@ def _random_transfers(rng: np.random.Generator, first_dedup: int, n: int, accoun
 def smoke(accounts: int = 100_000, batches: int = 5, unbatched_s: float = 10.0, connections: int = 64,
           processes: int = 2) -> None:
     """Rough numbers, to know the baseline's order of magnitude (the real comparison is the bench)."""
-    from bench.pg_server import PostgresServer
+    from engine.devtools.pg_server import PostgresServer
     from engine.devtools.workload import Workload
     with tempfile.TemporaryDirectory(prefix="zwallet-pg-smoke-") as base, PostgresServer(base) as pg:
         s = pg.settings()

@@ -6,7 +6,7 @@
     python -m bench.suite ...          # the same
 
 It starts what it needs in a temporary directory: a 3-replica zwallet cluster (``NodeCluster``: fsync on every
-Raft log commit) and a private PostgreSQL from Debian's packages (``bench.pg_server``: installed if missing;
+Raft log commit) and a private PostgreSQL from Debian's packages (``engine.devtools.pg_server``: installed if missing;
 fsync on, synchronous_commit on), loads the same accounts into both, runs every workload against zwallet and then
 against PostgreSQL, and writes a Markdown + JSON report and PNG plots (``bench.report``).
 
@@ -249,7 +249,7 @@ class Suite:
     def start(self) -> None:
         a = self.args
         if not a.no_pg:
-            from bench.pg_server import PostgresServer
+            from engine.devtools.pg_server import PostgresServer
             from bench.pg_ledger import PgLedger
             self.progress.say("starting PostgreSQL (installing it from Debian's packages if missing) ...")
             self.pg = PostgresServer(os.path.join(self.base, "pg")).start()

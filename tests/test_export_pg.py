@@ -1,6 +1,6 @@
 """``zwallet export-pg`` (query/export_pg.py): a real shard's events into a real PostgreSQL, exactly once.
 
-A private PostgreSQL (bench/pg_server.py, Debian's packages) and a local system of 2 shards x 1 replica
+A private PostgreSQL (engine/devtools/pg_server.py, Debian's packages) and a local system of 2 shards x 1 replica
 (engine.devtools.up.LocalSystem, no Marker, no gateway, no fsync: light) are shared by the module; each test
 gets a database of its own. The exporter runs as the real command in a subprocess (kill -9 of it mid-run),
 PostgreSQL is killed with SIGKILL mid-run and restarted on the same data directory; after each, the tables
@@ -35,7 +35,7 @@ WAIT_S = 60.0
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def pg_server(tmp_path_factory) -> Iterator[Any]:
-    from bench.pg_server import PostgresServer
+    from engine.devtools.pg_server import PostgresServer
     server = PostgresServer(tmp_path_factory.mktemp("pg"))
     server.start()
     try:
@@ -470,7 +470,7 @@ def test_numeric_encoding_round_trips_128_bit_values(dsn):
 
 def test_bad_dsn_and_unreachable_database_are_clear_errors(system, tmp_path):
     sysm, _ = system
-    from bench.pg_server import free_port
+    from engine.devtools.pg_server import free_port
     bad = Exporter(sysm.system_path, "this is = not a dsn ==", str(tmp_path / "bad.log"))
     assert bad.wait() == 2
     assert "bad --dsn" in bad.output(), bad.output()

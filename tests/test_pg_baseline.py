@@ -1,7 +1,7 @@
 """The PostgreSQL baseline (bench/pg_ledger.py) gives the same result codes and the same final accounts as
 the embedded zwallet ledger on identical op streams, so the benchmark compares like with like.
 
-Starts a private PostgreSQL (bench/pg_server.py: Debian's packages, installed with apt-get if missing) for
+Starts a private PostgreSQL (engine/devtools/pg_server.py: Debian's packages, installed with apt-get if missing) for
 the module. If PostgreSQL or psycopg cannot be had, the tests FAIL with the reason: they never skip.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def pg_server(tmp_path_factory):
         import psycopg  # noqa: F401
     except ImportError as exc:
         pytest.fail(f"psycopg 3 is needed for the PostgreSQL baseline tests: pip install 'psycopg[binary]' ({exc})")
-    from bench.pg_server import PostgresServer
+    from engine.devtools.pg_server import PostgresServer
     server = PostgresServer(tmp_path_factory.mktemp("pg"))
     try:
         server.start()

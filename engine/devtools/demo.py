@@ -1,9 +1,10 @@
 """zwallet demo: the whole local system doing real work, with a shard leader and the Marker leader killed.
 
-    zwallet demo [--seconds 20] [--accounts 100] [--concurrency 48] [--keep] [--verbose]
+    zwallet demo [--seconds 20] [--accounts 100] [--concurrency 48] [--keep] [--no-export] [--verbose]
 
 Starts, in a temporary directory on 127.0.0.1, 2 shards of 3 ``zwallet node`` replicas, a Marker group of 3
-replicas and a gateway (``zwallet up``'s ``LocalSystem``: Raft logs fsynced, events in LMDB and on PUB).
+replicas, a gateway and the query service (``zwallet up``'s ``LocalSystem``: Raft logs fsynced, events in
+LMDB and on PUB).
 Through ``gateway.AsyncClient`` it creates accounts on both shards in two currencies, funds them, then for
 ``--seconds`` runs concurrent requests: transfers within a shard, transfers across shards (Marker TCC
 workflows), payments with a fee whose payer, merchant and fee accounts span both shards, refunds of earlier
@@ -18,13 +19,19 @@ Then it checks, and prints, that:
 - every account's balance is its funding plus exactly the legs of the requests that succeeded (nothing lost,
   nothing applied twice, no failed request half-applied);
 - every replica group (each shard, the Marker) reached one digest at one applied index;
-- a subscriber to each shard saw every event seq with no gap.
+- a subscriber to each shard saw every event seq with no gap;
+- the query side's hierarchy: a group over the USD merchants of both shards holds the sum of their balances
+  (before the run and after it, each shard's part at a stated seq);
+- where PostgreSQL's server is installed (``--no-export`` skips it), ``zwallet export-pg``'s runner exported
+  every shard's events into a private PostgreSQL during the run: its rows equal the event records, its
+  checkpoints the shards' last seqs.
 It exits 0 only if every check passed. ``engine/devtools/shard_demo.py`` is the older one-shard demo.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import sys
@@ -44,6 +51,7 @@ CURRENCIES = ("USD", "EUR")
 FUNDING = 1_000_000                 # minor units each user account starts with
 RETRY_FOR_S = 90.0                  # a request with no definite answer is re-sent (same ids) this long
 TREASURY_BASE, MERCHANT_BASE, FEE_BASE = 9_000_000, 8_000_000, 7_000_000
+MERCHANT_GROUP = 1 << 100           # a hierarchy node that is no account: the merchants of both shards (USD)
 
 
 def _ids_on(system: System, shard: int, start: int, count: int) -> list[int]:
@@ -139,6 +147,7 @@ class Workload:
         # ``max_extra_s`` more
         self.hold_open = threading.Event()
         self.max_extra_s = 60.0
+        self.group_before: dict[str, Any] = {}
 
     def running(self) -> bool:
         el = time.monotonic() - self.t0
@@ -309,6 +318,7 @@ async def _drive(system_path: str, layout: Layout, book: Book, args: argparse.Na
         n = len(layout.all())
         print(f"  created {n} accounts on {len(layout.shards)} shards in {', '.join(CURRENCIES)} and funded "
               f"{sum(len(v) for v in layout.users.values())} of them in {time.monotonic() - t0:.1f} s")
+        await _merchant_group(system_path, layout, work)
         await work.retry_once()
         stop = asyncio.Event()
         nemesis.start()
@@ -323,6 +333,63 @@ async def _drive(system_path: str, layout: Layout, book: Book, args: argparse.Na
         gw.close()
 
 
+def _last_seqs(system: System) -> dict[int, int]:
+    out = {}
+    for sid, g in system.shards.items():
+        with Client(list(g.clients), timeout_s=20.0) as c:
+            out[sid] = int(c.status()["last_seq"])
+    return out
+
+
+async def _merchant_group(system_path: str, layout: Layout, work: Workload) -> None:
+    """The query side's hierarchy: a group node over the USD merchants of both shards; its balance (the
+    sum over the group, each shard's part at a stated seq) before the workload."""
+    import query
+    system = System.load(system_path)
+    seqs = await asyncio.get_running_loop().run_in_executor(None, _last_seqs, system)
+    async with query.AsyncClient.from_system(system_path) as q:
+        for (_, cur), m in sorted(layout.merchant.items()):
+            if cur == "USD":
+                await q.set_parent(m, MERCHANT_GROUP)
+        work.group_before = await q.hierarchy_balance(MERCHANT_GROUP, "USD", min_seqs=seqs, wait_ms=5000)
+    print(f"  hierarchy: a merchants group over shard {' and '.join(str(s) for s in layout.shards)}'s USD "
+          f"merchants holds {work.group_before.get('available', 0):,} (at seqs {work.group_before.get('seqs')})")
+
+
+class Export(threading.Thread):
+    """``zwallet export-pg``'s runner into a private PostgreSQL during the run (when PostgreSQL is installed):
+    afterwards the exported rows are counted against the shards' events."""
+
+    def __init__(self, base_dir: str, system_path: str) -> None:
+        super().__init__(daemon=True, name="demo-export-pg")
+        from engine.devtools.pg_server import PostgresServer
+        self.pg = PostgresServer(os.path.join(base_dir, "pg"))
+        self.system_path = system_path
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from query.export_pg import ExportRunner
+        runner = None
+        try:
+            runner = ExportRunner(self.system_path, self.pg.dsn, say=lambda _msg: None, stop=self.stop)
+            runner.run()
+        except BaseException as exc:  # noqa: BLE001 - reported as a failed check
+            self.error = exc
+        finally:
+            if runner is not None:
+                runner.close()
+
+    def counts(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(shard -> checkpoint seq, shard -> rows in events)."""
+        import psycopg
+        with psycopg.connect(self.pg.dsn, connect_timeout=10) as conn:
+            cps: dict[Any, Any] = dict(conn.execute("SELECT shard_id, last_seq FROM export_checkpoint").fetchall())
+            rows: dict[Any, Any] = dict(conn.execute("SELECT shard_id, count(*) FROM events GROUP BY shard_id")
+                                        .fetchall())
+        return {int(k): int(v) for k, v in cps.items()}, {int(k): int(v) for k, v in rows.items()}
+
+
 def _check(results: list[tuple[bool, str]], ok: bool, text: str) -> None:
     results.append((ok, text))
     print(f"  [{'OK' if ok else 'FAILED'}] {text}")
@@ -334,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounts", type=int, default=100, help="user accounts per shard and currency")
     p.add_argument("--concurrency", type=int, default=48, help="requests in flight")
     p.add_argument("--keep", action="store_true", help="keep the data directory")
+    p.add_argument("--no-export", action="store_true",
+                   help="skip the PostgreSQL export (it runs when PostgreSQL's server is installed)")
     p.add_argument("--verbose", action="store_true", help="the replicas log Raft events")
     args = p.parse_args(argv)
     if args.accounts < 4 or args.seconds <= 0 or args.concurrency < 1:
@@ -344,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     ls = LocalSystem(base, shards=2, replicas=3, gateways=1, verbose=args.verbose)
     nemesis = Nemesis(ls, args.seconds)
     followers: list[GapFreeFollower] = []
+    export: Export | None = None
     try:
         ls.start()
         system = System.load(ls.system_path)
@@ -353,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         followers = [GapFreeFollower(g.pubs, g.clients, f"demo-follower-{sid}") for sid, g in system.shards.items()]
         for f in followers:
             f.start()
+        from engine.devtools.pg_server import find_bindir
+        if not args.no_export and find_bindir() is not None:
+            export = Export(base, ls.system_path)
+            export.pg.start()
+            export.start()
+            print(f"  exporting every shard's events into PostgreSQL ({export.pg.dsn})")
+        elif not args.no_export:
+            print("  PostgreSQL export: skipped (no PostgreSQL server installed: apt-get install postgresql)")
         layout = Layout(system, args.accounts)
         book = Book()
         work = asyncio.run(_drive(ls.system_path, layout, book, args, nemesis))
@@ -365,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {op:<24} {outcome:<24} {n:>7,}")
         for e in nemesis.events:
             print(f"  fault: {e}, restarted {nemesis.down_s:.0f} s later")
-        return _checks(ls, system, layout, book, work, nemesis, followers, t_start)
+        return _checks(ls, system, layout, book, work, nemesis, followers, export, t_start)
     except KeyboardInterrupt:
         print("\n  interrupted: stopping everything")
         return 130
@@ -373,13 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         nemesis.stop.set()
         for f in followers:
             f.stop.set()
+        if export is not None:
+            export.stop.set()
+            export.join(30)
+            export.pg.stop()
         ls.close()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
 
 def _checks(ls: LocalSystem, system: System, layout: Layout, book: Book, work: Workload, nemesis: Nemesis,
-            followers: list[GapFreeFollower], t_start: float) -> int:
+            followers: list[GapFreeFollower], export: Export | None, t_start: float) -> int:
     import marker
     results: list[tuple[bool, str]] = []
     print("checks:")
@@ -433,10 +515,52 @@ def _checks(ls: LocalSystem, system: System, layout: Layout, book: Book, work: W
         ok = f.wait_for(last, 30)
         _check(results, ok, f"shard {sid}: a subscriber saw seqs 1..{f.seen} of {last} with no gap"
                + (f" ({f.error!r})" if f.error else ""))
+    heads = _last_seqs(system)
+    _check_group(results, ls, layout, book, work, heads)
+    if export is not None:
+        _check_export(results, export, followers, system, heads)
     passed = sum(ok for ok, _ in results)
     print(f"zwallet demo: {passed} of {len(results)} checks passed, {time.monotonic() - t_start:.0f} s in all"
           + ("" if passed == len(results) else " -- FAILED"))
     return 0 if passed == len(results) else 1
+
+
+def _check_group(results: list[tuple[bool, str]], ls: LocalSystem, layout: Layout, book: Book, work: Workload,
+                 last: dict[int, int]) -> None:
+    import query
+    members = [m for (_, cur), m in layout.merchant.items() if cur == "USD"]
+    want = sum(book.expected[m] for m in members)
+    try:
+        with query.Client.from_system(ls.system_path) as q:
+            hb = q.hierarchy_balance(MERCHANT_GROUP, "USD", min_seqs=last, wait_ms=5000)
+    except Exception as exc:  # noqa: BLE001 - reported as a failed check
+        _check(results, False, f"hierarchy: the merchants group's balance: {type(exc).__name__}: {exc}")
+        return
+    _check(results, hb.get("available") == want,
+           f"hierarchy: the merchants group over both shards went from {work.group_before.get('available', 0):,} "
+           f"to {hb.get('available', 0):,} (at seqs {hb.get('seqs')}), the sum of its merchants' balances "
+           f"{want:,}")
+
+
+def _check_export(results: list[tuple[bool, str]], export: Export, followers: list[GapFreeFollower],
+                  system: System, last: dict[int, int]) -> None:
+    deadline = time.monotonic() + 60
+    cps: dict[int, int] = {}
+    rows: dict[int, int] = {}
+    while time.monotonic() < deadline and export.error is None:
+        try:
+            cps, rows = export.counts()
+        except Exception:  # noqa: BLE001 - the schema may not be there yet; asked again
+            cps, rows = {}, {}
+        if all(cps.get(s, 0) >= n for s, n in last.items()):
+            break
+        time.sleep(0.3)
+    records = {sid: f.events for sid, f in zip(sorted(system.shards), followers)}
+    ok = (export.error is None and all(cps.get(s, 0) == n for s, n in last.items())
+          and all(rows.get(s) == records[s] for s in last))
+    _check(results, ok, "PostgreSQL export: " + ", ".join(
+        f"shard {s} {rows.get(s, 0):,} rows to seq {cps.get(s, 0):,} for {records[s]:,} event records"
+        for s in sorted(last)) + (f" ({export.error!r})" if export.error else ""))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server for the baseline benchmark, started from the distribution's packages.
+"""A throwaway PostgreSQL server (the baseline benchmark, the export tests, ``zwallet demo``), started from
+the distribution's packages.
 
     with PostgresServer("/tmp/somewhere") as pg:      # initdb + start; stop (always) on exit
         print(pg.dsn, pg.settings())
@@ -232,7 +233,7 @@ class PostgresServer:
                 conf["unix_socket_directories"] = "''"
                 _say(f"{self.socket_dir} is too long for a unix socket path: TCP only")
             with open(os.path.join(self.data_dir, "postgresql.conf"), "a") as f:
-                f.write("\n# zwallet bench (bench/pg_server.py)\n")
+                f.write("\n# zwallet bench (engine/devtools/pg_server.py)\n")
                 for k, v in conf.items():
                     f.write(f"{k} = {v}\n")
             shown = ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers", "max_connections")
