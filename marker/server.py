@@ -44,6 +44,7 @@ from engine.service.config import DriverConfig, ServiceConfig
 from engine.service.logs import setup_logging
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
+from engine.service.security import ADMIN
 from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
 from engine.system import Group, System
 from marker import wire as MW
@@ -156,7 +157,7 @@ class MarkerServer(ReplicatedServer):
         self.ops = {
             MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
-            MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16),
+            MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16, right=ADMIN),
         }
         self.entry_weight_max = SUBMIT_ENTRY_SPECS_MAX  # specs in one entry
         self.tick_interval_ms = 20
@@ -168,6 +169,7 @@ class MarkerServer(ReplicatedServer):
         self._driver: JobDriver | None = None
         self._driver_term = -1
         self._shards: dict[int, ShardClient] = {}
+        self._shard_keys: Any = False
         self._results_inflight = 0
         self._last_entry_ts = 0
         self._last_entry_at = 0.0
@@ -378,9 +380,12 @@ class MarkerServer(ReplicatedServer):
         c = self._shards.get(shard_id)
         if c is None:
             cfg = self.config
+            if self._shard_keys is False:
+                self._shard_keys = cfg.client_keys()       # loaded once (None: insecure)
             c = self._shards[shard_id] = ShardClient(self.system.shard_clients(shard_id),
                                                      timeout_s=cfg.shard_timeout_ms / 1000,
-                                                     attempt_timeout_s=cfg.shard_attempt_timeout_ms / 1000)
+                                                     attempt_timeout_s=cfg.shard_attempt_timeout_ms / 1000,
+                                                     keys=self._shard_keys)
         return c
 
     def tick(self, now_ms: int) -> None:
