@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": ("engine.devtools.demo", "the whole local system (2 shards x 3, Marker, gateway) at work, with kills"),
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
+    "keygen": ("engine.service.security", "make a CURVE key pair (0600 secret); --rights allows it as a client"),
     "replica": ("engine.devtools.counter_app", "run one replica of the counter app (Raft tests/benchmark)"),
 }
 BENCH_COMMANDS = frozenset({"bench"})     # tools from the source tree's bench/ package, not the product

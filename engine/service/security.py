@@ -55,6 +55,8 @@ RAFT_DOMAIN = "zwallet-raft"
 READ, OPERATE, ADMIN = "read", "operate", "admin"
 LEVELS = {READ: 1, OPERATE: 2, ADMIN: 3}
 KEYS_RELOAD_CHECK_S = 1.0             # how often the allowed-keys directory is looked at for changes
+KEYS_MISS_CHECK_S = 0.05              # ... and at most this often when ZAP meets an unknown key (a key just
+                                      # added works at once: libzmq never retries a connection ZAP refused)
 KEY_FILE_BYTES_MAX = 64 << 10         # a key file larger than this is refused before it is parsed
 ACCOUNT_RANGES_MAX = 1024             # account id ranges one key may list
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -327,6 +329,7 @@ class KeyRing:
         self._keys: dict[str, Rights] = {}
         self._seen: tuple[Any, ...] = ()
         self._next_check = 0.0
+        self._next_miss_check = 0.0
         self.reloads = 0
         if not os.path.isdir(directory):
             raise KeyError_(f"the allowed client keys directory {directory} does not exist")
@@ -378,13 +381,23 @@ class KeyRing:
             else:
                 self._next_check = time.monotonic() + self.check_s
 
-    def rights_of(self, z85_public: str | bytes | None) -> Rights | None:
+    def rights_of(self, z85_public: str | bytes | None, *, recheck_on_miss: bool = False) -> Rights | None:
+        """The key's rights (None: not allowed). ``recheck_on_miss`` (the ZAP handler): an unknown key makes
+        the directory be looked at again, at most every KEYS_MISS_CHECK_S."""
         if not z85_public:
             return None
         if isinstance(z85_public, bytes):
             z85_public = z85_public.decode("ascii", "replace")
         self._maybe_reload()
-        return self._keys.get(z85_public)
+        r = self._keys.get(z85_public)
+        if r is None and recheck_on_miss:
+            now = time.monotonic()
+            if now >= self._next_miss_check:
+                self._next_miss_check = now + KEYS_MISS_CHECK_S
+                if self._listing() != self._seen:
+                    self.reload()
+                    r = self._keys.get(z85_public)
+        return r
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -403,8 +416,8 @@ class _Provider:
         ok = r is not None and self.allow(r)
         if not ok:
             self.denied += 1
-            log.warning("ZAP %s: refused a CURVE client key (%s)", domain,
-                        "not allowed here" if r is not None else "unknown")
+            log.warning("ZAP %s: refused the CURVE client key %s... (%s)", domain,
+                        key[:8].decode("ascii", "replace"), "not allowed here" if r is not None else "unknown")
         return ok
 
 
@@ -467,7 +480,7 @@ class ServerSecurity:
         ring = self.keyring
 
         def by_client(key: bytes) -> Rights | None:
-            return ring.rights_of(key)
+            return ring.rights_of(key, recheck_on_miss=True)
 
         def by_peer(key: bytes) -> Rights | None:
             return FULL_RIGHTS if self.peer_of_key(key.decode("ascii", "replace")) is not None else None
@@ -537,3 +550,52 @@ def system_security_table(keys_dir: str, insecure: bool = False) -> dict[str, An
     return {"insecure": False, "keys_dir": rel, "server_key": f"{rel}/{SERVER_KEY_NAME}{PUBLIC_SUFFIX}",
             "client_key": f"{rel}/admin{SECRET_SUFFIX}", "gateway_key": f"{rel}/gateway{SECRET_SUFFIX}",
             "marker_key": f"{rel}/marker{SECRET_SUFFIX}"}
+
+
+# ------------------------------------------------------------------------------------------------ zwallet keygen
+def _parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        a, sep, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise ValueError(f"account range {part!r} is not FIRST-LAST (integers)") from None
+        if not 0 <= lo <= hi < 1 << 128:
+            raise ValueError(f"account range {part!r}: need 0 <= FIRST <= LAST < 2**128")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zwallet keygen NAME --dir KEYS [--rights R] [--accounts 1-999,...] [--shards 1,2]``."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="zwallet keygen", description=(
+        "make a CURVE key pair: KEYS/NAME.key_secret (mode 0600) and its public NAME.key. With --rights the "
+        "public file goes to KEYS/clients/ and the servers that use KEYS allow it (within a second, or at "
+        "once on SIGHUP): rotation is keygen a new name, hand out its secret, remove the old .key file "
+        "(docs/security.md)"))
+    p.add_argument("name", help="the key's name (letters, digits, _ . -)")
+    p.add_argument("--dir", required=True, help="the keys directory (zwallet up: D/keys)")
+    p.add_argument("--rights", choices=sorted(LEVELS), help="allow this key as a client with these rights")
+    p.add_argument("--accounts", default="", help="restrict it to account id ranges: FIRST-LAST[,FIRST-LAST...]")
+    p.add_argument("--shards", default="", help="restrict it to shard ids: 1,2,...")
+    p.add_argument("--public-dir", help="where the public .key goes (default: KEYS/clients with --rights, else KEYS)")
+    args = p.parse_args(argv)
+    try:
+        rights = None
+        if args.rights:
+            shards = tuple(int(s) for s in args.shards.split(",") if s.strip())
+            rights = Rights(args.rights, _parse_ranges(args.accounts), shards, args.name)
+        elif args.accounts or args.shards:
+            raise ValueError("--accounts and --shards restrict a client key: give --rights too")
+        public_dir = args.public_dir or (os.path.join(args.dir, CLIENTS_DIR) if rights else args.dir)
+        pair = keygen(args.dir, args.name, rights, public_dir=public_dir)
+    except (ValueError, OSError) as exc:
+        print(f"zwallet keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"zwallet keygen: {args.name}: secret {os.path.join(args.dir, args.name + SECRET_SUFFIX)} (0600), "
+          f"public {os.path.join(public_dir, args.name + PUBLIC_SUFFIX)} = {pair.public.decode()}"
+          + (f"; allowed as {rights.describe()}" if rights else ""))
+    return 0
