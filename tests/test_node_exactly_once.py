@@ -17,7 +17,7 @@ WINDOW = 1 << 17                  # the node's minimum (4 full log entries)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard-eo")), dedup_retention=WINDOW)
+    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard-eo")), dedup_retention=WINDOW, insecure=True)
     try:
         c.start()
         yield c

@@ -169,7 +169,7 @@ class LocalSystem:
         deadline = time.monotonic() + timeout_s
         leaders: dict[str, int] = {}
         for name, c in self.groups.items():
-            with Client(c.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5) as client:
+            with Client(c.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5, keys=self.client_keys) as client:
                 while name not in leaders:
                     for k, node in enumerate(c.ids):
                         try:
