@@ -49,7 +49,7 @@ from engine.client import Client as ShardClient
 from engine.client import ClientError, RequestRefused, Unavailable
 from engine.records import Code, Kind
 from engine.service.protocol import ErrorCode
-from engine.service.security import OPERATE, READ, Rights, ops_outside
+from engine.service.security import OPERATE, READ, Rights, client_keys_of_system, ops_outside
 from engine.wire import Op, decode_ids
 from engine.shard_map import ShardMap
 from engine.system import Group, System
@@ -113,6 +113,12 @@ def caller_refusal(shard: int | None, ops: np.ndarray | None, *, need: str = REA
     if bad is not None:
         return f"account {bad} is outside the ranges of {r.describe()}"
     return ""
+
+
+def _in_caller(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` to run later on another thread (a Future's callback) in the context of now: with CALLER."""
+    ctx = contextvars.copy_context()
+    return lambda *a: ctx.copy().run(fn, *a)
 
 
 def _refused(why: str) -> Future:
@@ -386,15 +392,16 @@ class Router:
     """The system as one ledger, in-process (module docstring). Thread-safe; every method returns a Future."""
 
     def __init__(self, system: System | str, *, timeout_s: float = 10.0, attempt_timeout_s: float = 1.0,
-                 workflow_timeout_s: float = WORKFLOW_TIMEOUT_S_DEFAULT, keys: Any = None,
+                 workflow_timeout_s: float = WORKFLOW_TIMEOUT_S_DEFAULT, keys: Any = "system",
                  enforce_callers: bool = False) -> None:
-        """``keys``: the CURVE client keys the router reaches shards and the Marker with (None: insecure).
+        """``keys``: the CURVE client keys the router reaches shards and the Marker with (None: insecure;
+        by default the system's admin client key, as system.toml's [security] table names it).
         ``enforce_callers`` (the gateway service): every command is checked against its caller's rights
         (``CALLER``) before it leaves, exactly as a shard or the Marker would check them directly; a path
         without a caller is refused, never run with the gateway's own key."""
         if isinstance(system, str):
             system = System.load(system)
-        self.keys = keys
+        self.keys = client_keys_of_system(system) if keys == "system" else keys
         self.enforce_callers = enforce_callers
         self.path = system.path
         self.timeout_s = timeout_s
@@ -412,10 +419,11 @@ class Router:
             import marker as marker_pkg
             from marker.groups import GroupMap
             if system.path is not None:     # the groups' ids and removals as system.toml says
-                self.marker = marker_pkg.Client.from_system(system.path, timeout_s=workflow_timeout_s, keys=keys)
+                self.marker = marker_pkg.Client.from_system(system.path, timeout_s=workflow_timeout_s,
+                                                            keys=self.keys)
             else:
                 self.marker = marker_pkg.Client([list(g.clients) for g in system.markers],
-                                                timeout_s=workflow_timeout_s, keys=keys)
+                                                timeout_s=workflow_timeout_s, keys=self.keys)
             groups = GroupMap(system.markers if system.path is not None else
                               [Group(k + 1, g.clients) for k, g in enumerate(system.markers)])
             self.workflows = _Workflows(self.marker, groups, self.sched, workflow_timeout_s)
@@ -744,7 +752,7 @@ class Router:
                 targets = where[:1] or list(smap.shards)
                 futs = [self._shard_command(s, "compensate", dedup_id, orig, timestamp=ts) for s in targets]
                 _chain(_gather(futs), out, lambda res: _pick(res, Code.NULL_COMPENSATED))
-            _gather(looks).add_done_callback(located)
+            _gather(looks).add_done_callback(_in_caller(located))    # it sends: as the caller
             return out
         return self.routed(plan)
 

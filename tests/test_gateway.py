@@ -384,7 +384,7 @@ def test_a_stale_map_is_reloaded_once_for_many_refusals(ls, tmp_path):
     real = System.load(ls.system_path)
     swapped = ShardMap.uniform([2, 1], epoch=real.shard_map.epoch)
     path = tmp_path / "system.toml"
-    System(swapped, real.shards, real.markers).write(str(path))
+    System(swapped, real.shards, real.markers, real.extra).write(str(path))
     r = Router(str(path))
     try:
         shutil.copy(ls.system_path, path)
@@ -406,7 +406,7 @@ def test_a_stale_epoch_is_reloaded_and_the_batch_re_sent(ls, tmp_path):
     real = System.load(ls.system_path)
     newer = ShardMap.from_dict({**real.shard_map.to_dict(), "epoch": real.shard_map.epoch + 1})
     path = tmp_path / "system.toml"
-    System(newer, real.shards, real.markers).write(str(path))
+    System(newer, real.shards, real.markers, real.extra).write(str(path))
     with Router(str(path)) as r:
         a, b = account_on(ls, 1), account_on(ls, 1)
         for x in (a, b):
@@ -432,7 +432,7 @@ def test_workflow_errors_are_the_markers_classes_either_way(svc, direct, ls):
 def test_a_map_that_stays_wrong_is_a_clear_error(ls, tmp_path):
     real = System.load(ls.system_path)
     path = tmp_path / "system.toml"
-    System(ShardMap.uniform([2, 1], epoch=real.shard_map.epoch), real.shards, real.markers).write(str(path))
+    System(ShardMap.uniform([2, 1], epoch=real.shard_map.epoch), real.shards, real.markers, real.extra).write(str(path))
     with Router(str(path)) as r:
         with pytest.raises(RequestRefused) as e:
             r.create_account(new_id(), new_id(), CUR).result()

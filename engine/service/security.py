@@ -543,13 +543,15 @@ def client_keys_of_system(system: Any, which: str = "client_key") -> ClientKeys 
 
 
 def system_security_table(keys_dir: str, insecure: bool = False) -> dict[str, Any]:
-    """The ``[security]`` table ``zwallet up`` writes into system.toml (paths relative to its directory)."""
+    """The ``[security]`` table ``zwallet up`` writes into system.toml (absolute paths: a copy of the file
+    elsewhere still finds the keys; relative ones, which operators may write, are read from its directory)."""
     if insecure:
         return {"insecure": True}
-    rel = os.path.basename(keys_dir.rstrip("/"))
-    return {"insecure": False, "keys_dir": rel, "server_key": f"{rel}/{SERVER_KEY_NAME}{PUBLIC_SUFFIX}",
-            "client_key": f"{rel}/admin{SECRET_SUFFIX}", "gateway_key": f"{rel}/gateway{SECRET_SUFFIX}",
-            "marker_key": f"{rel}/marker{SECRET_SUFFIX}"}
+    d = os.path.abspath(keys_dir)
+    return {"insecure": False, "keys_dir": d, "server_key": os.path.join(d, SERVER_KEY_NAME + PUBLIC_SUFFIX),
+            "client_key": os.path.join(d, "admin" + SECRET_SUFFIX),
+            "gateway_key": os.path.join(d, "gateway" + SECRET_SUFFIX),
+            "marker_key": os.path.join(d, "marker" + SECRET_SUFFIX)}
 
 
 # ------------------------------------------------------------------------------------------------ zwallet keygen
