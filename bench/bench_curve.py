@@ -35,7 +35,7 @@ from engine.devtools.cluster import NodeCluster
 
 SECTION_BEGIN = "<!-- bench_curve:begin -->"
 SECTION_END = "<!-- bench_curve:end -->"
-DEFAULTS = dict(accounts=20_000, connections=4, inflight=4, warmup_s=2.0, window_s=2.0, windows=5,
+DEFAULTS = dict(accounts=20_000, connections=2, inflight=4, warmup_s=2.0, window_s=2.0, windows=5,
                 unbatched_connections=8, unbatched_inflight=64, latency_s=6.0, latency_warmup_s=1.0,
                 rate=10_000, rounds=2)
 QUICK = dict(accounts=5_000, warmup_s=1.0, window_s=1.0, windows=3, latency_s=3.0, rounds=1)
@@ -69,9 +69,12 @@ def one_round(secure: bool, base: str, args: argparse.Namespace, k: int) -> dict
             finally:
                 load.stop()
             bad = sum(b for _, _, b in load.completions)
-            if load.errors or bad:
-                raise RuntimeError(f"{mode} {name}: {bad} not OK, errors {load.errors[:3]}")
+            if bad:
+                raise RuntimeError(f"{mode} {name}: {bad} transfers not OK")
             out[f"{name}_per_s"] = statistics.median(windows)
+            out[f"{name}_errors"] = len(load.errors)      # a connection whose call timed out stopped (reported)
+            if load.errors:
+                print(f"  {mode} {name}: {len(load.errors)} connection(s) stopped: {load.errors[0]}", flush=True)
             print(f"  {mode} round {k + 1}: {name} {out[f'{name}_per_s']:,.0f} transfers/s "
                   f"(windows {', '.join(f'{x:,.0f}' for x in windows)})", flush=True)
         time.sleep(1.0)                                   # the load's writeback settles before latency
@@ -112,12 +115,15 @@ def render(rounds: list[dict[str, Any]], args: argparse.Namespace, command: str)
         (f"p99 at {args.rate:,}/s", f"{s['p99_ms']:.3f} ms", f"{i['p99_ms']:.3f} ms",
          f"{s['p99_ms'] - i['p99_ms']:+.3f} ms"),
     ]
+    stopped = sum(r["batched_errors"] + r["unbatched_errors"] for r in rounds)
     every = "; ".join(f"{r['mode']} {r['batched_per_s']:,.0f} / {r['unbatched_per_s']:,.0f} /s, "
                       f"p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms" for r in rounds)
     lines = [SECTION_BEGIN, "## CURVE cost, side by side (issue 15)", "", head, "", setup, "",
              "| | CURVE on (default) | insecure | cost |", "|---|---:|---:|---:|",
              *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows), "",
-             f"Every round (batched / unbatched transfers/s, latency at {args.rate:,}/s): {every}.", SECTION_END]
+             f"Every round (batched / unbatched transfers/s, latency at {args.rate:,}/s): {every}.",
+             *([f"Load connections stopped by a timed-out call: {stopped} (their windows count less)."]
+               if stopped else []), SECTION_END]
     return "\n".join(lines)
 
 
@@ -135,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     try:
         order: list[tuple[bool, int]] = []
-        for k in range(args.rounds):
-            order += [(True, k), (False, k)] if k % 2 == 0 else [(False, k), (True, k)]
-        for secure, k in order:
-            rounds.append(one_round(secure, base, args, k))
+        for rnd in range(args.rounds):
+            order += [(True, rnd), (False, rnd)] if rnd % 2 == 0 else [(False, rnd), (True, rnd)]
+        for secure, rnd in order:
+            rounds.append(one_round(secure, base, args, rnd))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     command = "python -m bench.bench_curve" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
