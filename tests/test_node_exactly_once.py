@@ -97,6 +97,7 @@ def test_a_never_applied_command_past_the_horizon_is_definitely_not_applied(clie
 
 def test_dedup_retention_is_a_node_limit():
     doc = {"node": {"id": 1, "data_dir": "/tmp/x"}, "limits": {"dedup_retention": 1 << 22},
+           "security": {"insecure": True},
            "replica": [{"id": 1, "raft": "tcp://127.0.0.1:1", "client": "tcp://127.0.0.1:2", "pub": "tcp://127.0.0.1:3"}]}
     cfg = NodeConfig.from_dict(doc)
     assert cfg.dedup_retention == 1 << 22 and "dedup_retention = 4194304" in cfg.to_toml()
