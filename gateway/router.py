@@ -801,7 +801,9 @@ class Router:
         ids = [_id(d) for d in dedup_ids]
         shards = list(self.shard_map.shards)
         futs = [self._read_results(s, ids) for s in shards]
-        wf: Future = (_done([None] * len(ids)) if self.marker is None or not ids
+        # the Marker's workflows are read with an unrestricted key only (as the Marker itself would check)
+        no_workflows = self.enforce_callers and bool(caller_refusal(None, None, unrestricted=True))
+        wf: Future = (_done([None] * len(ids)) if self.marker is None or not ids or no_workflows
                       else self.marker._get_workflows_future(ids))
         out: Future = Future()
 
