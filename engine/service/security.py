@@ -57,6 +57,7 @@ LEVELS = {READ: 1, OPERATE: 2, ADMIN: 3}
 KEYS_RELOAD_CHECK_S = 1.0             # how often the allowed-keys directory is looked at for changes
 KEYS_MISS_CHECK_S = 0.05              # ... and at most this often when ZAP meets an unknown key (a key just
                                       # added works at once: libzmq never retries a connection ZAP refused)
+REFUSAL_LOG_INTERVAL_S = 10.0         # at most one log line per interval (and ZAP domain) about refused keys
 KEY_FILE_BYTES_MAX = 64 << 10         # a key file larger than this is refused before it is parsed
 ACCOUNT_RANGES_MAX = 1024             # account id ranges one key may list
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -73,7 +74,7 @@ INSECURE_WARNING = ("INSECURE MODE: CURVE is off for %s: every socket is open; a
                     "can read and move money. Only for tests that measure the cost of CURVE.")
 
 
-class KeyError_(ValueError):
+class KeyFileError(ValueError):
     """A key file that is missing, malformed or unsafe (the message says which file and why)."""
 
 
@@ -181,11 +182,11 @@ class KeyPair:
 
 def _check_z85(v: Any, what: str, path: str) -> bytes:
     if not isinstance(v, str) or len(v) != Z85_KEY_LEN:
-        raise KeyError_(f"{path}: {what} must be a {Z85_KEY_LEN}-character Z85 string")
+        raise KeyFileError(f"{path}: {what} must be a {Z85_KEY_LEN}-character Z85 string")
     try:
         zmq.utils.z85.decode(v.encode("ascii"))
     except (ValueError, UnicodeEncodeError, KeyError) as exc:
-        raise KeyError_(f"{path}: {what} is not Z85: {exc}") from None
+        raise KeyFileError(f"{path}: {what} is not Z85: {exc}") from None
     return v.encode("ascii")
 
 
@@ -193,31 +194,31 @@ def _read_toml(path: str) -> dict[str, Any]:
     try:
         size = os.path.getsize(path)
         if size > KEY_FILE_BYTES_MAX:
-            raise KeyError_(f"{path}: a key file of {size} bytes exceeds KEY_FILE_BYTES_MAX={KEY_FILE_BYTES_MAX}")
+            raise KeyFileError(f"{path}: a key file of {size} bytes exceeds KEY_FILE_BYTES_MAX={KEY_FILE_BYTES_MAX}")
         with open(path, "rb") as f:
             return tomllib.load(f)
     except OSError as exc:
-        raise KeyError_(f"cannot read the key file {path}: {exc}") from None
+        raise KeyFileError(f"cannot read the key file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise KeyError_(f"{path}: not a key file (TOML): {exc}") from None
+        raise KeyFileError(f"{path}: not a key file (TOML): {exc}") from None
 
 
 def _parse_rights(doc: dict[str, Any], name: str, path: str) -> Rights:
     level = doc.get("rights")
     if level not in LEVELS:
-        raise KeyError_(f"{path}: rights must be one of {sorted(LEVELS)}, not {level!r}")
+        raise KeyFileError(f"{path}: rights must be one of {sorted(LEVELS)}, not {level!r}")
     ranges: list[tuple[int, int]] = []
     raw = doc.get("accounts", [])
     if not isinstance(raw, list) or len(raw) > ACCOUNT_RANGES_MAX:
-        raise KeyError_(f"{path}: accounts must be a list of at most {ACCOUNT_RANGES_MAX} [first, last] ranges")
+        raise KeyFileError(f"{path}: accounts must be a list of at most {ACCOUNT_RANGES_MAX} [first, last] ranges")
     for r in raw:
         if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) for x in r)
                 or not 0 <= r[0] <= r[1] < 1 << 128):
-            raise KeyError_(f"{path}: account range {r!r} is not [first, last] with 0 <= first <= last < 2**128")
+            raise KeyFileError(f"{path}: account range {r!r} is not [first, last] with 0 <= first <= last < 2**128")
         ranges.append((r[0], r[1]))
     shards = doc.get("shards", [])
     if not isinstance(shards, list) or not all(isinstance(s, int) and s > 0 for s in shards):
-        raise KeyError_(f"{path}: shards must be a list of positive shard ids")
+        raise KeyFileError(f"{path}: shards must be a list of positive shard ids")
     return Rights(level, tuple(ranges), tuple(shards), name)
 
 
@@ -234,16 +235,16 @@ def load_secret(path: str) -> KeyPair:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise KeyError_(f"cannot read the secret key file {path}: {exc}") from None
+        raise KeyFileError(f"cannot read the secret key file {path}: {exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyError_(f"{path}: a secret key file must be readable by its owner only (chmod 600), "
+        raise KeyFileError(f"{path}: a secret key file must be readable by its owner only (chmod 600), "
                         f"not mode {stat.S_IMODE(mode):o}")
     doc = _read_toml(path)
     name = str(doc.get("name", os.path.basename(path).removesuffix(SECRET_SUFFIX)))
     public = _check_z85(doc.get("public_key"), "public_key", path)
     secret = _check_z85(doc.get("secret_key"), "secret_key", path)
     if zmq.curve_public(secret) != public:
-        raise KeyError_(f"{path}: public_key is not the public half of secret_key")
+        raise KeyFileError(f"{path}: public_key is not the public half of secret_key")
     return KeyPair(name, public, secret)
 
 
@@ -332,7 +333,7 @@ class KeyRing:
         self._next_miss_check = 0.0
         self.reloads = 0
         if not os.path.isdir(directory):
-            raise KeyError_(f"the allowed client keys directory {directory} does not exist")
+            raise KeyFileError(f"the allowed client keys directory {directory} does not exist")
         self.reload()
 
     def _listing(self) -> tuple[Any, ...]:
@@ -358,7 +359,7 @@ class KeyRing:
                 path = os.path.join(self.directory, n)
                 try:
                     pair, rights = load_public(path)
-                except KeyError_ as exc:
+                except KeyFileError as exc:
                     log.error("skipping a client key: %s", exc)
                     continue
                 if rights is None:
@@ -410,15 +411,30 @@ class _Provider:
         self.lookup = lookup
         self.allow = allow
         self.denied = 0
+        self._logged_at = -REFUSAL_LOG_INTERVAL_S
+        self._unlogged = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
         r = self.lookup(key)
         ok = r is not None and self.allow(r)
         if not ok:
             self.denied += 1
-            log.warning("ZAP %s: refused the CURVE client key %s... (%s)", domain,
-                        key[:8].decode("ascii", "replace"), "not allowed here" if r is not None else "unknown")
+            now = time.monotonic()
+            if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
+                self._unlogged += 1            # a flood of refused keys never floods the log
+                return False
+            log.warning("ZAP %s: refused a CURVE client key (fingerprint %s: %s)%s", domain, fingerprint(key),
+                        "not allowed here" if r is not None else "unknown",
+                        f"; {self._unlogged} more refused since the last line" if self._unlogged else "")
+            self._logged_at, self._unlogged = now, 0
         return ok
+
+
+def fingerprint(public_z85: bytes | str) -> str:
+    """What logs name a key by: 12 hex digits of its SHA-256 (logs never carry keys, not even public ones)."""
+    import hashlib
+    raw = public_z85.encode() if isinstance(public_z85, str) else public_z85
+    return hashlib.sha256(raw).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------ sockets
@@ -448,7 +464,7 @@ class ServerSecurity:
     def __init__(self, server: KeyPair, keyring: KeyRing, *, peer_keys: dict[int, bytes] | None = None,
                  own_peer: KeyPair | None = None) -> None:
         if server.secret is None:
-            raise KeyError_("the server key needs its secret half")
+            raise KeyFileError("the server key needs its secret half")
         self.server = server
         self.keyring = keyring
         self.peer_keys = dict(peer_keys or {})
@@ -502,7 +518,7 @@ class ServerSecurity:
     def configure_peer_client(self, sock: zmq.Socket) -> None:
         """A Raft DEALER to a peer: authenticates with this replica's own peer key."""
         if self.own_peer is None or self.own_peer.secret is None:
-            raise KeyError_("this replica has no peer key (config [security] peer_key)")
+            raise KeyFileError("this replica has no peer key (config [security] peer_key)")
         sock.curve_secretkey = self.own_peer.secret
         sock.curve_publickey = self.own_peer.public
         sock.curve_serverkey = self.server.public
@@ -537,7 +553,7 @@ def client_keys_of_system(system: Any, which: str = "client_key") -> ClientKeys 
     def path_of(key: str) -> str:
         v = sec.get(key)
         if not isinstance(v, str) or not v:
-            raise KeyError_(f"{system.path}: [security] {key} must name a key file")
+            raise KeyFileError(f"{system.path}: [security] {key} must name a key file")
         return v if os.path.isabs(v) else os.path.join(base, v)
     return ClientKeys.load(path_of(which), path_of("server_key"))
 
