@@ -555,11 +555,15 @@ class Router:
 
     def _workflow(self, spec: Any, kind: int) -> Future:
         if self.enforce_callers:
-            # a workflow runs with the Marker's key on every shard it names: only a key the Marker itself
-            # would take (unrestricted OPERATE) may start one (docs/security.md)
-            why = caller_refusal(None, None, need=OPERATE, unrestricted=True)
+            # a workflow runs with the Marker's key on every shard it names: the caller's rights must cover
+            # every account of it, as the Marker checks a restricted key itself (docs/security.md)
+            why = caller_refusal(None, None, need=OPERATE)
+            r = CALLER.get()
+            if not why and r is not None and r.restricted:
+                from marker.commands import workflow_refusal
+                why = workflow_refusal(r, [spec], self.shard_map)
             if why:
-                return _failed(RequestRefused(ErrorCode.UNAUTHORIZED, why))
+                return _refused(why)
         if self.workflows is None:
             return _failed(ClientError("this system has no Marker ([marker] in system.toml): a command over "
                                        "several shards cannot run"))

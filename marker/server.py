@@ -48,7 +48,7 @@ from engine.service.security import ADMIN
 from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
 from engine.system import Group, System
 from marker import wire as MW
-from marker.commands import Drain, Submit, encode_entry, u128_bytes
+from marker.commands import Drain, Submit, encode_entry, u128_bytes, workflow_refusal
 from marker.groups import GroupMap
 from marker.events import MARKER_EVENT_DTYPE, EventKind
 from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, JOB_RESULTS_ENTRY_MAX, NOT_REMEMBERED, RETRY_BASE_MS,
@@ -155,7 +155,7 @@ class MarkerServer(ReplicatedServer):
                                      finished_retained_max=config.finished_retained_max,
                                      try_expiry_ms=config.try_expiry_ms)
         self.ops = {
-            MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
+            MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX, scoped=True),
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
             MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16, right=ADMIN),
         }
@@ -215,6 +215,10 @@ class MarkerServer(ReplicatedServer):
                     if why is not None:
                         raise RequestError(ErrorCode.WRONG_GROUP, why + "; nothing was created",
                                            reason="wrong_group")
+            if p.rights.restricted:
+                why = workflow_refusal(p.rights, req.specs, self.system.shard_map)
+                if why:
+                    raise RequestError(ErrorCode.UNAUTHORIZED, why + "; nothing was created", reason="unauthorized")
             if req.wait_ms and self._nwaiters >= self.config.waiters_max:
                 raise RequestError(ErrorCode.OVERLOADED, "too many SUBMITs are waiting for their outcome "
                                    "(waiters_max); submit without waiting or retry later", reason="waiters")

@@ -105,18 +105,20 @@ def test_ranged_key_cannot_reach_outside_its_range_through_the_gateway(ls):
     inside = on_shard(system, 1, 20_000, 30_000)[:2]
     outside = on_shard(system, 1, 40_000, 50_000)[0]
     other_shard = on_shard(system, 2, 20_000, 30_000)[0]
+    outside_other = on_shard(system, 2, 40_000, 50_000)[0]
     with gateway.Client.from_system(ls.system_path) as admin:
-        for a in (*inside, outside, other_shard):
+        for a in (*inside, outside, other_shard, outside_other):
             assert admin.create_account(next(_ids), a, CUR, lower_limit=None).ok
         before = admin.get_account(outside)
     ranged = allow(ls, "gw-ranged", S.Rights(S.OPERATE, ((20_000, 29_999),), name="gw-ranged"))
     with gateway.Client(ls.gateway_addresses, keys=ranged, timeout_s=10) as g:
         assert g.transfer(next(_ids), inside[0], inside[1], 5, CUR).ok          # inside: applied
+        assert g.transfer(next(_ids), inside[0], other_shard, 5, CUR).ok        # inside, across shards
         refused = [
             lambda: g.transfer(next(_ids), inside[0], outside, 5, CUR),           # same shard, outside
             lambda: g.get_account(outside),
             lambda: g.create_account(next(_ids), inside[0] + 1, CUR),            # account management
-            lambda: g.transfer(next(_ids), inside[0], other_shard, 5, CUR),       # cross-shard: a workflow
+            lambda: g.transfer(next(_ids), inside[0], outside_other, 5, CUR),     # a workflow, outside
             lambda: g.totals(CUR),                                                # every account
         ]
         for call in refused:
@@ -129,8 +131,14 @@ def test_ranged_key_cannot_reach_outside_its_range_through_the_gateway(ls):
             direct.transfer(next(_ids), inside[0], outside, 5, CUR)
         assert e.value.code == ErrorCode.UNAUTHORIZED
         assert direct.transfer(next(_ids), inside[1], inside[0], 1, CUR).ok
+    with marker.Client(list(system.markers[0].clients), keys=ranged, timeout_s=10) as m:   # the Marker too
+        with pytest.raises(RequestRefused) as e:
+            m.transfer(next(_ids), inside[0], outside_other, 5, CUR)
+        assert e.value.code == ErrorCode.UNAUTHORIZED
+        assert m.transfer(next(_ids), other_shard, inside[1], 1, CUR).code == 0
     with gateway.Client.from_system(ls.system_path) as admin:
         assert admin.get_account(outside) == before
+        assert admin.get_account(outside_other)["available"] == 0
 
 
 def test_read_only_key_cannot_write_through_the_gateway_or_the_marker(ls):
