@@ -240,6 +240,18 @@ def test_ranged_operate_key_cannot_touch_an_account_outside_its_range(shard):
         assert sum(admin.status(node=i - 1)["refusals"]["unauthorized"] for i in c.ids) >= len(refused)
 
 
+def test_the_connection_guard_counts_curve_framing(shard):
+    """Under CURVE every frame travels in a MESSAGE command (~35 bytes more): the guard counts it, so an
+    honest connection's held bytes do not creep up with every request until it is cut."""
+    c, keys = shard
+    with Client([c.client_addr[1]], keys=keys["admin"], timeout_s=10) as one:
+        for _ in range(1500):
+            one.result_of(1)
+        time.sleep(0.2)                                   # a guard scan (connection_check_ms = 20)
+        st = one.status(node=0)
+    assert st["client_connections"]["held_in_bytes"] < 5_000, st["client_connections"]
+
+
 def test_key_rotation_keeps_the_shard_serving(shard):
     c, keys = shard
     kd = c.keys_dir

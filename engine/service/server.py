@@ -48,7 +48,7 @@ import numpy as np
 import zmq
 
 from engine import fileio
-from engine.conn_guard import ConnectionGuard
+from engine.conn_guard import ConnectionGuard, curve_frame_overhead
 from engine.raft.driver import NotLeader, OutcomeUnknown, Overloaded, ProposalDropped, RaftDriver
 from engine.service import protocol as P
 from engine.service.config import ServiceConfig
@@ -618,9 +618,14 @@ class ReplicatedServer:
             counters.requests += 1
             if guard is not None:
                 taken = 0
-                for fr in frames:
-                    n = len(fr)
-                    taken += n + (2 if n <= 255 else 9)
+                if sec is None:
+                    for fr in frames:
+                        n = len(fr)
+                        taken += n + (2 if n <= 255 else 9)
+                else:
+                    for fr in frames:
+                        n = len(fr)
+                        taken += n + curve_frame_overhead(n)
                 guard.note_in(guard.key_of(ident, first), taken)
             if frames:
                 if sec is not None:
