@@ -279,6 +279,13 @@ def test_key_rotation_keeps_the_shard_serving(shard):
     with Client(c.client_addresses, keys=old, timeout_s=1.5, attempt_timeout_s=0.5) as again:
         with pytest.raises(Unavailable):            # a new connection with the old key: nothing
             again.get_account(1000)
+    import signal
+    for i in c.ids:                                 # SIGHUP re-reads the keys (and does not stop a replica)
+        c.procs[i].send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert all(c.alive(i) for i in c.ids)
+    with Client(c.client_addresses, keys=new, timeout_s=10) as v2:
+        assert v2.transfer(8399, 1000, 1001, 1, "USD").ok
 
 
 def test_forged_raft_message_from_an_unknown_key_never_reaches_the_leader(shard):
