@@ -28,7 +28,7 @@ def one_round(calls: int, concurrency: int, threads: int) -> dict[str, float]:
     from engine.client import AsyncClient, Client
     from engine.devtools.cluster import NodeCluster
     with tempfile.TemporaryDirectory() as d:
-        cluster = NodeCluster(1, d, sync=False)
+        cluster = NodeCluster(1, d, sync=False, insecure=True)
         cluster.start()
         try:
             with Client(cluster.client_addresses) as sc:
@@ -77,7 +77,8 @@ def gateway_round(calls: int, concurrency: int) -> dict[str, float]:
     one gateway): calls/s, and the gateway process's CPU a call (from /proc)."""
     import gateway
     from engine.devtools.up import LocalSystem
-    with tempfile.TemporaryDirectory() as d, LocalSystem(d, shards=1, replicas=1, sync=False, marker=False) as ls:
+    with tempfile.TemporaryDirectory() as d, \
+            LocalSystem(d, shards=1, replicas=1, sync=False, marker=False, insecure=True) as ls:
         ls.start()
         with gateway.Client.from_system(ls.system_path) as g:
             assert g.create_account(1, 10, "USD", lower_limit=None).code == 0

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = tempfile.mkdtemp(prefix="zwallet-flood-")
     settings = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    cluster = NodeCluster(3, base, **settings)  # type: ignore[arg-type]  # NodeConfig fields, checked there
+    cluster = NodeCluster(3, base, insecure=True, **settings)  # type: ignore[arg-type]  # NodeConfig fields, checked there
     try:
         cluster.start()
         res = run_flood(cluster, args.seconds, accounts=args.accounts, kinds=tuple(args.kinds.split(",")),

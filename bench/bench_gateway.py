@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.client import Client as ShardClient
     from engine.devtools.up import LocalSystem
     from engine.system import System
-    with tempfile.TemporaryDirectory() as d, LocalSystem(d, shards=2, replicas=args.replicas, gateways=1) as ls:
+    with tempfile.TemporaryDirectory() as d, LocalSystem(d, shards=2, replicas=args.replicas, gateways=1,
+                                                             insecure=True) as ls:
         ls.start()
         system = System.load(ls.system_path)
         smap = system.shard_map

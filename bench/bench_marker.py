@@ -594,7 +594,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.workflows_inflight_max:
         settings["workflows_inflight_max"] = args.workflows_inflight_max
     try:
-        with LocalSystem(base, shards=2, replicas=3, sync=True, marker_settings=settings) as ls:
+        with LocalSystem(base, shards=2, replicas=3, sync=True, marker_settings=settings,
+                         insecure=True) as ls:
             ls.start()
             system = System.load(ls.system_path)
             accounts = split_accounts(system, args.accounts)

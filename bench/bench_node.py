@@ -186,6 +186,8 @@ class BatchLoad:
     completions: list[tuple[float, int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     duplicates: int = 0
+    keys: Any = None                    # CURVE client keys (engine.service.security.ClientKeys; None: insecure)
+    batch_records: int = BATCH_RECORDS  # transfers per request (1: unbatched, bench/bench_curve.py)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -195,7 +197,7 @@ class BatchLoad:
 
     def start(self) -> None:
         for k in range(self.connections):
-            client = Client(self.addresses)
+            client = Client(self.addresses, keys=self.keys)
             self._clients.append(client)
             t = threading.Thread(target=self._run, args=(client, self.seed + k), name=f"batch-load-{k}", daemon=True)
             self._threads.append(t)
@@ -213,11 +215,11 @@ class BatchLoad:
     def _run(self, client: Client, seed: int) -> None:
         rng = np.random.default_rng(seed)
         templates = []
+        n = self.batch_records
         for _ in range(TEMPLATES_PER_CONNECTION):
-            src, dst = random_pairs(rng, BATCH_RECORDS, self.accounts)
-            templates.append(R.transfers(np.zeros(BATCH_RECORDS, dtype=np.int64), src, dst,
-                                         np.full(BATCH_RECORDS, TRANSFER_AMOUNT), CURRENCY))
-        offsets = np.arange(BATCH_RECORDS, dtype=np.uint64)
+            src, dst = random_pairs(rng, n, self.accounts)
+            templates.append(R.transfers(np.zeros(n, dtype=np.int64), src, dst, np.full(n, TRANSFER_AMOUNT), CURRENCY))
+        offsets = np.arange(n, dtype=np.uint64)
         pending: list[Future] = []
         sent = 0
         try:
@@ -269,7 +271,8 @@ def run_throughput(addresses: list[str], ids: Ids, args: argparse.Namespace) -> 
 
 
 # --- 2. open-loop latency ----------------------------------------------------------------------------------
-def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: float,
+                keys: Any = None) -> dict[str, Any]:
     """Requests of one transfer each, due at t0 + i/rate, latency measured from the due time to the reply.
 
     The load generator is a bare DEALER on this thread (the wire protocol of docs/protocol.md, headers
@@ -290,6 +293,8 @@ def run_latency(leader_address: str, ids: Ids, args: argparse.Namespace, rate: f
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 1_000_000)
     sock.setsockopt(zmq.RCVHWM, 1_000_000)
+    if keys is not None:                                    # CURVE (bench/bench_curve.py)
+        keys.configure_client(sock)
     sock.connect(leader_address)
     encode = W.encode
     code_offset = field_offset(R.RESULT_DTYPE, "code")
@@ -837,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.bench_node " + " ".join(argv)
     res: dict[str, Any] = {"machine": machine_info(), "note": args.note}
     base = tempfile.mkdtemp(prefix="bench-node-")
-    cluster = NodeCluster(REPLICAS, base)
+    cluster = NodeCluster(REPLICAS, base, insecure=True)   # CURVE's cost: bench/bench_curve.py
     ids = Ids()
     status_client: Client | None = None
     try:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--snapshot-entries", type=int, default=20, help="snapshot_threshold_entries")
     args = p.parse_args(argv)
     base = tempfile.mkdtemp(prefix="zwallet-prune-")
-    cluster = NodeCluster(3, base, event_retention_seqs=args.retention,
+    cluster = NodeCluster(3, base, insecure=True, event_retention_seqs=args.retention,
                           snapshot_threshold_entries=args.snapshot_entries, leader_snapshot_defer=1,
                           snapshot_keep_entries=5)
     out: dict[str, Any] = {}

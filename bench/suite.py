@@ -197,7 +197,7 @@ class CpuMeter:
 class Suite:
     def __init__(self, args: argparse.Namespace, base: str) -> None:
         self.args, self.base = args, base
-        self.cluster = NodeCluster(REPLICAS, os.path.join(base, "zwallet"))
+        self.cluster = NodeCluster(REPLICAS, os.path.join(base, "zwallet"), insecure=True)   # bench_curve: CURVE
         self.status: Client | None = None
         self.pg: Any = None
         self.led: Any = None

@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": ("bench.suite", "zwallet beside PostgreSQL: throughput, latency, failover, scaling; report + plots"),
     "export-pg": ("query.export_pg", "export every shard's events into PostgreSQL exactly once (--system, --dsn)"),
     "sim": ("engine.raft.sim", "seeded Raft simulations (--seeds N --jobs 0)"),
+    "keygen": ("engine.service.security", "make a CURVE key pair (0600 secret); --rights allows it as a client"),
     "replica": ("engine.devtools.counter_app", "run one replica of the counter app (Raft tests/benchmark)"),
 }
 BENCH_COMMANDS = frozenset({"bench"})     # tools from the source tree's bench/ package, not the product

@@ -263,10 +263,11 @@ class _ClientBase:
     awaits them."""
 
     def __init__(self, addresses: Sequence[str] | str, *, timeout_s: float = TIMEOUT_S_DEFAULT,
-                 attempt_timeout_s: float = ATTEMPT_TIMEOUT_S_DEFAULT) -> None:
+                 attempt_timeout_s: float = ATTEMPT_TIMEOUT_S_DEFAULT, keys: Any = None) -> None:
+        """``keys``: the CURVE client keys (engine.service.security.ClientKeys; None: an insecure shard)."""
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
-        self._io = _IoCore(addresses, timeout_s, attempt_timeout_s)
+        self._io = _IoCore(addresses, timeout_s, attempt_timeout_s, keys)
         self._encoder = OpEncoder()
         self._encoder_lock = threading.Lock()
 
@@ -282,10 +283,16 @@ class _ClientBase:
         self._io.close()
 
     def _command(self, name: str, *args: Any, **kwargs: Any) -> Future:
+        return self._submit_records(self._encode_command(name, *args, **kwargs))
+
+    def _encode_command(self, name: str, *args: Any, **kwargs: Any) -> np.ndarray:
+        """The op records of one command (``_command`` = this, then ``_submit_records``)."""
         if not kwargs.get("timestamp"):
             kwargs["timestamp"] = int(time.time() * 1000)     # the command's issued_ms (the first attempt's)
         with self._encoder_lock:
-            records = getattr(self._encoder, name)(*args, **kwargs)
+            return getattr(self._encoder, name)(*args, **kwargs)
+
+    def _submit_records(self, records: np.ndarray) -> Future:
         return self._io.submit(_Call(Op.APPLY, LightFuture(), records=records))
 
     def _read(self, op: Op, payload: bytes = b"", consistency: str = "linearizable", **fields: Any) -> Future:
@@ -462,8 +469,8 @@ class Subscriber(StreamSubscriber):
     returns the next chunk of event records (all parts of whole seqs) or None; iterating blocks."""
 
     def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], from_seq: int = 1,
-                 *, idle_check_s: float = 0.5, timeout_s: float = TIMEOUT_S_DEFAULT) -> None:
-        self.client = Client(client_addresses, timeout_s=timeout_s)
+                 *, idle_check_s: float = 0.5, timeout_s: float = TIMEOUT_S_DEFAULT, keys: Any = None) -> None:
+        self.client = Client(client_addresses, timeout_s=timeout_s, keys=keys)
         super().__init__(pub_addresses, self.client.events, lambda: int(self.client.status().get("last_seq", 0)),
-                         R.EVENT_DTYPE, from_seq, idle_check_s=idle_check_s)
+                         R.EVENT_DTYPE, from_seq, idle_check_s=idle_check_s, keys=keys)
 

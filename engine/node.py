@@ -46,6 +46,7 @@ from engine.service.logs import setup_logging as _setup_logging
 from engine.service.server import (CLIENT_RCVHWM, CLIENT_SNDHWM, CUT_REASONS, INT_ENCODER, READ, RECEIVE_DEFER_MS,
                                    RECV_PASS_S, RECV_PER_ITERATION_MAX, REFUSAL_REASONS, WRITE, OpSpec, Pending,
                                    ReadBudget, ReplicatedServer, RequestError, ok_reply_parts, run_until_signalled)
+from engine.service.security import ops_outside
 from engine.service.snapshot import (SNAPSHOT_CHILD_BOOST_S, SNAPSHOT_CHILD_NICE, SNAPSHOT_WRITE_CHUNK_BYTES,
                                      SNAPSHOT_WRITE_PAUSE_S, ForkedSnapshot)
 from engine.shard_map import SHARD_ID_MAX, ShardMap
@@ -62,6 +63,9 @@ _OP_DTYPE = R.OP_DTYPE
 _OP_BYTES = R.OP_DTYPE.itemsize
 _RESULT_BYTES = R.RESULT_DTYPE.itemsize
 _TRANSFER = int(R.Kind.TRANSFER)
+# the account-management kinds: only an admin key may apply them (docs/security.md)
+MANAGEMENT_KINDS = tuple(int(k) for k in (R.Kind.CREATE_ACCOUNT, R.Kind.DELETE_ACCOUNT, R.Kind.LOCK_ACCOUNT,
+                                          R.Kind.UNLOCK_ACCOUNT, R.Kind.UPDATE_ACCOUNT_CONFIG))
 
 CLIENT_FRAME_BYTES_MAX = W.FRAME_BYTES_MAX_DEFAULT   # default ZMQ_MAXMSGSIZE on the client ROUTER: a full
                                       # APPLY batch plus a header's worth; a larger frame drops the peer
@@ -163,9 +167,10 @@ class Node(ReplicatedServer):
         ids_max = W.IDS_PER_REQUEST_MAX * W.ID_BYTES
         self.ops = {
             int(Op.APPLY): OpSpec("APPLY", WRITE, _OP_BYTES, _OP_BYTES, config.batch_records_max * _OP_BYTES,
-                                  _apply_size_error(config.batch_records_max)),
-            int(Op.GET_ACCOUNTS): OpSpec("GET_ACCOUNTS", READ, W.ID_BYTES, 0, ids_max, _ids_size_error),
-            int(Op.RESULT_OF): OpSpec("RESULT_OF", READ, W.ID_BYTES, 0, ids_max, _ids_size_error),
+                                  _apply_size_error(config.batch_records_max), scoped=True),
+            int(Op.GET_ACCOUNTS): OpSpec("GET_ACCOUNTS", READ, W.ID_BYTES, 0, ids_max, _ids_size_error,
+                                         scoped=True),
+            int(Op.RESULT_OF): OpSpec("RESULT_OF", READ, W.ID_BYTES, 0, ids_max, _ids_size_error, scoped=True),
             int(Op.TOTALS): OpSpec("TOTALS", READ),
         }
         self.entry_weight_max = config.entry_records_max
@@ -203,6 +208,10 @@ class Node(ReplicatedServer):
             check_batch(ops)
         except (TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if not p.rights.is_admin:                 # the key's rights, before anything reaches the log
+            why = ops_outside(p.rights, ops, MANAGEMENT_KINDS, _TRANSFER, self.shard_id)
+            if why is not None:
+                raise RequestError(ErrorCode.UNAUTHORIZED, why + "; nothing was applied", reason="unauthorized")
         epoch = p.req.shard_epoch
         if epoch and epoch != self.shard_epoch:
             raise RequestError(ErrorCode.STALE_EPOCH, f"routed with shard map epoch {epoch}; this replica of "
@@ -306,6 +315,15 @@ class Node(ReplicatedServer):
                 p.payload = W.decode_ids(payload)
             except ValueError as exc:
                 raise RequestError(ErrorCode.BAD_REQUEST, str(exc), reason="payload") from None
+            rights = p.rights
+            if rights.restricted:
+                if not rights.allows_shard(self.shard_id):
+                    raise RequestError(ErrorCode.UNAUTHORIZED, f"{rights.describe()} may not reach shard "
+                                       f"{self.shard_id}", reason="unauthorized")
+                bad = rights.outside(p.payload) if op == Op.GET_ACCOUNTS else None
+                if bad is not None:
+                    raise RequestError(ErrorCode.UNAUTHORIZED, f"account {bad} is outside the ranges of "
+                                       f"{rights.describe()}", reason="unauthorized")
         elif op == Op.TOTALS:
             try:
                 R.encode_currency(req.currency)

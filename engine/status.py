@@ -13,9 +13,10 @@ from engine.client import Client, ClientError
 from engine.stalls import stall_text
 
 
-def collect(addresses: list[str], with_digest: bool = True, timeout_s: float = 2.0) -> list[dict[str, Any] | None]:
+def collect(addresses: list[str], with_digest: bool = True, timeout_s: float = 2.0,
+            keys: Any = None) -> list[dict[str, Any] | None]:
     out: list[dict[str, Any] | None] = []
-    with Client(addresses, timeout_s=timeout_s, attempt_timeout_s=timeout_s) as client:
+    with Client(addresses, timeout_s=timeout_s, attempt_timeout_s=timeout_s, keys=keys) as client:
         for k in range(len(addresses)):
             try:
                 out.append(client.status(k, with_digest=with_digest))
@@ -32,14 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-digest", action="store_true", help="skip the state digest (cheaper on big ledgers)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each replica")
+    p.add_argument("--key", help="CURVE: the client key's secret file (an admin key shows the digest)")
+    p.add_argument("--server-key", help="CURVE: the servers' public key file (KEYS/server.key)")
     args = p.parse_args(argv)
+    keys = None
     if args.config:
         from engine.node import NodeConfig
         cfg = NodeConfig.from_toml(args.config)
         addresses = [cfg.replicas[i]["client"] for i in sorted(cfg.replicas)]
+        if not cfg.insecure and not args.key:      # a node's config: the system's admin key beside it
+            import os
+
+            from engine.service.security import PUBLIC_SUFFIX, SECRET_SUFFIX, SERVER_KEY_NAME, ClientKeys
+            keys = ClientKeys.load(os.path.join(cfg.keys_dir, "admin" + SECRET_SUFFIX),
+                                   os.path.join(cfg.keys_dir, SERVER_KEY_NAME + PUBLIC_SUFFIX))
     else:
         addresses = [a for a in args.nodes.split(",") if a]
-    statuses = collect(addresses, not args.no_digest, args.timeout)
+    if args.key:
+        from engine.service.security import ClientKeys
+        if not args.server_key:
+            p.error("--key needs --server-key")
+        keys = ClientKeys.load(args.key, args.server_key)
+    statuses = collect(addresses, not args.no_digest, args.timeout, keys)
     if args.json:
         print(json.dumps([dict(s, address=a) if s else {"address": a, "down": True}
                           for a, s in zip(addresses, statuses)], indent=2, default=str))

@@ -31,6 +31,7 @@ from typing import Any
 from engine._ledger import UNCHANGED
 from engine.client import ClientError, RequestRefused, Unavailable
 from engine.service.client_core import Call, IoCore, aio_future, then
+from engine.service.security import client_keys_of_system
 from engine.system import System
 from engine.service.futures import LightFuture
 from gateway import wire as GW
@@ -91,8 +92,8 @@ class _GatewayIo(IoCore):
 
 
 class _ServiceTransport:
-    def __init__(self, addresses: Sequence[str], timeout_s: float, attempt_timeout_s: float) -> None:
-        self.io = _GatewayIo(addresses, timeout_s, attempt_timeout_s)
+    def __init__(self, addresses: Sequence[str], timeout_s: float, attempt_timeout_s: float, keys: Any) -> None:
+        self.io = _GatewayIo(addresses, timeout_s, attempt_timeout_s, keys)
 
     def submit(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Future:
         payload = GW.encode_call(name, list(args), kwargs)
@@ -139,11 +140,12 @@ class _Api:
     awaitable). Argument names are the embedded Ledger's."""
 
     def __init__(self, addresses: Sequence[str] | str, *, timeout_s: float = CLIENT_TIMEOUT_S_DEFAULT,
-                 attempt_timeout_s: float = ATTEMPT_TIMEOUT_S_DEFAULT) -> None:
-        """Through the gateway service: ``addresses`` are its replicas' client addresses."""
+                 attempt_timeout_s: float = ATTEMPT_TIMEOUT_S_DEFAULT, keys: Any = None) -> None:
+        """Through the gateway service: ``addresses`` are its replicas' client addresses; ``keys`` the CURVE
+        client keys (engine.service.security.ClientKeys; None: an insecure system)."""
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
-        self._t: Any = _ServiceTransport(list(addresses), timeout_s, attempt_timeout_s)
+        self._t: Any = _ServiceTransport(list(addresses), timeout_s, attempt_timeout_s, keys)
 
     @classmethod
     def direct(cls, system: System | str, *, templates: str | None = None, **router_kw: Any) -> Any:
@@ -159,6 +161,8 @@ class _Api:
         """The system of ``path`` (a system.toml): through the gateway it lists (``[gateway] clients``), or
         in-process if it lists none or ``direct`` is true."""
         system = System.load(path)
+        if "keys" not in kwargs:                       # the local system's admin client key
+            kwargs["keys"] = client_keys_of_system(system)
         gw = system.extra.get("gateway", {})
         clients = list(gw.get("clients", [])) if isinstance(gw, dict) else []
         if clients and not direct:

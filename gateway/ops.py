@@ -5,6 +5,7 @@ the service cannot drift apart.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -59,7 +60,8 @@ class Gateway:
 
     def _blocking(self, fn: Callable[..., Any]) -> Callable[..., Future]:
         def run(*args: Any, **kwargs: Any) -> Future:
-            return self._pool.submit(fn, self.router, *args, **kwargs)
+            # in the caller's context: its rights (gateway/router.py CALLER) go with the work
+            return self._pool.submit(contextvars.copy_context().run, fn, self.router, *args, **kwargs)
         return run
 
     def _run_template(self, name: str, request_id: int, params: dict[str, Any] | None = None,

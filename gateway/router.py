@@ -30,6 +30,7 @@ cross-shard atomic movement is ``transfer`` / ``batch_balance_operation``, which
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import hashlib
 import heapq
@@ -48,6 +49,8 @@ from engine.client import Client as ShardClient
 from engine.client import ClientError, RequestRefused, Unavailable
 from engine.records import Code, Kind
 from engine.service.protocol import ErrorCode
+from engine.service.security import OPERATE, READ, Rights, client_keys_of_system, ops_outside
+from engine.wire import Op, decode_ids
 from engine.shard_map import ShardMap
 from engine.system import Group, System
 from engine.service.futures import LightFuture
@@ -84,6 +87,83 @@ def derive_id(request_id: int, tag: bytes, index: int = 0) -> int:
     return int.from_bytes(h, "little") or 1
 
 
+# The rights of the caller a gateway service runs a command for (gateway/server.py sets it around each
+# CALL; the router carries it into its retries and worker threads). None: no caller (an in-process router
+# of an embedder with its own key), refused when the router enforces callers.
+CALLER: contextvars.ContextVar[Rights | None] = contextvars.ContextVar("zwallet_gateway_caller", default=None)
+_MANAGEMENT_KINDS = tuple(int(k) for k in (Kind.CREATE_ACCOUNT, Kind.DELETE_ACCOUNT, Kind.LOCK_ACCOUNT,
+                                           Kind.UNLOCK_ACCOUNT, Kind.UPDATE_ACCOUNT_CONFIG))
+
+
+def caller_refusal(shard: int | None, ops: np.ndarray | None, *, need: str = READ, unrestricted: bool = False,
+                   ids: Sequence[int] = ()) -> str:
+    """Why the current CALLER may not do this ("" if it may): the same checks, in the same words, as a
+    shard or the Marker make for a key that reaches them directly (engine/service/server.py, engine/node.py)."""
+    r = CALLER.get()
+    if r is None:
+        return "no caller rights on this path of the gateway (refused rather than run with the gateway's key)"
+    if ops is not None:
+        return ops_outside(r, ops, _MANAGEMENT_KINDS, int(Kind.TRANSFER), shard) or "" if not r.is_admin else ""
+    if not r.has(need):
+        return f"{r.describe()} may not do this (needs {need})"
+    if unrestricted and r.restricted:
+        return f"{r.describe()} is restricted: this reads or moves accounts of every range (needs unrestricted)"
+    if shard is not None and not r.allows_shard(shard):
+        return f"{r.describe()} may not reach shard {shard}"
+    bad = r.outside(ids)
+    if bad is not None:
+        return f"account {bad} is outside the ranges of {r.describe()}"
+    return ""
+
+
+def _in_caller(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` to run later on another thread (a Future's callback) in the context of now: with CALLER."""
+    ctx = contextvars.copy_context()
+    return lambda *a: ctx.copy().run(fn, *a)
+
+
+def _refused(why: str) -> Future:
+    return _failed(RequestRefused(ErrorCode.UNAUTHORIZED, why + "; nothing was applied"))
+
+
+class _GuardedShard:
+    """A shard client of the gateway service: every command and read is checked against its caller's
+    rights (``caller_refusal``) before it is sent with the gateway's key."""
+
+    def __init__(self, client: ShardClient, shard_id: int, router: Any) -> None:
+        self._c = client
+        self._sid = shard_id
+
+    def _command(self, name: str, *args: Any, **kwargs: Any) -> Future:
+        records = self._c._encode_command(name, *args, **kwargs)
+        why = caller_refusal(self._sid, records)
+        return _refused(why) if why else self._c._submit_records(records)
+
+    def _apply_call(self, ops: np.ndarray, want_events: bool, shard_epoch: int = 0) -> Future:
+        if not isinstance(ops, np.ndarray) or ops.dtype != R.OP_DTYPE:
+            raise TypeError("ops must be a numpy array of engine.records.OP_DTYPE")
+        why = caller_refusal(self._sid, ops)
+        return _refused(why) if why else self._c._apply_call(ops, want_events, shard_epoch)
+
+    def _read(self, op: Op, payload: bytes = b"", consistency: str = "linearizable", **fields: Any) -> Future:
+        if op == Op.GET_ACCOUNTS:
+            why = caller_refusal(self._sid, None, ids=decode_ids(payload))
+        elif op == Op.RESULT_OF:
+            why = caller_refusal(self._sid, None)
+        else:
+            why = caller_refusal(self._sid, None, unrestricted=True)
+        return _refused(why) if why else self._c._read(op, payload, consistency, **fields)
+
+    def events(self, first_seq: int, last_seq: int, consistency: str = "linearizable") -> np.ndarray:
+        why = caller_refusal(self._sid, None, unrestricted=True)
+        if why:
+            raise RequestRefused(ErrorCode.UNAUTHORIZED, why)
+        return self._c.events(first_seq, last_seq, consistency)
+
+    def __getattr__(self, name: str) -> Any:      # close, status, ... (no account data)
+        return getattr(self._c, name)
+
+
 class _Scheduler:
     """One thread for the router's own work: reloads, delayed retries, Marker batching. Callbacks of the
     shard and Marker clients (on their I/O threads) hand their follow-up work here, so no I/O thread ever
@@ -98,8 +178,10 @@ class _Scheduler:
         self._thread.start()
 
     def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        # run in the scheduling context: a retry keeps its caller's rights (CALLER)
+        task: Callable[[], None] = functools.partial(contextvars.copy_context().run, fn)
         with self._cv:
-            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._seq), fn))
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._seq), task))
             self._cv.notify()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -311,9 +393,17 @@ class Router:
     """The system as one ledger, in-process (module docstring). Thread-safe; every method returns a Future."""
 
     def __init__(self, system: System | str, *, timeout_s: float = 10.0, attempt_timeout_s: float = 1.0,
-                 workflow_timeout_s: float = WORKFLOW_TIMEOUT_S_DEFAULT) -> None:
+                 workflow_timeout_s: float = WORKFLOW_TIMEOUT_S_DEFAULT, keys: Any = "system",
+                 enforce_callers: bool = False) -> None:
+        """``keys``: the CURVE client keys the router reaches shards and the Marker with (None: insecure;
+        by default the system's admin client key, as system.toml's [security] table names it).
+        ``enforce_callers`` (the gateway service): every command is checked against its caller's rights
+        (``CALLER``) before it leaves, exactly as a shard or the Marker would check them directly; a path
+        without a caller is refused, never run with the gateway's own key."""
         if isinstance(system, str):
             system = System.load(system)
+        self.keys = client_keys_of_system(system) if keys == "system" else keys
+        self.enforce_callers = enforce_callers
         self.path = system.path
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
@@ -330,10 +420,11 @@ class Router:
             import marker as marker_pkg
             from marker.groups import GroupMap
             if system.path is not None:     # the groups' ids and removals as system.toml says
-                self.marker = marker_pkg.Client.from_system(system.path, timeout_s=workflow_timeout_s)
+                self.marker = marker_pkg.Client.from_system(system.path, timeout_s=workflow_timeout_s,
+                                                            keys=self.keys)
             else:
                 self.marker = marker_pkg.Client([list(g.clients) for g in system.markers],
-                                                timeout_s=workflow_timeout_s)
+                                                timeout_s=workflow_timeout_s, keys=self.keys)
             groups = GroupMap(system.markers if system.path is not None else
                               [Group(k + 1, g.clients) for k, g in enumerate(system.markers)])
             self.workflows = _Workflows(self.marker, groups, self.sched, workflow_timeout_s)
@@ -348,8 +439,9 @@ class Router:
             addrs = system.shard_clients(sid)
             if self._shard_addrs.get(sid) != addrs:
                 old = self.shards.get(sid)
-                self.shards[sid] = ShardClient(list(addrs), timeout_s=self.timeout_s,
-                                               attempt_timeout_s=self.attempt_timeout_s)
+                client = ShardClient(list(addrs), timeout_s=self.timeout_s,
+                                     attempt_timeout_s=self.attempt_timeout_s, keys=self.keys)
+                self.shards[sid] = _GuardedShard(client, sid, self) if self.enforce_callers else client  # type: ignore[assignment]
                 self._shard_addrs[sid] = addrs
                 if old is not None:        # calls in flight on it finish (or time out) first
                     self._retired.append(old)
@@ -412,8 +504,12 @@ class Router:
         """``plan(shard_map)`` sends a command by the current map; a WRONG_SHARD / STALE_EPOCH refusal
         reloads the map and plans again (the plan must reuse its ids and issue time)."""
         out: Future = LightFuture()
+        caller = contextvars.copy_context()      # every attempt (re-planned on a client thread) as the caller
 
         def attempt(n: int) -> None:
+            caller.copy().run(_attempt, n)
+
+        def _attempt(n: int) -> None:
             smap = self.shard_map
             try:
                 f = plan(smap)
@@ -459,6 +555,16 @@ class Router:
         return {smap.shard_of(a) for a in accounts}
 
     def _workflow(self, spec: Any, kind: int) -> Future:
+        if self.enforce_callers:
+            # a workflow runs with the Marker's key on every shard it names: the caller's rights must cover
+            # every account of it, as the Marker checks a restricted key itself (docs/security.md)
+            why = caller_refusal(None, None, need=OPERATE)
+            r = CALLER.get()
+            if not why and r is not None and r.restricted:
+                from marker.commands import workflow_refusal
+                why = workflow_refusal(r, [spec], self.shard_map)
+            if why:
+                return _refused(why)
         if self.workflows is None:
             return _failed(ClientError("this system has no Marker ([marker] in system.toml): a command over "
                                        "several shards cannot run"))
@@ -651,7 +757,7 @@ class Router:
                 targets = where[:1] or list(smap.shards)
                 futs = [self._shard_command(s, "compensate", dedup_id, orig, timestamp=ts) for s in targets]
                 _chain(_gather(futs), out, lambda res: _pick(res, Code.NULL_COMPENSATED))
-            _gather(looks).add_done_callback(located)
+            _gather(looks).add_done_callback(_in_caller(located))    # it sends: as the caller
             return out
         return self.routed(plan)
 
@@ -700,7 +806,9 @@ class Router:
         ids = [_id(d) for d in dedup_ids]
         shards = list(self.shard_map.shards)
         futs = [self._read_results(s, ids) for s in shards]
-        wf: Future = (_done([None] * len(ids)) if self.marker is None or not ids
+        # the Marker's workflows are read with an unrestricted key only (as the Marker itself would check)
+        no_workflows = self.enforce_callers and bool(caller_refusal(None, None, unrestricted=True))
+        wf: Future = (_done([None] * len(ids)) if self.marker is None or not ids or no_workflows
                       else self.marker._get_workflows_future(ids))
         out: Future = LightFuture()
 

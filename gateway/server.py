@@ -13,11 +13,17 @@ The intake, in the order the shard's (engine/service/server.py) does it, before 
 the header: exactly two frames; the header (``decode_request``: at most HEADER_BYTES_MAX, a known version);
 the op; the payload's size against CALL_BYTES_MAX; the pending bounds (requests and bytes, in total and per
 client). A refusal is an ERROR reply that echoes the req_id whenever it can be read.
+
+Security (docs/security.md): the ROUTER is a CURVE server (the system's server key; only the allowed client
+keys connect) and every CALL runs with its caller's rights (``gateway.router.CALLER``, from the key the
+connection authenticated with): the router checks each command against them before it leaves, as the shard
+or the Marker would, so a client cannot reach through the gateway further than it could directly.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextvars
 import functools
 import logging
 import signal
@@ -35,9 +41,12 @@ from engine.service import protocol as P
 from engine.service.logs import setup_logging
 from engine.service.metrics import Families, RequestMetrics, start_metrics
 from engine.service.protocol import ErrorCode, Status
+from engine.service.security import (CLIENT_DOMAIN, FULL_RIGHTS, Rights, ServerSecurity, client_keys_of_system,
+                                     stop_authenticator, warn_insecure)
 from engine.zmq_io import Waker
 from gateway import wire as GW
 from gateway.ops import Gateway
+from gateway.router import CALLER
 
 log = logging.getLogger("zwallet.gateway")
 
@@ -83,18 +92,26 @@ class Limits:
 
 class GatewayServer:
     def __init__(self, gateway: Gateway, client_address: str, *, node_id: int = 1,
-                 limits: Limits | None = None, hold_ms: int = HOLD_MS_DEFAULT, metrics: str = "") -> None:
+                 limits: Limits | None = None, hold_ms: int = HOLD_MS_DEFAULT,
+                 security: ServerSecurity | None = None, metrics: str = "") -> None:
+        """``security``: the system's server key and allowed client keys (None: insecure, logged loudly)."""
         self.gateway = gateway
         self.hold_s = hold_ms / 1000
         self.node_id = node_id
         self.limits = limits or Limits()
         self.limits.validate()
+        self.security = security
         self.ctx = zmq.Context()
+        self._auth = security.start_authenticator(self.ctx) if security is not None else None
+        if security is None:
+            warn_insecure(f"gateway {node_id}")
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        if security is not None:
+            security.configure_server(self.sock, CLIENT_DOMAIN)
         self.sock.bind(client_address)
         self.address = client_address
         self._waker = Waker()
@@ -127,6 +144,7 @@ class GatewayServer:
             if self._metrics_http is not None:
                 self._metrics_http.close()
             self.sock.close(0)
+            stop_authenticator(self._auth)
             self.ctx.term()
             self._waker.close()
             self.gateway.close()
@@ -139,6 +157,7 @@ class GatewayServer:
         # recv() per frame, not recv_multipart (DESIGN.md: ~3x the messages/s); the identity as bytes, the
         # header and payload as zero-copy Frames
         recv = self.sock.recv
+        sec = self.security
         for _ in range(RECV_PER_PASS_MAX):
             try:
                 f = recv(zmq.NOBLOCK, copy=False)
@@ -150,13 +169,14 @@ class GatewayServer:
                 f = recv(copy=False)
                 frames.append(f)
             self.counters["requests"] += 1
-            self._handle(ident, frames)
+            rights = sec.rights_of(frames[0].get("User-Id")) if sec is not None and frames else FULL_RIGHTS
+            self._handle(ident, frames, rights)
 
     def _refuse(self, ident: bytes, req_id: int, code: ErrorCode, message: str) -> None:
         self.counters[f"refused_{code.name.lower()}"] += 1
         self._send(ident, P.encode(P.Reply(req_id, Status.ERROR, code, message, node_id=self.node_id)), b"")
 
-    def _handle(self, ident: bytes, frames: list[Any]) -> None:
+    def _handle(self, ident: bytes, frames: list[Any], rights: Rights | None = FULL_RIGHTS) -> None:
         if len(frames) != 2:
             first = frames[0].bytes if frames else b""
             self._refuse(ident, P.salvage_req_id(first), ErrorCode.BAD_REQUEST,
@@ -167,6 +187,9 @@ class GatewayServer:
             req = P.decode_request(head)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             self._refuse(ident, P.salvage_req_id(head), ErrorCode.BAD_REQUEST, f"bad request header: {exc}")
+            return
+        if rights is None:
+            self._refuse(ident, req.req_id, ErrorCode.UNAUTHORIZED, "this client key is not (or no longer) allowed")
             return
         body = frames[1]
         size = len(body)
@@ -211,10 +234,14 @@ class GatewayServer:
         self._by_client[ident] += 1
         self._bytes_by_client[ident] += nbytes
         t0 = time.perf_counter()
-        fut = self.gateway.call(name, args, kwargs)
+        fut = contextvars.copy_context().run(self._call_as, rights, name, args, kwargs)
         item = _Item(ident, req.req_id, nbytes, fut, time.monotonic() + self.hold_s, name, t0)
         self._held.append(item)
         fut.add_done_callback(functools.partial(self._completed, item))
+
+    def _call_as(self, rights: Rights, name: str, args: Any, kwargs: dict[str, Any]) -> Future:
+        CALLER.set(rights)                  # in this call's own context (copy_context().run)
+        return self.gateway.call(name, args, kwargs)
 
     def _completed(self, item: _Item, _fut: Future) -> None:
         self._done.append(item)          # any thread; the main thread replies
@@ -309,6 +336,20 @@ class GatewayServer:
         return fam.render()
 
 
+def gateway_security(system: Any) -> ServerSecurity | None:
+    """The gateway's server security from system.toml's [security] table (None: insecure)."""
+    import os
+    sec = system.extra.get("security")
+    if not isinstance(sec, dict) or sec.get("insecure") is True:
+        return None
+    keys_dir = sec.get("keys_dir")
+    if not isinstance(keys_dir, str) or not keys_dir:
+        raise ValueError(f"{system.path}: [security] keys_dir must name the keys directory")
+    if not os.path.isabs(keys_dir):
+        keys_dir = os.path.join(os.path.dirname(system.path or "."), keys_dir)
+    return ServerSecurity.load(keys_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="zwallet gateway", description="one stateless replica of the gateway service")
     p.add_argument("--system", required=True, help="the system file (system.toml, as zwallet up writes)")
@@ -321,10 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"gateway-{args.id}", args.verbose, ("zwallet", "gateway"))
     from gateway.business import TemplateError, load_templates
     from gateway.router import Router
+    from engine.system import System
     try:
         templates = load_templates(args.templates) if args.templates else None
-        gw = Gateway(Router(args.system), templates)
-        server = GatewayServer(gw, args.client, node_id=args.id, metrics=args.metrics)
+        system = System.load(args.system)
+        security = gateway_security(system)
+        keys = client_keys_of_system(system, "gateway_key") if security is not None else None
+        gw = Gateway(Router(system, keys=keys, enforce_callers=security is not None), templates)
+        server = GatewayServer(gw, args.client, node_id=args.id, security=security, metrics=args.metrics)
     except (ValueError, OSError, TemplateError, zmq.ZMQError, RuntimeError) as exc:
         print(f"zwallet gateway: {exc}", file=sys.stderr)
         return 2
@@ -333,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if security is not None:                     # key rotation: re-read the allowed client keys now
+        signal.signal(signal.SIGHUP, lambda _s, _f: security.keyring.reload())
     print(f"zwallet gateway {args.id}: serving {args.client} for {args.system}; ready", flush=True)
     t0 = time.monotonic()
     server.serve()

@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 
 from engine.records import Code
+from engine.service.security import client_keys_of_system
 from engine.service.client_core import (ATTEMPT_TIMEOUT_S_DEFAULT, Call, ClientError, IoCore, RequestRefused,
                                         Unavailable, aio_future, then)
 from engine.service.protocol import OP_EVENTS, OP_STATUS, Consistency, ErrorCode
@@ -110,9 +111,10 @@ class _MarkerIo(IoCore):
 class _Base:
     def __init__(self, addresses: Sequence[str] | str | Sequence[Sequence[str]], *,
                  timeout_s: float = TIMEOUT_S_DEFAULT,
-                 attempt_timeout_s: float = WAIT_MS_PER_ATTEMPT / 1000 + ATTEMPT_TIMEOUT_S_DEFAULT) -> None:
+                 attempt_timeout_s: float = WAIT_MS_PER_ATTEMPT / 1000 + ATTEMPT_TIMEOUT_S_DEFAULT,
+                 keys: Any = None) -> None:
         """``addresses``: the client addresses of one Marker group (a list or comma-separated), or a list of
-        groups (each a list)."""
+        groups (each a list). ``keys``: CURVE client keys (engine.service.security.ClientKeys; None: insecure)."""
         if isinstance(addresses, str):
             groups = [[a for a in addresses.split(",") if a]]
         elif addresses and not isinstance(addresses[0], str):
@@ -122,7 +124,7 @@ class _Base:
         if not groups or not all(groups):
             raise ValueError("a Marker client needs the client addresses of at least one Marker group")
         self.timeout_s = timeout_s
-        self._ios = [_MarkerIo(g, timeout_s, attempt_timeout_s) for g in groups]
+        self._ios = [_MarkerIo(g, timeout_s, attempt_timeout_s, keys) for g in groups]
         # group ids in the order given (1..n unless from_system says otherwise); routing: marker/groups.py
         self._group_map = GroupMap([Group(k + 1, tuple(g)) for k, g in enumerate(groups)])
         self._io_by_group = {k + 1: io for k, io in enumerate(self._ios)}
@@ -130,10 +132,13 @@ class _Base:
 
     @classmethod
     def from_system(cls, path: str, **kwargs: Any) -> Any:
-        """The client of the system described by ``path`` (a system.toml, as ``zwallet up`` writes)."""
+        """The client of the system described by ``path`` (a system.toml, as ``zwallet up`` writes),
+        authenticated with the local system's admin client key ([security] client_key) unless ``keys``."""
         system = System.load(path)
         if not system.markers:
             raise ValueError(f"{path}: no [marker] table")
+        if "keys" not in kwargs:
+            kwargs["keys"] = client_keys_of_system(system)
         client = cls([list(g.clients) for g in system.markers], **kwargs)
         client._group_map = GroupMap(system.markers)
         client._io_by_group = {g.id: io for g, io in zip(system.markers, client._ios)}
@@ -363,14 +368,17 @@ class Subscriber(StreamSubscriber):
     its replicas' PUB sockets, gaps fetched with EVENTS. ``Subscriber.from_system(path, from_seq=1)``."""
 
     def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], from_seq: int = 1,
-                 *, idle_check_s: float = 0.5, timeout_s: float = 10.0) -> None:
-        self.client = Client(list(client_addresses), timeout_s=timeout_s)
+                 *, idle_check_s: float = 0.5, timeout_s: float = 10.0, keys: Any = None) -> None:
+        self.client = Client(list(client_addresses), timeout_s=timeout_s, keys=keys)
         super().__init__(pub_addresses, self.client.events, lambda: int(self.client.status().get("last_seq", 0)),
-                         MARKER_EVENT_DTYPE, from_seq, idle_check_s=idle_check_s)
+                         MARKER_EVENT_DTYPE, from_seq, idle_check_s=idle_check_s, keys=keys)
 
     @classmethod
     def from_system(cls, path: str, from_seq: int = 1, group: int = 0, **kwargs: Any) -> Subscriber:
-        g = System.load(path).markers[group]
+        system = System.load(path)
+        g = system.markers[group]
+        if "keys" not in kwargs:
+            kwargs["keys"] = client_keys_of_system(system)
         return cls(list(g.pubs), list(g.clients), from_seq, **kwargs)
 
 

@@ -10,6 +10,7 @@ from engine.devtools.cluster import ServiceCluster
 class MarkerCluster(ServiceCluster):
     module = "marker.server"
     file_prefix = "marker"
+    client_key_name = "marker"        # the Marker reaches the shards with the system's marker key
 
     def config_class(self) -> Any:
         from marker.server import MarkerConfig

@@ -265,3 +265,36 @@ def step_accounts(step: TransferStep | BatchStep) -> list[int]:
     if isinstance(step, TransferStep):
         return [bytes_u128(step.from_id), bytes_u128(step.to_id)]
     return [bytes_u128(a) for a, _, _ in step.specs] + [bytes_u128(a) for a, _ in step.preconditions]
+
+
+def spec_accounts(spec: TccSpec | SagaSpec) -> list[int]:
+    """Every account id a workflow spec names (its legs, or its steps' from/to, specs and preconditions):
+    what a key restricted to account ranges must cover to submit it (docs/security.md)."""
+    raw: list[bytes] = []
+    if isinstance(spec, TccSpec):
+        raw = [leg[0] for leg in spec.legs]
+    else:
+        for step in spec.steps:
+            if isinstance(step, TransferStep):
+                raw += [step.from_id, step.to_id]
+            else:
+                raw += [s[0] for s in step.specs] + [c[0] for c in step.preconditions]
+    return [int.from_bytes(b, "little") for b in raw]
+
+
+def workflow_refusal(rights: Any, specs: list[TccSpec | SagaSpec], shard_map: Any) -> str:
+    """Why a key with ``rights`` (engine.service.security.Rights) may not submit ``specs`` ("" if it may):
+    every account they name must lie in its ranges, on one of its shards. The Marker checks it for a
+    restricted key, and the gateway for its restricted callers, in the same words."""
+    for spec in specs:
+        wid = int.from_bytes(spec.workflow_id, "little")
+        ids = spec_accounts(spec)
+        bad = rights.outside(ids)
+        if bad is not None:
+            return f"workflow {wid}: account {bad} is outside the ranges of {rights.describe()}"
+        if rights.shards:
+            for a in ids:
+                s = shard_map.shard_of(a)
+                if not rights.allows_shard(s):
+                    return f"workflow {wid}: account {a} is on shard {s}, which {rights.describe()} may not reach"
+    return ""

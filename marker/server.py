@@ -46,10 +46,11 @@ from engine.service.logs import setup_logging
 from engine.service.metrics import Families
 from engine.service.process import tune_malloc
 from engine.service.protocol import ErrorCode
+from engine.service.security import ADMIN
 from engine.service.server import run_until_signalled, READ, WRITE, OpSpec, Pending, ReplicatedServer, RequestError
 from engine.system import Group, System
 from marker import wire as MW
-from marker.commands import Drain, Submit, encode_entry, u128_bytes
+from marker.commands import Drain, Submit, encode_entry, u128_bytes, workflow_refusal
 from marker.groups import GroupMap
 from marker.events import MARKER_EVENT_DTYPE, EventKind
 from marker.job_driver import (INFLIGHT_JOBS_PER_SHARD_MAX, JOB_RESULTS_ENTRY_MAX, NOT_REMEMBERED, RETRY_BASE_MS,
@@ -156,9 +157,9 @@ class MarkerServer(ReplicatedServer):
                                      finished_retained_max=config.finished_retained_max,
                                      try_expiry_ms=config.try_expiry_ms)
         self.ops = {
-            MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX),
+            MW.OP_SUBMIT: OpSpec("SUBMIT", WRITE, 1, 1, MW.SUBMIT_BYTES_MAX, scoped=True),
             MW.OP_GET_WORKFLOW: OpSpec("GET_WORKFLOW", READ, 16, 16, 16 * MW.WORKFLOW_IDS_MAX),
-            MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16),
+            MW.OP_DRAIN: OpSpec("DRAIN", WRITE, 1, 1, 16, right=ADMIN),
         }
         self.entry_weight_max = SUBMIT_ENTRY_SPECS_MAX  # specs in one entry
         self.tick_interval_ms = 20
@@ -170,6 +171,7 @@ class MarkerServer(ReplicatedServer):
         self._driver: JobDriver | None = None
         self._driver_term = -1
         self._shards: dict[int, ShardClient] = {}
+        self._shard_keys: Any = False
         self._results_inflight = 0
         self._last_entry_ts = 0
         self._last_entry_at = 0.0
@@ -215,6 +217,10 @@ class MarkerServer(ReplicatedServer):
                     if why is not None:
                         raise RequestError(ErrorCode.WRONG_GROUP, why + "; nothing was created",
                                            reason="wrong_group")
+            if p.rights.restricted:
+                why = workflow_refusal(p.rights, req.specs, self.system.shard_map)
+                if why:
+                    raise RequestError(ErrorCode.UNAUTHORIZED, why + "; nothing was created", reason="unauthorized")
             if req.wait_ms and self._nwaiters >= self.config.waiters_max:
                 raise RequestError(ErrorCode.OVERLOADED, "too many SUBMITs are waiting for their outcome "
                                    "(waiters_max); submit without waiting or retry later", reason="waiters")
@@ -409,9 +415,12 @@ class MarkerServer(ReplicatedServer):
         c = self._shards.get(shard_id)
         if c is None:
             cfg = self.config
+            if self._shard_keys is False:
+                self._shard_keys = cfg.client_keys()       # loaded once (None: insecure)
             c = self._shards[shard_id] = ShardClient(self.system.shard_clients(shard_id),
                                                      timeout_s=cfg.shard_timeout_ms / 1000,
-                                                     attempt_timeout_s=cfg.shard_attempt_timeout_ms / 1000)
+                                                     attempt_timeout_s=cfg.shard_attempt_timeout_ms / 1000,
+                                                     keys=self._shard_keys)
         return c
 
     def tick(self, now_ms: int) -> None:

@@ -26,7 +26,8 @@ CURRENCY = "USD"
 # ------------------------------------------------------------------------------------------- status
 def status_client(cluster: Any) -> Client:
     """A client for STATUS polling: short timeouts, so a dead or paused replica costs ~1 s, not 10."""
-    return Client(cluster.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5)
+    return Client(cluster.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5,
+                  keys=getattr(cluster, "client_keys", None))
 
 
 def status_of(sc: Client, index: int, with_digest: bool = False) -> dict[str, Any] | None:

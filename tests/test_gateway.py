@@ -197,7 +197,7 @@ def test_totals_are_summed_and_events_are_per_shard(client, ls):
     system = System.load(ls.system_path)
     per_shard = []
     for g in system.shards.values():
-        with ShardClient(list(g.clients)) as sc:
+        with ShardClient(list(g.clients), keys=ls.client_keys) as sc:
             per_shard.append(sc.totals(CUR))
     t = client.totals(CUR)
     assert t == {k: sum(p[k] for p in per_shard) for k in per_shard[0]}
@@ -366,7 +366,7 @@ def test_an_operators_template_runs_without_code(ls, tmp_path):
 
 def test_async_client_through_the_gateway(ls):
     async def go():
-        async with gateway.AsyncClient(ls.gateway_addresses) as c:
+        async with gateway.AsyncClient(ls.gateway_addresses, keys=ls.client_keys) as c:
             a, b = account_on(ls, 1), account_on(ls, 2)
             for x in (a, b):
                 assert (await c.create_account(new_id(), x, CUR, lower_limit=None)).ok
@@ -384,7 +384,7 @@ def test_a_stale_map_is_reloaded_once_for_many_refusals(ls, tmp_path):
     real = System.load(ls.system_path)
     swapped = ShardMap.uniform([2, 1], epoch=real.shard_map.epoch)
     path = tmp_path / "system.toml"
-    System(swapped, real.shards, real.markers).write(str(path))
+    System(swapped, real.shards, real.markers, real.extra).write(str(path))
     r = Router(str(path))
     try:
         shutil.copy(ls.system_path, path)
@@ -406,7 +406,7 @@ def test_a_stale_epoch_is_reloaded_and_the_batch_re_sent(ls, tmp_path):
     real = System.load(ls.system_path)
     newer = ShardMap.from_dict({**real.shard_map.to_dict(), "epoch": real.shard_map.epoch + 1})
     path = tmp_path / "system.toml"
-    System(newer, real.shards, real.markers).write(str(path))
+    System(newer, real.shards, real.markers, real.extra).write(str(path))
     with Router(str(path)) as r:
         a, b = account_on(ls, 1), account_on(ls, 1)
         for x in (a, b):
@@ -432,7 +432,7 @@ def test_workflow_errors_are_the_markers_classes_either_way(svc, direct, ls):
 def test_a_map_that_stays_wrong_is_a_clear_error(ls, tmp_path):
     real = System.load(ls.system_path)
     path = tmp_path / "system.toml"
-    System(ShardMap.uniform([2, 1], epoch=real.shard_map.epoch), real.shards, real.markers).write(str(path))
+    System(ShardMap.uniform([2, 1], epoch=real.shard_map.epoch), real.shards, real.markers, real.extra).write(str(path))
     with Router(str(path)) as r:
         with pytest.raises(RequestRefused) as e:
             r.create_account(new_id(), new_id(), CUR).result()
@@ -441,7 +441,7 @@ def test_a_map_that_stays_wrong_is_a_clear_error(ls, tmp_path):
 
 
 def test_a_killed_gateway_replica_loses_nothing(ls):
-    with gateway.Client(ls.gateway_addresses) as c:             # the default timeouts
+    with gateway.Client(ls.gateway_addresses, keys=ls.client_keys) as c:   # the default timeouts
         a, b = funded(c, ls, 1, 1000), funded(c, ls, 2, 0)
         served_by = c._t.io.leader
         gid = served_by + 1

@@ -36,7 +36,7 @@ def test_bank_through_the_gateway_with_kills(tmp_path):
         smap = System.load(ls.system_path).shard_map
         accounts = list(range(1, 13))
         assert {smap.shard_of(a) for a in accounts} == {1, 2}
-        with gateway.Client(ls.gateway_addresses, timeout_s=15.0) as c:
+        with gateway.Client(ls.gateway_addresses, timeout_s=15.0, keys=ls.client_keys) as c:
             for a in accounts:
                 assert retry(c.create_account, 10_000 + a, a, CUR).ok
                 assert retry(c.batch_balance_operation, 20_000 + a, [(a, START, CUR)]).ok

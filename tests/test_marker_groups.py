@@ -54,7 +54,8 @@ def test_two_groups_drain_and_remove(tmp_path):
         assert [g.id for g in system.markers] == [1, 2]
         accts = accounts_by_shard(system, 1)
         a, b = accts[1][0], accts[2][0]
-        with Client(list(system.shards[1].clients)) as c1, Client(list(system.shards[2].clients)) as c2:
+        with Client(list(system.shards[1].clients), keys=ls.client_keys) as c1, \
+                Client(list(system.shards[2].clients), keys=ls.client_keys) as c2:
             assert c1.create_account(1, account_id=a, currency=CUR, lower_limit=None).code == Code.OK
             assert c2.create_account(2, account_id=b, currency=CUR).code == Code.OK
         gmap = GroupMap(system.markers)
@@ -68,7 +69,7 @@ def test_two_groups_drain_and_remove(tmp_path):
                 assert st["marker"]["finished_retained"] == 5, (g, st["marker"])
         # a client that only knows group 2 sends group 1's workflow there: refused, nothing created
         w1 = next(w for w in range(6_000, 6_400) if gmap.owner(w) == 1)
-        with marker.Client(list(system.markers[1].clients), timeout_s=10) as only2:
+        with marker.Client(list(system.markers[1].clients), timeout_s=10, keys=ls.client_keys) as only2:
             with pytest.raises(WorkflowRefused) as info:
                 only2.transfer(w1, a, b, 1, CUR)
             assert info.value.reason == "WRONG_GROUP"
@@ -99,5 +100,5 @@ def test_two_groups_drain_and_remove(tmp_path):
             r = m.transfer(fresh, a, b, 1, CUR)          # issued after the removal: runs in group 1
             assert r.code == Code.OK
             assert m.get_workflow(fresh)["state"] == "SUCCEEDED"
-        with Client(list(system.shards[2].clients)) as c2:
+        with Client(list(system.shards[2].clients), keys=ls.client_keys) as c2:
             assert c2.get_account(b)["available"] == 11        # 10 transfers before, 1 after, none twice

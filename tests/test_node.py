@@ -17,7 +17,7 @@ from engine.devtools.cluster import NodeCluster
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard")))
+    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard")), insecure=True)   # node behaviour; CURVE: test_security
     try:
         c.start()
         yield c

@@ -54,7 +54,7 @@ def make_cluster(tmp_path):
     def make(size: int = 3, **settings: Any) -> NodeCluster:
         # these tests need the leader's snapshots at the small thresholds they set, like any replica's
         settings.setdefault("leader_snapshot_defer", 1)
-        c = NodeCluster(size, str(tmp_path / f"cluster{len(made)}"), **settings)
+        c = NodeCluster(size, str(tmp_path / f"cluster{len(made)}"), insecure=True, **settings)
         made.append(c)
         c.start()
         return c

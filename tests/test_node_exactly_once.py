@@ -17,7 +17,7 @@ WINDOW = 1 << 17                  # the node's minimum (4 full log entries)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard-eo")), dedup_retention=WINDOW)
+    c = NodeCluster(3, str(tmp_path_factory.mktemp("shard-eo")), dedup_retention=WINDOW, insecure=True)
     try:
         c.start()
         yield c
@@ -97,6 +97,7 @@ def test_a_never_applied_command_past_the_horizon_is_definitely_not_applied(clie
 
 def test_dedup_retention_is_a_node_limit():
     doc = {"node": {"id": 1, "data_dir": "/tmp/x"}, "limits": {"dedup_retention": 1 << 22},
+           "security": {"insecure": True},
            "replica": [{"id": 1, "raft": "tcp://127.0.0.1:1", "client": "tcp://127.0.0.1:2", "pub": "tcp://127.0.0.1:3"}]}
     cfg = NodeConfig.from_dict(doc)
     assert cfg.dedup_retention == 1 << 22 and "dedup_retention = 4194304" in cfg.to_toml()

@@ -19,7 +19,7 @@ P99_MAX_MS = 1000.0
 
 @pytest.fixture()
 def cluster(tmp_path):
-    c = NodeCluster(3, str(tmp_path / "shard"))
+    c = NodeCluster(3, str(tmp_path / "shard"), insecure=True)
     try:
         c.start()
         yield c
@@ -48,7 +48,7 @@ def test_intake_limits_are_validated_and_the_frame_limit_follows_the_record_size
     from engine import wire as W
     from engine.node import NodeConfig
     replicas = {1: {"raft": "tcp://127.0.0.1:1", "client": "tcp://127.0.0.1:2", "pub": "tcp://127.0.0.1:3"}}
-    cfg = NodeConfig(node_id=1, replicas=replicas, data_dir="x")
+    cfg = NodeConfig(node_id=1, replicas=replicas, insecure=True, data_dir="x")
     cfg.validate()
     assert cfg.frame_bytes_max == R.BATCH_SIZE_MAX * R.OP_DTYPE.itemsize + W.HEADER_BYTES_MAX
     for bad in ({"pending_bytes_per_client_max": cfg.frame_bytes_max},            # one largest request must fit
@@ -58,7 +58,7 @@ def test_intake_limits_are_validated_and_the_frame_limit_follows_the_record_size
                 {"connection_check_ms": -1}, {"expensive_read_ms_per_s": 0},
                 {"frame_bytes_max": W.HEADER_BYTES_MAX - 1}):
         with pytest.raises(ValueError):
-            NodeConfig(node_id=1, replicas=replicas, data_dir="x", **bad).validate()
+            NodeConfig(node_id=1, replicas=replicas, insecure=True, data_dir="x", **bad).validate()
     text = cfg.to_toml()
     for name in ("pending_bytes_max", "pending_bytes_per_client_max", "connection_held_bytes_max", "held_bytes_max",
                  "connection_check_ms", "expensive_read_ms_per_s"):

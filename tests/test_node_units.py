@@ -295,7 +295,7 @@ def test_event_store_compresses_new_stores_and_still_reads_raw_ones(tmp_path):
 def test_node_config_toml_round_trip_and_errors(tmp_path):
     replicas = {i: {"raft": f"tcp://127.0.0.1:{7000 + i}", "client": f"tcp://127.0.0.1:{7100 + i}",
                     "pub": f"tcp://127.0.0.1:{7200 + i}"} for i in (1, 2, 3)}
-    cfg = NodeConfig(node_id=2, replicas=replicas, data_dir=str(tmp_path / "n2"), inflight_entries_max=3)
+    cfg = NodeConfig(node_id=2, replicas=replicas, insecure=True, data_dir=str(tmp_path / "n2"), inflight_entries_max=3)
     path = tmp_path / "n.toml"
     path.write_text(cfg.to_toml())
     back = NodeConfig.from_toml(str(path))
@@ -305,9 +305,9 @@ def test_node_config_toml_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         NodeConfig.from_toml(str(path))
     with pytest.raises(ValueError, match="not one of the replicas"):
-        NodeConfig(node_id=9, replicas=replicas, data_dir="x").validate()
+        NodeConfig(node_id=9, replicas=replicas, insecure=True, data_dir="x").validate()
     with pytest.raises(ValueError, match="batch_records_max"):
-        NodeConfig(node_id=1, replicas=replicas, data_dir="x", batch_records_max=9000).validate()
+        NodeConfig(node_id=1, replicas=replicas, insecure=True, data_dir="x", batch_records_max=9000).validate()
 
 
 def test_wire_header_checks():
@@ -366,7 +366,7 @@ def test_a_node_whose_raft_thread_dies_stops_instead_of_lingering(tmp_path):
     ports = free_ports(3)
     replicas = {1: {"raft": f"tcp://127.0.0.1:{ports[0]}", "client": f"tcp://127.0.0.1:{ports[1]}",
                     "pub": f"tcp://127.0.0.1:{ports[2]}"}}
-    node = Node(NodeConfig(node_id=1, replicas=replicas, data_dir=str(tmp_path), election_ticks=10,
+    node = Node(NodeConfig(node_id=1, replicas=replicas, insecure=True, data_dir=str(tmp_path), election_ticks=10,
                            heartbeat_ticks=2, tick_ms=5))
 
     def broken_append(chunks):

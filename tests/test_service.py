@@ -39,7 +39,7 @@ def test_app_hooks_run_on_the_main_thread(tmp_path):
     ports = free_ports(4)
     replicas = {1: {"raft": f"tcp://127.0.0.1:{ports[0]}", "client": f"tcp://127.0.0.1:{ports[1]}",
                     "pub": f"tcp://127.0.0.1:{ports[2]}"}}
-    server = Probe(CounterConfig(node_id=1, replicas=replicas, data_dir=str(tmp_path), tick_ms=5,
+    server = Probe(CounterConfig(node_id=1, replicas=replicas, insecure=True, data_dir=str(tmp_path), tick_ms=5,
                                  election_ticks=10, heartbeat_ticks=2))
     ctx = zmq.Context()
     side = ctx.socket(zmq.PULL)                      # an app socket in the server's poller

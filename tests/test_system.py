@@ -40,7 +40,7 @@ def local_system(tmp_path_factory):
 def bank(local_system):
     """Two funded accounts and one unfunded on each shard; shard clients; the Marker client."""
     system = System.load(local_system.system_path)
-    shard_clients = {s: Client(list(g.clients)) for s, g in system.shards.items()}
+    shard_clients = {s: Client(list(g.clients), keys=local_system.client_keys) for s, g in system.shards.items()}
     accts = accounts_by_shard(system, 3)
     d = 10_000
     for s, ids in accts.items():

@@ -22,6 +22,7 @@ import pytest
 from engine import Code
 from engine.client import Client, ClientError
 from engine.devtools.up import LocalSystem
+from engine.service.security import client_keys_of_system
 from engine.system import System
 import marker
 from marker.client import WorkflowPending, WorkflowRefused
@@ -37,7 +38,7 @@ def _setup(system: System) -> dict[int, list[int]]:
     accts = accounts_by_shard(system, PER_SHARD)
     d = 50_000
     for s, ids in accts.items():
-        with Client(list(system.shards[s].clients)) as c:
+        with Client(list(system.shards[s].clients), keys=client_keys_of_system(system)) as c:
             src = next(x for x in range(700_000, 800_000) if system.shard_map.shard_of(x) == s)
             assert c.create_account(d, account_id=src, currency=CUR, lower_limit=None).code == Code.OK
             for a in ids:
@@ -167,7 +168,7 @@ def test_cross_shard_bank_under_leader_kills(tmp_path):
                 wait_converged(sc, cluster, timeout_s=60)
             finally:
                 sc.close()
-            with Client(list(system.shards[s].clients)) as c:
+            with Client(list(system.shards[s].clients), keys=client_keys_of_system(system)) as c:
                 for a in ids:
                     acc = c.get_account(a)
                     assert acc is not None

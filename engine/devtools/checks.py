@@ -63,11 +63,11 @@ def converged(sts: dict[int, dict[str, Any] | None]) -> bool:
             and len({st["sm_applied"] for st in got}) == 1 and len({st.get("last_seq") for st in got}) == 1)
 
 
-def wait_converged(addresses: Sequence[str], timeout_s: float = 60.0) -> dict[int, dict[str, Any]]:
+def wait_converged(addresses: Sequence[str], timeout_s: float = 60.0, keys: Any = None) -> dict[int, dict[str, Any]]:
     """Poll the replicas at ``addresses`` until they converge (``converged``); their statuses, with digests.
     TimeoutError saying what differs if they do not within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    with Client(list(addresses), timeout_s=2.0, attempt_timeout_s=0.5) as c:
+    with Client(list(addresses), timeout_s=2.0, attempt_timeout_s=0.5, keys=keys) as c:
         while True:
             sts = statuses(c, len(addresses), with_digest=True)
             if converged(sts):
@@ -83,9 +83,10 @@ class GapFreeFollower(threading.Thread):
     """Follows one shard's events from seq 1 with a ``Subscriber`` and checks every chunk continues the last
     with no gap and no repeat (``seen``: the last seq; ``error``: what broke, if anything)."""
 
-    def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], name: str = "follower") -> None:
+    def __init__(self, pub_addresses: Sequence[str], client_addresses: Sequence[str], name: str = "follower",
+                 keys: Any = None) -> None:
         super().__init__(daemon=True, name=name)
-        self.sub = Subscriber(list(pub_addresses), list(client_addresses), from_seq=1)
+        self.sub = Subscriber(list(pub_addresses), list(client_addresses), from_seq=1, keys=keys)
         self.seen = 0
         self.events = 0
         self.stop = threading.Event()

@@ -5,6 +5,10 @@ TOML config under ``base_dir``. Used by ``zwallet cluster``, ``zwallet demo``, t
 
 Process management (start, kill -9, SIGSTOP/SIGCONT, stop, close) is ``LocalCluster``'s; this class only
 says how a node is configured and started. ``close()`` always ends every process it started.
+
+CURVE is on by default: the keys are made under ``keys_dir`` (default ``base_dir/keys``; made only if
+missing: engine/service/security.py), every replica gets a Raft peer key, and ``client_keys`` is the admin
+client key to connect with. ``insecure=True`` turns CURVE off (loudly logged; for tests that measure it).
 """
 from __future__ import annotations
 
@@ -17,19 +21,22 @@ import time
 from typing import Any
 
 from engine.devtools.local_raft import LocalCluster, free_ports
+from engine.service import security as S
 
 
 class ServiceCluster(LocalCluster):
     """N replicas of a service app (``module`` run with ``--config``, its config a ``config_cls``)."""
     module = "engine.node"
     file_prefix = "node"
+    client_key_name = ""              # the system client key the service calls others with (the Marker's)
 
     def config_class(self) -> Any:
         from engine.node import NodeConfig
         return NodeConfig
 
     def __init__(self, size: int, base_dir: str, *, base_port: int | None = None, verbose: bool = False,
-                 ports: list[int] | None = None, metrics_ports: list[int] | None = None, **settings: Any) -> None:
+                 ports: list[int] | None = None, metrics_ports: list[int] | None = None, insecure: bool = False,
+                 keys_dir: str | None = None, **settings: Any) -> None:
         """``settings`` are config fields for every replica (``tick_ms``, ``snapshot_threshold_entries``,
         ``sync``, limits ...). Ports: three per replica (raft, client, pub): ``ports`` if given, else from
         ``base_port``, else free ones. ``metrics_ports``: one per replica for its Prometheus endpoint
@@ -54,11 +61,31 @@ class ServiceCluster(LocalCluster):
         replicas = {i: {"raft": self.raft_addr[i], "client": self.client_addr[i], "pub": self.pub_addr[i]}
                     for i in self.ids}
         os.makedirs(base_dir, exist_ok=True)
+        self.insecure = insecure
+        self.keys_dir = os.path.abspath(keys_dir or os.path.join(base_dir, "keys"))
+        self.client_keys: S.ClientKeys | None = None
+        if not insecure:
+            S.make_system_keys(self.keys_dir)
+            group = os.path.basename(os.path.abspath(base_dir))
+            for i in self.ids:
+                name = f"{group}-{self.file_prefix}-{i}"
+                replicas[i]["key"] = S.peer_key(self.keys_dir, name).public.decode()
+            settings.update(keys_dir=self.keys_dir)
+            if self.client_key_name:
+                settings.update(client_key=os.path.join(self.keys_dir, self.client_key_name + S.SECRET_SUFFIX))
+            self.client_keys = S.ClientKeys.load(os.path.join(self.keys_dir, "admin" + S.SECRET_SUFFIX),
+                                                 os.path.join(self.keys_dir, S.SERVER_KEY_NAME + S.PUBLIC_SUFFIX))
+        else:
+            settings.update(insecure=True)
         self.configs = {}
         for i in self.ids:
             if i in self.metrics_addr:
                 settings["metrics"] = self.metrics_addr[i]
-            cfg = config_cls(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings)
+            own = {} if insecure else {"peer_key": os.path.join(
+                self.keys_dir, S.PEERS_DIR, f"{os.path.basename(os.path.abspath(base_dir))}-{self.file_prefix}-{i}"
+                + S.SECRET_SUFFIX)}
+            cfg = config_cls(node_id=i, replicas=replicas, data_dir=self.data_dir(i), verbose=verbose, **settings,
+                             **own)
             cfg.validate()
             self.configs[i] = cfg
             with open(self.config_path(i), "w") as f:
@@ -108,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-dir", help="data and configs (default: a new temporary directory)")
     p.add_argument("--base-port", type=int, default=7100, help="raft ports from here, then client, then pub")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--insecure", action="store_true", help="CURVE off: open sockets (measuring its cost only)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     base = args.base_dir or tempfile.mkdtemp(prefix="zwallet-cluster-")
     cluster = NodeCluster(args.replicas, base, base_port=args.base_port, verbose=args.verbose,
-                          sync=not args.no_sync)
+                          sync=not args.no_sync, insecure=args.insecure)
     stop = {"now": False}
 
     def on_signal(_sig: int, _frm: Any) -> None:
@@ -126,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  replica {i}: client {cluster.client_addr[i]}  pub {cluster.pub_addr[i]}  "
                   f"raft {cluster.raft_addr[i]}  config {cluster.config_path(i)}")
         print(f"  status: zwallet status --nodes {','.join(cluster.client_addresses)}")
+        if not args.insecure:
+            print(f"  CURVE on: keys in {cluster.keys_dir} (admin client key: admin.key_secret)")
         print("  Ctrl-C stops every replica", flush=True)
         while not stop["now"]:
             for i in cluster.ids:

@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     raft, clients, pubs = parse_peers(args.peers), parse_peers(args.clients), parse_peers(args.pubs)
     replicas = {i: {"raft": raft[i], "client": clients[i], "pub": pubs[i]} for i in raft}
     config = CounterConfig(node_id=args.id, replicas=replicas, data_dir=args.data_dir, tick_ms=args.tick_ms,
+                           insecure=True,          # the Raft test app: no keys (docs/security.md)
                            election_ticks=args.election_ticks, heartbeat_ticks=args.heartbeat_ticks,
                            snapshot_threshold_entries=args.snapshot_threshold,
                            snapshot_keep_entries=min(args.snapshot_threshold // 2, 5000), sync=not args.no_sync,

@@ -270,7 +270,8 @@ class Nemesis(threading.Thread):
             for at, name, cluster in targets:
                 if self.stop.wait(max(0.0, t0 + at - time.monotonic())):
                     return
-                with Client(cluster.client_addresses, timeout_s=2.0, attempt_timeout_s=0.5) as c:
+                with Client(cluster.client_addresses, timeout_s=2.0, attempt_timeout_s=0.5,
+                            keys=self.ls.client_keys) as c:
                     node = cluster.ids[find_leader_index(c, len(cluster.ids))]
                 cluster.kill(node)
                 self.current = f"kill -9 {name} leader (replica {node})"
@@ -420,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  started {sum(len(c.ids) for c in ls.groups.values())} replicas and the gateway in "
               f"{time.monotonic() - t_start:.1f} s; leaders: "
               + ", ".join(f"{g} replica {r}" for g, r in ls.wait_leaders().items()))
-        followers = [GapFreeFollower(g.pubs, g.clients, f"demo-follower-{sid}") for sid, g in system.shards.items()]
+        followers = [GapFreeFollower(g.pubs, g.clients, f"demo-follower-{sid}", keys=ls.client_keys)
+                     for sid, g in system.shards.items()]
         for f in followers:
             f.start()
         from engine.devtools.pg_server import find_bindir
@@ -486,7 +488,7 @@ def _checks(ls: LocalSystem, system: System, layout: Layout, book: Book, work: W
     for cur in CURRENCIES:
         totals[cur] = {}
         for g in system.shards.values():
-            with Client(list(g.clients), timeout_s=20.0) as c:
+            with Client(list(g.clients), timeout_s=20.0, keys=ls.client_keys) as c:
                 for k, v in c.totals(cur).items():
                     totals[cur][k] = totals[cur].get(k, 0) + v
     for cur, t in totals.items():
@@ -503,14 +505,14 @@ def _checks(ls: LocalSystem, system: System, layout: Layout, book: Book, work: W
            f"of the requests that succeeded" + (f": {len(wrong)} differ, e.g. {wrong[:3]}" if wrong else ""))
     for name, cluster in ls.groups.items():
         try:
-            sts = wait_converged(cluster.client_addresses, timeout_s=60)
+            sts = wait_converged(cluster.client_addresses, timeout_s=60, keys=ls.client_keys)
             s0 = next(iter(sts.values()))
             _check(results, True, f"{name}: {len(sts)} replicas at applied index {s0['sm_applied']}, "
                    f"digest {s0['digest'][:12]}... identical")
         except TimeoutError as exc:
             _check(results, False, f"{name}: {exc}")
     for sid, f in zip(sorted(system.shards), followers):
-        with Client(list(system.shards[sid].clients), timeout_s=20.0) as c:
+        with Client(list(system.shards[sid].clients), timeout_s=20.0, keys=ls.client_keys) as c:
             last = int(c.status()["last_seq"])
         ok = f.wait_for(last, 30)
         _check(results, ok, f"shard {sid}: a subscriber saw seqs 1..{f.seen} of {last} with no gap"

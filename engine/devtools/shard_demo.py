@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zwallet demo: a 3-replica shard on 127.0.0.1, data in {base}")
     try:
         cluster.start()
-        client = Client(cluster.client_addresses, timeout_s=30, attempt_timeout_s=0.5)
+        client = Client(cluster.client_addresses, timeout_s=30, attempt_timeout_s=0.5, keys=cluster.client_keys)
         print(f"  leader elected: replica {find_leader(client, cluster)}")
-        counter = GapFreeFollower(cluster.pub_addresses, cluster.client_addresses, "demo-subscriber")
+        counter = GapFreeFollower(cluster.pub_addresses, cluster.client_addresses, "demo-subscriber",
+                                  keys=cluster.client_keys)
         counter.start()
         work = Workload(args.accounts)
         t0 = time.monotonic()

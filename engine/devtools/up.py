@@ -14,6 +14,10 @@ Ports, from ``--base-port`` P: shard s (1-based) uses P + (s-1)*3R .. P + s*3R -
 replica), the Marker group the next 3R, the gateways the next G (``[gateway] clients`` in system.toml), the
 query service the next 2 (ROUTER, HTTP).
 
+CURVE is on (docs/security.md): the keys are made under ``D/keys`` (only those missing), system.toml's
+``[security]`` table points to them, and ``Client.from_system`` of marker and gateway authenticates with the
+admin client key found there. ``--insecure`` (``LocalSystem(insecure=True)``) turns it off, loudly.
+
 ``LocalSystem`` is the same thing as a class, for tests, the demo and the benchmarks.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from engine.devtools.cluster import NodeCluster
 from engine.devtools.local_raft import _child_env, _repo_root, free_ports
+from engine.service import security as S
 from engine.shard_map import ShardMap
 from engine.system import Group, System
 
@@ -39,7 +44,7 @@ class LocalSystem:
 
     def __init__(self, base_dir: str, shards: int = 2, replicas: int = 3, *, base_port: int | None = None,
                  sync: bool = True, verbose: bool = False, marker: bool = True, marker_groups: int = 1,
-                 gateways: int = 1, metrics: bool = True, query: bool = True,
+                 gateways: int = 1, metrics: bool = True, query: bool = True, insecure: bool = False,
                  node_settings: dict[str, Any] | None = None, marker_settings: dict[str, Any] | None = None) -> None:
         if not 1 <= shards <= 64:
             raise ValueError("shards must be 1..64")
@@ -68,11 +73,15 @@ class LocalSystem:
         self.shards: dict[int, NodeCluster] = {}
         self.system_path = os.path.join(self.base_dir, "system.toml")
         settings = dict(node_settings or {})
+        self.insecure = insecure
+        self.keys_dir = os.path.join(self.base_dir, "keys")
+        sec: dict[str, Any] = {"insecure": insecure, "keys_dir": self.keys_dir}
         for k, sid in enumerate(self.shard_ids):
             self.shards[sid] = NodeCluster(replicas, os.path.join(self.base_dir, f"shard-{sid}"),
                                            ports=ports[k * block:(k + 1) * block], verbose=verbose, sync=sync,
                                            metrics_ports=metrics_ports(k),
-                                           shard_id=sid, system=self.system_path, **settings)
+                                           shard_id=sid, system=self.system_path, **sec, **settings)
+        self.client_keys = self.shards[self.shard_ids[0]].client_keys   # the admin key (None: insecure)
         self.marker = None
         self.markers: dict[int, Any] = {}          # Marker group id -> its MarkerCluster
         groups_desc = {sid: Group(sid, tuple(c.client_addresses), tuple(c.pub_addresses),
@@ -85,7 +94,7 @@ class LocalSystem:
                 mc = MarkerCluster(replicas, os.path.join(self.base_dir, "marker" if gid == 1 else f"marker-{gid}"),
                                    self.system_path, ports=ports[at:at + block], verbose=verbose, sync=sync,
                                    metrics_ports=metrics_ports(shards + gid - 1),
-                                   group_id=gid, **dict(marker_settings or {}))
+                                   group_id=gid, **sec, **dict(marker_settings or {}))
                 self.markers[gid] = mc
                 markers.append(Group(gid, tuple(mc.client_addresses), tuple(mc.pub_addresses),
                                      tuple(mc.raft_addr[i] for i in mc.ids)))
@@ -112,6 +121,7 @@ class LocalSystem:
             self.query_address = f"tcp://127.0.0.1:{ports[at]}"
             self.query_http = f"127.0.0.1:{ports[at + 1]}"
             extra["query"] = {"clients": [self.query_address], "http": f"http://{self.query_http}"}
+        extra["security"] = S.system_security_table(self.keys_dir, insecure)
         self.system = System(self.shard_map, groups_desc, tuple(markers), extra)
         self.system.write(self.system_path)
 
@@ -237,7 +247,7 @@ class LocalSystem:
         deadline = time.monotonic() + timeout_s
         leaders: dict[str, int] = {}
         for name, c in self.groups.items():
-            with Client(c.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5) as client:
+            with Client(c.client_addresses, timeout_s=1.0, attempt_timeout_s=0.5, keys=self.client_keys) as client:
                 while name not in leaders:
                     for k, node in enumerate(c.ids):
                         try:
@@ -291,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gateways", type=int, default=1, help="gateway replicas (0: none)")
     p.add_argument("--no-query", action="store_true", help="do not start the query service")
     p.add_argument("--no-sync", action="store_true", help="skip fsync (NOT durable; experiments only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="CURVE off on every socket (loudly logged; only to measure what CURVE costs)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     stop = {"now": False}
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system = LocalSystem(args.dir, args.shards, args.replicas, base_port=args.base_port,
                              sync=not args.no_sync, verbose=args.verbose, marker_groups=args.marker_groups,
-                             gateways=args.gateways, query=not args.no_query)
+                             gateways=args.gateways, query=not args.no_query, insecure=args.insecure)
     except (ValueError, OSError) as exc:
         print(f"zwallet up: {exc}", file=sys.stderr)
         return 2
@@ -317,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  gateway: clients {','.join(system.gateway_addresses)}")
         if system.query_address:
             print(f"  query: clients {system.query_address}, http http://{system.query_http}")
+        if not args.insecure:
+            print(f"  CURVE on: keys in {system.keys_dir} (admin client key: admin.key_secret)")
         print("zwallet up: ready (Ctrl-C stops everything)", flush=True)
         while not stop["now"]:
             dead = system.alive()

@@ -153,7 +153,7 @@ class RaftDriver:
     def __init__(self, node_id: int, peers: dict[int, str], data_dir: str, *, apply: ApplyFn,
                  snapshot: SnapshotFn, restore: RestoreFn, config: DriverConfig | None = None,
                  after_ready: Callable[[], None] | None = None, stalls: StallLog | None = None,
-                 on_role_change: Callable[[bool, int], None] | None = None) -> None:
+                 on_role_change: Callable[[bool, int], None] | None = None, security: Any = None) -> None:
         """``after_ready`` (optional) runs on the driver thread at the end of every ready round, after the
         round's applies: an app that must wake another thread for what ``apply`` produced does it there,
         once, instead of in the middle of applying (where the woken thread takes the GIL from this one).
@@ -161,13 +161,16 @@ class RaftDriver:
         ``(True, term)`` when this replica becomes leader of ``term``, ``(False, term)`` when it stops being
         leader (a newer term, a step-down, the driver stopping); edges alternate, starting with a gain. It
         must not block (a service hands it to its main thread: engine/service/server.py).
-        ``stalls`` (optional) receives the loop's long phases: raft-persist, raft-apply, raft-snapshot."""
+        ``stalls`` (optional) receives the loop's long phases: raft-persist, raft-apply, raft-snapshot.
+        ``security`` (an engine.service.security.ServerSecurity, or None: insecure): CURVE on the peer
+        transport, a peer's identity being the key it authenticated with."""
         if node_id not in peers:
             raise ValueError(f"peers must include this replica's own address (id {node_id})")
         self.config = config or DriverConfig()
         self.config.validate()
         self.node_id = node_id
         self._peers = dict(peers)
+        self._security = security
         self._data_dir = data_dir
         self._apply_fn = apply
         self._snapshot_fn = snapshot
@@ -296,7 +299,8 @@ class RaftDriver:
                                 snapshot_data)
         self._ctx = zmq.Context()
         others = {pid: addr for pid, addr in self._peers.items() if pid != self.node_id}
-        self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx)
+        self._transport = Transport(self.node_id, self._peers[self.node_id], others, context=self._ctx,
+                                    security=self._security)
         self._transport_stats = self._transport.stats
         self._poller = zmq.Poller()
         self._poller.register(self._transport.socket, zmq.POLLIN)

@@ -8,6 +8,12 @@ The ROUTER never sends; it just tells us which peer a message came from, and a m
 disagrees with the connection's identity is dropped (a misconfigured or confused peer cannot speak for
 another).
 
+Security (``security``, an ``engine.service.security.ServerSecurity``; None: insecure): the ROUTER is a
+CURVE server in the RAFT_DOMAIN (its context's ZAP handler admits only the group's peer keys) and each DEALER
+authenticates with this replica's own peer key. A peer's identity is the key it authenticated with: the
+routing id a message arrives under must be ``peer_identity`` of the replica whose key that is (the frame's
+ZAP ``User-Id``), else the message is dropped and counted (``wrong_key``), never decoded.
+
 Wire format: one ZeroMQ multipart message per Raft message, the frames produced by
 ``messages.encode_frames`` (frame 0 = msgpack header, then each entry payload / snapshot chunk as its own
 raw frame). Large frames are sent with ``copy=False`` and received with ``copy=False``, so payloads are
@@ -19,7 +25,8 @@ network's account):
   high-water mark, is dropped and counted (``stats['dropped_send']``);
 - reconnects are ZeroMQ's (``RECONNECT_IVL_MS`` .. ``RECONNECT_IVL_MAX_MS``), silent;
 - a malformed message (bad header, too many frames or bytes, oversized frame, a field out of range, an
-  identity that is no peer of this replica, a src that is not the connection's) is counted (in
+  identity that is no peer of this replica, a src that is not the connection's, a routing id that is not
+  the replica whose key the connection authenticated with) is counted (in
   ``stats['dropped_malformed']`` and by reason in ``rejected``), logged at a bounded rate (``RejectLog``)
   and dropped; it never reaches the core and never raises out of ``recv``.
 """
@@ -59,7 +66,8 @@ REJECT_LOG_INTERVAL_S = 10.0            # at most one log line per interval abou
 UNKNOWN_IDENTITY = "unknown_identity"   # a routing id that is not raft-<id>
 UNKNOWN_PEER = "unknown_peer"           # raft-<id> of a replica that is not a peer of this one
 WRONG_SRC_OR_DST = "wrong_src_or_dst"   # src is not the connection's peer, or dst is not this replica
-TRANSPORT_REJECT_REASONS = FAULT_REASONS + (UNKNOWN_IDENTITY, UNKNOWN_PEER, WRONG_SRC_OR_DST)
+WRONG_KEY = "wrong_key"                 # the routing id is not the replica whose CURVE key authenticated
+TRANSPORT_REJECT_REASONS = FAULT_REASONS + (UNKNOWN_IDENTITY, UNKNOWN_PEER, WRONG_SRC_OR_DST, WRONG_KEY)
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -135,7 +143,7 @@ class Transport:
                  recv_queue_messages_max: int = RECV_QUEUE_MESSAGES_MAX,
                  frame_size_bytes_max: int = FRAME_SIZE_BYTES_MAX,
                  message_frames_max: int = MESSAGE_FRAMES_MAX,
-                 message_bytes_max: int = MESSAGE_BYTES_MAX, only_peers: bool = True) -> None:
+                 message_bytes_max: int = MESSAGE_BYTES_MAX, only_peers: bool = True, security: Any = None) -> None:
         """``only_peers``: drop messages from replicas that are not in ``peers`` (a replica answers only
         its peers anyway: it has no connection to send to anyone else)."""
         if node_id in peers:
@@ -158,6 +166,11 @@ class Transport:
         # dropped_malformed by reason (fixed keys: another thread may copy it while this one counts)
         self.rejected: dict[str, int] = dict.fromkeys(TRANSPORT_REJECT_REASONS, 0)
         self.reject_log = RejectLog(f"raft transport {node_id}")
+        self._security = security
+        self._auth: Any = None
+        if security is not None:
+            from engine.service.security import RAFT_DOMAIN
+            self._auth = security.start_authenticator(self._ctx)     # before the bind
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, recv_queue_messages_max)
@@ -165,6 +178,8 @@ class Transport:
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted peer takes over its identity at once
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if security is not None:
+            security.configure_server(self.socket, RAFT_DOMAIN)
         self.socket.bind(bind_address)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._peers: dict[int, zmq.Socket] = {}
@@ -189,6 +204,8 @@ class Transport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if self._security is not None:
+            self._security.configure_peer_client(sock)
         sock.connect(address)
         self._peers[peer_id] = sock
         self._peer_addresses[peer_id] = address
@@ -249,8 +266,11 @@ class Transport:
         frames: list[memoryview] = []
         size = 0
         too_many = False
+        key_peer: int | None = -1
         while frame.more:              # (not getsockopt(RCVMORE): pyzmq builds an enum on every call)
             frame = recv(copy=False)
+            if key_peer == -1 and self._security is not None:
+                key_peer = self._security.peer_of_key(frame.get("User-Id"))
             if too_many or len(frames) >= self._message_frames_max:
                 too_many = True        # (drained: a multipart message arrives whole)
                 continue
@@ -271,6 +291,9 @@ class Transport:
             self._drop(UNKNOWN_IDENTITY, f"message from the unknown identity {identity!r:.40}")
         elif self._only_peers and peer not in self._peers:
             self._drop(UNKNOWN_PEER, f"message from {peer}, not a peer of {self.node_id}")
+        elif self._security is not None and key_peer != peer:
+            self._drop(WRONG_KEY, f"message under the routing id of {peer} on a connection authenticated "
+                                  f"as {'no peer' if key_peer is None else key_peer}")
         else:
             return peer, frames
         return None, []
@@ -317,5 +340,8 @@ class Transport:
         for peer_id in list(self._peers):
             self.remove_peer(peer_id)
         self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context:
             self._ctx.term()

@@ -181,12 +181,16 @@ class IoCore:
     retryable: frozenset[ErrorCode] = RETRYABLE
     thread_name = "zwallet-client-io"
 
-    def __init__(self, addresses: Sequence[str], timeout_s: float, attempt_timeout_s: float) -> None:
+    def __init__(self, addresses: Sequence[str], timeout_s: float, attempt_timeout_s: float,
+                 keys: Any = None) -> None:
+        """``keys``: an engine.service.security.ClientKeys (CURVE: this client's key pair and the servers'
+        public key), or None for an insecure system (no CURVE: a secure server gives such a client nothing)."""
         if not addresses:
             raise ValueError("a client needs at least one replica address")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
+        self.keys = keys
         self.ctx = zmq.Context()
         self.socks: list[zmq.Socket] = []
         self.leader: int | None = None
@@ -212,6 +216,8 @@ class IoCore:
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         s.setsockopt(zmq.IMMEDIATE, 1)           # no queueing for a replica that is down: try another
+        if self.keys is not None:
+            self.keys.configure_client(s)
         s.connect(addr)
         self.socks.append(s)
         if addr not in self.addresses:

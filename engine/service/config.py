@@ -8,7 +8,9 @@ TOML layout (docs/operations.md)::
     [limits]    the generic limits below, and the app's           (``TOML_LIMITS``)
     [raft]      tick_ms, election_ticks, ..., sync, snapshot_in_child
     [<app>]     the app's own sections                            (``TOML_APP_SECTIONS``)
-    [[replica]] id, raft, client, pub                             (every member, this one included)
+    [security]  keys_dir, peer_key, client_key, insecure          (engine/service/security.py)
+    [[replica]] id, raft, client, pub, key                        (every member, this one included;
+                                                                   key: its Raft peer public key)
 
 Every key of a known section names a field; an unknown key or section is an error.
 """
@@ -77,6 +79,11 @@ class ServiceConfig:
     verbose: bool = False
     stall_probe_ms: int = 0                       # > 0: a thread measures scheduling delay (engine/stalls.py)
     metrics: str = ""                             # host:port of the Prometheus endpoint ("": off; port 0: any)
+    # security (engine/service/security.py, docs/security.md): CURVE on every socket unless insecure
+    keys_dir: str = ""                            # server.key_secret + clients/ (the allowed keys, rights)
+    peer_key: str = ""                            # this replica's Raft peer key (.key_secret)
+    client_key: str = ""                          # the key this service calls other services with (Marker)
+    insecure: bool = False                        # CURVE off (loudly logged): only to measure its cost
 
     TOML_LIMITS: ClassVar[tuple[str, ...]] = SERVICE_LIMITS           # the [limits] to_toml writes
     TOML_APP_SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {}      # the app's sections -> their fields
@@ -117,6 +124,27 @@ class ServiceConfig:
             self.driver_config().validate()          # the [raft] settings, checked here with the rest
         except ValueError as exc:
             raise ValueError(f"[raft] {exc}") from None
+        if not self.insecure:
+            if not self.keys_dir:
+                raise ValueError("[security] keys_dir is not set: CURVE needs the system's keys (zwallet keygen, "
+                                 "docs/security.md); insecure = true turns CURVE off (tests that measure it only)")
+            if not self.peer_key:
+                raise ValueError("[security] peer_key is not set: the replica's Raft peer key file")
+            keyless = sorted(rid for rid, a in self.replicas.items() if not a.get("key"))
+            if keyless:
+                raise ValueError(f"replica(s) {keyless} have no key (their Raft peer public key)")
+
+    def client_keys(self) -> Any:
+        """The CURVE client keys this service calls other services with (``client_key`` and the system's
+        server key in ``keys_dir``); None when insecure."""
+        if self.insecure:
+            return None
+        import os
+
+        from engine.service.security import PUBLIC_SUFFIX, SERVER_KEY_NAME, ClientKeys
+        if not self.client_key:
+            raise ValueError("[security] client_key is not set: the key this service calls others with")
+        return ClientKeys.load(self.client_key, os.path.join(self.keys_dir, SERVER_KEY_NAME + PUBLIC_SUFFIX))
 
     def driver_config(self) -> DriverConfig:
         return DriverConfig(tick_interval_ms=self.tick_ms, election_ticks=self.election_ticks,
@@ -138,7 +166,7 @@ class ServiceConfig:
     @classmethod
     def from_dict(cls: type[_C], doc: dict[str, Any], **overrides: Any) -> _C:
         known = {f.name for f in fields(cls)}
-        sections = ("node", "limits", "raft", *cls.TOML_APP_SECTIONS)
+        sections = ("node", "limits", "raft", "security", *cls.TOML_APP_SECTIONS)
         values: dict[str, Any] = {}
         node = dict(doc.get("node", {}))
         if "id" in node:
@@ -153,7 +181,7 @@ class ServiceConfig:
         replicas = {}
         for r in doc.get("replica", []):
             rid = int(r["id"])
-            replicas[rid] = {k: str(r[k]) for k in ("raft", "client", "pub") if k in r}
+            replicas[rid] = {k: str(r[k]) for k in ("raft", "client", "pub", "key") if k in r}
         values["replicas"] = replicas
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(doc) - {*sections, "replica"}
@@ -174,9 +202,13 @@ class ServiceConfig:
         lines.append(f"snapshot_in_child = {str(self.snapshot_in_child).lower()}")
         for section, names in self.TOML_APP_SECTIONS.items():
             lines += ["", f"[{section}]"] + [f"{name} = {_toml_value(getattr(self, name))}" for name in names]
+        lines += ["", "[security]"] + [f"{name} = {_toml_value(getattr(self, name))}"
+                                       for name in ("keys_dir", "peer_key", "client_key", "insecure")]
         for rid, a in sorted(self.replicas.items()):
             lines += ["", "[[replica]]", f"id = {rid}", f'raft = "{a["raft"]}"', f'client = "{a["client"]}"',
                       f'pub = "{a["pub"]}"']
+            if a.get("key"):
+                lines.append(f'key = "{a["key"]}"')
         return "\n".join(lines) + "\n"
 
 

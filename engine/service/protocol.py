@@ -48,7 +48,8 @@ class ErrorCode(IntEnum):
     client's, nothing applied, do not retry as is. OVERLOADED, NOT_READY, TIMEOUT: retry later, with the
     same dedup ids. OUTCOME_UNKNOWN: the batch may or may not have been applied; retry with the same dedup
     ids (a retry is never applied twice) or ask RESULT_OF. EVENTS_UNAVAILABLE: this replica does not
-    hold that range; ask another replica. RATE_LIMITED: an O(state) read (TOTALS, STATUS with the
+    hold that range; ask another replica. UNAUTHORIZED: the client's key may not do that (do not retry).
+    RATE_LIMITED: an O(state) read (TOTALS, STATUS with the
     digest) over this replica's budget for them; retry after a pause (docs/protocol.md)."""
     NONE = 0
     BAD_REQUEST = 1
@@ -68,7 +69,9 @@ class ErrorCode(IntEnum):
                        # (Reply.shard_epoch); nothing applied
     WRONG_GROUP = 14   # a Marker group asked to run a workflow another group owns (or a removed one ran);
                        # nothing created: the message says which (marker/groups.py)
-    NOT_AVAILABLE = 15  # a read-your-writes query (query/): the view had not reached the asked seq per shard
+    UNAUTHORIZED = 15  # the client's key (CURVE) lacks the rights the request needs (read-only writing, an
+                       # account outside its ranges, admin ops); nothing applied: docs/security.md
+    NOT_AVAILABLE = 16  # a read-your-writes query (query/): the view had not reached the asked seq per shard
                         # within the bounded wait; the message says how far it is. Retry later
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import zmq
 
 from engine import fileio
-from engine.conn_guard import ConnectionGuard
+from engine.conn_guard import ConnectionGuard, curve_frame_overhead
 from engine.raft.driver import NotLeader, OutcomeUnknown, Overloaded, ProposalDropped, RaftDriver
 from engine.service import protocol as P
 from engine.service.config import ServiceConfig
@@ -57,6 +57,9 @@ from engine.service.event_store import WRITEBACK_INTERVAL_S, EventStore, EventsU
 from engine.service.metrics import (Families, MetricsHTTPServer, RequestMetrics, disk_metrics,
                                     replica_status_metrics, start_metrics)
 from engine.service.protocol import ErrorCode, Status
+from engine.service import security as S
+from engine.service.security import (CLIENT_DOMAIN, EVENTS_DOMAIN, FULL_RIGHTS, Rights, ServerSecurity,
+                                     stop_authenticator, warn_insecure)
 from engine.service.snapshot import ForkedSnapshot
 from engine.stalls import SchedulerProbe, StallLog
 from engine.zmq_io import Waker
@@ -92,6 +95,13 @@ class OpSpec:
     min_bytes: int = 0
     max_bytes: int = 0
     size_error: Callable[[int], tuple[ErrorCode, str, str]] | None = None
+    right: str = ""                       # the least right a key needs (security.READ/OPERATE/ADMIN; "":
+                                          # OPERATE for a WRITE, READ otherwise)
+    scoped: bool = False                  # a key restricted to account ranges or shards may use it: the
+                                          # app checks the accounts it names (``Pending.rights``)
+
+    def needs(self) -> str:
+        return self.right or (S.OPERATE if self.kind == WRITE else S.READ)
 
     def refusal(self, size: int) -> tuple[ErrorCode, str, str]:
         if self.size_error is not None:
@@ -114,6 +124,7 @@ class Pending:
     records: int = 0               # writes: the weight accept_write gave it (the shard: its op records)
     nbytes: int = 0                # the request's bytes as received (header + payload), for the byte bounds
     t0: float = 0.0                # perf_counter() when it was accepted (the latency metrics)
+    rights: Rights = FULL_RIGHTS   # the client key's (checked by the intake; scoped ops: by the app too)
 
 
 class RequestError(Exception):
@@ -142,6 +153,7 @@ REFUSAL_REASONS = (
     "pending_bytes_per_client",  # pending_bytes_per_client_max reached                 OVERLOADED
     "read_waiting",              # read_waiting_max parked follower reads               OVERLOADED
     "rate_limited",              # expensive_read_ms_per_s spent                        RATE_LIMITED
+    "unauthorized",              # the client key lacks the rights (or was removed)     UNAUTHORIZED
 )
 CUT_REASONS = ("connection_held_in", "connection_held_out", "held_total")   # the guard's (no reply)
 
@@ -230,6 +242,8 @@ class ReplicatedServer:
         self.stalls = StallLog()
         self._probe = SchedulerProbe(self.stalls, config.stall_probe_ms / 1000) if config.stall_probe_ms else None
         self.lock = threading.Lock()           # the app's state: applied by the driver thread, read by the main one
+        self.security = self.load_security(config)   # None: insecure (logged loudly)
+        self._auth: Any = None
         self._completions: collections.deque[Callable[[], None]] = collections.deque()
         self._pub_queue: collections.deque[np.ndarray] = collections.deque()
         self._waker = Waker()
@@ -237,7 +251,7 @@ class ReplicatedServer:
                                  os.path.join(config.data_dir, "raft"), apply=self._apply,
                                  snapshot=self._snapshot, restore=self._restore, config=config.driver_config(),
                                  after_ready=self._after_ready, stalls=self.stalls,
-                                 on_role_change=self._role_changed)
+                                 on_role_change=self._role_changed, security=self.security)
         self._wake_wanted = False
         self._driver_thread_ident: int | None = None       # set once the driver thread runs
         self.ops: dict[int, OpSpec] = {}
@@ -267,6 +281,24 @@ class ReplicatedServer:
         self._stopping = threading.Event()
         self.exit_code = 0
         self.ctx: zmq.Context | None = None
+
+    def load_security(self, config: ServiceConfig) -> ServerSecurity | None:
+        name = f"{type(self).__name__} replica {config.node_id}"
+        if config.insecure:
+            warn_insecure(name)
+            return None
+        peer_keys = {rid: a["key"].encode() for rid, a in config.replicas.items()}
+        sec = ServerSecurity.load(config.keys_dir, peer_keys=peer_keys, own_peer_file=config.peer_key)
+        assert sec.own_peer is not None
+        if sec.own_peer.public != peer_keys[config.node_id]:
+            raise ValueError(f"{config.peer_key} is not the key [[replica]] {config.node_id} lists")
+        log.info("%s: CURVE on, %d allowed client keys", name, len(sec.keyring))
+        return sec
+
+    def reload_keys(self) -> None:
+        # re-read the allowed client keys now (SIGHUP); they are also re-read when the directory changes
+        if self.security is not None:
+            self.security.keyring.reload()
 
     # ------------------------------------------------------------------------------------ app hooks
     def open_event_store(self, path: str) -> EventStore:
@@ -436,16 +468,22 @@ class ReplicatedServer:
         cfg = self.config
         me = cfg.replicas[cfg.node_id]
         self.ctx = zmq.Context()
+        sec = self.security
+        if sec is not None:
+            self._auth = sec.start_authenticator(self.ctx)      # before any bind: no window without ZAP
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, cfg.frame_bytes_max)
         self.router.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.router.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.router.bind(me["client"])
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, cfg.pub_queue_messages_max)
+        if sec is not None:
+            sec.configure_server(self.router, CLIENT_DOMAIN)
+            sec.configure_server(self.pub, EVENTS_DOMAIN)
+        self.router.bind(me["client"])
         self.pub.bind(me["pub"])
         self.driver.start()
         self._driver_thread_ident = self.driver.thread_ident
@@ -551,6 +589,7 @@ class ReplicatedServer:
             log.exception("node %d: the app's on_stop failed", self.node_id)
         self.router.close(0)
         self.pub.close(0)
+        stop_authenticator(self._auth)
         if self.ctx is not None:
             self.ctx.term()
         self.events.close()
@@ -571,6 +610,8 @@ class ReplicatedServer:
         guard = self.guard if self.guard.enabled else None
         handle = self._handle
         monotonic = time.monotonic
+        sec = self.security
+        rights: Rights | None = FULL_RIGHTS
         pass_end = monotonic() + RECV_PASS_S
         for k in range(RECV_PER_ITERATION_MAX):
             if not k & 31 and k and monotonic() > pass_end:
@@ -588,15 +629,24 @@ class ReplicatedServer:
             counters.requests += 1
             if guard is not None:
                 taken = 0
-                for fr in frames:
-                    n = len(fr)
-                    taken += n + (2 if n <= 255 else 9)
+                if sec is None:
+                    for fr in frames:
+                        n = len(fr)
+                        taken += n + (2 if n <= 255 else 9)
+                else:
+                    for fr in frames:
+                        n = len(fr)
+                        taken += n + curve_frame_overhead(n)
                 guard.note_in(guard.key_of(ident, first), taken)
             if frames:
+                if sec is not None:
+                    # the key the connection authenticated with (ZAP User-Id) -> its rights, now (a key
+                    # removed from the allowed keys is refused from its next request on)
+                    rights = sec.rights_of(frames[0].get("User-Id"))
                 frames[0] = frames[0].bytes
-            handle(ident, frames)
+            handle(ident, frames, rights)
 
-    def _handle(self, ident: bytes, frames: list[Any]) -> None:
+    def _handle(self, ident: bytes, frames: list[Any], rights: Rights | None = FULL_RIGHTS) -> None:
         # Every check that needs no decoding comes first (frame count, sizes), then the header, then the
         # payload's size against the op, then the pending bounds; only then is anything decoded or queued.
         # A refusal echoes the req_id whenever it can be read (salvage_req_id: docs/protocol.md, Errors).
@@ -631,6 +681,20 @@ class ReplicatedServer:
         else:
             self._refuse(ident, req.req_id, ErrorCode.UNKNOWN_OP, "unknown_op", f"unknown op {req.op}")
             return
+        # rights before anything is queued, proposed or read (an EVENTS range sees every account)
+        if rights is None:
+            self._refuse(ident, req.req_id, ErrorCode.UNAUTHORIZED, "unauthorized",
+                         "this client key is not (or no longer) allowed here")
+            return
+        if spec is not None:
+            need, scoped = spec.needs(), spec.scoped
+        else:
+            need, scoped = S.READ, op == _OP_STATUS
+        if not rights.has(need) or (rights.restricted and not scoped):
+            self._refuse(ident, req.req_id, ErrorCode.UNAUTHORIZED, "unauthorized",
+                         f"{rights.describe()} may not use {spec.name if spec is not None else 'EVENTS'} "
+                         f"(needs {need}{'' if scoped else ', unrestricted'}); nothing was applied")
+            return
         cfg = self.config
         nbytes = len(head) + size
         of_client = self._pending_by_client.get(ident, 0)
@@ -648,7 +712,7 @@ class ReplicatedServer:
             self._refuse(ident, req.req_id, ErrorCode.OVERLOADED, reason,
                          f"too many pending requests or bytes ({reason}); retry later with the same dedup ids")
             return
-        p = Pending(ident, req, nbytes=nbytes, t0=perf_counter())
+        p = Pending(ident, req, nbytes=nbytes, rights=rights, t0=perf_counter())
         self._pending_total += 1
         self._pending_by_client[ident] = of_client + 1
         self._pending_bytes += nbytes
@@ -658,7 +722,10 @@ class ReplicatedServer:
             if kind == WRITE:
                 self._accept_write(p, body.buffer)
             elif op == _OP_STATUS:
-                self.reply(p, payload=msgspec.msgpack.encode(self.status()))
+                st = self.status()
+                if not rights.is_admin:
+                    st.pop("digest", None)          # the state digest is the admin's (docs/security.md)
+                self.reply(p, payload=msgspec.msgpack.encode(st))
             elif kind == LOCAL:
                 self.serve_local(p)
             else:
@@ -945,6 +1012,7 @@ def run_until_signalled(server: ReplicatedServer) -> int:
         server.stop()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _s, _f: server.call_soon(server.reload_keys))   # key rotation
     server.start()
     print("READY", flush=True)
     server.serve()

@@ -40,7 +40,10 @@ def fetch_range(read: Callable[[int, int], Future], first_seq: int, last_seq: in
 
 class StreamSubscriber:
     def __init__(self, pub_addresses: Sequence[str], fetch: Callable[[int, int], np.ndarray],
-                 head: Callable[[], int], dtype: np.dtype, from_seq: int = 1, *, idle_check_s: float = 0.5) -> None:
+                 head: Callable[[], int], dtype: np.dtype, from_seq: int = 1, *, idle_check_s: float = 0.5,
+                 keys: Any = None) -> None:
+        """``keys``: an engine.service.security.ClientKeys (CURVE; the key must be allowed to read every
+        account's events) or None (an insecure system)."""
         if from_seq < 1:
             raise ValueError("from_seq starts at 1")
         self.dtype = np.dtype(dtype)
@@ -52,6 +55,8 @@ class StreamSubscriber:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.SUBSCRIBE, P.EVENTS_TOPIC)
+        if keys is not None:
+            keys.configure_client(self.sub)
         for a in pub_addresses:
             self.sub.connect(a)
         self.idle_check_s = idle_check_s
