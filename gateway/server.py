@@ -338,16 +338,8 @@ class GatewayServer:
 
 def gateway_security(system: Any) -> ServerSecurity | None:
     """The gateway's server security from system.toml's [security] table (None: insecure)."""
-    import os
-    sec = system.extra.get("security")
-    if not isinstance(sec, dict) or sec.get("insecure") is True:
-        return None
-    keys_dir = sec.get("keys_dir")
-    if not isinstance(keys_dir, str) or not keys_dir:
-        raise ValueError(f"{system.path}: [security] keys_dir must name the keys directory")
-    if not os.path.isabs(keys_dir):
-        keys_dir = os.path.join(os.path.dirname(system.path or "."), keys_dir)
-    return ServerSecurity.load(keys_dir)
+    from engine.service.security import server_security_of_system
+    return server_security_of_system(system)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,12 @@ class NotAvailable(Exception):
 
 
 class QueryRefused(ValueError):
-    """The service refused the query as malformed (the caller's fault)."""
+    """The service refused the query (the caller's fault: malformed, or beyond its key's rights); ``code``:
+    the protocol's ErrorCode (BAD_REQUEST, UNAUTHORIZED, ...)."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Core(IoCore):
@@ -45,7 +50,8 @@ def _translate(fut: Future) -> Future:
     def done(f: Future) -> None:
         exc = f.exception()
         if isinstance(exc, RequestRefused):
-            out.set_exception(NotAvailable(str(exc)) if exc.code is ErrorCode.NOT_AVAILABLE else QueryRefused(str(exc)))
+            out.set_exception(NotAvailable(str(exc)) if exc.code is ErrorCode.NOT_AVAILABLE
+                              else QueryRefused(str(exc), exc.code))
         elif exc is not None:
             out.set_exception(exc)
         else:
@@ -55,11 +61,13 @@ def _translate(fut: Future) -> Future:
 
 
 class _Base:
-    def __init__(self, addresses: Iterable[str] | str, *, timeout_s: float = TIMEOUT_S_DEFAULT) -> None:
+    def __init__(self, addresses: Iterable[str] | str, *, timeout_s: float = TIMEOUT_S_DEFAULT,
+                 keys: Any = None) -> None:
+        """``keys``: an engine.service.security.ClientKeys (CURVE), or None for an insecure system."""
         addrs = [addresses] if isinstance(addresses, str) else list(addresses)
         # a read-your-writes request waits at the service up to WAIT_MS_MAX: attempts outlast it
         self._core = _Core(addrs, timeout_s=max(timeout_s, W.WAIT_MS_MAX / 1000 + 1),
-                           attempt_timeout_s=W.WAIT_MS_MAX / 1000 + 1)
+                           attempt_timeout_s=W.WAIT_MS_MAX / 1000 + 1, keys=keys)
 
     @classmethod
     def from_system(cls, path: str, **kw: Any) -> Self:
@@ -67,6 +75,9 @@ class _Base:
         table = system.extra.get("query")
         if not isinstance(table, dict) or not table.get("clients"):
             raise ValueError(f"{path}: no [query] clients (is the query service part of this system?)")
+        if "keys" not in kw:
+            from engine.service.security import client_keys_of_system
+            kw["keys"] = client_keys_of_system(system)        # the local system's admin key
         return cls([str(a) for a in table["clients"]], **kw)
 
     def close(self) -> None:

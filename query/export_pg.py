@@ -527,7 +527,7 @@ class ShardReader:
     replicas no longer hold is an ExportError: a hole is never skipped."""
 
     def __init__(self, shard_id: int, clients: Iterable[str], pubs: Iterable[str], next_seq: int, *,
-                 timeout_s: float = SHARD_TIMEOUT_S) -> None:
+                 timeout_s: float = SHARD_TIMEOUT_S, keys: Any = None) -> None:
         from engine.client import Client
         self.shard_id = shard_id
         self.clients = list(clients)
@@ -536,7 +536,8 @@ class ShardReader:
             raise ValueError(f"shard {shard_id}: system.toml lists no pubs (event PUB addresses)")
         self.next_seq = next_seq
         self.timeout_s = timeout_s
-        self.client = Client(self.clients, timeout_s=timeout_s)
+        self.keys = keys                        # CURVE (engine.service.security.ClientKeys), None: insecure
+        self.client = Client(self.clients, timeout_s=timeout_s, keys=keys)
         self.sub: Any = None
         self.head_seq = 0                       # the newest seq the shard reported
         self._head_at = 0.0
@@ -593,7 +594,8 @@ class ShardReader:
                                           "never skipped") from None
                     raise
                 return self._took(evs)
-            self.sub = Subscriber(self.pubs, self.clients, from_seq=self.next_seq, timeout_s=self.timeout_s)
+            self.sub = Subscriber(self.pubs, self.clients, from_seq=self.next_seq, timeout_s=self.timeout_s,
+                                  keys=self.keys)
         try:
             evs = self.sub.poll(0)
         except RequestRefused as exc:
@@ -646,6 +648,8 @@ class ExportRunner:
                  stop: threading.Event | None = None) -> None:
         from engine.system import System
         self.system = System.load(system_path)
+        from engine.service.security import reader_keys_of_system
+        self.keys = reader_keys_of_system(self.system)
         self.shard_ids = sorted(shard_ids) if shard_ids is not None else sorted(self.system.shards)
         for s in self.shard_ids:
             self.system.shard_clients(s)                    # ValueError for a shard the system does not have
@@ -714,7 +718,7 @@ class ExportRunner:
         stopped while waiting for a shard to answer."""
         for s in self.shard_ids:
             g = self.system.shards[s]
-            r = ShardReader(s, g.clients, g.pubs, cps[s] + 1)
+            r = ShardReader(s, g.clients, g.pubs, cps[s] + 1, keys=self.keys)
             self.readers[s] = r
             waited = False
             while True:

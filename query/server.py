@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from engine.records import EVENT_DTYPE, records_concat
+from engine.service import security as S
 from engine.service.logs import setup_logging
 from engine.service.metrics import Families, RequestMetrics, start_metrics
 from engine.service import protocol as P
@@ -65,8 +66,12 @@ class Parked:
 
 class QueryService:
     def __init__(self, system: System, data_dir: str, client_address: str, http_address: str | None = None,
-                 *, sync: bool = True, metrics: str = "") -> None:
+                 *, sync: bool = True, metrics: str = "", security: Any = None, keys: Any = None) -> None:
+        """``security``: the system's server key and allowed client keys (engine.service.security.
+        ServerSecurity; None: insecure, logged loudly); ``keys``: what the service reads the shards with."""
         self.system = system
+        self.security = security
+        self.keys = keys
         self.projector = Projector(os.path.join(data_dir, "view"), sync=sync)
         self.hierarchy = Hierarchy(self.projector)
         self.queries = Queries(self.projector, self.hierarchy)
@@ -75,6 +80,12 @@ class QueryService:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, W.PAYLOAD_BYTES_MAX + P.HEADER_BYTES_MAX)
+        self._auth = None
+        if security is not None:
+            self._auth = security.start_authenticator(self.ctx)
+            security.configure_server(self.router, S.CLIENT_DOMAIN)
+        else:
+            S.warn_insecure("the query service")
         self.router.bind(client_address)
         self.client_address = client_address
         self._stop = threading.Event()
@@ -97,8 +108,8 @@ class QueryService:
     def _feed_loop(self) -> None:
         from engine.client import ClientError, Subscriber
         p = self.projector
-        subs = {sid: Subscriber(g.pubs, g.clients, from_seq=p.applied_seq(sid) + 1, timeout_s=SUB_TIMEOUT_S)
-                for sid, g in self.system.shards.items()}
+        subs = {sid: Subscriber(g.pubs, g.clients, from_seq=p.applied_seq(sid) + 1, timeout_s=SUB_TIMEOUT_S,
+                                keys=self.keys) for sid, g in self.system.shards.items()}
         try:
             while not self._stop.is_set():
                 for sid, sub in subs.items():
@@ -219,7 +230,8 @@ class QueryService:
         seq = first
         client = self._shard_clients.get(shard)
         if client is None:
-            client = self._shard_clients[shard] = Client(self.system.shards[shard].clients, timeout_s=5.0)
+            client = self._shard_clients[shard] = Client(self.system.shards[shard].clients, timeout_s=5.0,
+                                                         keys=self.keys)
         try:
             while seq <= last and n < W.EVENTS_RANGE_RECORDS_MAX:
                 evs = client.events(seq, min(last, seq + 255))
@@ -245,6 +257,26 @@ class QueryService:
             self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=str(exc), op=req.op, t0=t0)
             return
         self._reply(ident, req.req_id, W.pack(out), op=req.op, t0=t0)
+
+    def _refusal(self, rights: Any, op: int, args: dict[str, Any]) -> str:
+        """Why ``rights`` may not run this query ("": it may): reads need READ; an account-range or shard
+        restricted key reads only its own accounts (no hierarchy sums, no event ranges: they span others');
+        a hierarchy edit is account management (ADMIN)."""
+        if op == W.OP_SET_PARENT:
+            return "" if rights.is_admin else f"{rights.describe()}: changing the hierarchy needs an admin key"
+        if not rights.has(S.READ):
+            return f"{rights.describe()} cannot read"
+        if op in (W.OP_HIERARCHY_BALANCE, W.OP_EVENTS_RANGE) and rights.restricted:
+            return (f"{rights.describe()}: hierarchy sums and event ranges span other accounts; a key restricted "
+                    "to accounts or shards cannot read them")
+        if rights.restricted:
+            ids = args.get("account_ids") if op == W.OP_BALANCES else [args.get("account_id")]
+            for a in ids or ():
+                if not isinstance(a, int) or isinstance(a, bool):
+                    continue                     # the query itself refuses it, as for any key
+                if not rights.allows_account(a) or not rights.allows_shard(self.system.shard_map.shard_of(a)):
+                    return f"{rights.describe()} may not read account {a}"
+        return ""
 
     def _reached(self, min_seqs: dict[int, int]) -> bool:
         applied = self.projector.applied
@@ -276,6 +308,15 @@ class QueryService:
         if req.op not in W.QUERY_OPS:
             self._reply(ident, req.req_id, error=ErrorCode.UNKNOWN_OP, message=f"unknown op {req.op}")
             return
+        rights = S.FULL_RIGHTS
+        if self.security is not None:
+            # the key the connection authenticated with (ZAP User-Id) -> its rights, now (a removed key: none)
+            got = self.security.rights_of(frames[1].get("User-Id") if not isinstance(frames[1], bytes) else None)
+            if got is None:
+                self._reply(ident, req.req_id, error=ErrorCode.UNAUTHORIZED, op=req.op, t0=t0,
+                            message="this connection's key is not (or no longer) an allowed client key")
+                return
+            rights = got
         try:
             args = W.unpack(body) if len(body) else {}
             if not isinstance(args, dict):
@@ -290,6 +331,10 @@ class QueryService:
         except (msgspec.DecodeError, ValueError, TypeError, AttributeError) as exc:
             self._reply(ident, req.req_id, error=ErrorCode.BAD_REQUEST, message=f"bad arguments: {exc}",
                         op=req.op, t0=t0)
+            return
+        refused = self._refusal(rights, req.op, args)
+        if refused:
+            self._reply(ident, req.req_id, error=ErrorCode.UNAUTHORIZED, message=refused, op=req.op, t0=t0)
             return
         if self._reached(min_seqs):
             self._answer(ident, req, args, t0)
@@ -358,13 +403,15 @@ class QueryService:
         for c in self._shard_clients.values():
             c.close()
         self.router.close(0)
+        S.stop_authenticator(self._auth)
         self.ctx.term()
         self.projector.close()
 
 
 def _rebuild(system: System, path: str, sync: bool) -> None:
     from engine.client import Client
-    clients = {sid: Client(g.clients, timeout_s=10.0) for sid, g in system.shards.items()}
+    keys = S.reader_keys_of_system(system)
+    clients = {sid: Client(g.clients, timeout_s=10.0, keys=keys) for sid, g in system.shards.items()}
 
     def fetch_of(c: Client) -> Callable[[int, int], np.ndarray]:
         return lambda first, last: c.events(first, last)
@@ -429,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         system = System.load(args.system)
         if args.rebuild:
             _rebuild(system, os.path.join(args.data, "view"), not args.no_sync)
+        security = S.server_security_of_system(system)
         svc = QueryService(system, args.data, args.client, args.http, sync=not args.no_sync,
-                           metrics=args.metrics or "")
+                           metrics=args.metrics or "", security=security,
+                           keys=S.reader_keys_of_system(system) if security is not None else None)
     except (ValueError, OSError, zmq.ZMQError, ViewError, RuntimeError) as exc:
         print(f"zwallet query: {exc}", file=sys.stderr)
         return 2

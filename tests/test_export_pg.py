@@ -62,7 +62,8 @@ class Load:
     def __init__(self, system: Any) -> None:
         from engine.client import Client
         self.system = system
-        self.clients = {sid: Client(c.client_addresses, timeout_s=30) for sid, c in system.shards.items()}
+        self.clients = {sid: Client(c.client_addresses, timeout_s=30, keys=system.client_keys)
+                        for sid, c in system.shards.items()}
         self.next_dedup = 1
         self.rng = np.random.default_rng(7)
         from engine.devtools.checks import accounts_by_shard

@@ -136,7 +136,7 @@ def test_a_failing_collection_is_a_500_and_the_endpoint_stays_up():
 
 
 def test_config_errors_are_clear(tmp_path):
-    base = {"node": {"id": 1, "data_dir": str(tmp_path)},
+    base = {"node": {"id": 1, "data_dir": str(tmp_path)}, "security": {"insecure": True},
             "replica": [{"id": 1, "raft": "tcp://127.0.0.1:1", "client": "tcp://127.0.0.1:2",
                          "pub": "tcp://127.0.0.1:3"}]}
     NodeConfig.from_dict(base)
@@ -151,7 +151,7 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting \[limits\] nonsense"):
         NodeConfig.from_dict({**base, "limits": {"nonsense": 1}})
     path = tmp_path / "bad.toml"
-    path.write_text('[node]\nid = 1\ndata_dir = "x"\n[raft]\ntick_ms = "fast"\n')
+    path.write_text('[node]\nid = 1\ndata_dir = "x"\n[security]\ninsecure = true\n[raft]\ntick_ms = "fast"\n')
     p = subprocess.run([sys.executable, "-m", "engine.node", "--config", str(path)], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "[raft] tick_ms must be an integer" in p.stderr and "Traceback" not in p.stderr

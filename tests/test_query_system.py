@@ -47,7 +47,7 @@ def test_end_to_end(system):
     seqs: dict[int, int] = {}
     did = 1
     for sid in (1, 2):
-        with ShardClient(system.shards[sid].client_addresses) as c:
+        with ShardClient(system.shards[sid].client_addresses, keys=system.client_keys) as c:
             for a in accts[sid]:
                 assert c.create_account(did, a, "USD", lower_limit=None).ok
                 did += 1
@@ -88,7 +88,7 @@ def test_end_to_end(system):
         with pytest.raises(query.NotAvailable, match="has not reached"):
             q.balance(a0, min_seqs={1: seqs[1] + 10_000}, wait_ms=100)
         # a shard's event records by seq and by time range, as the shard's event stores hold them
-        with ShardClient(system.shards[2].client_addresses) as c:
+        with ShardClient(system.shards[2].client_addresses, keys=system.client_keys) as c:
             want_evs = c.events(1, seqs[2])
         got_evs = q.events(2, last_seq=seqs[2])
         assert (got_evs["records"] == want_evs).all() and got_evs["next_seq"] is None
@@ -133,7 +133,7 @@ def test_kill_9_of_the_query_service_while_a_shard_takes_writes(system):
     smap = system.shard_map
     accts = _accounts(smap, 1, 4, start=50_000)
     last = {"seq": 0}
-    with ShardClient(system.shards[1].client_addresses) as c:
+    with ShardClient(system.shards[1].client_addresses, keys=system.client_keys) as c:
         did = 9_000_000
         for a in accts:
             assert c.create_account(did, a, "EUR", lower_limit=None).ok

@@ -66,7 +66,7 @@ def test_up_makes_the_keys_and_from_system_uses_the_admin_key(ls):
 
 def test_a_plain_socket_gets_nothing_from_any_port(ls):
     system = System.load(ls.system_path)
-    addrs = list(ls.gateway_addresses)
+    addrs = list(ls.gateway_addresses) + list(system.extra["query"]["clients"])
     for g in [*system.shards.values(), *system.markers]:
         addrs += [*g.clients, *g.raft]
     ctx = zmq.Context()
@@ -159,3 +159,47 @@ def test_read_only_key_cannot_write_through_the_gateway_or_the_marker(ls):
         assert e2.value.code == ErrorCode.UNAUTHORIZED
     with gateway.Client.from_system(ls.system_path) as admin:
         assert admin.get_account(a)["available"] == 0
+
+
+def test_the_query_service_serves_only_allowed_keys_within_their_rights(ls):
+    """The query service's ROUTER is CURVE too: its own reads of the shards use the system's query key; an
+    admin key reads and edits the hierarchy; a read-only key restricted to a range reads its own accounts
+    only (no other account, no hierarchy sums, no edits); a key not allowed gets no answer."""
+    import query
+    system = System.load(ls.system_path)
+    mine = on_shard(system, 1, 60_000, 61_000)[0]
+    other = on_shard(system, 2, 70_000, 71_000)[0]
+    with gateway.Client.from_system(ls.system_path) as g:
+        for a in (mine, other):
+            assert g.create_account(next(_ids), a, CUR, lower_limit=None).ok
+    heads = {}
+    for sid, grp in system.shards.items():
+        with Client(grp.clients, keys=ls.client_keys) as c:
+            heads[sid] = int(c.status()["last_seq"])
+    with query.Client.from_system(ls.system_path) as q:
+        assert q.balance(other, min_seqs=heads, wait_ms=5000)["account_id"] == other
+        assert q.set_parent(mine, 1 << 90)["leaf"] is True
+        assert q.hierarchy_balance(1 << 90, CUR)["found"] is True
+    kd = ls.keys_dir
+    S.keygen(kd, "q-ranged", S.Rights(S.READ, accounts=((60_000, 60_999),), name="q-ranged"),
+             public_dir=os.path.join(kd, S.CLIENTS_DIR))
+    ranged = S.ClientKeys.load(os.path.join(kd, "q-ranged" + S.SECRET_SUFFIX), os.path.join(kd, "server.key"))
+    addrs = system.extra["query"]["clients"]
+    with query.Client(addrs, keys=ranged) as rq:
+        deadline = time.monotonic() + 10
+        while True:                              # the keyring takes the new key (re-read on a miss)
+            try:
+                assert rq.balance(mine, wait_ms=5000)["account_id"] == mine
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline
+        for call in (lambda: rq.balance(other), lambda: rq.hierarchy_balance(1 << 90, CUR),
+                     lambda: rq.set_parent(mine, None), lambda: rq.balances([mine, other])):
+            with pytest.raises(query.QueryRefused) as e:
+                call()
+            assert e.value.code == ErrorCode.UNAUTHORIZED, e.value
+    stranger = S.keygen(os.path.join(kd, "elsewhere"), "stranger")          # never listed under clients/
+    sk = S.ClientKeys(stranger, S.load_public(os.path.join(kd, "server.key"))[0].public)
+    with query.Client(addrs, keys=sk, timeout_s=2.0) as nq:
+        with pytest.raises(Unavailable):
+            nq.balance(mine)

@@ -68,7 +68,7 @@ SECRET_SUFFIX = ".key_secret"
 SERVER_KEY_NAME = "server"
 CLIENTS_DIR = "clients"
 PEERS_DIR = "peers"
-SYSTEM_CLIENT_KEYS = {"admin": ADMIN, "gateway": ADMIN, "marker": OPERATE}   # made by make_system_keys
+SYSTEM_CLIENT_KEYS = {"admin": ADMIN, "gateway": ADMIN, "marker": OPERATE, "query": READ}   # make_system_keys
 
 INSECURE_WARNING = ("INSECURE MODE: CURVE is off for %s: every socket is open; anyone who can reach a port "
                     "can read and move money. Only for tests that measure the cost of CURVE.")
@@ -558,6 +558,28 @@ def client_keys_of_system(system: Any, which: str = "client_key") -> ClientKeys 
     return ClientKeys.load(path_of(which), path_of("server_key"))
 
 
+def server_security_of_system(system: Any) -> ServerSecurity | None:
+    """A server process of the system (the gateway, the query service): the server key and the allowed
+    client keys from system.toml's [security] ``keys_dir`` (None: the system is insecure)."""
+    sec = system.extra.get("security")
+    if not isinstance(sec, dict) or sec.get("insecure") is True:
+        return None
+    keys_dir = sec.get("keys_dir")
+    if not isinstance(keys_dir, str) or not keys_dir:
+        raise ValueError(f"{system.path}: [security] keys_dir must name the keys directory")
+    if not os.path.isabs(keys_dir):
+        keys_dir = os.path.join(os.path.dirname(system.path or "."), keys_dir)
+    return ServerSecurity.load(keys_dir)
+
+
+def reader_keys_of_system(system: Any) -> ClientKeys | None:
+    """The keys a reader of every shard's events connects with (the query service, the PostgreSQL export):
+    the system's ``query_key`` (read rights, every account), else its admin ``client_key``."""
+    sec = system.extra.get("security")
+    which = "query_key" if isinstance(sec, dict) and sec.get("query_key") else "client_key"
+    return client_keys_of_system(system, which)
+
+
 def system_security_table(keys_dir: str, insecure: bool = False) -> dict[str, Any]:
     """The ``[security]`` table ``zwallet up`` writes into system.toml (absolute paths: a copy of the file
     elsewhere still finds the keys; relative ones, which operators may write, are read from its directory)."""
@@ -567,7 +589,8 @@ def system_security_table(keys_dir: str, insecure: bool = False) -> dict[str, An
     return {"insecure": False, "keys_dir": d, "server_key": os.path.join(d, SERVER_KEY_NAME + PUBLIC_SUFFIX),
             "client_key": os.path.join(d, "admin" + SECRET_SUFFIX),
             "gateway_key": os.path.join(d, "gateway" + SECRET_SUFFIX),
-            "marker_key": os.path.join(d, "marker" + SECRET_SUFFIX)}
+            "marker_key": os.path.join(d, "marker" + SECRET_SUFFIX),
+            "query_key": os.path.join(d, "query" + SECRET_SUFFIX)}
 
 
 # ------------------------------------------------------------------------------------------------ zwallet keygen
