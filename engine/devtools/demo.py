@@ -335,9 +335,11 @@ async def _drive(system_path: str, layout: Layout, book: Book, args: argparse.Na
 
 
 def _last_seqs(system: System) -> dict[int, int]:
+    from engine.service.security import client_keys_of_system
+    keys = client_keys_of_system(system)
     out = {}
     for sid, g in system.shards.items():
-        with Client(list(g.clients), timeout_s=20.0) as c:
+        with Client(list(g.clients), timeout_s=20.0, keys=keys) as c:
             out[sid] = int(c.status()["last_seq"])
     return out
 
