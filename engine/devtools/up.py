@@ -39,6 +39,39 @@ from engine.system import Group, System
 READY_TIMEOUT_S = 60.0
 
 
+def _spawn_until_ready(cmd: list[str], stderr_path: str, what: str) -> subprocess.Popen:
+    """A service process (the gateway, the query service) whose stdout's first line says ``ready``."""
+    with open(stderr_path, "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
+    assert proc.stdout is not None
+    if b"ready" not in proc.stdout.readline():
+        _kill(proc)                             # nothing is left running behind a failed start
+        raise RuntimeError(f"{what} failed to start: {LocalSystem._tail(stderr_path)}")
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """kill -9, then reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def _stop(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM, ``wait_s`` for it to end, then kill -9."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()
+
+
 class LocalSystem:
     """S shards x R replicas plus a Marker group of R replicas, as local processes under ``base_dir``."""
 
@@ -161,36 +194,16 @@ class LocalSystem:
                "--http", self.query_http] + ([] if self.query_sync else ["--no-sync"])
         if self.query_metrics:
             cmd += ["--metrics", self.query_metrics]
-        with open(self.query_stderr(), "ab") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
-        self.query_proc = proc
-        assert proc.stdout is not None
-        if b"ready" not in proc.stdout.readline():
-            raise RuntimeError(f"the query service failed to start: {self._tail(self.query_stderr())}")
+        self.query_proc = _spawn_until_ready(cmd, self.query_stderr(), "the query service")
 
     def kill_query(self) -> None:
         """kill -9 of the query service."""
-        proc = self.query_proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()
+        if self.query_proc is not None:
+            _kill(self.query_proc)
 
     def stop_query(self) -> None:
-        proc = self.query_proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        if self.query_proc is not None:
+            _stop(self.query_proc, 15)
 
     # ------------------------------------------------------------------------------ gateways
     def gateway_stderr(self, gid: int) -> str:
@@ -204,34 +217,14 @@ class LocalSystem:
                "--client", self.gateway_addresses[gid - 1], "--id", str(gid)]
         if self.gateway_metrics:
             cmd += ["--metrics", self.gateway_metrics[gid - 1]]
-        with open(self.gateway_stderr(gid), "ab") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=_repo_root(), env=_child_env())
-        self.gateways[gid] = proc
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if b"ready" not in line:
-            raise RuntimeError(f"gateway {gid} failed to start: {self._tail(self.gateway_stderr(gid))}")
+        self.gateways[gid] = _spawn_until_ready(cmd, self.gateway_stderr(gid), f"gateway {gid}")
 
     def kill_gateway(self, gid: int) -> None:
         """kill -9 of gateway replica ``gid``."""
-        proc = self.gateways[gid]
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        _kill(self.gateways[gid])
 
     def stop_gateway(self, gid: int) -> None:
-        proc = self.gateways[gid]
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        _stop(self.gateways[gid], 10)
 
     @staticmethod
     def _tail(path: str, size: int = 600) -> str:
