@@ -150,7 +150,11 @@ def test_kill_9_at_random_points_resumes_exactly_once(tmp_path):
             proc.stdout.close()
             proc.stderr.close() if proc.stderr else None
             continue
-        out, err = proc.communicate(timeout=120)
+        # read on through the same buffered pipe: readline() may already hold the "done" line (a view that
+        # was nearly complete prints both at once), which communicate() would bypass
+        out = proc.stdout.read()
+        err = proc.stderr.read() if proc.stderr else b""
+        proc.wait(120)
         assert proc.returncode == 0, err.decode()
         assert "done" in out.decode()
         break
